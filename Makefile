@@ -1,0 +1,47 @@
+# vmbuild: `make image` builds the example image, `make test` runs every test.
+# Both install what is missing first (Debian packages, a venv).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+RECIPE ?= examples/nginx/recipe.yaml
+
+.PHONY: setup host-deps venv image test unit vm lint format bench clean
+
+setup: host-deps venv
+
+host-deps:
+	@./scripts/install-host-deps
+
+venv: $(BIN)/.installed
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+image: setup
+	$(BIN)/vmbuild build $(RECIPE)
+
+# The whole suite: lint, fast unit tests, then the real VM/AWS tests (TCG when
+# KVM is unusable; they never skip).
+test: setup lint
+	$(BIN)/pytest tests -v --durations=15
+
+unit: setup
+	$(BIN)/pytest tests/unit -q
+
+lint: venv
+	$(BIN)/ruff check vmbuild tests bench
+	$(BIN)/ruff format --check vmbuild tests bench
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff format vmbuild tests bench
+	$(BIN)/ruff check --fix vmbuild tests bench
+
+bench: setup
+	$(BIN)/python bench/bench_build.py
+	@if [ -f bench/bench_publish.py ]; then $(BIN)/python bench/bench_publish.py; fi
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

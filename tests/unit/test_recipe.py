@@ -1,0 +1,149 @@
+"""Recipe validation: good and bad recipes, errors naming file and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vmbuild.config.loader import parse_size
+from vmbuild.config.recipe import load_recipe
+from vmbuild.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+COMPONENT = """\
+name: hello
+schemaVersion: 1.0
+parameters:
+  - greeting:
+      type: string
+      default: hi
+      description: what to say
+  - target:
+      type: string
+      description: required, no default
+phases:
+  - name: build
+    steps:
+      - name: Say
+        action: ExecuteBash
+        inputs:
+          commands: ["echo {{ greeting }} {{ target }}"]
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "hello.yaml").write_text(COMPONENT)
+    (tmp_path / "test_it.py").write_text("def test_x(host):\n    assert host\n")
+    return tmp_path
+
+
+def good(extra: str = "") -> str:
+    return (
+        "name: demo\nversion: 1.2.3\nbase: debian-12\n"
+        "components:\n  - name: ./hello.yaml\n    parameters: {target: world}\n"
+        "tests: [test_it.py]\noutputs: [qcow2, raw, vmdk, vhd]\ndisk_size: 6G\n" + extra
+    )
+
+
+def error_of(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    return str(info.value)
+
+
+def test_good_recipe_loads(project: Path) -> None:
+    loaded = load_recipe(write(project, good()))
+    r = loaded.recipe
+    assert (r.name, r.version, r.disk_size) == ("demo", "1.2.3", 6 << 30)
+    assert r.outputs == ["qcow2", "raw", "vmdk", "vhd"]
+    assert loaded.component_paths == ((project / "hello.yaml").resolve(),)
+    assert loaded.test_paths == ((project / "test_it.py").resolve(),)
+    assert r.components[0].parameters == {"target": "world"}
+    assert len(loaded.sha256) == 64
+
+
+def test_numbers_are_stringified_parameters(project: Path) -> None:
+    text = good().replace("{target: world}", "{target: 8080, greeting: true}")
+    params = load_recipe(write(project, text)).recipe.components[0].parameters
+    assert params == {"target": "8080", "greeting": "true"}
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("version: 1.2.3", "version: one"), "recipe.yaml: version: 'one' is not a semantic version"),
+        (("base: debian-12", "base: nowhere.qcow2"), "recipe.yaml: base: not a built-in base and no such file"),
+        (("disk_size: 6G", "disk_size: 6 potatoes"), "recipe.yaml: disk_size: invalid size"),
+        (("outputs: [qcow2, raw, vmdk, vhd]", "outputs: [qcow2, iso]"), "recipe.yaml: outputs[1]: Input should be"),
+        (("tests: [test_it.py]", "tests: [missing.py]"), "recipe.yaml: tests[0]: file not found: missing.py"),
+        (("name: demo", "name: Demo Image"), "recipe.yaml: name: String should match pattern"),
+        (("{target: world}", "{target: world, verison: 2}"), "recipe.yaml: components[0].parameters: unknown parameter 'verison'"),
+        (("{target: world}", "{}"), "recipe.yaml: components[0].parameters: missing required parameter 'target'"),
+        (("{target: world}", "{target: [a, b]}"), "recipe.yaml: components[0].parameters.target: parameter values must be strings"),
+        (("./hello.yaml", "./nope.yaml"), "recipe.yaml: components[0].name:"),
+    ],
+)  # fmt: skip
+def test_bad_recipes_name_file_and_field(
+    project: Path, change: tuple[str, str], expected: str
+) -> None:
+    text = good().replace(*change)
+    assert text != good()
+    assert error_of(write(project, text)).startswith(expected)
+
+
+def test_unknown_top_level_field(project: Path) -> None:
+    assert error_of(write(project, good("colour: blue\n"))) == "recipe.yaml: colour: unknown field"
+
+
+def test_missing_required_field(project: Path) -> None:
+    text = good().replace("base: debian-12\n", "")
+    assert error_of(write(project, text)) == "recipe.yaml: base: required field is missing"
+
+
+def test_malformed_yaml_names_the_line(project: Path) -> None:
+    msg = error_of(write(project, "name: demo\nversion: [1.0\n"))
+    assert msg.startswith("recipe.yaml: line ")
+    assert "invalid YAML" in msg
+
+
+def test_not_a_mapping(project: Path) -> None:
+    assert "expected a mapping" in error_of(write(project, "- just\n- a list\n"))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    assert error_of(tmp_path / "absent.yaml").endswith("absent.yaml: file not found")
+
+
+def test_url_base_needs_one_checksum(project: Path) -> None:
+    text = good().replace("base: debian-12", "base: {url: 'https://example.org/x.qcow2'}")
+    assert "give exactly one of sha256, sha512 or checksum_url" in error_of(write(project, text))
+    ok = text.replace("x.qcow2'}", "x.qcow2', sha256: '" + "a" * 64 + "'}")
+    assert load_recipe(write(project, ok)).recipe.base.url.endswith("x.qcow2")  # type: ignore[union-attr]
+
+
+def test_local_file_base_resolved_relative_to_recipe(project: Path) -> None:
+    (project / "my.qcow2").write_bytes(b"QFI\xfb")
+    loaded = load_recipe(write(project, good().replace("base: debian-12", "base: my.qcow2")))
+    assert loaded.base_path == (project / "my.qcow2").resolve()
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("4G", 4 << 30), ("4GiB", 4 << 30), ("512M", 512 << 20), ("1.5G", 3 << 29), (1024, 1024), ("2T", 2 << 40)],
+)
+def test_parse_size(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "G", "-1G", "4X", True, [1]])
+def test_parse_size_rejects(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)

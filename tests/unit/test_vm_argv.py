@@ -1,0 +1,100 @@
+"""The exact argv vmbuild builds for QEMU and qemu-img, and the NoCloud seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from vmbuild.hypervisor.accel import Accel, tcg
+from vmbuild.hypervisor.base import VMSpec
+from vmbuild.hypervisor.guest import overlay_argv
+from vmbuild.hypervisor.qemu import qemu_argv
+from vmbuild.hypervisor.seed import SeedConfig, meta_data, user_data
+from vmbuild.remote.keys import generate_ed25519
+from vmbuild.stages.convert import convert_argv, output_name
+
+
+def spec(accel: Accel) -> VMSpec:
+    w = Path("/w")
+    return VMSpec(
+        name="vmbuild-abc123-builder", disk=w / "builder.qcow2", seed=w / "seed.iso",
+        memory_mib=2048, cpus=2, accel=accel, ssh_port=40022,
+        console_log=w / "console.log", workdir=w,
+    )  # fmt: skip
+
+
+def test_qemu_argv_tcg_is_exact() -> None:
+    assert qemu_argv(spec(tcg("test"))) == [
+        "qemu-system-x86_64", "-name", "vmbuild-abc123-builder",
+        "-machine", "pc", "-accel", "tcg,thread=multi", "-cpu", "qemu64", "-smp", "2",
+        "-m", "2048", "-nodefaults", "-display", "none",
+        "-drive", "file=/w/builder.qcow2,format=qcow2,if=virtio,discard=unmap,detect-zeroes=unmap",
+        "-drive", "file=/w/seed.iso,format=raw,if=virtio,readonly=on",
+        "-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22",
+        "-device", "virtio-net-pci,netdev=net0",
+        "-device", "virtio-rng-pci",
+        "-chardev", "file,id=serial0,path=/w/console.log", "-serial", "chardev:serial0",
+        "-qmp", "unix:/w/builder.qmp,server=on,wait=off",
+    ]  # fmt: skip
+
+
+def test_qemu_argv_kvm_uses_host_cpu() -> None:
+    argv = qemu_argv(spec(Accel("kvm", "probed", 1.0)))
+    assert argv[3:11] == ["-machine", "pc", "-accel", "kvm", "-cpu", "host", "-smp", "2"]
+
+
+def test_ssh_forward_only_on_loopback() -> None:
+    argv = qemu_argv(spec(tcg("t")))
+    netdev = argv[argv.index("-netdev") + 1]
+    assert "hostfwd=tcp:127.0.0.1:" in netdev
+    assert "0.0.0.0" not in " ".join(argv)
+
+
+def test_timeouts_scale_with_accelerator() -> None:
+    assert tcg("x").timeout(45) == 450
+    assert Accel("kvm", "x", 1.0).timeout(45) == 45
+
+
+def test_overlay_argv_never_writes_the_base() -> None:
+    assert overlay_argv(Path("/c/base.qcow2"), "qcow2", Path("/w/o.qcow2"), 4 << 30) == [
+        "create", "-q", "-f", "qcow2", "-b", "/c/base.qcow2", "-F", "qcow2", "/w/o.qcow2",
+        str(4 << 30),
+    ]  # fmt: skip
+
+
+def test_convert_argv_per_format() -> None:
+    src, dst = Path("/a/final.qcow2"), Path("/b/out")
+    assert convert_argv(src, "qcow2", dst, "vmdk") == [
+        "convert", "-f", "qcow2", "-O", "vmdk", "-o", "subformat=streamOptimized", "/a/final.qcow2", "/b/out",
+    ]  # fmt: skip
+    assert convert_argv(src, "qcow2", dst, "vhd")[4:7] == [
+        "vpc", "-o", "subformat=dynamic,force_size=on",
+    ]
+    assert convert_argv(src, "qcow2", dst, "raw") == [
+        "convert", "-f", "qcow2", "-O", "raw", "/a/final.qcow2", "/b/out",
+    ]
+    assert [output_name(f) for f in ("qcow2", "raw", "vmdk", "vhd")] == [
+        "disk.qcow2", "disk.raw", "disk.vmdk", "disk.vhd",
+    ]
+
+
+def test_seed_pins_generated_host_key_and_user() -> None:
+    client, host = generate_ed25519("client"), generate_ed25519("host")
+    cfg = SeedConfig("i-1", "vm1", "vmbuild-builder", client, host)
+    text = user_data(cfg)
+    assert text.startswith("#cloud-config\n")
+    doc = yaml.safe_load(text)
+    assert doc["users"][0]["name"] == "vmbuild-builder"
+    assert doc["users"][0]["ssh_authorized_keys"] == [client.public_openssh]
+    assert doc["ssh_keys"]["ed25519_public"] == host.public_openssh
+    assert doc["ssh_keys"]["ed25519_private"].startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert doc["ssh_genkeytypes"] == []  # no unpinned (and slow) RSA key
+    assert doc["ssh_pwauth"] is False
+    assert yaml.safe_load(meta_data(cfg)) == {"instance-id": "i-1", "local-hostname": "vm1"}
+
+
+def test_key_fingerprint_format() -> None:
+    key = generate_ed25519("x")
+    assert key.public_openssh.startswith("ssh-ed25519 ")
+    assert key.fingerprint.startswith("SHA256:") and len(key.fingerprint) == 50

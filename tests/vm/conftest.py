@@ -1,0 +1,63 @@
+"""Real VMs for the VM tier: the offline Debian base (cached under the user
+cache dir between runs) and one shared, booted guest for read-only tests.
+
+No KVM here means TCG: these tests are slow but never skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmbuild.hypervisor.guest import Guest
+from vmbuild.remote.ssh import SSHSession
+from vmbuild.stages import base_image
+from vmbuild.stages.builder import scratch_guest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def qemu_pids() -> set[int]:
+    """QEMU processes started by vmbuild (their -name starts with vmbuild-)."""
+    out = subprocess.run(
+        ["pgrep", "-f", "qemu-system-x86_64 -name vmbuild-"], capture_output=True, text=True
+    ).stdout
+    return {int(p) for p in out.split()}
+
+
+@pytest.fixture(scope="session")
+def debian_base() -> base_image.BaseImage:
+    """The offline Debian 12 base: built once (~75 s), then reused from the cache."""
+    return base_image.build_debian("debian-12")
+
+
+@pytest.fixture(scope="session")
+def guest_vm(debian_base: base_image.BaseImage) -> Iterator[Guest]:
+    """One booted VM shared by every test that does not need a fresh one."""
+    with scratch_guest("debian-12", base_dir=REPO) as guest:
+        yield guest
+
+
+@pytest.fixture(scope="session")
+def guest(guest_vm: Guest) -> SSHSession:
+    """The shared guest as a `Remote` (SSH session, commands run as root)."""
+    return guest_vm.ssh
+
+
+@pytest.fixture
+def no_leftover_qemu() -> Iterator[None]:
+    before = qemu_pids()
+    yield
+    leaked = qemu_pids() - before
+    assert not leaked, f"QEMU processes left behind: {leaked}"
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["VMBUILD_STORE"] = str(tmp_path / "store")
+    return env

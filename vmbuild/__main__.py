@@ -1,0 +1,3 @@
+from vmbuild.cli import main
+
+raise SystemExit(main())

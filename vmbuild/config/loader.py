@@ -1,0 +1,90 @@
+"""YAML loading and pydantic error mapping shared by every config file kind."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from vmbuild.errors import ConfigError
+
+
+def load_yaml(path: Path, display: str | None = None) -> Any:
+    """Parse a YAML file; errors name the file and the line."""
+    name = display or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(name, None, "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(name, None, f"cannot read: {exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None
+        raise ConfigError(name, where, f"invalid YAML: {problem}") from None
+
+
+def field_path(loc: Sequence[int | str], prefix: str = "") -> str:
+    """('components', 1, 'parameters') -> 'components[1].parameters'."""
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _message(err: Any) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "required field is missing"
+    msg = str(err["msg"])
+    # pydantic prefixes errors raised by our validators with "Value error, ".
+    return msg.removeprefix("Value error, ")
+
+
+def config_error(exc: ValidationError, file: str, prefix: str = "") -> ConfigError:
+    """The first validation error as a ConfigError (a count of the others follows)."""
+    errors = exc.errors()
+    first = errors[0]
+    loc = [p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+    message = _message(first)
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return ConfigError(file, field_path(loc, prefix) or None, message)
+
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: object) -> int:
+    """'4G', '4GiB', '512M' or an integer of bytes -> bytes (binary units, as qemu-img)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 4G")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("size must be positive")
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected a size such as 4G")
+    text = value.strip().upper().removesuffix("IB").removesuffix("B")
+    num, unit = text, ""
+    if text and text[-1] in _UNITS:
+        num, unit = text[:-1], text[-1]
+    try:
+        number = float(num)
+    except ValueError:
+        raise ValueError(f"invalid size {value!r} (use e.g. 4G, 512M)") from None
+    size = int(number * _UNITS[unit])
+    if size <= 0:
+        raise ValueError("size must be positive")
+    return size

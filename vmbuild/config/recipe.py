@@ -1,0 +1,201 @@
+"""The recipe: what to build. Parsed into typed models and validated entirely
+(components, parameters, tests, base, distribution) before any disk or VM exists."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from vmbuild.config.loader import config_error, load_yaml, parse_size
+from vmbuild.errors import ConfigError
+
+OutputFormat = Literal["qcow2", "raw", "vmdk", "vhd"]
+SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?$"
+)
+NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+DEFAULT_DISK = 4 << 30
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def _param_value(value: object) -> str:
+    # AWSTOE parameters are strings; YAML scalars are accepted and stringified
+    # (`port: 80`), but a list or map is a mistake worth reporting.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
+    raise ValueError("parameter values must be strings (or numbers/booleans)")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ComponentRef(_Model):
+    name: str = Field(min_length=1, description="a built-in component name or a path to a document")
+    parameters: dict[str, Annotated[str, BeforeValidator(_param_value)]] = {}
+
+
+class UrlBase(_Model):
+    url: str = Field(pattern=r"^(https?|file)://")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    sha512: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{128}$")
+    checksum_url: str | None = Field(default=None, pattern=r"^(https?|file)://")
+
+    @model_validator(mode="after")
+    def _one_checksum(self) -> UrlBase:
+        given = [x for x in (self.sha256, self.sha512, self.checksum_url) if x]
+        if len(given) != 1:
+            raise ValueError("give exactly one of sha256, sha512 or checksum_url")
+        return self
+
+
+class VMSettings(_Model):
+    memory: Size = Field(default=2 << 30, description="guest memory, e.g. 2G")
+    cpus: int = Field(default=2, ge=1, le=64)
+
+
+class Recipe(_Model):
+    name: str = Field(pattern=NAME.pattern)
+    version: str
+    description: str = ""
+    base: str | UrlBase = Field(description="debian-12, a local qcow2/raw file, or {url, sha256}")
+    components: list[ComponentRef] = []
+    disk_size: Size = DEFAULT_DISK
+    tests: list[str] = []
+    outputs: list[OutputFormat] = ["qcow2"]
+    vm: VMSettings = VMSettings()
+    distribution: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if not SEMVER.match(self.version):
+            raise ValueError(f"version: {self.version!r} is not a semantic version (e.g. 1.2.3)")
+        if len(set(self.outputs)) != len(self.outputs):
+            raise ValueError("outputs: a format is listed twice")
+        if not self.outputs:
+            raise ValueError("outputs: list at least one format")
+        return self
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    """A validated recipe plus what was resolved from the files it names."""
+
+    recipe: Recipe
+    path: Path
+    display: str  # the name errors use: the path as the user gave it
+    sha256: str
+    component_paths: tuple[Path, ...]
+    test_paths: tuple[Path, ...]
+    base_path: Path | None  # for a local-file base
+    distribution: Any  # vmbuild.config.distribution.DistributionConfig | None
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+
+def load_recipe(path: Path) -> LoadedRecipe:
+    """Parse and validate a recipe and everything it references; no side effects."""
+    display = str(path)
+    data = load_yaml(path, display)
+    if not isinstance(data, dict):
+        raise ConfigError(display, None, "expected a mapping with name, version, base, ...")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise _recipe_error(exc, display) from None
+    base_dir = path.resolve().parent
+
+    base_path = None
+    if isinstance(recipe.base, str) and not _is_builtin_base(recipe.base):
+        base_path = (base_dir / recipe.base).resolve()
+        if not base_path.is_file():
+            raise ConfigError(
+                display, "base", f"not a built-in base and no such file: {recipe.base}",
+                hint="use debian-12, a path to a qcow2/raw image, or {url: ..., sha256: ...}",
+            )  # fmt: skip
+
+    tests = []
+    for i, test in enumerate(recipe.tests):
+        test_path = (base_dir / test).resolve()
+        if not test_path.is_file():
+            raise ConfigError(display, f"tests[{i}]", f"file not found: {test}")
+        tests.append(test_path)
+
+    components = tuple(
+        _check_component(display, i, ref, base_dir) for i, ref in enumerate(recipe.components)
+    )
+
+    distribution = None
+    if recipe.distribution is not None:
+        from vmbuild.config.distribution import load_distribution
+
+        distribution = load_distribution(recipe.distribution, display, "distribution")
+
+    return LoadedRecipe(
+        recipe=recipe,
+        path=path.resolve(),
+        display=display,
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        component_paths=components,
+        test_paths=tuple(tests),
+        base_path=base_path,
+        distribution=distribution,
+    )
+
+
+BUILTIN_BASES = ("debian-12",)
+
+
+def _is_builtin_base(name: str) -> bool:
+    return name in BUILTIN_BASES
+
+
+def _check_component(display: str, index: int, ref: ComponentRef, base_dir: Path) -> Path:
+    """Resolve the component and validate its document with the given parameters."""
+    from vmbuild import toe
+
+    field = f"components[{index}]"
+    try:
+        doc_path = toe.find_component(ref.name, base_dir)
+    except ConfigError:
+        raise
+    except Exception as exc:  # a VmbuildError about a missing component
+        raise ConfigError(display, f"{field}.name", str(exc)) from None
+    declared = toe.declared_parameters(doc_path)
+    for key in ref.parameters:
+        if key not in declared:
+            known = ", ".join(sorted(declared)) or "none"
+            raise ConfigError(
+                display, f"{field}.parameters", f"unknown parameter {key!r} (known: {known})"
+            )
+    missing = [k for k, required in declared.items() if required and k not in ref.parameters]
+    if missing:
+        raise ConfigError(
+            display, f"{field}.parameters", f"missing required parameter {missing[0]!r}"
+        )
+    # Validates the whole document (and its ExecuteDocument children) with the
+    # parameters substituted; its errors name the document file.
+    toe.load_document(doc_path, ref.parameters)
+    return doc_path
+
+
+def _recipe_error(exc: ValidationError, display: str) -> ConfigError:
+    err = config_error(exc, display)
+    # Model-level checks carry their own field prefix ("version: ...").
+    first = exc.errors()[0]
+    if not first["loc"]:
+        msg = str(first["msg"]).removeprefix("Value error, ")
+        field, _, rest = msg.partition(": ")
+        if rest:
+            return ConfigError(display, field, rest)
+    return err

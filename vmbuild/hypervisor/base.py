@@ -1,0 +1,74 @@
+"""The VM description every backend boots, and the Protocol a booted VM satisfies."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol, Self
+
+from vmbuild.hypervisor.accel import Accel
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    name: str  # e.g. vmbuild-<run>-builder: also the libvirt domain name
+    disk: Path  # a qcow2 overlay: the base is never written
+    seed: Path  # NoCloud ISO (label cidata)
+    memory_mib: int
+    cpus: int
+    accel: Accel
+    ssh_port: int  # host side of the forward, bound on 127.0.0.1 only
+    console_log: Path  # serial console, kept in the run log
+    workdir: Path  # sockets and pid files
+
+
+class Machine(Protocol):
+    spec: VMSpec
+
+    def launch(self) -> None: ...
+
+    def is_running(self) -> bool: ...
+
+    def console_tail(self, lines: int = 40) -> str: ...
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for the VM to stop by itself (guest poweroff); True if it did."""
+        ...
+
+    def shutdown(self, timeout: float) -> None:
+        """Stop the VM: ACPI powerdown, wait, then kill. Always reaps; idempotent."""
+        ...
+
+    def kill(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the VM's SSH forward never listens elsewhere)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read_tail(path: Path, lines: int) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+    # Serial consoles are full of carriage returns and escape codes.
+    text = data.replace("\r", "")
+    return "\n".join(text.splitlines()[-lines:])

@@ -1,0 +1,202 @@
+"""Boot a guest ready for work: overlay + seed + VM + pinned SSH + cloud-init done.
+
+Shared by the builder VM, the test VM and `component run --base`. Every
+resource is entered on one ExitStack, so a failure at any point (or Ctrl-C)
+unwinds all of it: VM reaped, overlay, seed and keys deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shlex
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmbuild.errors import VmbuildError, VMError
+from vmbuild.hypervisor.accel import Accel
+from vmbuild.hypervisor.base import Machine, VMSpec, free_port
+from vmbuild.hypervisor.seed import SeedConfig, write_seed
+from vmbuild.remote.keys import KeyPair, generate_ed25519
+from vmbuild.remote.ssh import SSHSession
+from vmbuild.run import qemu_img
+
+log = logging.getLogger("vmbuild.guest")
+
+# Timeouts in KVM seconds; Accel.timeout() scales them for TCG.
+BOOT_TO_SSH = 45.0
+CLOUD_INIT = 40.0
+POWEROFF = 12.0
+
+
+@dataclass(frozen=True)
+class GuestRequest:
+    run_id: str
+    role: str  # "builder" | "test" | "scratch"
+    base: Path  # the disk the overlay is backed by (never written)
+    base_format: str
+    disk_size: int | None  # bytes; None keeps the base's size
+    memory_mib: int
+    cpus: int
+    accel: Accel
+    workdir: Path
+    user: str
+    backend: str = "qemu"
+    keep_on_failure: bool = False
+
+
+@dataclass
+class Guest:
+    machine: Machine
+    ssh: SSHSession
+    spec: VMSpec
+    client_key: KeyPair
+    client_key_path: Path
+    host_key: KeyPair
+    user: str
+
+    @property
+    def known_hosts_line(self) -> str:
+        return f"[127.0.0.1]:{self.spec.ssh_port} {self.host_key.public_openssh}"
+
+    def ssh_hint(self) -> str:
+        kh = self.spec.workdir / f"{self.spec.name}.known_hosts"
+        kh.write_text(self.known_hosts_line + "\n")
+        return (
+            f"ssh -i {shlex.quote(str(self.client_key_path))} -p {self.spec.ssh_port} "
+            f"-o UserKnownHostsFile={shlex.quote(str(kh))} {self.user}@127.0.0.1"
+        )
+
+
+MachineFactory = Callable[[VMSpec], Machine]
+
+
+def machine_factory(backend: str) -> MachineFactory:
+    """Backends are registered by name; the direct QEMU one is the default."""
+    if backend == "qemu":
+        from vmbuild.hypervisor.qemu import QemuMachine
+
+        return QemuMachine
+    if backend == "libvirt":
+        from vmbuild.hypervisor import libvirt as libvirt_backend  # type: ignore[attr-defined]
+
+        factory: MachineFactory = libvirt_backend.LibvirtMachine
+        return factory
+    raise VmbuildError(f"unknown backend {backend!r}", hint="use qemu or libvirt")
+
+
+def overlay_argv(base: Path, base_format: str, overlay: Path, size: int | None) -> list[str]:
+    args = ["create", "-q", "-f", "qcow2", "-b", str(base.resolve()), "-F", base_format]
+    args.append(str(overlay))
+    if size is not None:
+        args.append(str(size))
+    return args
+
+
+def create_overlay(base: Path, base_format: str, overlay: Path, size: int | None) -> None:
+    if size is not None:
+        import json
+
+        info = json.loads(qemu_img("info", "--output=json", "-f", base_format, base))
+        if size < int(info["virtual-size"]):
+            raise VmbuildError(
+                f"disk_size {size >> 20} MiB is smaller than the base image "
+                f"({int(info['virtual-size']) >> 20} MiB)"
+            )
+    qemu_img(*overlay_argv(base, base_format, overlay, size))
+
+
+@contextlib.contextmanager
+def booted_guest(
+    req: GuestRequest, *, on_status: Callable[[str], None] | None = None
+) -> Iterator[Guest]:
+    """Yield a guest with SSH up and cloud-init finished; tear it all down after.
+
+    On an exception with `keep_on_failure`, the VM keeps running and its files
+    stay, and the log says how to reach it.
+    """
+    status = on_status or (lambda _msg: None)
+    name = f"vmbuild-{req.run_id}-{req.role}"
+    req.workdir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        overlay = req.workdir / f"{req.role}.qcow2"
+        seed = req.workdir / f"{req.role}-seed.iso"
+        key_path = req.workdir / f"{req.role}-id_ed25519"
+        for path in (overlay, seed, key_path):
+            stack.callback(path.unlink, missing_ok=True)
+        client_key = generate_ed25519(f"vmbuild-{req.role}@{req.run_id}")
+        host_key = generate_ed25519(f"vmbuild-host@{req.run_id}")
+        client_key.write_private(key_path)
+        write_seed(
+            SeedConfig(
+                instance_id=f"{name}-{int(time.time())}",
+                hostname=name[:63],
+                user=req.user,
+                client_key=client_key,
+                host_key=host_key,
+            ),
+            seed,
+        )
+        create_overlay(req.base, req.base_format, overlay, req.disk_size)
+        spec = VMSpec(
+            name=name,
+            disk=overlay,
+            seed=seed,
+            memory_mib=req.memory_mib,
+            cpus=req.cpus,
+            accel=req.accel,
+            ssh_port=free_port(),
+            console_log=req.workdir / f"{req.role}-console.log",
+            workdir=req.workdir,
+        )
+        machine = machine_factory(req.backend)(spec)
+        status(f"booting the {req.role} VM ({req.accel.kind})")
+        machine.launch()
+        guest: Guest | None = None
+        try:
+            ssh = SSHSession.connect(
+                "127.0.0.1", spec.ssh_port, req.user, key_path, host_key.public_openssh,
+                timeout=req.accel.timeout(BOOT_TO_SSH), alive=_alive_check(machine),
+            )  # fmt: skip
+            guest = Guest(machine, ssh, spec, client_key, key_path, host_key, req.user)
+            stack.callback(ssh.close)
+            status(f"waiting for cloud-init in the {req.role} VM")
+            wait_cloud_init(ssh, req.accel.timeout(CLOUD_INIT), machine)
+            yield guest
+        except BaseException as exc:
+            if req.keep_on_failure and guest is not None and not isinstance(exc, KeyboardInterrupt):
+                stack.pop_all()  # keep overlay, seed, key: the VM still uses them
+                log.error("keeping the %s VM for debugging: %s", req.role, guest.ssh_hint())
+                raise
+            machine.kill()
+            raise
+        else:
+            machine.shutdown(timeout=req.accel.timeout(POWEROFF))
+
+
+def _alive_check(machine: Machine) -> Callable[[], None]:
+    def check() -> None:
+        if not machine.is_running():
+            raise VMError(
+                f"{machine.spec.name} stopped during boot", console_tail=machine.console_tail()
+            )
+
+    return check
+
+
+def wait_cloud_init(ssh: SSHSession, timeout: float, machine: Machine) -> None:
+    result = ssh.run(
+        "cloud-init status --wait >/dev/null; cloud-init status --long", timeout=timeout
+    )
+    if result.timed_out:
+        raise VMError(
+            f"cloud-init did not finish within {timeout:.0f}s", console_tail=machine.console_tail()
+        )
+    if result.exit_code != 0 or "status: done" not in result.stdout:
+        raise VMError(
+            f"cloud-init failed in {machine.spec.name}:\n{result.stdout.strip()}",
+            console_tail=machine.console_tail(),
+            hint="see the serial console log in the build's logs/",
+        )

@@ -1,0 +1,158 @@
+"""The direct QEMU backend (the embedded default), modelled on QEMU's QEMUMachine.
+
+A launch failure raises with the argv, exit code and console tail; shutdown
+escalates (ACPI powerdown over QMP -> wait -> quit -> SIGKILL) and always reaps
+the process, so no QEMU outlives vmbuild.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from vmbuild.errors import VMError
+from vmbuild.hypervisor.base import VMSpec, read_tail
+from vmbuild.hypervisor.qmp import QMPClient
+from vmbuild.run import quote_argv, spawn
+
+log = logging.getLogger("vmbuild.qemu")
+
+QEMU = "qemu-system-x86_64"
+
+
+def qemu_argv(spec: VMSpec) -> list[str]:
+    """The complete command line for a VM (pure: unit-tested for the exact argv)."""
+    return [
+        QEMU,
+        "-name", spec.name,
+        *spec.accel.qemu_args(spec.cpus),
+        "-m", str(spec.memory_mib),
+        # No default devices (VGA, floppy, default NIC, monitor on stdio):
+        # everything the guest sees is listed below.
+        "-nodefaults",
+        "-display", "none",
+        "-drive", f"file={spec.disk},format=qcow2,if=virtio,discard=unmap,detect-zeroes=unmap",
+        "-drive", f"file={spec.seed},format=raw,if=virtio,readonly=on",
+        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22",
+        "-device", "virtio-net-pci,netdev=net0",
+        # Early boot (sshd host keys, cloud-init) must never wait for entropy.
+        "-device", "virtio-rng-pci",
+        "-chardev", f"file,id=serial0,path={spec.console_log}",
+        "-serial", "chardev:serial0",
+        "-qmp", f"unix:{qmp_path(spec)},server=on,wait=off",
+    ]  # fmt: skip
+
+
+def qmp_path(spec: VMSpec) -> Path:
+    # Unix socket paths are limited to 108 bytes: keep the name short.
+    return spec.workdir / f"{spec.name.rsplit('-', 1)[-1]}.qmp"
+
+
+class QemuMachine:
+    def __init__(self, spec: VMSpec) -> None:
+        self.spec = spec
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.argv = qemu_argv(spec)
+
+    def launch(self) -> None:
+        if self._proc is not None:
+            raise VMError(f"{self.spec.name} already launched")
+        self._proc = spawn(self.argv, stdout=subprocess.PIPE)
+        # QEMU fails fast on bad arguments or a busy port: give it a moment so
+        # the error surfaces here, with its message, rather than as a boot timeout.
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                self._raise_exited("failed to start")
+            if qmp_path(self.spec).exists():
+                break
+            time.sleep(0.05)
+
+    def _raise_exited(self, what: str) -> None:
+        assert self._proc is not None
+        out = self._proc.stdout.read().decode(errors="replace") if self._proc.stdout else ""
+        rc = self._proc.wait()
+        raise VMError(
+            f"{self.spec.name}: QEMU {what} (exit {rc}): {out.strip()}\n"
+            f"    argv: {quote_argv(self.argv)}",
+            console_tail=self.console_tail(),
+        )
+
+    def check_alive(self) -> None:
+        """Raise a VMError with QEMU's output if the process has exited."""
+        if self._proc is not None and self._proc.poll() is not None:
+            self._raise_exited("exited unexpectedly")
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def console_tail(self, lines: int = 40) -> str:
+        return read_tail(self.spec.console_log, lines)
+
+    def wait(self, timeout: float) -> bool:
+        if self._proc is None:
+            return True
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def _qmp(self, command: str) -> None:
+        try:
+            with QMPClient(qmp_path(self.spec)) as qmp:
+                qmp.execute(command)
+        except (VMError, OSError) as exc:
+            log.debug("%s: QMP %s failed: %s", self.spec.name, command, exc)
+
+    def shutdown(self, timeout: float) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            log.info("%s: ACPI powerdown", self.spec.name)
+            self._qmp("system_powerdown")
+            if not self.wait(timeout):
+                log.warning("%s: no poweroff after %.0fs; quitting QEMU", self.spec.name, timeout)
+                self._qmp("quit")
+                if not self.wait(5):
+                    self.kill()
+        self._reap()
+
+    def kill(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._reap()
+
+    def _reap(self) -> None:
+        assert self._proc is not None
+        self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+        qmp_path(self.spec).unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        self.launch()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # On an error the guest's state no longer matters: kill at once rather
+        # than wait for an ACPI shutdown that a hung guest may never do.
+        if exc_type is not None:
+            self.kill()
+        else:
+            self.shutdown(timeout=60)

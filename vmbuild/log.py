@@ -1,0 +1,82 @@
+"""Console progress (rich) and the per-build run log."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from rich.console import Console
+
+log = logging.getLogger("vmbuild")
+
+
+class Progress:
+    """Per-stage progress on the terminal; the run log gets everything."""
+
+    def __init__(self, console: Console | None = None, *, quiet: bool = False) -> None:
+        self.console = console or Console(stderr=True, highlight=False)
+        self.quiet = quiet
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str, title: str) -> Iterator[None]:
+        start = time.monotonic()
+        log.info("== stage %s: %s", name, title)
+        if not self.quiet:
+            self.console.print(f"[bold cyan]▶[/] {title}")
+        try:
+            yield
+        except BaseException:
+            took = time.monotonic() - start
+            self.timings[name] = round(took, 2)
+            log.info("== stage %s failed after %.1fs", name, took)
+            if not self.quiet:
+                self.console.print(f"[bold red]✗[/] {title} [dim]({took:.1f}s)[/]")
+            raise
+        took = time.monotonic() - start
+        self.timings[name] = round(took, 2)
+        log.info("== stage %s done in %.1fs", name, took)
+        if not self.quiet:
+            self.console.print(f"[bold green]✓[/] {title} [dim]({took:.1f}s)[/]")
+
+    def status(self, text: str) -> None:
+        log.info("%s", text)
+        if not self.quiet:
+            self.console.print(f"  [dim]{text}[/]")
+
+    def output(self, line: str) -> None:
+        """A line of guest or tool output: streamed to the terminal and the run log."""
+        log.debug("| %s", line)
+        if not self.quiet:
+            self.console.print(f"  [dim]│[/] {line}", markup=False, highlight=False)
+
+
+def setup_console_logging(debug: bool) -> None:
+    root = logging.getLogger("vmbuild")
+    root.setLevel(logging.DEBUG)
+    if not any(getattr(h, "_vmbuild_console", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setLevel(logging.DEBUG if debug else logging.WARNING)
+        handler.setFormatter(logging.Formatter("vmbuild: %(levelname)s: %(message)s"))
+        handler._vmbuild_console = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+
+
+@contextlib.contextmanager
+def run_log(path: Path) -> Iterator[Path]:
+    """Send every vmbuild log record (debug included) to `path` while active."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger("vmbuild")
+    root.setLevel(logging.DEBUG)
+    root.addHandler(handler)
+    try:
+        yield path
+    finally:
+        root.removeHandler(handler)
+        handler.close()

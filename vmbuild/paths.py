@@ -1,0 +1,24 @@
+"""Where vmbuild keeps things: the user cache dir (bases) and the artifact store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """`$VMBUILD_CACHE_DIR`, else `$XDG_CACHE_HOME/vmbuild`, else `~/.cache/vmbuild`."""
+    explicit = os.environ.get("VMBUILD_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "vmbuild"
+
+
+def store_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """`--store`, else `$VMBUILD_STORE`, else `./images`."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("VMBUILD_STORE")
+    return Path(env) if env else Path("images")

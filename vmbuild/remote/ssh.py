@@ -1,0 +1,277 @@
+"""One paramiko wrapper for every guest connection.
+
+The guest's host key is one vmbuild generated and injected, so it is pinned:
+there is no trust-on-first-use, and a mismatch is an error, not a prompt.
+Commands run as root through `sudo -n` from a script file uploaded over SFTP
+(so a command reading stdin cannot swallow the script), wrapped in coreutils
+`timeout`, which kills the whole process group in the guest.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import select
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from shlex import quote
+from typing import Self
+
+import paramiko
+
+from vmbuild.errors import SSHError
+from vmbuild.remote.base import OutputCallback, RemoteResult
+
+log = logging.getLogger("vmbuild.ssh")
+logging.getLogger("paramiko").setLevel(logging.WARNING)
+
+TIMEOUT_EXIT = 124  # coreutils timeout(1)
+KILL_GRACE = 10  # seconds between SIGTERM and SIGKILL in the guest
+
+
+def ssh_banner(host: str, port: int, timeout: float = 5.0) -> bool:
+    """True once sshd answers. QEMU's user network accepts TCP before the guest
+    is up, so an accepted connection proves nothing: wait for `SSH-`."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            return s.recv(64).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def load_public_key(public_openssh: str) -> paramiko.PKey:
+    kind, blob = public_openssh.split()[:2]
+    return paramiko.PKey.from_type_string(kind, base64.b64decode(blob))
+
+
+class SSHSession:
+    """A connected guest; implements `vmbuild.remote.base.Remote`."""
+
+    def __init__(
+        self,
+        client: paramiko.SSHClient,
+        *,
+        host: str,
+        port: int,
+        user: str,
+        key_path: Path,
+        host_key: str | None,
+        boot_timeout: float,
+        alive: Callable[[], None] | None,
+    ) -> None:
+        self._client = client
+        self.host, self.port, self.user = host, port, user
+        self.key_path = key_path
+        self.host_key = host_key
+        self.boot_timeout = boot_timeout
+        self._alive = alive
+
+    @property
+    def url(self) -> str:
+        """The testinfra host URL for this session."""
+        return f"paramiko://{self.user}@{self.host}:{self.port}"
+
+    @classmethod
+    def connect(
+        cls,
+        host: str,
+        port: int,
+        user: str,
+        key_path: Path,
+        host_key: str | None = None,
+        timeout: float = 30.0,
+        alive: Callable[[], None] | None = None,
+    ) -> SSHSession:
+        """Wait (up to `timeout`) for sshd, then log in with the key.
+
+        `host_key` (an OpenSSH public key line) pins the server; None accepts any
+        key and is only for `--host` targets the user vouches for. `alive` is
+        called between attempts and raises if the VM died, so a crashed guest
+        fails at once with its console instead of after the whole timeout.
+        """
+        deadline = time.monotonic() + timeout
+        pkey = paramiko.Ed25519Key.from_private_key_file(str(key_path))
+        delay = 0.5
+        last_error = "no SSH banner"
+        while True:
+            if alive is not None:
+                alive()
+            if ssh_banner(host, port):
+                client = paramiko.SSHClient()
+                if host_key is None:
+                    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+                else:
+                    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+                    name = host if port == 22 else f"[{host}]:{port}"
+                    pinned = load_public_key(host_key)
+                    client.get_host_keys().add(name, pinned.get_name(), pinned)
+                try:
+                    client.connect(
+                        host, port=port, username=user, pkey=pkey, timeout=10,
+                        banner_timeout=30, auth_timeout=30,
+                        look_for_keys=False, allow_agent=False,
+                    )  # fmt: skip
+                    return cls(
+                        client, host=host, port=port, user=user, key_path=key_path,
+                        host_key=host_key, boot_timeout=timeout, alive=alive,
+                    )  # fmt: skip
+                except paramiko.BadHostKeyException as exc:
+                    client.close()
+                    raise SSHError(
+                        f"{host}:{port} presented an unexpected SSH host key "
+                        f"({exc.key.get_name()}); refusing to connect",
+                        hint="another VM may be using this port, or the seed was not applied",
+                    ) from None
+                except (paramiko.SSHException, OSError, EOFError) as exc:
+                    # Before cloud-init installs the key, login fails: retry.
+                    client.close()
+                    last_error = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() >= deadline:
+                raise SSHError(
+                    f"no SSH login to {user}@{host}:{port} within {timeout:.0f}s ({last_error})"
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 5.0)
+
+    # -- Remote ------------------------------------------------------------
+    def run(
+        self,
+        script: str,
+        *,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+        env: dict[str, str] | None = None,
+    ) -> RemoteResult:
+        path = f"/tmp/vmbuild-{uuid.uuid4().hex[:12]}.sh"
+        self._sftp_write(path, script.encode(), 0o600)
+        env_words = " ".join(quote(f"{k}={v}") for k, v in (env or {}).items())
+        wrapper = f"timeout -k {KILL_GRACE} {int(timeout)} " if timeout else ""
+        cmd = f"sudo -n env {env_words} {wrapper}bash {path}; rc=$?; sudo -n rm -f {path}; exit $rc"
+        start = time.monotonic()
+        rc, out, err = self._exec(cmd, on_output=on_output)
+        duration = time.monotonic() - start
+        timed_out = bool(timeout) and rc == TIMEOUT_EXIT and duration >= (timeout or 0) - 1
+        return RemoteResult(rc, out, err, duration, timed_out)
+
+    def put(self, data: bytes, path: str, *, mode: int = 0o644) -> None:
+        tmp = f"/tmp/vmbuild-put-{uuid.uuid4().hex[:12]}"
+        self._sftp_write(tmp, data, 0o600)
+        rc, out, err = self._exec(
+            f"sudo -n install -D -m {mode:o} {quote(tmp)} {quote(path)}; rc=$?; rm -f {quote(tmp)};"
+            " exit $rc"
+        )
+        if rc != 0:
+            raise SSHError(f"cannot write {path} in the guest: {(err or out).strip()}")
+
+    def get(self, path: str) -> bytes:
+        chan = self._open(f"sudo -n cat -- {quote(path)}")
+        data = chan.makefile("rb").read()
+        err = chan.makefile_stderr("rb").read().decode(errors="replace")
+        rc = chan.recv_exit_status()
+        chan.close()
+        if rc != 0:
+            raise SSHError(f"cannot read {path} in the guest: {err.strip()}")
+        return bytes(data)
+
+    def boot_id(self) -> str:
+        return self.get("/proc/sys/kernel/random/boot_id").decode().strip()
+
+    def reboot(self) -> None:
+        before = self.boot_id()
+        log.info("rebooting the guest")
+        # Detach the reboot so the command returns before sshd goes away.
+        self._exec("sudo -n systemd-run --no-block --on-active=1 systemctl reboot")
+        self._client.close()
+        deadline = time.monotonic() + self.boot_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SSHError(f"the guest did not come back within {self.boot_timeout:.0f}s")
+            fresh = SSHSession.connect(
+                self.host, self.port, self.user, self.key_path, self.host_key,
+                timeout=remaining, alive=self._alive,
+            )  # fmt: skip
+            try:
+                now = fresh.boot_id()
+            except (SSHError, paramiko.SSHException, OSError, EOFError):
+                fresh.close()
+                continue
+            if now != before:
+                self._client = fresh._client
+                return
+            fresh.close()  # still the old boot, going down
+            time.sleep(2)
+
+    # -- internals ---------------------------------------------------------
+    def _sftp_write(self, path: str, data: bytes, mode: int) -> None:
+        with self._client.open_sftp() as sftp, sftp.open(path, "wb") as f:
+            f.set_pipelined(True)
+            f.write(data)
+            f.chmod(mode)
+
+    def _open(self, command: str) -> paramiko.Channel:
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise SSHError(f"SSH connection to {self.host}:{self.port} is closed")
+        chan = transport.open_session()
+        chan.exec_command(command)
+        chan.shutdown_write()  # stdin is /dev/null for every guest command
+        return chan
+
+    def _exec(self, command: str, on_output: OutputCallback | None = None) -> tuple[int, str, str]:
+        """Run a command, streaming lines; rc -1 when the connection drops (poweroff)."""
+        chan = self._open(command)
+        bufs = {"stdout": b"", "stderr": b""}
+        parts: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+
+        def feed(stream: str, data: bytes, final: bool = False) -> None:
+            parts[stream].append(data)
+            bufs[stream] += data
+            *lines, bufs[stream] = bufs[stream].split(b"\n")
+            if final and bufs[stream]:
+                lines.append(bufs[stream])
+                bufs[stream] = b""
+            for line in lines:
+                text = line.decode("utf-8", "replace")
+                log.debug("[%s] %s", stream, text)
+                if on_output is not None:
+                    on_output(stream, text)
+
+        rc = -1
+        try:
+            while True:
+                select.select([chan], [], [], 1.0)
+                got = False
+                while chan.recv_ready():
+                    feed("stdout", chan.recv(65536))
+                    got = True
+                while chan.recv_stderr_ready():
+                    feed("stderr", chan.recv_stderr(65536))
+                    got = True
+                if not got and chan.exit_status_ready():
+                    break
+                if not got and chan.closed:
+                    break
+            rc = chan.recv_exit_status()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            log.info("connection lost while running a command: %s", exc)
+        finally:
+            feed("stdout", b"", final=True)
+            feed("stderr", b"", final=True)
+            chan.close()
+        out = b"".join(parts["stdout"]).decode("utf-8", "replace")
+        err = b"".join(parts["stderr"]).decode("utf-8", "replace")
+        return rc, out, err
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

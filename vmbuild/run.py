@@ -1,0 +1,206 @@
+"""The only way vmbuild starts external processes.
+
+Every command is logged with its quoted argv, gets stdin from /dev/null (so a
+prompt can never hang a build), a pinned `LC_ALL=C` environment and an optional
+timeout, and raises `CommandError(argv, rc, output_tail)` on failure. Long-lived
+processes (QEMU) go through `spawn()`, so they are logged the same way.
+qemu-img is driven through the `sh` library, as the project decided, but still
+behind this module so there is one place that logs and maps errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import sh
+
+from vmbuild.errors import CommandError, CommandTimeout
+
+log = logging.getLogger("vmbuild.run")
+
+TAIL_LINES = 25
+
+
+def quote_argv(argv: Sequence[str | os.PathLike[str]]) -> str:
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
+    env = dict(os.environ)
+    # Tools parse each other's output (qemu-img, sfdisk): pin the locale.
+    env["LC_ALL"] = "C.UTF-8"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    input: bytes | None = None,
+    check: bool = True,
+    on_line: Callable[[str], None] | None = None,
+    merge_stderr: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion; stdout and stderr are merged into `.stdout`
+    unless `merge_stderr` is False (for commands whose stdout is data).
+
+    `on_line` receives each output line as it arrives (progress and run log);
+    otherwise output is captured and logged at debug level.
+    """
+    args = [str(a) for a in argv]
+    log.info("$ %s", quote_argv(args))
+    stdin: int | IO[bytes] = subprocess.DEVNULL if input is None else subprocess.PIPE
+    try:
+        proc = subprocess.Popen(
+            args,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+            env=_env(env),
+            cwd=cwd,
+        )
+    except FileNotFoundError as exc:
+        raise CommandError(args, 127, f"{args[0]}: not found (is it installed?)") from exc
+    lines: deque[str] = deque(maxlen=TAIL_LINES)
+    chunks: list[str] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            chunks.append(line)
+            lines.append(line)
+            if on_line is not None:
+                on_line(line.rstrip("\n"))
+            else:
+                log.debug("  %s", line.rstrip("\n"))
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    err_chunks: list[bytes] = []
+    err_reader = None
+    if not merge_stderr:
+        assert proc.stderr is not None
+        err_stream = proc.stderr
+        err_reader = threading.Thread(target=lambda: err_chunks.append(err_stream.read()))
+        err_reader.start()
+    try:
+        if input is not None:
+            assert proc.stdin is not None
+            proc.stdin.write(input)
+            proc.stdin.close()
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        reader.join(5)
+        raise CommandTimeout(args, timeout or 0, "".join(lines)) from None
+    except BaseException:
+        # Ctrl-C / SIGTERM: never leave the child behind.
+        _kill(proc)
+        raise
+    reader.join()
+    stderr = ""
+    if err_reader is not None:
+        err_reader.join()
+        stderr = b"".join(err_chunks).decode("utf-8", "replace")
+    output = "".join(chunks)
+    if check and rc != 0:
+        raise CommandError(args, rc, stderr[-2000:] + "".join(lines))
+    return subprocess.CompletedProcess(args, rc, output, stderr)
+
+
+def _kill(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def spawn(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    stdout: IO[Any] | int | None = subprocess.DEVNULL,
+    env: Mapping[str, str] | None = None,
+    new_session: bool = True,
+) -> subprocess.Popen[bytes]:
+    """Start a long-running process (a VM). The caller owns reaping it.
+
+    `new_session` keeps a terminal's Ctrl-C away from the child so that vmbuild,
+    not the terminal, decides how the VM stops (orderly shutdown, then kill).
+    """
+    args = [str(a) for a in argv]
+    log.info("$ %s &", quote_argv(args))
+    try:
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            env=_env(env),
+            start_new_session=new_session,
+        )
+    except FileNotFoundError as exc:
+        raise CommandError(args, 127, f"{args[0]}: not found (is it installed?)") from exc
+
+
+def which(name: str) -> str | None:
+    from shutil import which as _which
+
+    return _which(name)
+
+
+def qemu_img(*args: str | os.PathLike[str], timeout: float | None = None) -> str:
+    """Run `qemu-img ARGS` through `sh`; returns stdout, raises CommandError."""
+    argv = ["qemu-img", *(str(a) for a in args)]
+    log.info("$ %s", quote_argv(argv))
+    try:
+        cmd = sh.Command("qemu-img")
+    except sh.CommandNotFound as exc:
+        raise CommandError(argv, 127, "qemu-img: not found (apt-get install qemu-utils)") from exc
+    try:
+        out = cmd(
+            *argv[1:],
+            _timeout=timeout,
+            _env=_env(None),
+            _in=b"",  # never a prompt: empty stdin
+            _err_to_out=True,
+            _tty_out=False,
+        )
+    except sh.ErrorReturnCode as exc:
+        tail = exc.stdout.decode("utf-8", "replace")
+        raise CommandError(argv, exc.exit_code, _tail(tail)) from None
+    except sh.TimeoutException:
+        raise CommandTimeout(argv, timeout or 0) from None
+    return str(out)
+
+
+def _tail(text: str, n: int = TAIL_LINES) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:
+    """Write a file so that readers see the old or the new content, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    payload = data.encode() if isinstance(data, str) else data
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, payload)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)

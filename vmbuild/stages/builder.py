@@ -1,0 +1,57 @@
+"""A throwaway VM on a base image, for iterating on one component
+(`vmbuild component run --base BASE`) without a full build."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from vmbuild import paths
+from vmbuild.hypervisor import accel as accel_mod
+from vmbuild.hypervisor.guest import Guest, GuestRequest, booted_guest
+from vmbuild.remote.ssh import SSHSession
+from vmbuild.stages import base_image
+
+SCRATCH_USER = "vmbuild-builder"
+
+
+def resolve_base_spec(base: str, base_dir: Path) -> base_image.BaseImage:
+    """`debian-12` (built offline, cached) or a local qcow2/raw file."""
+    if base in ("debian-12",):
+        return base_image.build_debian(base)
+    return base_image.local_base((base_dir / base).resolve())
+
+
+@contextlib.contextmanager
+def scratch_guest(
+    base: str,
+    *,
+    base_dir: Path,
+    accel: str = "auto",
+    memory_mib: int = 2048,
+    cpus: int = 2,
+    on_status: Callable[[str], None] | None = None,
+) -> Iterator[Guest]:
+    image = resolve_base_spec(base, base_dir)
+    cache = paths.cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="scratch-", dir=cache) as tmp:
+        work = Path(tmp)
+        chosen = accel_mod.choose(accel, (image.path, image.format), work)  # type: ignore[arg-type]
+        req = GuestRequest(
+            run_id=secrets.token_hex(3), role="scratch", base=image.path,
+            base_format=image.format, disk_size=None, memory_mib=memory_mib, cpus=cpus,
+            accel=chosen, workdir=work, user=SCRATCH_USER,
+        )  # fmt: skip
+        with booted_guest(req, on_status=on_status) as guest:
+            yield guest
+
+
+@contextlib.contextmanager
+def scratch_vm(base: str, *, base_dir: Path, accel: str = "auto") -> Iterator[SSHSession]:
+    """Yield a connected `Remote` (an SSHSession) on a fresh VM; all removed after."""
+    with scratch_guest(base, base_dir=base_dir, accel=accel) as guest:
+        yield guest.ssh

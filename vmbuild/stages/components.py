@@ -1,0 +1,85 @@
+"""Apply components in a guest: their build+validate phases in the builder VM,
+their test phases in the test VM. Failing steps fail the build with the step's
+name and the tail of its output."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmbuild import toe
+from vmbuild.errors import StepFailed
+from vmbuild.remote.base import Remote
+
+log = logging.getLogger("vmbuild.components")
+
+
+@dataclass(frozen=True)
+class Applied:
+    name: str
+    path: Path
+    sha256: str
+    parameters: dict[str, str]
+    status: str
+    phases: tuple[str, ...]
+    duration: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "parameters": self.parameters,
+            "status": self.status,
+            "phases": list(self.phases),
+            "duration": round(self.duration, 2),
+        }
+
+
+def load(refs: Sequence[tuple[str, Path, dict[str, str]]]) -> list[toe.Document]:
+    """Load (already validated) documents with their parameters."""
+    return [toe.load_document(path, params, display_name=name) for name, path, params in refs]
+
+
+def apply(
+    docs: Sequence[toe.Document],
+    remote: Remote,
+    *,
+    phases: Sequence[str],
+    results_dir: Path,
+    on_output: Callable[[str], None] | None = None,
+    s3: Any = None,
+) -> list[Applied]:
+    """Run `phases` of every document in order; raise StepFailed on the first failure."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    applied = []
+    for index, doc in enumerate(docs):
+        wanted = [p for p in phases if p in doc.phases]
+        if not wanted:
+            continue
+        log.info("component %s: phases %s", doc.name, ",".join(wanted))
+        result = toe.run_document(doc, remote, phases=wanted, on_output=on_output, s3=s3)
+        detail = result.to_detailed_output()
+        out = results_dir / f"{index:02d}-{_slug(doc.name)}-{'-'.join(wanted)}.json"
+        out.write_text(json.dumps(detail, indent=2) + "\n")
+        applied.append(
+            Applied(
+                name=doc.name, path=doc.path, sha256=doc.sha256,
+                parameters=dict(doc.parameters), status=result.status,
+                phases=tuple(wanted), duration=float(detail.get("duration", 0.0) or 0.0),
+            )
+        )  # fmt: skip
+        if result.status == "Failed":
+            raise StepFailed(
+                f"component {doc.name}: step {result.failed_step} failed"
+                + (f":\n{result.failure_tail.rstrip()}" if result.failure_tail else "")
+            )
+    return applied
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)[:60]

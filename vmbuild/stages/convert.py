@@ -1,0 +1,83 @@
+"""Convert the builder's disk to the formats a recipe lists (qemu-img via `sh`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmbuild.run import qemu_img
+
+# format -> (qemu-img driver, creation options, file extension)
+FORMATS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "qcow2": ("qcow2", ("-o", "compat=1.1"), "qcow2"),
+    "raw": ("raw", (), "raw"),
+    # streamOptimized is what VM Import and VMware accept as a single file.
+    "vmdk": ("vmdk", ("-o", "subformat=streamOptimized"), "vmdk"),
+    # force_size keeps the virtual size exact instead of rounding it to CHS
+    # geometry, which AWS would reject as a size mismatch.
+    "vhd": ("vpc", ("-o", "subformat=dynamic,force_size=on"), "vhd"),
+}
+
+
+@dataclass(frozen=True)
+class Output:
+    format: str
+    file: str  # name inside the artifact dir
+    sha256: str
+    size: int  # bytes on disk
+    virtual_size: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "format": self.format,
+            "file": self.file,
+            "sha256": self.sha256,
+            "size": self.size,
+            "virtual_size": self.virtual_size,
+        }
+
+
+def convert_argv(src: Path, src_format: str, dst: Path, fmt: str) -> list[str]:
+    driver, options, _ = FORMATS[fmt]
+    return ["convert", "-f", src_format, "-O", driver, *options, str(src), str(dst)]
+
+
+def output_name(fmt: str) -> str:
+    return f"disk.{FORMATS[fmt][2]}"
+
+
+def flatten(overlay: Path, dst: Path) -> None:
+    """Collapse the overlay and its backing chain into one standalone qcow2."""
+    qemu_img(*convert_argv(overlay, "qcow2", dst, "qcow2"))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def virtual_size(path: Path, fmt: str) -> int:
+    info = json.loads(qemu_img("info", "--output=json", "-f", FORMATS[fmt][0], path))
+    return int(info["virtual-size"])
+
+
+def convert(src: Path, fmt: str, outdir: Path) -> Output:
+    """Convert the flattened qcow2 `src` to `fmt` in `outdir` (qcow2: reuse it)."""
+    dst = outdir / output_name(fmt)
+    if fmt == "qcow2":
+        if src.resolve() != dst.resolve():
+            src.replace(dst)
+    else:
+        qemu_img(*convert_argv(src, "qcow2", dst, fmt))
+    return Output(
+        format=fmt,
+        file=dst.name,
+        sha256=sha256_file(dst),
+        size=dst.stat().st_size,
+        virtual_size=virtual_size(dst, fmt),
+    )

@@ -1,0 +1,122 @@
+"""Generalize the builder's disk so every instance booted from it is new.
+
+Runs in the builder VM, then powers it off from the same SSH session: once
+the host keys are gone no new login would work. `verify()` then reads the
+converted disk offline to prove the result instead of assuming it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from shlex import quote
+
+from vmbuild.diskfs import ExtFS
+from vmbuild.errors import VmbuildError
+from vmbuild.hypervisor.guest import POWEROFF, Guest
+
+log = logging.getLogger("vmbuild.generalize")
+
+OutputSink = Callable[[str], None]
+
+
+def generalize_script(builder_user: str) -> str:
+    """The guest-side script (pure: unit-tested)."""
+    user = quote(builder_user)
+    return f"""\
+set -eu
+export DEBIAN_FRONTEND=noninteractive
+# cloud-init runs again on first boot as a new instance.
+cloud-init clean --logs --seed
+# Empty, not absent: systemd then treats the next boot as a first boot and
+# generates a fresh machine-id (an absent file would break read-only roots).
+truncate -s 0 /etc/machine-id
+if [ -f /var/lib/dbus/machine-id ] && [ ! -L /var/lib/dbus/machine-id ]; then
+  rm -f /var/lib/dbus/machine-id
+fi
+rm -f /var/lib/systemd/random-seed
+rm -f /etc/ssh/ssh_host_*
+# cloud-init renders network config matching this VM's MAC; the next instance
+# gets its own, and the base's fallback DHCP covers the first NIC meanwhile.
+rm -f /etc/systemd/network/10-cloud-init-*.network /etc/netplan/50-cloud-init.yaml
+if command -v apt-get >/dev/null; then
+  apt-get clean
+  rm -rf /var/lib/apt/lists/*
+  mkdir -p /var/lib/apt/lists/partial
+fi
+if command -v dnf >/dev/null; then dnf clean all || true; fi
+rm -rf /var/log/journal/*
+find /var/log -type f \\( -name '*.gz' -o -name '*.[0-9]' -o -name '*.old' \\) -delete
+find /var/log -type f -exec truncate -s 0 {{}} +
+rm -rf /var/tmp/* /root/.bash_history /root/.ssh/authorized_keys
+# The builder's user goes last, from outside this SSH session (which runs as
+# that user): a transient unit kills its processes, deletes it, trims the
+# disk so the image stays small, and powers off.
+cat > /run/vmbuild-finish.sh <<'FINISH'
+set -u
+sleep 1
+pkill -KILL -u {user} || true
+userdel --force --remove {user} || true
+rm -f /etc/sudoers.d/90-cloud-init-users
+find /tmp -mindepth 1 -delete || true
+fstrim -av || true
+sync
+systemctl poweroff
+FINISH
+systemd-run --no-block --unit=vmbuild-finish --collect bash /run/vmbuild-finish.sh
+echo "generalize: finishing and powering off"
+"""
+
+
+def generalize(guest: Guest, on_output: OutputSink | None = None) -> None:
+    """Generalize and power off; escalate (QMP powerdown, then kill) if it hangs."""
+    result = guest.ssh.run(
+        generalize_script(guest.user),
+        timeout=guest.spec.accel.timeout(120),
+        on_output=(lambda _s, line: on_output(line)) if on_output else None,
+    )
+    if result.exit_code != 0:
+        tail = (result.stderr or result.stdout)[-2000:]
+        raise VmbuildError(f"generalize failed (exit {result.exit_code}):\n{tail}")
+    guest.ssh.close()
+    timeout = guest.spec.accel.timeout(POWEROFF * 4)
+    if not guest.machine.wait(timeout):
+        log.warning("the builder did not power off within %.0fs; forcing it", timeout)
+        guest.machine.shutdown(timeout=guest.spec.accel.timeout(POWEROFF))
+
+
+@dataclass(frozen=True)
+class Finding:
+    path: str
+    problem: str
+
+
+def verify(fs: ExtFS, builder_user: str, builder_pubkey: str) -> list[Finding]:
+    """Read the generalized root filesystem offline; return what is left behind."""
+    found: list[Finding] = []
+    machine_id = fs.read("/etc/machine-id")
+    if machine_id is None:
+        found.append(Finding("/etc/machine-id", "missing (should exist and be empty)"))
+    elif machine_id.strip():
+        found.append(Finding("/etc/machine-id", "not empty"))
+    keys = [n for n in (fs.listdir("/etc/ssh") or []) if n.startswith("ssh_host_")]
+    if keys:
+        found.append(Finding("/etc/ssh", f"host keys left: {', '.join(sorted(keys))}"))
+    passwd = fs.read_text("/etc/passwd") or ""
+    if any(line.split(":", 1)[0] == builder_user for line in passwd.splitlines()):
+        found.append(Finding("/etc/passwd", f"builder user {builder_user!r} still exists"))
+    if fs.exists(f"/home/{builder_user}"):
+        found.append(Finding(f"/home/{builder_user}", "builder home directory left"))
+    key_blob = builder_pubkey.split()[1]
+    homes = [f"/home/{h}" for h in (fs.listdir("/home") or [])] + ["/root"]
+    for home in homes:
+        text = fs.read_text(f"{home}/.ssh/authorized_keys") or ""
+        if key_blob in text:
+            found.append(Finding(f"{home}/.ssh/authorized_keys", "builder key left"))
+    if fs.exists("/var/lib/cloud/instance"):
+        found.append(Finding("/var/lib/cloud/instance", "cloud-init state not cleaned"))
+    lists = [n for n in (fs.listdir("/var/lib/apt/lists") or []) if n.endswith("_Packages")]
+    if lists:
+        found.append(Finding("/var/lib/apt/lists", f"{len(lists)} package lists left"))
+    return found

@@ -1,0 +1,144 @@
+"""The artifact store: images/<name>/<version>/<build>/ with disks, manifest.json and logs.
+
+A build is assembled in a hidden staging dir next to its final place and
+renamed only on success, so readers never see a half-written artifact and a
+failed build leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from vmbuild.errors import VmbuildError
+from vmbuild.run import write_atomic
+
+MANIFEST = "manifest.json"
+STAGING_PREFIX = ".staging-"
+BUILD_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
+
+
+def new_build_id(now: datetime | None = None) -> str:
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class Staging:
+    path: Path  # where the build writes its files
+    final: Path  # where they land on commit
+
+
+@contextlib.contextmanager
+def staging(store: Path, name: str, version: str, build: str) -> Iterator[Staging]:
+    """A staging dir; removed unless `commit()` renamed it into place."""
+    parent = store / name / version
+    parent.mkdir(parents=True, exist_ok=True)
+    path = parent / f"{STAGING_PREFIX}{build}"
+    path.mkdir()
+    try:
+        yield Staging(path, parent / build)
+    finally:
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        # Leave no empty name/version dirs behind a failed first build.
+        for d in (parent, parent.parent):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def commit(stage: Staging) -> Path:
+    os.replace(stage.path, stage.final)
+    return stage.final
+
+
+def write_manifest(build_dir: Path, manifest: dict[str, Any]) -> None:
+    write_atomic(build_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def read_manifest(build_dir: Path) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads((build_dir / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise VmbuildError(f"{build_dir}: not an artifact (no {MANIFEST})") from None
+    except ValueError as exc:
+        raise VmbuildError(f"{build_dir / MANIFEST}: invalid JSON: {exc}") from None
+    return data
+
+
+def update_manifest(build_dir: Path, key: str, value: object) -> None:
+    """Set one top-level key of an artifact's manifest (atomic rewrite)."""
+    manifest = read_manifest(build_dir)
+    manifest[key] = value
+    write_manifest(build_dir, manifest)
+
+
+def _version_key(version: str) -> tuple[int, int, int, int, str]:
+    core, _, pre = version.partition("+")[0].partition("-")
+    nums = [int(x) if x.isdigit() else 0 for x in core.split(".")[:3]] + [0, 0, 0]
+    # A release sorts after its pre-releases (semver).
+    return nums[0], nums[1], nums[2], 0 if pre else 1, pre
+
+
+def builds(store: Path) -> list[Path]:
+    """Every committed build dir, oldest first within name and version."""
+    found = []
+    if not store.is_dir():
+        return []
+    for name_dir in sorted(p for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        versions = [p for p in name_dir.iterdir() if p.is_dir()]
+        for version_dir in sorted(versions, key=lambda p: _version_key(p.name)):
+            for build_dir in sorted(version_dir.iterdir()):
+                if BUILD_ID.match(build_dir.name) and (build_dir / MANIFEST).is_file():
+                    found.append(build_dir)
+    return found
+
+
+def resolve(store: Path, ref: str) -> Path:
+    """`name`, `name/version`, `name/version/build` (latest match) or a build dir path."""
+    as_path = Path(ref)
+    if (as_path / MANIFEST).is_file():
+        return as_path
+    parts = ref.strip("/").split("/")
+    if not 1 <= len(parts) <= 3 or not all(parts):
+        raise VmbuildError(f"invalid image reference {ref!r}", hint="use NAME[/VERSION[/BUILD]]")
+    matches = [b for b in builds(store) if list(b.parts[-3:][: len(parts)]) == parts]
+    if not matches:
+        raise VmbuildError(
+            f"no image {ref!r} in {store}", hint="`vmbuild images list` shows what is stored"
+        )
+    return matches[-1]
+
+
+def remove(build_dir: Path) -> None:
+    """Delete a build; then its version and name dirs if they became empty."""
+    tomb = build_dir.with_name(f"{STAGING_PREFIX}rm-{build_dir.name}")
+    os.replace(build_dir, tomb)  # atomic: listings never see a half-deleted build
+    shutil.rmtree(tomb)
+    for d in (build_dir.parent, build_dir.parent.parent):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def summary(build_dir: Path) -> dict[str, Any]:
+    m = read_manifest(build_dir)
+    return {
+        "ref": f"{m['name']}/{m['version']}/{m['build']}",
+        "name": m["name"],
+        "version": m["version"],
+        "build": m["build"],
+        "created": m.get("created"),
+        "tests": (m.get("tests") or {}).get("status", "unknown"),
+        "formats": [o["format"] for o in m.get("outputs", [])],
+        "size": sum(int(o.get("size", 0)) for o in m.get("outputs", [])),
+        "path": str(build_dir),
+    }
