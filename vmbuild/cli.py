@@ -98,19 +98,23 @@ def cmd_base_fetch(args: argparse.Namespace) -> int:
         raise VmbuildError(
             "a checksum is required", hint="pass --sha256 HEX, --sha512 HEX or --checksum-url URL"
         )
-    console = Console(stderr=True)
+    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+    bar = Progress(
+        *Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(),
+        console=Console(stderr=True), transient=True,
+        disable=args.json or not sys.stderr.isatty(),
+    )  # fmt: skip
+    task = bar.add_task("download", total=None)
 
     def progress(done: int, total: int | None) -> None:
-        if not args.json:
-            pct = f"{100 * done / total:5.1f}%" if total else ""
-            console.print(f"\r  {done >> 20} MiB {pct}", end="")
+        bar.update(task, completed=done, total=total)
 
-    base = base_image.fetch_base(
-        args.url, sha256=args.sha256, sha512=args.sha512, checksum_url=args.checksum_url,
-        on_progress=progress,
-    )  # fmt: skip
-    if not args.json:
-        console.print()
+    with bar:
+        base = base_image.fetch_base(
+            args.url, sha256=args.sha256, sha512=args.sha512, checksum_url=args.checksum_url,
+            on_progress=progress,
+        )  # fmt: skip
     return _out(args, _base_json(base), lambda: print(f"{base.id}  {base.path}"))
 
 
@@ -325,7 +329,9 @@ def _extension_modules() -> list[Any]:
         try:
             found.append(importlib.import_module(name))
         except ModuleNotFoundError as exc:
-            if exc.name != name:
+            # Only a feature package that is absent is skipped, never a
+            # broken import inside one.
+            if not exc.name or not name.startswith(exc.name):
                 raise
     return found
 

@@ -52,7 +52,7 @@ def test_resolve_refs_pick_latest(tmp_path: Path) -> None:
     assert store.resolve(tmp_path, "img/1.2.0") == c
     assert store.resolve(tmp_path, "img/1.0.0/20261101T000000Z-aaaaaa") == a
     assert store.resolve(tmp_path, str(a)) == a
-    with pytest.raises(VmbuildError, match="no image 'img/9.9.9'"):
+    with pytest.raises(VmbuildError, match=r"no image 'img/9\.9\.9'"):
         store.resolve(tmp_path, "img/9.9.9")
 
 

@@ -103,18 +103,22 @@ def _cache_file() -> Path:
 def probe_kvm_boot(image: Path, image_format: str, workdir: Path) -> tuple[bool, str]:
     """Boot `image` under KVM (no writes: -snapshot) and wait for the kernel to reach userspace."""
     console = workdir / "kvm-probe-console.log"
+    output = workdir / "kvm-probe-qemu.log"
     argv = [
         "qemu-system-x86_64", "-machine", "pc", "-accel", "kvm", "-cpu", "host", "-m", "512",
         "-smp", "1", "-nodefaults", "-display", "none", "-no-reboot", "-snapshot",
         "-drive", f"file={image},format={image_format},if=virtio",
         "-serial", f"file:{console}",
     ]  # fmt: skip
-    proc = spawn(argv)
+    with output.open("wb") as out:
+        proc = spawn(argv, stdout=out)
     start = time.monotonic()
     try:
         while time.monotonic() - start < PROBE_SECONDS:
             if proc.poll() is not None:
-                return False, f"QEMU exited with {proc.returncode} under KVM"
+                said = output.read_text(errors="replace").strip().splitlines()
+                last = f": {said[-1]}" if said else ""
+                return False, f"QEMU exited with {proc.returncode} under KVM{last}"
             text = console.read_text(errors="replace") if console.exists() else ""
             if any(m in text for m in USERSPACE_MARKERS):
                 took = time.monotonic() - start
@@ -127,6 +131,7 @@ def probe_kvm_boot(image: Path, image_format: str, workdir: Path) -> tuple[bool,
         proc.kill()
         proc.wait()
         console.unlink(missing_ok=True)
+        output.unlink(missing_ok=True)
 
 
 def choose(mode: AccelMode, probe_image: tuple[Path, str] | None, workdir: Path) -> Accel:

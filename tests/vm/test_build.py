@@ -1,0 +1,161 @@
+"""End-to-end builds through the real CLI: real QEMU (TCG here), cloud-init, sshd,
+components, generalization, conversion, a test VM and testinfra."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.vm.conftest import REPO, qemu_pids
+from vmbuild import paths
+from vmbuild.stages import base_image
+
+pytestmark = pytest.mark.vm
+
+VMBUILD = [sys.executable, "-m", "vmbuild"]
+
+
+def vmbuild(
+    *args: str, env: dict[str, str], timeout: float = 1800
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*VMBUILD, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+def staging_leftovers(store: Path) -> list[Path]:
+    return [p for p in store.rglob("*") if p.name.startswith((".staging-", "work-"))]
+
+
+def test_example_recipe_builds_tests_and_stores(
+    debian_base: base_image.BaseImage, cli_env: dict[str, str], no_leftover_qemu: None
+) -> None:
+    store = Path(cli_env["VMBUILD_STORE"])
+    proc = vmbuild("build", "examples/nginx/recipe.yaml", "--json", env=cli_env)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    result = json.loads(proc.stdout)
+    build_dir = Path(result["path"])
+    m = result["manifest"]
+
+    assert build_dir.parent.parent == store / "example-nginx"
+    assert (m["name"], m["version"]) == ("example-nginx", "1.0.0")
+    assert m["accelerator"]["kind"] in ("kvm", "tcg") and m["accelerator"]["reason"]
+    assert m["base"]["sha256"] == debian_base.sha256
+    assert [c["name"] for c in m["components"]] == ["update-linux", "nginx-app"]
+    assert all(len(c["sha256"]) == 64 for c in m["components"])
+    assert {p["name"] for p in m["packages"]} >= {"nginx", "openssh-server", "cloud-init"}
+    for stage in ("base", "builder", "components", "generalize", "convert", "test", "store"):
+        assert m["timings"][stage] > 0
+
+    # Tests passed, in the test VM, with JUnit kept.
+    assert m["tests"]["status"] == "passed"
+    ti = m["tests"]["testinfra"]
+    assert ti["tests"] >= 6 and ti["failures"] == ti["errors"] == 0
+    assert (build_dir / ti["junit"]).is_file()
+
+    # Every output exists, in its format, with the recorded checksum.
+    formats = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vhd": "vpc"}
+    assert [o["format"] for o in m["outputs"]] == ["qcow2", "raw", "vmdk", "vhd"]
+    for out in m["outputs"]:
+        disk = build_dir / out["file"]
+        info = json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "--output=json", str(disk)], capture_output=True, check=True
+            ).stdout
+        )
+        assert info["format"] == formats[out["format"]]
+        assert info["virtual-size"] == 4 << 30 == out["virtual_size"]
+        assert hashlib.sha256(disk.read_bytes()).hexdigest() == out["sha256"]
+    vmdk = build_dir / "disk.vmdk"
+    assert b"streamOptimized" in vmdk.read_bytes()[:2048]
+    cmp = subprocess.run(
+        ["qemu-img", "compare", str(build_dir / "disk.qcow2"), str(build_dir / "disk.raw")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert cmp.returncode == 0, cmp.stdout
+
+    logs = build_dir / "logs"
+    assert (logs / "build.log").stat().st_size > 0
+    assert "cloud-init" in (logs / "builder-console.log").read_text(errors="replace")
+    assert (logs / "test-console.log").exists()
+    assert list((logs / "components").glob("*.json"))
+    assert not list(build_dir.glob("*.iso")) and not list(build_dir.glob("*id_ed25519*"))
+    assert staging_leftovers(store) == []
+
+    # The store CLI sees it.
+    listed = json.loads(vmbuild("images", "list", "--json", env=cli_env).stdout)
+    assert [r["ref"] for r in listed] == [f"example-nginx/1.0.0/{m['build']}"]
+    shown = json.loads(vmbuild("images", "show", "example-nginx", "--json", env=cli_env).stdout)
+    assert shown["build"] == m["build"]
+    assert vmbuild("images", "rm", "example-nginx/1.0.0", env=cli_env).returncode == 0
+    assert list(store.iterdir()) == []
+
+
+FAILING_COMPONENT = """\
+name: breaks
+description: a component whose second build step fails
+schemaVersion: 1.0
+phases:
+  - name: build
+    steps:
+      - name: Fine
+        action: ExecuteBash
+        inputs:
+          commands: ["echo all good"]
+      - name: InstallThing
+        action: ExecuteBash
+        inputs:
+          commands:
+            - echo "about to fail: missing dependency libfoo" >&2
+            - exit 3
+"""
+
+
+def test_failing_component_fails_cleanly(
+    debian_base: base_image.BaseImage,
+    cli_env: dict[str, str],
+    tmp_path: Path,
+    no_leftover_qemu: None,
+) -> None:
+    (tmp_path / "breaks.yaml").write_text(FAILING_COMPONENT)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "name: broken\nversion: 0.1.0\nbase: debian-12\ncomponents:\n  - name: ./breaks.yaml\n"
+    )
+    proc = vmbuild("build", str(recipe), env=cli_env)
+    assert proc.returncode == 1
+    assert "step build/InstallThing failed" in proc.stderr or "InstallThing" in proc.stderr
+    assert "missing dependency libfoo" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    store = Path(cli_env["VMBUILD_STORE"])
+    assert not store.exists() or list(store.rglob("*")) == []
+    assert not list(paths.cache_dir().glob("scratch-*"))
+
+
+def test_sigterm_mid_build_leaves_nothing(
+    debian_base: base_image.BaseImage, cli_env: dict[str, str], no_leftover_qemu: None
+) -> None:
+    before = qemu_pids()
+    proc = subprocess.Popen(
+        [*VMBUILD, "build", "examples/nginx/recipe.yaml"], env=cli_env, cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (qemu_pids() - before):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "the builder VM never started"
+        time.sleep(0.5)
+    time.sleep(3)  # mid-boot
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    store = Path(cli_env["VMBUILD_STORE"])
+    assert not store.exists() or list(store.rglob("*")) == []

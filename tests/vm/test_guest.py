@@ -1,0 +1,58 @@
+"""The SSH layer against a real guest (shared VM): streaming, root, timeouts,
+file transfer, host-key pinning."""
+
+from __future__ import annotations
+
+import pytest
+
+from vmbuild.errors import SSHError
+from vmbuild.hypervisor.guest import Guest
+from vmbuild.remote.keys import generate_ed25519
+from vmbuild.remote.ssh import SSHSession
+
+pytestmark = pytest.mark.vm
+
+
+def test_commands_run_as_root_and_stream(guest_vm: Guest) -> None:
+    lines: list[tuple[str, str]] = []
+    result = guest_vm.ssh.run(
+        "id -un; echo to-stderr >&2; echo $MYVAR; exit 7",
+        on_output=lambda s, line: lines.append((s, line)),
+        env={"MYVAR": "hello world"},
+    )
+    assert result.exit_code == 7
+    assert result.stdout.splitlines() == ["root", "hello world"]
+    assert ("stderr", "to-stderr") in lines and ("stdout", "root") in lines
+
+
+def test_timeout_is_enforced_in_the_guest(guest_vm: Guest) -> None:
+    result = guest_vm.ssh.run("sleep 300 & echo $! > /tmp/child; wait", timeout=3)
+    assert result.timed_out and result.exit_code == 124
+    assert result.duration < 30
+    check = guest_vm.ssh.run("kill -0 $(cat /tmp/child) 2>/dev/null && echo alive || echo gone")
+    assert check.stdout.strip() == "gone"  # the whole process group was killed
+
+
+def test_put_and_get_as_root(guest_vm: Guest) -> None:
+    guest_vm.ssh.put(b"\x00binary\xffdata", "/opt/vmbuild-test/deep/file.bin", mode=0o600)
+    assert guest_vm.ssh.get("/opt/vmbuild-test/deep/file.bin") == b"\x00binary\xffdata"
+    stat = guest_vm.ssh.run("stat -c '%U %a' /opt/vmbuild-test/deep/file.bin")
+    assert stat.stdout.strip() == "root 600"
+    with pytest.raises(SSHError, match="cannot read /nonexistent"):
+        guest_vm.ssh.get("/nonexistent")
+
+
+def test_the_host_key_is_pinned(guest_vm: Guest) -> None:
+    impostor = generate_ed25519("not-the-guest")
+    with pytest.raises(SSHError, match="unexpected SSH host key"):
+        SSHSession.connect(
+            "127.0.0.1", guest_vm.spec.ssh_port, guest_vm.user, guest_vm.client_key_path,
+            host_key=impostor.public_openssh, timeout=30,
+        )  # fmt: skip
+
+
+def test_cloud_init_used_our_host_key_only(guest_vm: Guest) -> None:
+    keys = guest_vm.ssh.run("ls /etc/ssh/ | grep '^ssh_host_.*key.pub$'").stdout.split()
+    assert keys == ["ssh_host_ed25519_key.pub"]
+    served = guest_vm.ssh.get("/etc/ssh/ssh_host_ed25519_key.pub").decode().split()[1]
+    assert served == guest_vm.host_key.public_openssh.split()[1]
