@@ -285,4 +285,4 @@ def _distribute(build_dir: Path, loaded: LoadedRecipe, progress: Progress) -> No
     from vmbuild.publish import distribute
 
     with progress.stage("distribute", "distribute to AWS"):
-        distribute(build_dir, loaded.distribution, on_progress=progress.status)
+        distribute(build_dir, loaded.distribution, on_progress=lambda ev: progress.status(str(ev)))

@@ -12,9 +12,9 @@ from vmbuild.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
+    """Write the recipe and return it as a user names it: relative to the cwd."""
+    (tmp_path / name).write_text(text)
+    return Path(name)
 
 
 COMPONENT = """\
@@ -39,7 +39,8 @@ phases:
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Path:
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "hello.yaml").write_text(COMPONENT)
     (tmp_path / "test_it.py").write_text("def test_x(host):\n    assert host\n")
     return tmp_path
@@ -118,8 +119,8 @@ def test_not_a_mapping(project: Path) -> None:
     assert "expected a mapping" in error_of(write(project, "- just\n- a list\n"))
 
 
-def test_missing_file(tmp_path: Path) -> None:
-    assert error_of(tmp_path / "absent.yaml").endswith("absent.yaml: file not found")
+def test_missing_file(project: Path) -> None:
+    assert error_of(Path("absent.yaml")) == "absent.yaml: file not found"
 
 
 def test_url_base_needs_one_checksum(project: Path) -> None:
@@ -137,7 +138,14 @@ def test_local_file_base_resolved_relative_to_recipe(project: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("4G", 4 << 30), ("4GiB", 4 << 30), ("512M", 512 << 20), ("1.5G", 3 << 29), (1024, 1024), ("2T", 2 << 40)],
+    [
+        ("4G", 4 << 30),
+        ("4GiB", 4 << 30),
+        ("512M", 512 << 20),
+        ("1.5G", 3 << 29),
+        (1024, 1024),
+        ("2T", 2 << 40),
+    ],
 )
 def test_parse_size(text: object, size: int) -> None:
     assert parse_size(text) == size

@@ -51,7 +51,9 @@ def test_junit_counts(tmp_path: Path) -> None:
 
 
 def test_pytest_argv_pins_host_key_plugin() -> None:
-    argv = pytest_argv([Path("/r/t.py")], "paramiko://u@127.0.0.1:2222", Path("/k"), Path("/j"), "py")
+    argv = pytest_argv(
+        [Path("/r/t.py")], "paramiko://u@127.0.0.1:2222", Path("/k"), Path("/j"), "py"
+    )
     assert argv[:5] == ["py", "-m", "pytest", "-p", "vmbuild.testing.pinned_hostkey"]
     assert "--hosts=paramiko://u@127.0.0.1:2222" in argv
     assert "--ssh-identity-file=/k" in argv and argv[-1] == "/r/t.py"

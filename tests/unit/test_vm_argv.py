@@ -69,13 +69,24 @@ def test_convert_argv_per_format() -> None:
         "convert", "-f", "qcow2", "-O", "vmdk", "-o", "subformat=streamOptimized", "/a/final.qcow2", "/b/out",
     ]  # fmt: skip
     assert convert_argv(src, "qcow2", dst, "vhd")[4:7] == [
-        "vpc", "-o", "subformat=dynamic,force_size=on",
+        "vpc",
+        "-o",
+        "subformat=dynamic,force_size=on",
     ]
     assert convert_argv(src, "qcow2", dst, "raw") == [
-        "convert", "-f", "qcow2", "-O", "raw", "/a/final.qcow2", "/b/out",
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        "/a/final.qcow2",
+        "/b/out",
     ]
     assert [output_name(f) for f in ("qcow2", "raw", "vmdk", "vhd")] == [
-        "disk.qcow2", "disk.raw", "disk.vmdk", "disk.vhd",
+        "disk.qcow2",
+        "disk.raw",
+        "disk.vmdk",
+        "disk.vhd",
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,31 @@ def _message(err: Any) -> str:
     return msg.removeprefix("Value error, ")
 
 
+# "this member of a union had the wrong type" errors: noise when another member
+# of the same union got far enough to say what is really wrong.
+_TYPE_MISMATCH = {
+    "string_type", "int_type", "float_type", "bool_type", "dict_type", "list_type",
+    "model_type", "model_attributes_type", "literal_error", "is_instance_of",
+}  # fmt: skip
+# Field names are snake_case; pydantic tags union members with their type name.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z][A-Za-z]*)$")
+
+
+def _clean_loc(loc: Sequence[int | str]) -> list[int | str]:
+    return [
+        p for p in loc
+        if not (isinstance(p, str) and (p.startswith("function-") or _UNION_TAG.match(p)))
+    ]  # fmt: skip
+
+
 def config_error(exc: ValidationError, file: str, prefix: str = "") -> ConfigError:
     """The first validation error as a ConfigError (a count of the others follows)."""
-    errors = exc.errors()
+    errors = list(exc.errors())
+    meaningful = [e for e in errors if e["type"] not in _TYPE_MISMATCH]
+    if meaningful and len(meaningful) < len(errors):
+        errors = meaningful
     first = errors[0]
-    loc = [p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+    loc = _clean_loc(first["loc"])
     message = _message(first)
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"

@@ -162,7 +162,7 @@ def _is_builtin_base(name: str) -> bool:
 
 def _check_component(display: str, index: int, ref: ComponentRef, base_dir: Path) -> Path:
     """Resolve the component and validate its document with the given parameters."""
-    from vmbuild import toe
+    import vmbuild.toe as toe
 
     field = f"components[{index}]"
     try:

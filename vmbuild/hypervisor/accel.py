@@ -116,8 +116,8 @@ def probe_kvm_boot(image: Path, image_format: str, workdir: Path) -> tuple[bool,
     try:
         while time.monotonic() - start < PROBE_SECONDS:
             if proc.poll() is not None:
-                said = output.read_text(errors="replace").strip().splitlines()
-                last = f": {said[-1]}" if said else ""
+                said = " ".join(output.read_text(errors="replace").split())
+                last = f": {said[-200:]}" if said else ""
                 return False, f"QEMU exited with {proc.returncode} under KVM{last}"
             text = console.read_text(errors="replace") if console.exists() else ""
             if any(m in text for m in USERSPACE_MARKERS):

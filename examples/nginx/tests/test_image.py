@@ -58,3 +58,9 @@ def test_host_keys_are_this_instances_own(host):
     with host.sudo():
         keys = host.check_output("ls /etc/ssh/ | grep -c '^ssh_host_.*_key$' || true")
     assert int(keys) >= 1
+
+
+def test_root_filesystem_was_grown_to_disk_size(host):
+    # The recipe asks for a 4G disk on a 2G base: growpart + resize2fs did it.
+    size = int(host.check_output("df --output=size -B1 / | tail -n 1"))
+    assert size > 3.5 * 2**30
