@@ -159,7 +159,7 @@ def build(loaded: LoadedRecipe, opts: BuildOptions, progress: Progress) -> Build
                 with progress.stage("test", "test VM: component tests + testinfra"):
                     summary = _test(
                         loaded, docs, request("test", final, "qcow2", None, TEST_USER),
-                        stage.path, logs, progress,
+                        logs, progress,
                         {"VMBUILD_BUILDER_USER": BUILDER_USER,
                          "VMBUILD_BUILDER_PUBKEY": builder.client_key.public_openssh,
                          "VMBUILD_BUILDER_MACHINE_ID": builder_machine_id},
@@ -245,7 +245,6 @@ def _test(
     loaded: LoadedRecipe,
     docs: list[Any],
     req: GuestRequest,
-    outdir: Path,
     logs: Path,
     progress: Progress,
     env: dict[str, str],
@@ -272,10 +271,10 @@ def _test(
                 "VMBUILD_IMAGE_VERSION": loaded.recipe.version,
             }
             *nums, junit = test_vm.run_testinfra(
-                guest, loaded.test_paths, outdir, env=test_env, on_line=progress.output
+                guest, loaded.test_paths, logs, env=test_env, on_line=progress.output
             )
             counts = (nums[0], nums[1], nums[2], nums[3])
-            junit_name = junit.name
+            junit_name = str(junit.relative_to(logs.parent))
     summary = test_vm.summarize(counts, junit_name, component_tests)
     test_vm.raise_if_failed(summary, "see testinfra.log and junit.xml in the run log")
     return summary

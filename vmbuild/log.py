@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 log = logging.getLogger("vmbuild")
 
@@ -45,13 +46,14 @@ class Progress:
     def status(self, text: str) -> None:
         log.info("%s", text)
         if not self.quiet:
-            self.console.print(f"  [dim]{text}[/]")
+            self.console.print(f"  [dim]{escape(text)}[/]", soft_wrap=True)
 
     def output(self, line: str) -> None:
         """A line of guest or tool output: streamed to the terminal and the run log."""
         log.debug("| %s", line)
         if not self.quiet:
-            self.console.print(f"  [dim]│[/] {line}", markup=False, highlight=False)
+            # Guest output is data, not markup; never re-wrap it.
+            self.console.print(f"  [dim]│[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def setup_console_logging(debug: bool) -> None:
