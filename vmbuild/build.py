@@ -20,7 +20,7 @@ from typing import Any
 
 from vmbuild import __version__, paths
 from vmbuild.config.recipe import LoadedRecipe, UrlBase
-from vmbuild.diskfs import ExtFS
+from vmbuild.diskfs import root_view
 from vmbuild.errors import StepFailed, TestsFailed, VmbuildError
 from vmbuild.hypervisor import accel as accel_mod
 from vmbuild.hypervisor.guest import GuestRequest, booted_guest
@@ -233,7 +233,7 @@ def _verify_generalized(final: Path, work: Path, builder_pubkey: str) -> None:
     raw = work / "verify.raw"
     try:
         qemu_img("convert", "-f", "qcow2", "-O", "raw", final, raw)
-        findings = generalize.verify(ExtFS.root_of(raw), BUILDER_USER, builder_pubkey)
+        findings = generalize.verify(root_view(raw), BUILDER_USER, builder_pubkey)
     finally:
         raw.unlink(missing_ok=True)
     if findings:
@@ -284,4 +284,15 @@ def _distribute(build_dir: Path, loaded: LoadedRecipe, progress: Progress) -> No
     from vmbuild.publish import distribute
 
     with progress.stage("distribute", "distribute to AWS"):
-        distribute(build_dir, loaded.distribution, on_progress=lambda ev: progress.status(str(ev)))
+        result = distribute(
+            build_dir, loaded.distribution, on_progress=lambda ev: progress.status(str(ev))
+        )
+    if not result.ok:
+        # The artifact is stored and tested; only distribution failed, and a
+        # re-run of `vmbuild distribute` finishes just the missing regions.
+        failed = [f"{r.region}: {r.error}" for r in result.regions if not r.ok]
+        raise VmbuildError(
+            "distribution failed in " + "; ".join(failed or ["preflight/lint"]),
+            hint=f"the image is stored at {build_dir}; re-run `vmbuild distribute {build_dir} "
+            "--config ...` to finish only what is missing",
+        )

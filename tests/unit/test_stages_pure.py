@@ -74,15 +74,15 @@ def test_mbr_partition_table(tmp_path: Path) -> None:
     img = tmp_path / "d.raw"
     img.write_bytes(_mbr([(0x80, 0x83, 2048, 4000), (0, 0x82, 6048, 100)]))
     table = read_partition_table(img)
-    assert table.kind == "mbr"
+    assert table is not None and table.kind == "mbr"
     root, swap = table.partitions
-    assert (root.number, root.start, root.size, root.bootable, root.linux) == (
+    assert (root.number, root.start, root.size, root.bootable, root.is_linux) == (
         1, 2048 * 512, 4000 * 512, True, True,
     )  # fmt: skip
-    assert (swap.type, swap.linux) == ("0x82", False)
+    assert (swap.type, swap.is_linux) == ("0x82", False)
 
 
 def test_no_partition_table(tmp_path: Path) -> None:
     img = tmp_path / "d.raw"
     img.write_bytes(bytes(1024))
-    assert read_partition_table(img).kind == "none"
+    assert read_partition_table(img) is None

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from shlex import quote
 
-from vmbuild.diskfs import ExtFS
+from vmbuild.diskfs import FilesystemView, exists, read_file
 from vmbuild.errors import VmbuildError
 from vmbuild.hypervisor.guest import POWEROFF, Guest
 
@@ -92,31 +92,34 @@ class Finding:
     problem: str
 
 
-def verify(fs: ExtFS, builder_user: str, builder_pubkey: str) -> list[Finding]:
+def verify(fs: FilesystemView, builder_user: str, builder_pubkey: str) -> list[Finding]:
     """Read the generalized root filesystem offline; return what is left behind."""
     found: list[Finding] = []
-    machine_id = fs.read("/etc/machine-id")
+
+    def text(path: str) -> str:
+        data = read_file(fs, path)
+        return "" if data is None else data.decode("utf-8", "replace")
+
+    machine_id = read_file(fs, "/etc/machine-id")
     if machine_id is None:
         found.append(Finding("/etc/machine-id", "missing (should exist and be empty)"))
     elif machine_id.strip():
         found.append(Finding("/etc/machine-id", "not empty"))
-    keys = [n for n in (fs.listdir("/etc/ssh") or []) if n.startswith("ssh_host_")]
+    keys = [n for n in (fs.listdir("/etc/ssh") or {}) if n.startswith("ssh_host_")]
     if keys:
         found.append(Finding("/etc/ssh", f"host keys left: {', '.join(sorted(keys))}"))
-    passwd = fs.read_text("/etc/passwd") or ""
-    if any(line.split(":", 1)[0] == builder_user for line in passwd.splitlines()):
+    if any(line.split(":", 1)[0] == builder_user for line in text("/etc/passwd").splitlines()):
         found.append(Finding("/etc/passwd", f"builder user {builder_user!r} still exists"))
-    if fs.exists(f"/home/{builder_user}"):
+    if exists(fs, f"/home/{builder_user}"):
         found.append(Finding(f"/home/{builder_user}", "builder home directory left"))
     key_blob = builder_pubkey.split()[1]
-    homes = [f"/home/{h}" for h in (fs.listdir("/home") or [])] + ["/root"]
+    homes = [f"/home/{h}" for h in (fs.listdir("/home") or {})] + ["/root"]
     for home in homes:
-        text = fs.read_text(f"{home}/.ssh/authorized_keys") or ""
-        if key_blob in text:
+        if key_blob in text(f"{home}/.ssh/authorized_keys"):
             found.append(Finding(f"{home}/.ssh/authorized_keys", "builder key left"))
-    if fs.exists("/var/lib/cloud/instance"):
+    if exists(fs, "/var/lib/cloud/instance"):
         found.append(Finding("/var/lib/cloud/instance", "cloud-init state not cleaned"))
-    lists = [n for n in (fs.listdir("/var/lib/apt/lists") or []) if n.endswith("_Packages")]
+    lists = [n for n in (fs.listdir("/var/lib/apt/lists") or {}) if n.endswith("_Packages")]
     if lists:
         found.append(Finding("/var/lib/apt/lists", f"{len(lists)} package lists left"))
     return found

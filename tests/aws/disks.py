@@ -1,0 +1,236 @@
+"""Small but real bootable-looking disks for the distribution tests, made without root.
+
+A fake Debian 12 tree (fstab by UUID, GRUB config, a kernel with nvme/ena in modules.dep,
+cloud-init with the Ec2 datasource, sshd and systemd-networkd enabled, a 64-bit init) is put
+into an ext4 file system written straight into a partitioned sparse raw file (sfdisk, then
+`mke2fs -d -E offset=`), like vmbuild's offline base builder does. Plus artifacts around it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MIB = 1024 * 1024
+KERNEL = "6.1.0-28-cloud-amd64"
+ROOT_UUID = "5e1f7c2a-9b1d-4c33-8f0e-2a6d1b7c9e01"
+BUILD = "20261122T180000Z-1a2b3c"
+
+
+def _elf64(machine: int = 0x3E) -> bytes:
+    header = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+    header += struct.pack("<HHI", 2, machine, 1) + bytes(64 - 24)
+    return header + os.urandom(4096)
+
+
+def guest_tree(root: Path, *, data_mib: int = 3) -> None:
+    """Write the fake guest file system into `root`."""
+
+    def put(path: str, content: str | bytes, mode: int = 0o644) -> None:
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content.encode() if isinstance(content, str) else content)
+        target.chmod(mode)
+
+    def link(path: str, dest: str) -> None:
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(dest)
+
+    for usr_dir in ("bin", "sbin", "lib"):
+        (root / "usr" / usr_dir).mkdir(parents=True, exist_ok=True)
+        link(f"/{usr_dir}", f"usr/{usr_dir}")
+    put(
+        "/etc/fstab",
+        f"# <file system> <mount point> <type> <options> <dump> <pass>\n"
+        f"UUID={ROOT_UUID} / ext4 rw,discard,errors=remount-ro 0 1\n",
+    )
+    put(f"/boot/vmlinuz-{KERNEL}", os.urandom(64 * 1024))
+    put(f"/boot/initrd.img-{KERNEL}", os.urandom(64 * 1024))
+    put(
+        "/boot/grub/grub.cfg",
+        f"""set default=0
+set timeout=1
+serial --unit=0 --speed=115200
+terminal_input serial console
+terminal_output serial console
+menuentry 'Debian GNU/Linux' {{
+    search --no-floppy --fs-uuid --set=root {ROOT_UUID}
+    linux /boot/vmlinuz-{KERNEL} root=UUID={ROOT_UUID} ro console=tty0 console=ttyS0,115200n8
+    initrd /boot/initrd.img-{KERNEL}
+}}
+""",
+    )
+    mods = f"/usr/lib/modules/{KERNEL}"
+    put(
+        f"{mods}/modules.dep",
+        "kernel/drivers/nvme/host/nvme.ko: kernel/drivers/nvme/host/"
+        "nvme-core.ko\nkernel/drivers/nvme/host/nvme-core.ko:\n"
+        "kernel/drivers/net/ethernet/amazon/ena/ena.ko:\n"
+        "kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko\n",
+    )
+    put(f"{mods}/modules.builtin", "kernel/fs/ext4/ext4.ko\n")
+    put(f"{mods}/kernel/drivers/nvme/host/nvme.ko", os.urandom(4096))
+    put("/usr/lib/systemd/systemd", _elf64(), 0o755)
+    link("/usr/sbin/init", "../lib/systemd/systemd")
+    put("/usr/bin/cloud-init", "#!/usr/bin/python3\n", 0o755)
+    put("/etc/cloud/cloud.cfg", "users: [default]\ncloud_init_modules: [seed_random]\n")
+    put("/etc/cloud/cloud.cfg.d/90-vmbuild.cfg", "datasource_list: [NoCloud, Ec2, None]\n")
+    for unit in (
+        "cloud-init.service",
+        "cloud-init-local.service",
+        "ssh.service",
+        "systemd-networkd.service",
+    ):
+        put(f"/usr/lib/systemd/system/{unit}", "[Unit]\n")
+    link(
+        "/etc/systemd/system/cloud-init.target.wants/cloud-init.service",
+        "/lib/systemd/system/cloud-init.service",
+    )
+    link(
+        "/etc/systemd/system/multi-user.target.wants/ssh.service", "/lib/systemd/system/ssh.service"
+    )
+    link(
+        "/etc/systemd/system/multi-user.target.wants/systemd-networkd.service",
+        "/lib/systemd/system/systemd-networkd.service",
+    )
+    put("/usr/sbin/sshd", _elf64(), 0o755)
+    put("/usr/lib/systemd/systemd-networkd", _elf64(), 0o755)
+    put("/etc/systemd/network/10-dhcp.network", "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n")
+    # Incompressible content, so the disk has real data blocks to upload.
+    put("/var/lib/payload.bin", os.urandom(data_mib * MIB))
+
+
+def make_disk(
+    directory: Path,
+    *,
+    size_mib: int = 64,
+    data_mib: int = 3,
+    edit: Callable[[Path], None] | None = None,
+    boot_code: bool = True,
+) -> Path:
+    """A partitioned raw disk with the guest tree in an ext4 root at 1 MiB; returns its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tree = directory / "tree"
+    guest_tree(tree, data_mib=data_mib)
+    if edit is not None:
+        edit(tree)
+    raw = directory / "disk.raw"
+    with raw.open("wb") as fh:
+        fh.truncate(size_mib * MIB)
+    part_mib = size_mib - 9  # leave room after the partition for the zero-region test
+    subprocess.run(
+        ["sfdisk", "-q", str(raw)],
+        input=f"label: dos\nstart=2048, size={part_mib * 2048}, type=83, bootable\n",
+        text=True,
+        check=True,
+    )
+    subprocess.run(
+        [
+            "mke2fs",
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-d",
+            str(tree),
+            "-U",
+            ROOT_UUID,
+            "-L",
+            "root",
+            "-E",
+            f"offset={MIB}",
+            str(raw),
+            f"{part_mib * 1024}k",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    if boot_code:
+        with raw.open("r+b") as fh:  # a stand-in for GRUB's boot.img (first 440 bytes)
+            fh.write(b"\xebc\x90" + b"GRUB boot code stand-in".ljust(437, b"\x01"))
+    return raw
+
+
+def write_zero_region(raw: Path, offset_mib: int, length_mib: int) -> None:
+    """Allocated, non-sparse zeros (the reader must skip them without being told)."""
+    with raw.open("r+b") as fh:
+        fh.seek(offset_mib * MIB)
+        fh.write(bytes(length_mib * MIB))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def make_artifact(
+    store: Path,
+    raw: Path,
+    *,
+    formats: tuple[str, ...] = ("qcow2",),
+    name: str = "example-nginx",
+    version: str = "1.0.0",
+    build: str = BUILD,
+    tests_status: str = "passed",
+) -> Path:
+    """A stored build dir (images/<name>/<version>/<build>/) holding `raw` in `formats`."""
+    build_dir = store / name / version / build
+    build_dir.mkdir(parents=True)
+    outputs: list[dict[str, Any]] = []
+    qemu = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vhd": "vpc"}
+    for fmt in formats:
+        target = build_dir / f"disk.{fmt}"
+        if fmt == "raw":
+            subprocess.run(["cp", "--sparse=always", str(raw), str(target)], check=True)
+        else:
+            opts = {
+                "vmdk": ["-o", "subformat=streamOptimized"],
+                "vhd": ["-o", "subformat=dynamic,force_size=on"],
+            }.get(fmt, [])
+            subprocess.run(
+                ["qemu-img", "convert", "-f", "raw", "-O", qemu[fmt], *opts, str(raw), str(target)],
+                check=True,
+            )
+        outputs.append(
+            {
+                "format": fmt,
+                "file": target.name,
+                "sha256": sha256(target),
+                "size": target.stat().st_size,
+                "virtual_size": raw.stat().st_size,
+            }
+        )
+    manifest = {
+        "schema": 1,
+        "name": name,
+        "version": version,
+        "build": build,
+        "created": "2026-11-22T18:00:00Z",
+        "recipe": {"path": "recipe.yaml", "sha256": "ab" * 32},
+        "base": {"id": "debian-12", "sha256": "cd" * 32, "source": "test"},
+        "components": [],
+        "outputs": outputs,
+        "packages": [{"name": "nginx", "version": "1.22.1-9", "arch": "amd64"}],
+        "tests": {"status": tests_status},
+        "timings": {},
+        "vmbuild_version": "0.1.0",
+    }
+    (build_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return build_dir
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())
