@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -35,7 +36,7 @@ def test_qemu_argv_tcg_is_exact() -> None:
         "-device", "virtio-net-pci,netdev=net0",
         "-device", "virtio-rng-pci",
         "-chardev", "file,id=serial0,path=/w/console.log", "-serial", "chardev:serial0",
-        "-qmp", "unix:/w/builder.qmp,server=on,wait=off",
+        "-qmp", f"unix:{tempfile.gettempdir()}/vmbuild-abc123-builder.qmp,server=on,wait=off",
     ]  # fmt: skip
 
 

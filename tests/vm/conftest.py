@@ -21,12 +21,14 @@ from vmbuild.stages.builder import scratch_guest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def qemu_pids() -> set[int]:
-    """QEMU processes started by vmbuild (their -name starts with vmbuild-)."""
+def qemu_pids(using: str | Path = "") -> set[int]:
+    """vmbuild's QEMU processes (-name vmbuild-...), only those whose command line
+    mentions `using` (a test's own store or work dir) when given: other VMs on a
+    shared host are not this test's leaks."""
     out = subprocess.run(
-        ["pgrep", "-f", "qemu-system-x86_64 -name vmbuild-"], capture_output=True, text=True
+        ["pgrep", "-a", "-f", "qemu-system-x86_64 -name vmbuild-"], capture_output=True, text=True
     ).stdout
-    return {int(p) for p in out.split()}
+    return {int(line.split()[0]) for line in out.splitlines() if str(using) in line}
 
 
 @pytest.fixture(scope="session")
@@ -49,10 +51,10 @@ def guest(guest_vm: Guest) -> SSHSession:
 
 
 @pytest.fixture
-def no_leftover_qemu() -> Iterator[None]:
-    before = qemu_pids()
+def no_leftover_qemu(tmp_path: Path) -> Iterator[None]:
+    """Fails the test if a VM whose files live under its tmp_path outlives it."""
     yield
-    leaked = qemu_pids() - before
+    leaked = qemu_pids(tmp_path)
     assert not leaked, f"QEMU processes left behind: {leaked}"
 
 

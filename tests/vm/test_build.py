@@ -143,13 +143,13 @@ def test_failing_component_fails_cleanly(
 def test_sigterm_mid_build_leaves_nothing(
     debian_base: base_image.BaseImage, cli_env: dict[str, str], no_leftover_qemu: None
 ) -> None:
-    before = qemu_pids()
+    store = Path(cli_env["VMBUILD_STORE"])
     proc = subprocess.Popen(
         [*VMBUILD, "build", "examples/nginx/recipe.yaml"], env=cli_env, cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 300
-    while not (qemu_pids() - before):
+    while not qemu_pids(store):
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         assert time.monotonic() < deadline, "the builder VM never started"
         time.sleep(0.5)
@@ -158,5 +158,5 @@ def test_sigterm_mid_build_leaves_nothing(
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted" in err
-    store = Path(cli_env["VMBUILD_STORE"])
+    assert not qemu_pids(store)
     assert not store.exists() or list(store.rglob("*")) == []

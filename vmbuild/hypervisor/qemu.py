@@ -8,6 +8,7 @@ the process, so no QEMU outlives vmbuild.
 from __future__ import annotations
 
 import logging
+import tempfile
 import subprocess
 import time
 from pathlib import Path
@@ -48,8 +49,9 @@ def qemu_argv(spec: VMSpec) -> list[str]:
 
 
 def qmp_path(spec: VMSpec) -> Path:
-    # Unix socket paths are limited to 108 bytes: keep the name short.
-    return spec.workdir / f"{spec.name.rsplit('-', 1)[-1]}.qmp"
+    # UNIX socket paths are limited to 108 bytes and the work dir may sit deep
+    # in a store: the socket lives in a short per-VM dir under the temp dir.
+    return Path(tempfile.gettempdir()) / f"{spec.name}.qmp"
 
 
 class QemuMachine:

@@ -1,0 +1,263 @@
+"""The pipeline: a recipe plus how, when and where it is built (EC2 Image Builder's image
+pipeline). Parsed and validated entirely, the recipe it names included, before anything
+runs; errors name the file and the field: `nightly.yaml: schedule.timezone: ...`.
+
+```yaml
+name: web-golden                  # default: the file name without .yaml
+recipe: ../recipes/web.yaml       # relative to this file
+store: /srv/images                # default: --store, $VMBUILD_STORE, ./images
+infrastructure:
+  backend: qemu                   # qemu | libvirt
+  cpus: 2                         # default: the recipe's vm.cpus
+  memory: 2G                      # default: the recipe's vm.memory
+  accelerator: auto               # auto | kvm | tcg
+  timeout: 3h                     # the whole run; the build is cancelled cleanly after it
+  keep_vm_on_failure: false       # a failed VM stays up; the log says how to SSH into it
+  mirror: http://deb.debian.org/debian   # for a debian-12 base (default: the host's)
+  refresh_base: true              # rebuild a debian-12 base the mirror has moved past
+tests:
+  enabled: true
+  timeout: 1h
+distribution: {...}               # the recipe's format (default: the recipe's own)
+schedule:
+  cron: "0 3 * * 1"               # 5 fields, or 6 as EC2 Image Builder (with a year)
+  timezone: Europe/Paris          # IANA name (default UTC)
+  start_condition: always         # always | if-dependencies-updated
+dependencies:
+  apt_sources:                    # the package indexes newer packages are looked up in
+    - deb http://deb.debian.org/debian bookworm main   # (default for debian-12: the base's)
+lifecycle:
+  keep_last: 5                    # per version
+  max_age: 30d                    # never the newest passing build
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from vmbuild.config.loader import config_error, load_yaml, parse_size
+from vmbuild.config.recipe import NAME, LoadedRecipe, load_recipe
+from vmbuild.errors import ConfigError, VmbuildError
+from vmbuild.pipeline.schedule import CronSchedule, check_timezone, parse_cron
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([wdhms])")
+_UNIT_SECONDS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
+PIPELINE_SUFFIXES = (".yaml", ".yml")
+
+
+def parse_duration(value: object) -> float:
+    """'90m', '1h30m', '30d', '45s' or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 90m or 2h")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            seconds = float(text)
+        elif text and _DURATION_PART.sub("", text) == "":
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+        else:
+            raise ValueError(f"invalid duration {value!r} (use e.g. 45s, 90m, 2h, 30d, 1h30m)")
+    else:
+        raise ValueError("expected a duration such as 90m or 2h")
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Infrastructure(_Model):
+    backend: Literal["qemu", "libvirt"] = "qemu"
+    cpus: int | None = Field(default=None, ge=1, le=64)
+    memory: Size | None = None
+    accelerator: Literal["auto", "kvm", "tcg"] = "auto"
+    timeout: Duration = Field(default=3 * 3600.0, description="the whole run, build included")
+    keep_vm_on_failure: bool = False
+    mirror: str | None = Field(default=None, pattern=r"^(https?|file)://")
+    refresh_base: bool = True
+
+
+class Tests(_Model):
+    enabled: bool = True
+    timeout: Duration | None = None
+
+
+class ScheduleSpec(_Model):
+    cron: str
+    timezone: str = "UTC"
+    start_condition: Literal["always", "if-dependencies-updated"] = "always"
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        check_timezone(value)
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        parse_cron(value)  # the time zone is checked on its own field
+        return value
+
+
+def _apt_line(value: object) -> object:
+    if isinstance(value, str):
+        words = re.sub(r"\[[^\]]*\]", " ", value).split()
+        if len(words) < 4 or words[0] != "deb" or not re.match(r"^(https?|file)://", words[1]):
+            raise ValueError(f"expected 'deb URI SUITE COMPONENT...', got {value!r}")
+    return value
+
+
+class Dependencies(_Model):
+    apt_sources: list[Annotated[str, BeforeValidator(_apt_line)]] | None = None
+
+
+class Lifecycle(_Model):
+    keep_last: int | None = Field(default=None, ge=1, description="builds kept per version")
+    max_age: Duration | None = None
+
+
+class Pipeline(_Model):
+    name: str | None = Field(default=None, pattern=NAME.pattern)
+    description: str = ""
+    recipe: str = Field(min_length=1)
+    store: str | None = None
+    infrastructure: Infrastructure = Infrastructure()
+    tests: Tests = Tests()
+    distribution: dict[str, Any] | None = None
+    schedule: ScheduleSpec | None = None
+    dependencies: Dependencies = Dependencies()
+    lifecycle: Lifecycle = Lifecycle()
+
+
+@dataclass(frozen=True)
+class LoadedPipeline:
+    """A validated pipeline with its recipe loaded and its schedule compiled."""
+
+    pipeline: Pipeline
+    name: str
+    path: Path
+    display: str  # the name errors use: the path as the user gave it
+    sha256: str
+    recipe: LoadedRecipe
+    distribution: Any  # vmbuild.config.distribution.DistributionConfig | None
+    schedule: CronSchedule | None
+    store: Path | None  # the pipeline's own store, resolved; None: the CLI's default
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+
+def load_pipeline(path: Path, *, now: datetime | None = None) -> LoadedPipeline:
+    """Parse and validate a pipeline and the recipe it names; no side effects."""
+    display = str(path)
+    data = load_yaml(path, display)
+    if not isinstance(data, dict):
+        raise ConfigError(display, None, "expected a mapping with recipe, schedule, ...")
+    try:
+        pipeline = Pipeline.model_validate(data)
+    except ValidationError as exc:
+        raise config_error(exc, display) from None
+    name = pipeline.name or path.stem
+    if not NAME.match(name):
+        raise ConfigError(
+            display, "name", f"{name!r} (from the file name) is not a valid pipeline name",
+            hint="set name: with lowercase letters, digits, '.', '_' or '-'",
+        )  # fmt: skip
+    base_dir = path.resolve().parent
+    recipe_path = Path(pipeline.recipe).expanduser()
+    recipe_path = recipe_path if recipe_path.is_absolute() else base_dir / recipe_path
+    if not recipe_path.is_file():
+        raise ConfigError(display, "recipe", f"recipe not found: {recipe_path}")
+    try:
+        recipe = load_recipe(recipe_path)
+    except VmbuildError as exc:
+        raise ConfigError(display, "recipe", f"invalid recipe: {exc}", hint=exc.hint) from None
+
+    schedule = None
+    if pipeline.schedule is not None:
+        spec = pipeline.schedule
+        schedule = parse_cron(spec.cron, spec.timezone)
+        if schedule.next_after(now or datetime.now(UTC)) is None:
+            raise ConfigError(display, "schedule.cron", f"{spec.cron!r} never fires again")
+
+    distribution = recipe.distribution
+    if pipeline.distribution is not None:
+        distribution = _load_distribution(pipeline.distribution, display)
+
+    store = None
+    if pipeline.store is not None:
+        store = Path(pipeline.store).expanduser()
+        store = store if store.is_absolute() else base_dir / store
+    return LoadedPipeline(
+        pipeline=pipeline,
+        name=name,
+        path=path.resolve(),
+        display=display,
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        recipe=recipe,
+        distribution=distribution,
+        schedule=schedule,
+        store=store,
+    )
+
+
+def _load_distribution(data: dict[str, Any], display: str) -> Any:
+    try:
+        from vmbuild.config.distribution import load_distribution
+    except ModuleNotFoundError as exc:
+        if exc.name and "distribution" not in exc.name:
+            raise
+        raise ConfigError(
+            display, "distribution", "AWS distribution is not available in this vmbuild",
+            hint="remove the distribution section, or install a vmbuild with vmbuild.publish",
+        ) from None  # fmt: skip
+    return load_distribution(data, display, "distribution")
+
+
+def pipeline_files(directory: Path) -> list[Path]:
+    """The pipeline files of a directory (*.yaml, *.yml; not recursive), sorted."""
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in PIPELINE_SUFFIXES)
+
+
+def load_pipelines(directory: Path, *, now: datetime | None = None) -> list[LoadedPipeline]:
+    """Every pipeline in `directory`; one error lists every broken file and duplicate name."""
+    if not directory.is_dir():
+        raise VmbuildError(f"{directory}: not a directory of pipelines")
+    loaded, problems = [], []
+    for path in pipeline_files(directory):
+        try:
+            loaded.append(load_pipeline(path, now=now))
+        except VmbuildError as exc:
+            problems.append(str(exc))
+    seen: dict[str, LoadedPipeline] = {}
+    for p in loaded:
+        if p.name in seen:
+            problems.append(
+                f"{p.display}: name: {p.name!r} is also the name of {seen[p.name].display}"
+            )
+        seen[p.name] = p
+    if problems:
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        raise VmbuildError(
+            f"{count} in the pipelines of {directory}:\n  " + "\n  ".join(problems),
+            hint="fix or move the broken pipelines; nothing runs until every pipeline is valid",
+        )
+    return loaded

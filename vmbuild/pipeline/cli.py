@@ -1,0 +1,388 @@
+"""Verbs: `vmbuild pipeline run|check|prune|export-systemd|export-cron`, `vmbuild scheduler`,
+`vmbuild runs list|show|logs`. Loaded by vmbuild.cli as an extension module."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from vmbuild import paths
+from vmbuild.errors import VmbuildError
+
+Handler = Callable[[argparse.Namespace], int]
+EXIT_CHANGED, EXIT_UNCHANGED, EXIT_CHECK_FAILED = 0, 1, 2
+
+
+def _history_path(args: argparse.Namespace) -> Path:
+    from vmbuild.pipeline.history import default_path
+
+    return Path(args.history).resolve() if args.history else default_path().resolve()
+
+
+def _store(args: argparse.Namespace, loaded: Any) -> Path:
+    # A pipeline's own `store:` wins: --store is the default for those without one.
+    store: Path = loaded.store or paths.store_dir(args.store)
+    return store.resolve()
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _when(record: Any) -> str:
+    return str(record.started.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+# -- pipeline ----------------------------------------------------------------
+def _services() -> Any:
+    """The real build, distribution and checks (a seam for in-process CLI tests)."""
+    from vmbuild.pipeline.runner import Services
+
+    return Services()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from vmbuild.config.pipeline import load_pipeline
+    from vmbuild.pipeline.history import History
+    from vmbuild.pipeline.runner import BUSY_REASON, EXIT_BUSY, RunContext, run_pipeline
+
+    loaded = load_pipeline(Path(args.file))  # validated before anything runs
+    history_path = _history_path(args)
+    with History(history_path) as history:
+        ctx = RunContext(
+            history, _store(args, loaded), history_path.parent, quiet=args.quiet or args.json,
+            services=_services(),
+        )  # fmt: skip
+        record = run_pipeline(loaded, ctx, args.trigger)
+    if args.json:
+        _print_json(record.to_json())
+    elif record.status == "skipped":
+        print(f"run {record.id} skipped: {record.reason}")
+    else:
+        print(f"run {record.id} {record.status} in {_duration(record.duration)}")
+        if record.image:
+            print(f"image:  {record.image}\npath:   {record.artifact}")
+        for region, ami in record.ami_ids.items():
+            print(f"ami:    {region} {ami}")
+        for d in record.pruned:
+            print(f"pruned: {d['image']} ({d['reason']})")
+        print(f"log:    {record.log_path}")
+    if record.status == "failed":
+        raise VmbuildError(
+            f"run {record.id} of {loaded.name} failed: {record.error}",
+            hint=f"vmbuild runs logs {record.id}",
+        )
+    if record.status == "skipped" and (record.reason or "").startswith(BUSY_REASON):
+        return EXIT_BUSY
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from vmbuild.config.pipeline import load_pipeline
+    from vmbuild.pipeline import deps
+    from vmbuild.pipeline.history import History
+
+    loaded = load_pipeline(Path(args.file))
+    with History(_history_path(args)) as history:
+        report = deps.check(loaded, history)
+    code = (
+        EXIT_CHANGED if report.changed else EXIT_CHECK_FAILED if report.errors else EXIT_UNCHANGED
+    )
+    if args.json:
+        _print_json({**report.to_json(), "exit_code": code})
+        return code
+    since = f" since run {report.last_run}" if report.last_run else ""
+    if report.changed:
+        n = len(report.changes)
+        print(f"{loaded.name}: {n} dependenc{'ies' if n > 1 else 'y'} changed{since}:")
+        for change in report.changes:
+            print(f"  {change.kind}: {change.summary}")
+            for line in change.details[: args.max_details]:
+                print(f"      {line}")
+            if len(change.details) > args.max_details:
+                print(f"      ... and {len(change.details) - args.max_details} more")
+    else:
+        print(f"{loaded.name}: no dependency changed{since}")
+    for note in report.notes:
+        print(f"  note: {note}")
+    err = Console(stderr=True, highlight=False)
+    for problem in report.errors:
+        err.print(f"[yellow]warning:[/] could not check {problem}", soft_wrap=True)
+    return code
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from vmbuild.config.pipeline import load_pipeline
+    from vmbuild.pipeline import lifecycle
+
+    loaded = load_pipeline(Path(args.file))
+    policy = loaded.pipeline.lifecycle
+    deleted = lifecycle.prune(
+        _store(args, loaded), loaded.recipe.recipe.name, policy, datetime.now(UTC),
+        dry_run=args.dry_run,
+    )  # fmt: skip
+    if args.json:
+        _print_json([d.to_json() for d in deleted])
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    for d in deleted:
+        print(f"{verb} {d.build.ref} ({d.reason})")
+    if not deleted:
+        print("nothing to prune")
+    return 0
+
+
+def cmd_export_systemd(args: argparse.Namespace) -> int:
+    from vmbuild.config.pipeline import load_pipeline
+    from vmbuild.pipeline.export import systemd_units, unit_name
+
+    loaded = load_pipeline(Path(args.file))
+    units = systemd_units(loaded, _history_path(args), _store(args, loaded))
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in units.items():
+        (out / name).write_text(text)
+        print(out / name)
+    timer = unit_name(loaded) + ".timer"
+    print(
+        f"install: cp {' '.join(str(out / n) for n in units)} /etc/systemd/system/ && "
+        f"systemctl daemon-reload && systemctl enable --now {timer}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_export_cron(args: argparse.Namespace) -> int:
+    from vmbuild.config.pipeline import load_pipeline
+    from vmbuild.pipeline.export import crontab_line
+
+    loaded = load_pipeline(Path(args.file))
+    print(crontab_line(loaded, _history_path(args), _store(args, loaded)), end="")
+    return 0
+
+
+# -- scheduler ---------------------------------------------------------------
+def _scheduler_logging(debug: bool) -> None:
+    logger = logging.getLogger("vmbuild.pipeline.scheduler")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s vmbuild scheduler: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False  # the console handler would repeat warnings
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    import os
+
+    from vmbuild.pipeline.history import History
+    from vmbuild.pipeline.scheduler import ProcessLauncher, Scheduler, log, scheduler_lock
+
+    _scheduler_logging(args.debug)
+    history_path = _history_path(args)
+    directory = Path(args.pipelines).resolve()
+    # Resolved now: runs must not depend on the daemon's working directory.
+    store = paths.store_dir(args.store).resolve()
+    with History(history_path) as history:
+        lock = scheduler_lock(history_path.parent)
+        if not lock.acquire():
+            raise VmbuildError(
+                f"another scheduler (pid {lock.holder()}) is using {history_path}",
+                hint="stop it first; two schedulers would fire every slot twice",
+            )
+        with lock:
+            launcher = ProcessLauncher(history_path, store, debug=args.debug)
+            scheduler = Scheduler(
+                directory, history, launcher, max_parallel=args.max_parallel,
+                stop_timeout=args.stop_timeout,
+            )  # fmt: skip
+            scheduler.start()  # refuses to start with a broken pipeline, naming it
+            log.info("started (pid %d): %d pipeline(s) in %s, history %s",
+                     os.getpid(), len(scheduler.pipelines), directory, history_path)  # fmt: skip
+            try:
+                scheduler.run_forever()
+            except KeyboardInterrupt:
+                return 0  # SIGTERM/Ctrl-C is how a daemon is stopped: not a failure
+    return 0
+
+
+# -- runs --------------------------------------------------------------------
+def cmd_runs_list(args: argparse.Namespace) -> int:
+    from vmbuild.pipeline.history import History
+
+    with History(_history_path(args)) as history:
+        runs = history.list_runs(args.pipeline, limit=args.limit, status=args.status)
+    if args.json:
+        _print_json([r.to_json() for r in runs])
+        return 0
+    table = Table(show_edge=False)
+    columns = ("id", "pipeline", "trigger", "status", "started (UTC)", "duration", "image", "note")
+    for col in columns:
+        table.add_column(col, no_wrap=col != "note")
+    style = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "skipped": "dim"}
+    for r in runs:
+        note = (r.error if r.status in ("failed", "cancelled") else r.reason) or ""
+        note = note.splitlines()[0][:70] if note else ""
+        status = f"[{style.get(r.status, '')}]{r.status}[/]"
+        table.add_row(
+            str(r.id), r.pipeline, r.trigger, status, _when(r),
+            _duration(r.duration) if r.status != "skipped" else "-",
+            r.image or "", note,
+        )  # fmt: skip
+    # Piped (a log, grep): wide rows rather than wrapped cells, as ps does.
+    Console(width=None if sys.stdout.isatty() else 250).print(table)
+    return 0
+
+
+def cmd_runs_show(args: argparse.Namespace) -> int:
+    from vmbuild.pipeline.history import History
+
+    with History(_history_path(args)) as history:
+        r = history.get(args.id)
+    if args.json:
+        _print_json(r.to_json())
+        return 0
+    ended = r.ended.strftime("%Y-%m-%d %H:%M:%S") if r.ended else "-"
+    print(f"run:      {r.id}\npipeline: {r.pipeline} ({r.pipeline_file})")
+    print(f"trigger:  {r.trigger}\nstatus:   {r.status}")
+    if r.reason:
+        print(f"reason:   {r.reason}")
+    print(f"started:  {_when(r)} UTC\nended:    {ended} UTC\nduration: {_duration(r.duration)}")
+    if r.image:
+        print(f"image:    {r.image}\nartifact: {r.artifact}")
+    for region, ami in r.ami_ids.items():
+        print(f"ami:      {region} {ami}")
+    for stage, secs in r.timings.items():
+        print(f"stage     {stage:14} {secs:8.1f}s")
+    for d in r.pruned:
+        print(f"pruned    {d['image']} ({d['reason']})")
+    print(f"log:      {r.log_path or '-'}  (host {r.host}, pid {r.pid})")
+    if r.error:
+        print(f"error:    {r.error}")
+    if r.log_tail:
+        print("--- log (last lines) ---\n" + r.log_tail)
+    return 0
+
+
+def cmd_runs_logs(args: argparse.Namespace) -> int:
+    from vmbuild.pipeline.history import History
+
+    with History(_history_path(args)) as history:
+        r = history.get(args.id)
+    path = Path(r.log_path) if r.log_path else None
+    if path is None or not path.is_file():
+        if not r.log_tail:
+            raise VmbuildError(f"run {r.id} has no log ({r.status}: {r.reason or r.error or '-'})")
+        print(f"# {path or 'the log'} is gone; the tail recorded with the run:", file=sys.stderr)
+        text = r.log_tail + "\n"
+    else:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    if args.tail:
+        text = "\n".join(text.splitlines()[-args.tail :]) + "\n"
+    sys.stdout.write(text)
+    return 0
+
+
+# -- parser ------------------------------------------------------------------
+def add_parser(subparsers: Any) -> None:
+    """Add the `pipeline`, `scheduler` and `runs` verbs to vmbuild's parser."""
+
+    def verb(parent: Any, name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        p.add_argument(
+            "--history",
+            help="run history database (default: $VMBUILD_HISTORY or "
+            "~/.local/state/vmbuild/history.sqlite); locks and run logs live next to it",
+        )
+        return p
+
+    def store_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--store", help="artifact store for pipelines without store: "
+            "(default: $VMBUILD_STORE or ./images)",
+        )  # fmt: skip
+
+    def json_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    pipeline = subparsers.add_parser(
+        "pipeline", help="pipelines: run, check dependencies, export schedules"
+    ).add_subparsers(dest="pipeline_verb", required=True, metavar="ACTION")
+    run = verb(pipeline, "run", cmd_run, "run a pipeline now (recorded in the run history)")
+    run.add_argument("file", help="pipeline YAML file")
+    run.add_argument(
+        "--trigger", choices=["manual", "schedule"], default="manual",
+        help="schedule: as a timer would (honours schedule.start_condition)",
+    )  # fmt: skip
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+    store_flag(run)
+    json_flag(run)
+    check = verb(
+        pipeline, "check", cmd_check,
+        "which dependencies changed since the last successful run, without building "
+        "(exit 0: changed, 1: nothing changed, 2: could not check)",
+    )  # fmt: skip
+    check.add_argument("file", help="pipeline YAML file")
+    check.add_argument("--max-details", type=int, default=20, help="lines per change (default 20)")
+    json_flag(check)
+    prune = verb(pipeline, "prune", cmd_prune, "apply the pipeline's lifecycle rules now")
+    prune.add_argument("file", help="pipeline YAML file")
+    prune.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    store_flag(prune)
+    json_flag(prune)
+    sd = verb(pipeline, "export-systemd", cmd_export_systemd, "write a .service and .timer pair")
+    sd.add_argument("file", help="pipeline YAML file")
+    sd.add_argument("--output-dir", default=".", help="where to write the units (default: .)")
+    store_flag(sd)
+    cron = verb(pipeline, "export-cron", cmd_export_cron, "print a crontab line for the pipeline")
+    cron.add_argument("file", help="pipeline YAML file")
+    store_flag(cron)
+
+    sched = verb(
+        subparsers, "scheduler", cmd_scheduler, "run pipelines on their schedules (daemon)"
+    )
+    sched.add_argument(
+        "--pipelines",
+        default="pipelines",
+        help="directory of pipeline YAML files (default: ./pipelines)",
+    )
+    sched.add_argument(
+        "--max-parallel", type=int, default=1, help="runs at the same time (default 1)"
+    )
+    sched.add_argument(
+        "--stop-timeout", type=float, default=300.0,
+        help="on SIGTERM, seconds to wait for cancelled builds to clean up (default 300)",
+    )  # fmt: skip
+    store_flag(sched)
+
+    runs = subparsers.add_parser(
+        "runs", help="pipeline run history: list, show, logs"
+    ).add_subparsers(dest="runs_verb", required=True, metavar="ACTION")
+    rl = verb(runs, "list", cmd_runs_list, "list pipeline runs, newest first")
+    rl.add_argument("--pipeline", help="only this pipeline's runs")
+    rl.add_argument("--status", choices=["running", "succeeded", "failed", "cancelled", "skipped"])
+    rl.add_argument("--limit", type=int, default=50)
+    json_flag(rl)
+    rs = verb(runs, "show", cmd_runs_show, "one run: timings, artifact, AMIs, error, log tail")
+    rs.add_argument("id", type=int)
+    json_flag(rs)
+    rlog = verb(runs, "logs", cmd_runs_logs, "print a run's log")
+    rlog.add_argument("id", type=int)
+    rlog.add_argument("--tail", type=int, help="only the last N lines")

@@ -1,0 +1,324 @@
+"""`vmbuild scheduler`: the daemon that fires pipeline runs on their schedules.
+
+Each pass: re-read the pipelines directory (a broken edit is logged and the last good
+version kept), reap finished runs, fire what is due, then sleep until the next slot
+(at most a minute, less while runs are going).
+
+- Each run is a child process, `vmbuild pipeline run FILE --trigger schedule`: a
+  crashing build cannot take the daemon down, its failure is recorded by the run
+  itself, and stopping it is one signal.
+- The last slot fired per pipeline is persisted in the history database. After
+  downtime a pipeline whose slots were missed runs once, not once per slot.
+- A slot that comes while the pipeline's previous run is still going is recorded as
+  `skipped`; a pipeline waiting for a free run slot (`max_parallel`) stays due and
+  starts when one frees up, still once.
+- Stopping (SIGTERM, Ctrl-C): no new runs; each running child gets SIGTERM (its build
+  unwinds: VMs killed, staging removed, run recorded `cancelled`) and is waited for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+from vmbuild.config.pipeline import LoadedPipeline, load_pipeline, load_pipelines, pipeline_files
+from vmbuild.errors import VmbuildError
+from vmbuild.pipeline.history import History
+from vmbuild.pipeline.runner import PipelineLock
+from vmbuild.pipeline.schedule import Clock, Due, SystemClock
+
+log = logging.getLogger("vmbuild.pipeline.scheduler")
+
+IDLE_POLL = 60.0  # re-read the directory at least this often
+BUSY_POLL = 2.0  # while runs are going: notice their end promptly
+STOP_TIMEOUT = 300.0  # a cancelled build's cleanup (VM kill, staging removal) is fast
+
+
+class RunHandle(Protocol):
+    pid: int
+
+    def poll(self) -> int | None: ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def wait(self, timeout: float) -> int | None: ...
+
+
+class Launcher(Protocol):
+    def launch(self, pipeline: LoadedPipeline, trigger: str) -> RunHandle: ...
+
+
+class ProcessHandle:
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+
+    def kill(self) -> None:
+        # Its own session: the whole group, in case it left helpers behind.
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+class ProcessLauncher:
+    """Runs go to `python -m vmbuild pipeline run` children, output to our stdout."""
+
+    def __init__(self, history: Path, store: Path | None = None, *, debug: bool = False) -> None:
+        self.history = history
+        self.store = store
+        self.debug = debug
+
+    def argv(self, pipeline: LoadedPipeline, trigger: str) -> list[str]:
+        argv = [sys.executable, "-m", "vmbuild", *(["--debug"] if self.debug else [])]
+        argv += ["pipeline", "run", str(pipeline.path), "--trigger", trigger, "--quiet"]
+        argv += ["--history", str(self.history)]
+        if self.store is not None:
+            argv += ["--store", str(self.store)]
+        return argv
+
+    def launch(self, pipeline: LoadedPipeline, trigger: str) -> RunHandle:
+        from vmbuild.run import spawn
+
+        # Its own session: a terminal's Ctrl-C reaches the scheduler only, which
+        # then stops each run in order; stdout is inherited (journald, a log file).
+        return ProcessHandle(spawn(self.argv(pipeline, trigger), stdout=None, new_session=True))
+
+
+class Scheduler:
+    def __init__(
+        self, directory: Path, history: History, launcher: Launcher, *,
+        clock: Clock | None = None, max_parallel: int = 1, stop_timeout: float = STOP_TIMEOUT,
+        load: Callable[[Path], LoadedPipeline] = load_pipeline,
+    ) -> None:  # fmt: skip
+        self.directory = directory
+        self.history = history
+        self.launcher = launcher
+        self.clock = clock or SystemClock()
+        self.max_parallel = max(1, max_parallel)
+        self.stop_timeout = stop_timeout
+        self._load = load
+        self.pipelines: dict[str, LoadedPipeline] = {}
+        self._files: dict[Path, int] = {}  # path -> mtime_ns last read (good or bad)
+        self.running: dict[str, RunHandle] = {}
+        self._waiting: set[str] = set()  # due, but no free run slot (logged once)
+
+    # -- pipelines --------------------------------------------------------------
+    def start(self) -> None:
+        """Load every pipeline (refusing to start if any is broken) and their state."""
+        now = self.clock.now()
+        for p in load_pipelines(self.directory, now=now):
+            self.pipelines[p.name] = p
+            self._files[p.path] = _mtime(p.path)
+        for path in pipeline_files(self.directory):
+            self._files.setdefault(path.resolve(), _mtime(path))
+        if not self.pipelines:
+            log.warning("no pipelines in %s (yet): waiting for some", self.directory)
+        for p in self.pipelines.values():
+            self._sync_state(p, now)
+
+    def _sync_state(self, p: LoadedPipeline, now: datetime) -> None:
+        if p.schedule is None:
+            log.info("%s: no schedule (manual runs only)", p.name)
+            return
+        state = self.history.schedule_state(p.name)
+        if state is not None and state[0] == p.schedule.key:
+            nxt = p.schedule.next_after(state[1])
+            log.info("%s: %s; last slot %s, next %s", p.name, p.schedule.key,
+                     _fmt(state[1]), _fmt(nxt))  # fmt: skip
+            return
+        why = "new schedule" if state is None else f"schedule changed (was {state[0]})"
+        # Slots before now belong to no run: the first one counts from now.
+        self.history.set_schedule_state(p.name, p.schedule.key, now, now)
+        log.info("%s: %s: %s; first run at %s", p.name, why, p.schedule.key,
+                 _fmt(p.schedule.next_after(now)))  # fmt: skip
+
+    def rescan(self) -> None:
+        """Pick up added, edited and removed pipeline files; keep the last good version
+        of a file that broke, and say so once per edit."""
+        now = self.clock.now()
+        present = {p.resolve(): _mtime(p) for p in pipeline_files(self.directory)}
+        for path in set(self._files) - set(present):
+            del self._files[path]
+            for name, p in list(self.pipelines.items()):
+                if p.path == path:
+                    del self.pipelines[name]
+                    log.info("%s: %s was removed; no longer scheduled", name, path.name)
+        for path, mtime in present.items():
+            if self._files.get(path) == mtime:
+                continue
+            self._files[path] = mtime
+            try:
+                p = self._load(path)
+            except VmbuildError as exc:
+                log.error(
+                    "%s is broken, keeping its last good version (if any): %s", path.name, exc
+                )
+                continue
+            other = self.pipelines.get(p.name)
+            if other is not None and other.path != path:
+                log.error("%s: name %r is taken by %s; ignored", path.name, p.name, other.path.name)
+                continue
+            for name, old in list(self.pipelines.items()):
+                if old.path == path and name != p.name:
+                    del self.pipelines[name]  # renamed
+            log.info(
+                "%s: %s", p.name, "reloaded" if other is not None else f"added from {path.name}"
+            )
+            self.pipelines[p.name] = p
+            self._sync_state(p, now)
+
+    # -- the loop ---------------------------------------------------------------
+    def tick(self) -> float:
+        """One pass; returns how long to sleep before the next."""
+        self.rescan()
+        self._reap()
+        now = self.clock.now()
+        for name in sorted(self.pipelines):
+            p = self.pipelines[name]
+            if p.schedule is None:
+                continue
+            state = self.history.schedule_state(name)
+            if state is None or state[0] != p.schedule.key:
+                self._sync_state(p, now)
+                continue
+            due = p.schedule.due(state[1], now)
+            if due is None:
+                self._waiting.discard(name)
+                continue
+            if name in self.running:
+                reason = (f"slot {_fmt(due.slot)}: the previous run (pid {self.running[name].pid}) "
+                          "is still going")  # fmt: skip
+                self.history.set_schedule_state(name, p.schedule.key, due.slot, now)
+                self.history.record_skipped(name, str(p.path), "schedule", now, reason)
+                log.warning("%s: skipped %s", name, reason)
+            elif len(self.running) >= self.max_parallel:
+                if name not in self._waiting:
+                    self._waiting.add(name)
+                    log.info("%s: due (slot %s) but %d run(s) going; it starts when one ends",
+                             name, _fmt(due.slot), len(self.running))  # fmt: skip
+            else:
+                self._fire(p, due, state[1], now)
+        return self._sleep_for(now)
+
+    def _fire(self, p: LoadedPipeline, due: Due, last: datetime, now: datetime) -> None:
+        assert p.schedule is not None
+        self._waiting.discard(p.name)
+        why = f"slot {_fmt(due.slot)}"
+        if due.missed:
+            more = "+" if due.capped else ""
+            why += (f"; {due.missed}{more} earlier slot(s) since {_fmt(last)} were missed "
+                    "(scheduler stopped?): running once for all of them")  # fmt: skip
+        # Persisted before launching: a crash in between loses a slot rather than
+        # running it twice (the next slot still comes).
+        self.history.set_schedule_state(p.name, p.schedule.key, due.slot, now)
+        try:
+            handle = self.launcher.launch(p, "schedule")
+        except (VmbuildError, OSError) as exc:
+            log.error("%s: could not start a run: %s", p.name, exc)
+            run_id = self.history.start_run(p.name, str(p.path), "schedule", now)
+            error = f"the scheduler could not start the run: {exc}"
+            self.history.update_run(run_id, status="failed", ended=now, error=error)
+            return
+        self.running[p.name] = handle
+        log.info("%s: started a run (pid %d): %s", p.name, handle.pid, why)
+
+    def _reap(self) -> None:
+        for name, handle in list(self.running.items()):
+            code = handle.poll()
+            if code is None:
+                continue
+            del self.running[name]
+            # The run this process recorded (a manual run may have been recorded since).
+            mine = [r for r in self.history.list_runs(name, limit=20) if r.pid == handle.pid]
+            outcome = f"run {mine[0].id} {mine[0].status}" if mine else "no run recorded"
+            if mine and mine[0].error:
+                outcome += f": {mine[0].error.splitlines()[0]}"
+            log.info("%s: run process %d exited %d (%s)", name, handle.pid, code, outcome)
+
+    def _sleep_for(self, now: datetime) -> float:
+        wake = IDLE_POLL
+        for name, p in self.pipelines.items():
+            state = self.history.schedule_state(name)
+            if p.schedule is None or state is None:
+                continue
+            nxt = p.schedule.next_after(max(state[1], now))
+            if nxt is not None:
+                wake = min(wake, (nxt - now).total_seconds())
+        if self.running or self._waiting:
+            wake = min(wake, BUSY_POLL)
+        return max(wake, 0.2)
+
+    def run_forever(self) -> None:
+        """Tick and sleep until interrupted (KeyboardInterrupt: SIGTERM in the CLI)."""
+        try:
+            while True:
+                self.clock.sleep(self.tick())
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Cancel running builds (SIGTERM) and wait for each to clean up."""
+        if not self.running:
+            log.info("scheduler stopped (no run in progress)")
+            return
+        # A second Ctrl-C must not abandon the wait: the children clean up anyway,
+        # but the daemon would exit before saying how it went.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            names = ", ".join(f"{n} (pid {h.pid})" for n, h in self.running.items())
+            log.info("stopping: cancelling %s", names)
+            for handle in self.running.values():
+                handle.terminate()
+            deadline = time.monotonic() + self.stop_timeout
+            for name, handle in list(self.running.items()):
+                code = handle.wait(max(0.0, deadline - time.monotonic()))
+                if code is None:
+                    log.error("%s: run (pid %d) did not stop within %.0fs: killing it",
+                              name, handle.pid, self.stop_timeout)  # fmt: skip
+                    handle.kill()
+                    code = handle.wait(10)
+                log.info("%s: run process %d exited %s", name, handle.pid, code)
+            self.running.clear()
+            log.info("scheduler stopped")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def scheduler_lock(state_dir: Path) -> PipelineLock:
+    """One scheduler per history database: two would fire every slot twice."""
+    return PipelineLock(state_dir / "scheduler.lock")  # not in locks/: a pipeline's name
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return -1
+
+
+def _fmt(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment is not None else "never"
