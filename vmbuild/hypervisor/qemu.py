@@ -8,8 +8,8 @@ the process, so no QEMU outlives vmbuild.
 from __future__ import annotations
 
 import logging
-import tempfile
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
