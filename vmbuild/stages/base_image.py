@@ -1,0 +1,796 @@
+"""The base image stage: the disk every builder VM starts from.
+
+Three sources, one result (`BaseImage`):
+- `debian-12`, built offline from the host's Debian mirror: mmdebstrap into a
+  directory; an MBR and an ext4 filesystem written straight into a sparse file
+  (`sfdisk`, `mke2fs -d -E offset=`); GRUB put in place with `dd`; qcow2. No loop
+  partitions, device-mapper or NBD: they do not work on the hosts vmbuild targets.
+- an http(s)/file URL, downloaded once and verified against a checksum;
+- a local qcow2 or raw file, used in place.
+
+Built and fetched bases live in `cache_dir()/bases/<id>/` (disk + meta.json).
+vmbuild never writes a base: VMs run on qcow2 overlays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from vmbuild.errors import ConfigError, VmbuildError
+from vmbuild.paths import cache_dir
+from vmbuild.run import qemu_img, run, which, write_atomic
+
+log = logging.getLogger("vmbuild.stages.base_image")
+
+# Part of the cache key: bump when the build changes what ends up on the disk
+# in a way the key's other inputs (release, mirrors, packages, hook) miss.
+BUILD_METHOD_VERSION = 1
+RELEASES = {"debian-12": "bookworm"}
+
+# mmdebstrap installs no Recommends, so what cloud-init and a builder need at
+# runtime is listed: udev for /dev/disk/by-uuid, dbus for hostnamectl, resolved
+# as there is no ifupdown/resolvconf, growpart + resize2fs so cloud-init grows
+# the root filesystem into a bigger overlay.
+DEBIAN_PACKAGES = (
+    "linux-image-cloud-amd64", "grub-pc-bin", "systemd-sysv", "systemd-resolved", "udev",
+    "dbus", "iproute2", "cloud-init", "cloud-guest-utils", "e2fsprogs", "openssh-server",
+    "sudo", "netbase", "ca-certificates", "qemu-guest-agent",
+)  # fmt: skip
+
+MiB = 1024 * 1024
+DISK_SIZE = 2048 * MiB
+PARTITION_OFFSET = MiB  # sector 2048; GRUB's core.img lives in the gap before it
+FS_BLOCK_SIZE = 4096
+GRUB_MODULES = (
+    "biosdisk", "part_msdos", "ext2", "search_fs_uuid", "search", "configfile",
+    "normal", "linux", "serial", "terminal", "terminfo", "echo", "test",
+)  # fmt: skip
+CONSOLE_ARGS = "console=tty0 console=ttyS0,115200n8"
+REQUIRED_TOOLS = {  # tool -> Debian package, for the hint
+    "mmdebstrap": "mmdebstrap", "sfdisk": "fdisk", "mke2fs": "e2fsprogs",
+    "grub-mkimage": "grub-common", "dd": "coreutils", "qemu-img": "qemu-utils",
+}  # fmt: skip
+_HOOK = resources.files("vmbuild") / "data" / "debian-customize.sh"
+_COMPRESSED_MAGIC = {b"\xfd7zXZ\x00": "xz", b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    """A disk VMs boot from (through an overlay); `path` is never written."""
+
+    id: str
+    path: Path
+    format: str  # "qcow2" | "raw"
+    sha256: str
+    source: str
+    virtual_size: int
+
+
+@dataclass(frozen=True)
+class AptSource:
+    """One `deb` entry (one URI) of an apt sources file."""
+
+    uri: str
+    suites: tuple[str, ...]
+    components: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DebianMirrors:
+    """Where the main and -updates suites, and the -security suite, come from."""
+
+    mirror: str
+    security: str | None
+
+
+# --- apt sources ---------------------------------------------------------------
+
+
+def parse_sources_list(text: str) -> list[AptSource]:
+    """Parse one-line-style sources: `deb [options] URI SUITE COMPONENT...`."""
+    entries = []
+    for raw in text.splitlines():
+        words = re.sub(r"\[[^\]]*\]", " ", raw.split("#", 1)[0]).split()
+        if len(words) >= 3 and words[0] == "deb":
+            entries.append(AptSource(words[1], (words[2],), tuple(words[3:])))
+    return entries
+
+
+def parse_deb822_sources(text: str) -> list[AptSource]:
+    """Parse deb822-style `.sources` stanzas (Types, URIs, Suites, Components, Enabled)."""
+    entries: list[AptSource] = []
+    for stanza in re.split(r"\n[ \t]*\n", text):
+        fields: dict[str, str] = {}
+        key = ""
+        for line in stanza.splitlines():
+            if line.startswith("#") or not line.strip():
+                continue
+            if line[0] in " \t" and key:  # continuation line
+                fields[key] += " " + line.strip()
+            elif ":" in line:
+                key, value = line.split(":", 1)
+                key = key.strip().lower()
+                fields[key] = value.strip()
+        if "deb" not in fields.get("types", "").split():
+            continue
+        if fields.get("enabled", "yes").lower() in ("no", "false", "0"):
+            continue
+        suites = tuple(fields.get("suites", "").split())
+        components = tuple(fields.get("components", "").split())
+        entries += [AptSource(uri, suites, components) for uri in fields.get("uris", "").split()]
+    return entries
+
+
+def _debian_score(uri: str, archive: str) -> int:
+    """How much `uri` looks like a Debian archive named `archive` (0: not at all)."""
+    parsed = urllib.parse.urlparse(uri)
+    path = parsed.path.rstrip("/")
+    # deb.debian.org/debian, MIRROR/debian, snapshot.debian.org/archive/debian/DATE
+    score = 2 if path.endswith("/" + archive) or f"/{archive}/" in path else 0
+    return score + (1 if (parsed.hostname or "").endswith("debian.org") else 0)
+
+
+def pick_debian_mirrors(sources: Sequence[AptSource], codename: str) -> DebianMirrors | None:
+    """Choose the Debian archive serving `codename` and its security archive.
+
+    Third-party repositories are skipped (docker's `…/linux/debian bookworm
+    stable`, nodesource, cloud-sdk): an entry must carry `main` and look like a
+    Debian archive by path or host. Ties go to the first entry, as in apt.
+    """
+
+    def best(suite: str, archive: str) -> str | None:
+        scored = [
+            (score, -i, s.uri.rstrip("/"))
+            for i, s in enumerate(sources)
+            if suite in s.suites and "main" in s.components
+            if (score := _debian_score(s.uri, archive)) > 0
+        ]
+        return max(scored)[2] if scored else None
+
+    if (mirror := best(codename, "debian")) is None:
+        return None
+    return DebianMirrors(mirror, best(f"{codename}-security", "debian-security"))
+
+
+def host_debian_mirrors(
+    codename: str = "bookworm", etc_apt: Path = Path("/etc/apt")
+) -> DebianMirrors:
+    """The Debian mirrors in the host's apt sources (one-line and deb822 files)."""
+    parts = etc_apt / "sources.list.d"
+    sources: list[AptSource] = []
+    for path in [etc_apt / "sources.list", *sorted(parts.glob("*.list"))]:
+        if path.is_file():
+            sources += parse_sources_list(path.read_text(errors="replace"))
+    for path in sorted(parts.glob("*.sources")):
+        sources += parse_deb822_sources(path.read_text(errors="replace"))
+    found = pick_debian_mirrors(sources, codename)
+    if found is None:
+        raise VmbuildError(
+            f"no Debian mirror serving {codename} in {etc_apt}/sources.list or {parts}/",
+            hint="pass one explicitly: --mirror http://HOST/debian",
+        )
+    return found
+
+
+def host_mirror() -> str:
+    """The Debian mirror the host's apt uses for bookworm (vmbuild hard-codes none)."""
+    return host_debian_mirrors().mirror
+
+
+def mirrors_for(mirror: str | None, codename: str) -> DebianMirrors:
+    """An explicit mirror, else the host's.
+
+    An explicit `…/debian` mirror gets the conventional `…/debian-security` next
+    to it; other layouts build without the security suite (with a warning).
+    """
+    if mirror is None:
+        return host_debian_mirrors(codename)
+    mirror = mirror.rstrip("/")
+    if not mirror.endswith("/debian"):
+        log.warning("no %s-security archive known for %s: building without it", codename, mirror)
+        return DebianMirrors(mirror, None)
+    return DebianMirrors(mirror, mirror + "-security")
+
+
+def apt_source_lines(mirrors: DebianMirrors, codename: str) -> list[str]:
+    lines = [f"deb {mirrors.mirror} {suite} main" for suite in (codename, f"{codename}-updates")]
+    if mirrors.security:
+        lines.append(f"deb {mirrors.security} {codename}-security main")
+    return lines
+
+
+# --- the cache -----------------------------------------------------------------
+
+
+def base_cache_key(
+    release: str, mirror: str, packages: Sequence[str], *, security_mirror: str | None = None
+) -> str:
+    """sha256 hex naming a built base: same inputs, same key, same cached disk.
+
+    Covers the build method version, disk size and the customize hook's bytes,
+    so changing how a base is made never reuses a stale one.
+    """
+    material = {
+        "method": BUILD_METHOD_VERSION,
+        "release": release,
+        "mirror": mirror.rstrip("/"),
+        "security": security_mirror.rstrip("/") if security_mirror else None,
+        "packages": sorted(set(packages)),
+        "disk_size": DISK_SIZE,
+        "hook": hashlib.sha256(_HOOK.read_bytes()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def _bases_dir() -> Path:
+    return cache_dir() / "bases"
+
+
+def _from_meta(d: Path, meta: dict[str, Any]) -> BaseImage:
+    disk, size = d / meta["disk"], int(meta["virtual_size"])
+    return BaseImage(d.name, disk, meta["format"], meta["sha256"], meta["source"], size)
+
+
+def _read_meta(directory: Path) -> dict[str, Any] | None:
+    if not (directory / "meta.json").is_file():
+        return None
+    try:
+        meta: dict[str, Any] = json.loads((directory / "meta.json").read_text())
+        if (directory / meta["disk"]).is_file():
+            return meta
+        log.warning("ignoring cached base %s: %s is missing", directory, meta["disk"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring cached base %s: bad meta.json: %s", directory, exc)
+    return None
+
+
+def _cached() -> Iterator[tuple[BaseImage, dict[str, Any]]]:
+    bases = _bases_dir()
+    for directory in sorted(bases.iterdir()) if bases.is_dir() else ():
+        if not directory.name.startswith(".") and (meta := _read_meta(directory)) is not None:
+            yield _from_meta(directory, meta), meta
+
+
+def list_bases() -> list[BaseImage]:
+    """The bases in the cache (built and fetched), sorted by id."""
+    return [base for base, _ in _cached()]
+
+
+def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    write_atomic(directory / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def mounts_under(mountinfo: str, path: Path) -> list[str]:
+    """Mount points at or below `path` in /proc/self/mountinfo text, deepest first."""
+    prefix = str(path).rstrip("/") + "/"
+    points = []
+    for fields in (line.split() for line in mountinfo.splitlines()):
+        if len(fields) > 4:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            if (point + "/").startswith(prefix):
+                points.append(point)
+    return sorted(points, key=lambda p: (-p.count("/"), p))
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree that never descends into a mount.
+
+    mmdebstrap mounts /proc, /sys, /dev/pts into the rootfs; if it dies before
+    unmounting, deleting through those would delete host files. A tree still
+    mounted after `umount` is left in place, loudly.
+    """
+    if not path.exists():
+        return
+    _kill_processes_using(path)
+    for point in mounts_under(Path("/proc/self/mountinfo").read_text(), path):
+        run(["umount", "--lazy", point], check=False)
+    if left := mounts_under(Path("/proc/self/mountinfo").read_text(), path):
+        log.error("not deleting %s: still mounted: %s", path, ", ".join(left))
+        return
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _processes_using(path: Path) -> list[int]:
+    """PIDs chrooted into `path` (dpkg, maintainer scripts) or naming it (apt, mmdebstrap)."""
+    prefix = str(path).rstrip("/") + "/"
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            root = os.readlink(proc / "root")
+            argv = (proc / "cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+        except OSError:
+            continue  # gone, a zombie, or not ours to see
+        if (root + "/").startswith(prefix) or any(prefix in arg + "/" for arg in argv):
+            found.append(int(proc.name))
+    return found
+
+
+def _kill_processes_using(path: Path) -> None:
+    """Kill what is left of an interrupted mmdebstrap under `path`.
+
+    `run()` stops only the direct child; apt, dpkg and maintainer scripts in
+    the chroot would keep writing into the tree while it is deleted.
+    """
+    deadline = time.monotonic() + 10
+    while (pids := _processes_using(path)) and time.monotonic() < deadline:
+        for pid in pids:
+            log.info("killing leftover process %d in %s", pid, path)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def _staging_dir(kind: str) -> Iterator[Path]:
+    """A temp dir inside the bases dir (results move in with one rename); always removed."""
+    bases = _bases_dir()
+    bases.mkdir(parents=True, exist_ok=True)
+    # A SIGKILLed run cannot clean up after itself: the next one does.
+    for stale in bases.glob(".tmp-*"):
+        pid = re.match(r"\.tmp-(\d+)-", stale.name)
+        if pid and not Path(f"/proc/{pid.group(1)}").exists():
+            _remove_tree(stale)
+    path = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{kind}-", dir=bases))
+    try:
+        yield path
+    finally:
+        _remove_tree(path)
+
+
+def _install(staged: Path, final: Path, *, replace: bool) -> Path:
+    """Move a finished base dir into place by rename (atomic: same filesystem)."""
+    if final.exists():
+        if not replace:
+            return final  # someone else finished first: same key, same content
+        final.rename(staged.parent / "replaced")  # deleted with the staging dir
+    staged.rename(final)
+    return final
+
+
+@contextlib.contextmanager
+def _lock(name: str) -> Iterator[None]:
+    _bases_dir().mkdir(parents=True, exist_ok=True)
+    with (_bases_dir() / f".{name}.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _probe(path: Path) -> tuple[str, int]:
+    """(format, virtual size) from `qemu-img info`; only qcow2 and raw are bases."""
+    info = json.loads(qemu_img("info", "-U", "--output=json", path))
+    fmt = str(info.get("format"))
+    if fmt not in ("qcow2", "raw"):
+        raise VmbuildError(
+            f"{path}: unsupported base image format {fmt!r} (vmbuild needs qcow2 or raw)",
+            hint=f"convert it: qemu-img convert -O qcow2 {shlex.quote(str(path))} base.qcow2",
+        )
+    if "backing-filename" in info:
+        raise VmbuildError(f"{path}: a base image cannot have a backing file")
+    if fmt == "raw":  # qemu-img calls anything it does not recognise raw
+        with path.open("rb") as f:
+            head = f.read(8)
+        for magic, name in _COMPRESSED_MAGIC.items():
+            if head.startswith(magic):
+                raise VmbuildError(f"{path}: {name}-compressed, not a disk image")
+    return fmt, int(info["virtual-size"])
+
+
+# --- Debian build: argv and file contents (pure) ---------------------------------
+
+
+def mmdebstrap_argv(
+    codename: str, rootfs: Path, mirrors: DebianMirrors, packages: Sequence[str],
+    *, hook: Path, debs_in: Path, debs_out: Path,
+) -> list[str]:  # fmt: skip
+    """mmdebstrap into a directory, seeding apt's cache from `debs_in`.
+
+    essential/unlink is skipped so the essential .debs are still there for
+    sync-out; mmdebstrap's cleanup still empties the image's own apt cache.
+    """
+    q = shlex.quote
+    return [
+        "mmdebstrap", "--mode=root", "--variant=minbase", "--format=directory",
+        f"--include={','.join(packages)}", "--skip=essential/unlink",
+        '--setup-hook=mkdir -p "$1"/var/cache/apt/archives',
+        f"--setup-hook=sync-in {q(str(debs_in))} /var/cache/apt/archives/",
+        f'--essential-hook=sh {q(str(hook))} essential "$1"',
+        f'--customize-hook=sh {q(str(hook))} customize "$1"',
+        f"--customize-hook=sync-out /var/cache/apt/archives {q(str(debs_out))}",
+        codename, str(rootfs), *apt_source_lines(mirrors, codename),
+    ]  # fmt: skip
+
+
+def sfdisk_script(root_uuid: str) -> str:
+    """One bootable Linux partition from 1 MiB to the end; disk id from the fs UUID."""
+    return (
+        f"label: dos\nlabel-id: 0x{root_uuid.replace('-', '')[:8]}\nunit: sectors\n\n"
+        f"start={PARTITION_OFFSET // 512}, type=83, bootable\n"
+    )
+
+
+def sfdisk_argv(disk: Path) -> list[str]:
+    return ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(disk)]
+
+
+def mke2fs_argv(disk: Path, rootfs: Path, root_uuid: str, disk_size: int = DISK_SIZE) -> list[str]:
+    """ext4 filled from `rootfs`, written at the partition's offset inside the file.
+
+    metadata_csum_seed is off: bookworm's GRUB 2.06 cannot read it.
+    """
+    blocks = (disk_size - PARTITION_OFFSET) // FS_BLOCK_SIZE
+    return [
+        "mke2fs", "-q", "-F", "-t", "ext4", "-b", str(FS_BLOCK_SIZE),
+        "-O", "^metadata_csum_seed", "-L", "root", "-U", root_uuid,
+        "-E", f"offset={PARTITION_OFFSET}", "-d", str(rootfs), str(disk), str(blocks),
+    ]  # fmt: skip
+
+
+def grub_early_config(root_uuid: str) -> str:
+    # Without grub-install nothing records the boot partition: find it by UUID.
+    return f"search.fs_uuid {root_uuid} root\nset prefix=($root)/boot/grub\n"
+
+
+def grub_mkimage_argv(module_dir: Path, core: Path, early_config: Path) -> list[str]:
+    return [
+        "grub-mkimage", "-O", "i386-pc", "-d", str(module_dir), "-o", str(core),
+        "-c", str(early_config), "-p", "/boot/grub", *GRUB_MODULES,
+    ]  # fmt: skip
+
+
+def dd_argv(
+    src: Path, disk: Path, *, bs: int, count: int | None = None, seek: int = 0
+) -> list[str]:
+    argv = ["dd", f"if={src}", f"of={disk}", f"bs={bs}"]
+    argv += [f"count={count}"] if count is not None else []
+    argv += [f"seek={seek}"] if seek else []
+    return [*argv, "conv=notrunc", "status=none"]
+
+
+def grub_config(root_uuid: str, title: str) -> str:
+    """grub.cfg by hand (grub-mkconfig writes no entries for a file-backed root).
+
+    /vmlinuz and /initrd.img are symlinks the kernel package keeps current, so
+    a kernel upgrade in a builder VM still boots without update-grub.
+    """
+    return (
+        "serial --unit=0 --speed=115200 --word=8 --parity=no --stop=1\n"
+        "terminal_input serial console\nterminal_output serial console\n"
+        "set default=0\nset timeout=0\n"
+        f"menuentry '{title}' {{\n"
+        f"\tsearch --no-floppy --fs-uuid --set=root {root_uuid}\n"
+        f"\tlinux /vmlinuz root=UUID={root_uuid} ro {CONSOLE_ARGS}\n"
+        "\tinitrd /initrd.img\n}\n"
+    )
+
+
+# --- Debian build: the steps -------------------------------------------------------
+
+
+def build_debian(
+    release: str = "debian-12",
+    *,
+    mirror: str | None = None,
+    rebuild: bool = False,
+    on_progress: Callable[[str], None] | None = None,
+) -> BaseImage:
+    """Build (or reuse from the cache) a Debian cloud base image, offline.
+
+    `mirror` defaults to the host's apt configuration. The result is cached as
+    `cache_dir()/bases/<release>-<key>/`; `rebuild` forces a new build. Needs
+    root and mmdebstrap, sfdisk, mke2fs, grub-mkimage, qemu-img.
+    """
+    if release not in RELEASES:
+        raise VmbuildError(f"unknown release {release!r}", hint=f"supported: {', '.join(RELEASES)}")
+    codename = RELEASES[release]
+    mirrors = mirrors_for(mirror, codename)
+    key = base_cache_key(release, mirrors.mirror, DEBIAN_PACKAGES, security_mirror=mirrors.security)
+    base_id = f"{release}-{key[:16]}"
+    final = _bases_dir() / base_id
+    progress = on_progress or (lambda _msg: None)
+    # One build at a time: a second build of the same key waits, then reuses;
+    # builds also share (and swap) the .deb cache.
+    with _lock("debian-build"):
+        if not rebuild and (meta := _read_meta(final)) is not None:
+            log.info("using cached base %s", final)
+            return _from_meta(final, meta)
+        _preflight()
+        with _staging_dir(base_id) as work:
+            meta = _build_into(work, release, codename, mirrors, progress)
+            _write_meta(work / "out", {"id": base_id, **meta})
+            _install(work / "out", final, replace=True)
+            _refresh_deb_cache(work / "debs")
+    progress(f"base {base_id} ready in {sum(meta['timings'].values()):.0f}s")
+    return _from_meta(final, meta)
+
+
+def _preflight() -> None:
+    if os.geteuid() != 0:
+        raise VmbuildError(
+            "building a Debian base needs root (mmdebstrap root mode, root-owned files)",
+            hint="run as root, or use a cloud image: vmbuild base fetch URL --sha256 HEX",
+        )
+    if missing := [tool for tool in REQUIRED_TOOLS if which(tool) is None]:
+        raise VmbuildError(
+            f"missing tools to build a Debian base: {', '.join(missing)}",
+            hint=f"apt-get install {' '.join(sorted({REQUIRED_TOOLS[t] for t in missing}))}",
+        )
+
+
+def _build_into(
+    work: Path, release: str, codename: str, mirrors: DebianMirrors, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """Every build step, inside `work`; leaves `work/out/disk.qcow2`. Returns meta."""
+    timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(name: str, message: str) -> Iterator[None]:
+        progress(message)
+        start = time.monotonic()
+        yield
+        timings[name] = round(time.monotonic() - start, 1)
+        log.info("%s took %.1fs", name, timings[name])
+
+    # Taken before apt reads the mirror: packages newer than this may be missing.
+    created = _now()
+    root_uuid = str(uuid.uuid4())
+    rootfs, disk, out, debs = work / "rootfs", work / "disk.raw", work / "out", cache_dir() / "debs"
+    for d in (debs, work / "debs", out):
+        d.mkdir(parents=True, exist_ok=True)
+    with resources.as_file(_HOOK) as hook:
+        argv = mmdebstrap_argv(
+            codename, rootfs, mirrors, DEBIAN_PACKAGES,
+            hook=hook, debs_in=debs, debs_out=work / "debs",
+        )  # fmt: skip
+        with step("mmdebstrap", f"mmdebstrap {codename} from {mirrors.mirror}"):
+            # INITRD=No: the hook builds the initramfs once, at the end.
+            run(argv, env={"VMBUILD_ROOT_UUID": root_uuid, "INITRD": "No"}, timeout=1800)
+    if not ((rootfs / "vmlinuz").exists() and (rootfs / "initrd.img").exists()):
+        raise VmbuildError(f"mmdebstrap left no /vmlinuz and /initrd.img in {rootfs}")
+    title = f"Debian GNU/Linux {release.removeprefix('debian-')} ({codename})"
+    (rootfs / "boot" / "grub").mkdir(parents=True, exist_ok=True)
+    (rootfs / "boot" / "grub" / "grub.cfg").write_text(grub_config(root_uuid, title))
+
+    with step("filesystem", "writing the partition table and ext4 filesystem"):
+        with disk.open("wb") as f:
+            f.truncate(DISK_SIZE)  # sparse: only what mke2fs writes takes space
+        run(sfdisk_argv(disk), input=sfdisk_script(root_uuid).encode())
+        run(mke2fs_argv(disk, rootfs, root_uuid))
+    with step("grub", "installing GRUB (i386-pc) without grub-install"):
+        _install_grub(work, disk, rootfs / "usr/lib/grub/i386-pc", root_uuid)
+    with step("convert", "converting to qcow2 (zstd)"):
+        # Deleting the ~0.5 GB rootfs takes seconds: overlap it with qemu-img.
+        cleaner = threading.Thread(target=_remove_tree, args=(rootfs,), daemon=True)
+        cleaner.start()
+        qcow2 = out / "disk.qcow2"
+        try:
+            # zstd: ~3 s more than uncompressed, a third of the size, boots as fast.
+            qemu_img("convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compression_type=zstd",
+                     disk, qcow2)  # fmt: skip
+            fmt, virtual_size = _probe(qcow2)
+            digest = _sha256_file(qcow2)
+        finally:
+            cleaner.join()
+    return {
+        "kind": "debian", "disk": qcow2.name, "format": fmt, "sha256": digest,
+        "virtual_size": virtual_size, "source": f"{release} (mirror {mirrors.mirror})",
+        "release": release, "mirror": mirrors.mirror, "security_mirror": mirrors.security,
+        "packages": list(DEBIAN_PACKAGES), "method": BUILD_METHOD_VERSION,
+        "root_uuid": root_uuid, "created": created, "timings": timings,
+    }  # fmt: skip
+
+
+def _install_grub(work: Path, disk: Path, module_dir: Path, root_uuid: str) -> None:
+    early, core = work / "grub-early.cfg", work / "core.img"
+    early.write_text(grub_early_config(root_uuid))
+    run(grub_mkimage_argv(module_dir, core, early))
+    if core.stat().st_size > PARTITION_OFFSET - 512:
+        raise VmbuildError(f"GRUB core.img is {core.stat().st_size} bytes: too big for the gap")
+    # 440 bytes of boot code only: the disk id and partition table stay.
+    # boot.img's default core.img location is sector 1, where it goes.
+    run(dd_argv(module_dir / "boot.img", disk, bs=440, count=1))
+    run(dd_argv(core, disk, bs=512, seek=1))
+
+
+def _refresh_deb_cache(fresh: Path) -> None:
+    """Swap in this build's .debs, so the cache holds what the last build used.
+
+    Only a speed-up: a failure here is logged, never fails the build.
+    """
+    current = cache_dir() / "debs"
+    try:
+        if any(fresh.glob("*.deb")):
+            if current.exists():
+                current.rename(fresh.with_name("debs-old"))  # deleted with the staging dir
+            fresh.rename(current)
+    except OSError as exc:
+        log.warning("could not refresh the .deb cache %s: %s", current, exc)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# --- fetched and local bases -------------------------------------------------------
+
+
+def parse_checksum_file(text: str, filename: str) -> tuple[str, str]:
+    """(algorithm, hex) for `filename` in a sha256sum/SHA512SUMS or BSD-style file."""
+    for line in text.splitlines():
+        if bsd := re.fullmatch(r"(SHA256|SHA512) \((.+)\) = ([0-9a-fA-F]+)", line.strip()):
+            algo, name, digest = bsd.group(1).lower(), bsd.group(2), bsd.group(3)
+        elif gnu := re.fullmatch(r"([0-9a-fA-F]{64}|[0-9a-fA-F]{128}) [ *](.+)", line.strip()):
+            digest, name = gnu.group(1), gnu.group(2)
+            algo = "sha256" if len(digest) == 64 else "sha512"
+        else:
+            continue
+        if name.removeprefix("./") == filename:
+            return algo, digest.lower()
+    raise VmbuildError(f"no checksum for {filename!r} in the checksum file")
+
+
+def _expected_checksum(
+    url: str, sha256: str | None, sha512: str | None, checksum_url: str | None
+) -> tuple[str, str]:
+    for algo, value, length in (("sha256", sha256, 64), ("sha512", sha512, 128)):
+        if value is not None:
+            if not re.fullmatch(f"[0-9a-fA-F]{{{length}}}", value):
+                raise VmbuildError(f"--{algo} must be {length} hex digits, got {value!r}")
+            return algo, value.lower()
+    if checksum_url is None:
+        raise VmbuildError(
+            f"refusing to fetch {url} without a checksum",
+            hint="pass --sha256 HEX, --sha512 HEX or --checksum-url URL (e.g. SHA512SUMS)",
+        )
+    with _open_url(checksum_url) as response:
+        text = response.read(4 * MiB).decode("utf-8", "replace")
+    name = urllib.parse.unquote(urllib.parse.urlparse(url).path.rstrip("/").rsplit("/", 1)[-1])
+    return parse_checksum_file(text, name)
+
+
+def _open_url(url: str) -> Any:
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme not in ("http", "https", "file"):
+        raise VmbuildError(f"unsupported URL scheme {scheme!r}: {url}")
+    try:
+        return urllib.request.urlopen(url, timeout=60)
+    except (urllib.error.URLError, OSError) as exc:
+        raise VmbuildError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from exc
+
+
+def _download(
+    url: str, dest: Path, algos: set[str], on_progress: Callable[[int, int | None], None] | None
+) -> dict[str, str]:
+    """Stream `url` to `dest`, hashing as it goes; hex digests by algorithm."""
+    hashes = {algo: hashlib.new(algo) for algo in algos}
+    done = 0
+    with _open_url(url) as response, dest.open("wb") as out:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        try:
+            while chunk := response.read(MiB):
+                out.write(chunk)
+                for h in hashes.values():
+                    h.update(chunk)
+                done += len(chunk)
+                if on_progress is not None:
+                    on_progress(done, total)
+        except OSError as exc:
+            raise VmbuildError(f"download of {url} failed after {done} bytes: {exc}") from exc
+    if total is not None and done != total:
+        raise VmbuildError(f"download of {url} truncated: {done} of {total} bytes")
+    return {algo: h.hexdigest() for algo, h in hashes.items()}
+
+
+def fetch_base(
+    url: str,
+    *,
+    sha256: str | None = None,
+    sha512: str | None = None,
+    checksum_url: str | None = None,
+    on_progress: Callable[[int, int | None], None] | None = None,
+) -> BaseImage:
+    """Download a base image into the cache, verified against a checksum.
+
+    Already cached with this URL and checksum: returned without downloading.
+    On a mismatch nothing is kept and the error names expected and actual
+    digests. `on_progress(done, total)` counts bytes (total None if unknown).
+    """
+    algo, expected = _expected_checksum(url, sha256, sha512, checksum_url)
+    for base, meta in _cached():
+        if url in meta.get("urls", ()) and meta.get(algo) == expected:
+            return base
+    with _staging_dir("url") as work:
+        download = work / "download"
+        digests = _download(url, download, {"sha256", algo}, on_progress)
+        if digests[algo] != expected:
+            download.unlink()
+            raise VmbuildError(
+                f"checksum mismatch for {url}: expected {algo} {expected}, got {digests[algo]}",
+                hint="the file changed upstream or the checksum is wrong; nothing was kept",
+            )
+        fmt, virtual_size = _probe(download)
+        final = _bases_dir() / f"url-{digests['sha256'][:16]}"
+        with _lock("fetch"):
+            meta = _read_meta(final) or {
+                "kind": "url", "disk": f"disk.{fmt}", "format": fmt, "source": url,
+                "virtual_size": virtual_size, "urls": [], "created": _now(),
+            }  # fmt: skip
+            if not final.exists():
+                (work / "out").mkdir()
+                download.rename(work / "out" / meta["disk"])
+                _install(work / "out", final, replace=False)
+            # Same bytes under another URL: one copy, both URLs resolve to it.
+            meta.update(digests, urls=sorted({*meta["urls"], url}))
+            _write_meta(final, meta)
+    return _from_meta(final, meta)
+
+
+def local_base(path: Path) -> BaseImage:
+    """A qcow2 or raw file used in place: probed and hashed, never copied or written."""
+    if not path.is_file():
+        hint = "give a qcow2 or raw file, a fetched URL, or debian-12"
+        raise ConfigError(str(path), None, "base image not found", hint=hint)
+    fmt, virtual_size = _probe(path)
+    digest = _sha256_file(path)
+    return BaseImage(f"file-{digest[:16]}", path.resolve(), fmt, digest, str(path), virtual_size)
+
+
+def resolve_base(
+    spec: str,
+    *,
+    recipe_dir: Path,
+    mirror: str | None = None,
+    rebuild: bool = False,
+    on_progress: Callable[[str], None] | None = None,
+) -> BaseImage:
+    """Turn a recipe's `base` into a `BaseImage`.
+
+    `debian-12` is built offline (or reused from the cache); a URL must be in
+    the cache already (fetching needs a checksum: `vmbuild base fetch`);
+    anything else is a local file, relative to `recipe_dir`.
+    """
+    if spec in RELEASES:
+        return build_debian(spec, mirror=mirror, rebuild=rebuild, on_progress=on_progress)
+    if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", spec):
+        found = [(m.get("created", ""), b) for b, m in _cached() if spec in m.get("urls", ())]
+        if not found:
+            hint = f"run `vmbuild base fetch {spec} --sha256 HEX` first"
+            raise VmbuildError(f"base {spec} is not in the cache", hint=hint)
+        return max(found, key=lambda pair: pair[0])[1]
+    path = Path(spec).expanduser()
+    path = path if path.is_absolute() else recipe_dir / path
+    if not path.exists() and re.fullmatch(r"[a-z]+-\d+", spec):
+        raise VmbuildError(f"unknown base {spec!r}", hint=f"supported: {', '.join(RELEASES)}")
+    return local_base(path)
