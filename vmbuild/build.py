@@ -47,9 +47,11 @@ class BuildOptions:
     accel: accel_mod.AccelMode = "auto"
     skip_tests: bool = False
     keep_on_failure: bool = False
-    backend: str = "qemu"
+    backend: str | None = None  # None: the recipe's vm.backend, else qemu
     mirror: str | None = None
     distribute: bool = True
+    libvirt_uri: str | None = None
+    libvirt_network: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,13 @@ def build(loaded: LoadedRecipe, opts: BuildOptions, progress: Progress) -> Build
         ]
     )
     failed_logs = paths.cache_dir() / "logs" / f"{recipe.name}-{build_id}"
+    backend = opts.backend or recipe.vm.backend or "qemu"
+    libvirt_uri = opts.libvirt_uri or recipe.vm.uri
+    if backend == "libvirt":
+        from vmbuild.hypervisor.libvirt import connect
+
+        # Unreachable libvirt is reported before any disk or staging dir exists.
+        connect(libvirt_uri).close()
     keep = False
     with contextlib.ExitStack() as stack:
         stage = stack.enter_context(
@@ -119,8 +128,9 @@ def build(loaded: LoadedRecipe, opts: BuildOptions, progress: Progress) -> Build
                 return GuestRequest(
                     run_id=run_id, role=role, base=disk, base_format=fmt, disk_size=size,
                     memory_mib=recipe.vm.memory >> 20, cpus=recipe.vm.cpus, accel=accel,
-                    workdir=work, user=user, backend=opts.backend,
-                    keep_on_failure=opts.keep_on_failure,
+                    workdir=work, user=user, backend=backend,
+                    keep_on_failure=opts.keep_on_failure, libvirt_uri=libvirt_uri,
+                    libvirt_network=opts.libvirt_network or recipe.vm.network,
                 )  # fmt: skip
 
             builder_req = request("builder", base.path, base.format, recipe.disk_size, BUILDER_USER)
@@ -186,7 +196,7 @@ def build(loaded: LoadedRecipe, opts: BuildOptions, progress: Progress) -> Build
                     "tests": summary.to_json(),
                     "timings": {**progress.timings},
                     "accelerator": accel.to_json(),
-                    "backend": opts.backend,
+                    "backend": backend,
                     "vmbuild_version": __version__,
                 }
                 manifest["timings"] = {

@@ -55,6 +55,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         keep_on_failure=args.keep_on_failure,
         backend=args.backend,
         mirror=args.mirror,
+        libvirt_uri=args.libvirt_uri,
+        libvirt_network=args.libvirt_network,
     )
     progress = Progress(quiet=args.json)
     result = build(loaded, opts, progress)
@@ -191,7 +193,7 @@ def cmd_images_rm(args: argparse.Namespace) -> int:
 
 
 # -- doctor ------------------------------------------------------------------
-def doctor_report(accel_mode: str = "auto") -> dict[str, Any]:
+def doctor_report(accel_mode: str = "auto", libvirt_uri: str | None = None) -> dict[str, Any]:
     import tempfile
 
     from vmbuild.hypervisor import accel
@@ -219,6 +221,9 @@ def doctor_report(accel_mode: str = "auto") -> dict[str, Any]:
             report["accelerator"] = chosen.to_json()
         except VmbuildError as exc:
             report["accelerator"] = {"kind": None, "reason": str(exc)}
+    from vmbuild.hypervisor.libvirt import libvirt_report
+
+    report["libvirt"] = libvirt_report(libvirt_uri)
     cache = paths.cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     store_dir = paths.store_dir()
@@ -229,7 +234,7 @@ def doctor_report(accel_mode: str = "auto") -> dict[str, Any]:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    report = doctor_report(args.accel)
+    report = doctor_report(args.accel, args.libvirt_uri)
 
     def human() -> None:
         for tool in ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "sfdisk", "mke2fs", "debugfs"):
@@ -238,6 +243,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             print(f"{tool:20} {state}")
         a = report["accelerator"]
         print(f"{'accelerator':20} {a['kind']}: {a['reason']}")
+        lv = report["libvirt"]
+        if lv.get("reachable"):
+            print(
+                f"{'libvirt':20} {lv['uri']} reachable, libvirt {lv['version']}, {lv['hypervisor']}"
+            )
+        else:
+            print(f"{'libvirt':20} {lv['uri']} not reachable: {lv.get('error')}")
+            if lv.get("hint"):
+                print(f"{'':20} hint: {lv['hint']}")
         for key in ("cache_dir", "store"):
             free = report[key]["free_bytes"] / (1 << 30)
             print(f"{key:20} {report[key]['path']} ({free:.1f} GiB free)")
@@ -271,7 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("recipe", help="recipe YAML file")
     b.add_argument("--skip-tests", action="store_true", help="do not boot the test VM")
     b.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
-    b.add_argument("--backend", choices=["qemu", "libvirt"], default="qemu")
+    b.add_argument(
+        "--backend", choices=["qemu", "libvirt"], help="default: the recipe's vm.backend, or qemu"
+    )
+    b.add_argument("--libvirt-uri", help="default: qemu:///system as root, else qemu:///session")
+    b.add_argument("--libvirt-network", help="attach to this libvirt network (address from DHCP)")
     b.add_argument(
         "--keep-on-failure", action="store_true", help="leave the failed VM running for SSH"
     )
@@ -313,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = verb("doctor", cmd_doctor, "check the host: QEMU, accelerator, disk, cache")
     d.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
+    d.add_argument("--libvirt-uri", help="the libvirt URI to check")
     json_flag(d)
 
     for module in _extension_modules():

@@ -26,7 +26,10 @@ def qemu_pids(using: str | Path = "") -> set[int]:
     mentions `using` (a test's own store or work dir) when given: other VMs on a
     shared host are not this test's leaks."""
     out = subprocess.run(
-        ["pgrep", "-a", "-f", "qemu-system-x86_64 -name vmbuild-"], capture_output=True, text=True
+        # libvirt's QEMU is started as `-name guest=vmbuild-...`.
+        ["pgrep", "-a", "-f", "qemu-system-x86_64 -name (guest=)?vmbuild-"],
+        capture_output=True,
+        text=True,
     ).stdout
     return {int(line.split()[0]) for line in out.splitlines() if str(using) in line}
 

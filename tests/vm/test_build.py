@@ -114,7 +114,7 @@ phases:
         action: ExecuteBash
         inputs:
           commands:
-            - echo "about to fail: missing dependency libfoo" >&2
+            - 'echo "about to fail - missing dependency libfoo" >&2'
             - exit 3
 """
 
@@ -132,7 +132,7 @@ def test_failing_component_fails_cleanly(
     )
     proc = vmbuild("build", str(recipe), env=cli_env)
     assert proc.returncode == 1
-    assert "step build/InstallThing failed" in proc.stderr or "InstallThing" in proc.stderr
+    assert "component breaks: step build/InstallThing failed" in proc.stderr
     assert "missing dependency libfoo" in proc.stderr
     assert "Traceback" not in proc.stderr
     store = Path(cli_env["VMBUILD_STORE"])

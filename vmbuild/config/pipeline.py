@@ -83,7 +83,9 @@ class _Model(BaseModel):
 
 
 class Infrastructure(_Model):
-    backend: Literal["qemu", "libvirt"] = "qemu"
+    backend: Literal["qemu", "libvirt"] | None = None  # None: the recipe's, else qemu
+    uri: str | None = None  # libvirt URI
+    network: str | None = None  # libvirt network
     cpus: int | None = Field(default=None, ge=1, le=64)
     memory: Size | None = None
     accelerator: Literal["auto", "kvm", "tcg"] = "auto"

@@ -60,6 +60,15 @@ class UrlBase(_Model):
 class VMSettings(_Model):
     memory: Size = Field(default=2 << 30, description="guest memory, e.g. 2G")
     cpus: int = Field(default=2, ge=1, le=64)
+    backend: Literal["qemu", "libvirt"] | None = Field(
+        default=None, description="qemu (direct, the default) or libvirt"
+    )
+    uri: str | None = Field(
+        default=None, description="libvirt URI (default qemu:///system as root, else session)"
+    )
+    network: str | None = Field(
+        default=None, description="a libvirt network to attach instead of user networking"
+    )
 
 
 class Recipe(_Model):

@@ -45,6 +45,8 @@ class GuestRequest:
     user: str
     backend: str = "qemu"
     keep_on_failure: bool = False
+    libvirt_uri: str | None = None  # None: qemu:///system as root, else qemu:///session
+    libvirt_network: str | None = None  # a libvirt network instead of user networking
 
 
 @dataclass
@@ -70,21 +72,22 @@ class Guest:
         )
 
 
-MachineFactory = Callable[[VMSpec], Machine]
-
-
-def machine_factory(backend: str) -> MachineFactory:
-    """Backends are registered by name; the direct QEMU one is the default."""
-    if backend == "qemu":
+def make_machine(req: GuestRequest, spec: VMSpec) -> Machine:
+    """Backends are chosen by name; the direct QEMU one is the default."""
+    if req.backend == "qemu":
         from vmbuild.hypervisor.qemu import QemuMachine
 
-        return QemuMachine
-    if backend == "libvirt":
-        from vmbuild.hypervisor import libvirt as libvirt_backend  # type: ignore[attr-defined]
+        return QemuMachine(spec)
+    if req.backend == "libvirt":
+        from vmbuild.hypervisor.libvirt import LibvirtMachine
 
-        factory: MachineFactory = libvirt_backend.LibvirtMachine
-        return factory
-    raise VmbuildError(f"unknown backend {backend!r}", hint="use qemu or libvirt")
+        # autodestroy: libvirtd removes the domain even if vmbuild is killed,
+        # except when the user asked to keep a failed VM for debugging.
+        return LibvirtMachine(
+            spec, uri=req.libvirt_uri, network=req.libvirt_network,
+            autodestroy=not req.keep_on_failure,
+        )  # fmt: skip
+    raise VmbuildError(f"unknown backend {req.backend!r}", hint="use qemu or libvirt")
 
 
 def overlay_argv(base: Path, base_format: str, overlay: Path, size: int | None) -> list[str]:
@@ -151,11 +154,11 @@ def booted_guest(
             console_log=req.workdir / f"{req.role}-console.log",
             workdir=req.workdir,
         )
-        machine = machine_factory(req.backend)(spec)
-        status(f"booting the {req.role} VM ({req.accel.kind})")
-        machine.launch()
+        machine = make_machine(req, spec)
+        status(f"booting the {req.role} VM ({req.accel.kind}, {req.backend})")
         guest: Guest | None = None
         try:
+            machine.launch()
             ssh = SSHSession.connect(
                 "127.0.0.1", spec.ssh_port, req.user, key_path, host_key.public_openssh,
                 timeout=req.accel.timeout(BOOT_TO_SSH), alive=_alive_check(machine),
@@ -169,6 +172,9 @@ def booted_guest(
             if req.keep_on_failure and guest is not None and not isinstance(exc, KeyboardInterrupt):
                 stack.pop_all()  # keep overlay, seed, key: the VM still uses them
                 log.error("keeping the %s VM for debugging: %s", req.role, guest.ssh_hint())
+                destroy = getattr(machine, "destroy_command", None)
+                if destroy:
+                    log.error("remove it afterwards with: %s", destroy)
                 raise
             machine.kill()
             raise

@@ -392,6 +392,7 @@ def _execute(
     opts = BuildOptions(
         store=ctx.store, accel=infra.accelerator, skip_tests=not loaded.pipeline.tests.enabled,
         keep_on_failure=infra.keep_vm_on_failure, backend=infra.backend, mirror=infra.mirror,
+        libvirt_uri=infra.uri, libvirt_network=infra.network,
         distribute=False,  # done below, so the AMI ids are recorded
     )  # fmt: skip
     built = svc.build(recipe, opts, progress)

@@ -1,0 +1,242 @@
+"""The libvirt backend end to end: a real libvirtd (started here, by hand), the
+full example build through the CLI, and a failing build that leaves nothing.
+
+"Nothing left" is checked three ways: no `vmbuild-*` domain in libvirt (active
+or defined), no QEMU started by libvirt for vmbuild, no staged files.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.vm.conftest import REPO
+from tests.vm.libvirtd import Libvirtd, running_libvirtd
+from vmbuild.stages import base_image
+
+pytestmark = pytest.mark.vm
+
+VMBUILD = [sys.executable, "-m", "vmbuild"]
+
+
+def vmbuild(
+    *args: str, env: dict[str, str], timeout: float = 1800
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*VMBUILD, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+def libvirt_qemu_pids() -> set[int]:
+    """QEMU processes libvirt started for vmbuild (libvirt passes `-name guest=NAME,...`)."""
+    out = subprocess.run(
+        ["pgrep", "-f", "qemu-system-x86_64 -name guest=vmbuild-"], capture_output=True, text=True
+    ).stdout
+    return {int(p) for p in out.split()}
+
+
+def vmbuild_domains(uri: str) -> list[str]:
+    """Every vmbuild domain libvirt knows, running or merely defined."""
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        return sorted(d.name() for d in conn.listAllDomains() if d.name().startswith("vmbuild-"))
+    finally:
+        conn.close()
+
+
+def _destroy_leftovers(uri: str) -> list[str]:
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        names = []
+        for dom in conn.listAllDomains():
+            if dom.name().startswith("vmbuild-"):
+                names.append(dom.name())
+                if dom.isActive():
+                    dom.destroy()
+                if dom.isPersistent():
+                    dom.undefine()
+        return names
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Libvirtd]:
+    """A system libvirtd for the session; ours is stopped at the end, a running one reused."""
+    with running_libvirtd(tmp_path_factory.mktemp("libvirtd")) as daemon:
+        try:
+            yield daemon
+        finally:
+            # Stopping libvirtd does not stop its QEMUs: never leave one behind,
+            # even after a test failed halfway.
+            _destroy_leftovers(daemon.uri)
+
+
+@pytest.fixture
+def libvirt_env(cli_env: dict[str, str], libvirtd: Libvirtd) -> dict[str, str]:
+    return {**cli_env, "LIBVIRT_DEFAULT_URI": libvirtd.uri}
+
+
+@pytest.fixture
+def nothing_left(libvirtd: Libvirtd) -> Iterator[None]:
+    before = libvirt_qemu_pids()
+    assert vmbuild_domains(libvirtd.uri) == [], "vmbuild domains exist before the test"
+    yield
+    assert vmbuild_domains(libvirtd.uri) == [], "vmbuild domains left behind"
+    leaked = libvirt_qemu_pids() - before
+    assert not leaked, f"QEMU processes left behind: {leaked}"
+
+
+class DomainWatcher:
+    """Records the vmbuild domains seen while a build runs: proof the VMs ran in libvirt."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self.seen.update(vmbuild_domains(self.uri))
+            except Exception:  # a transient domain vanishing mid-listing
+                continue
+
+    def __enter__(self) -> DomainWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_example_recipe_builds_and_passes_on_libvirt(
+    debian_base: base_image.BaseImage,
+    libvirtd: Libvirtd,
+    libvirt_env: dict[str, str],
+    nothing_left: None,
+) -> None:
+    with DomainWatcher(libvirtd.uri) as watcher:
+        proc = vmbuild(
+            "build", "examples/nginx/recipe.yaml", "--backend", "libvirt", "--json",
+            env=libvirt_env,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    result = json.loads(proc.stdout)
+    m = result["manifest"]
+    assert m["backend"] == "libvirt"
+    assert m["tests"]["status"] == "passed"
+    ti = m["tests"]["testinfra"]
+    assert ti["tests"] >= 1 and ti["failures"] == ti["errors"] == 0
+    assert [o["format"] for o in m["outputs"]]
+    for out in m["outputs"]:
+        assert (Path(result["path"]) / out["file"]).is_file()
+    # Both VMs really were libvirt domains, named vmbuild-<run>-<role>.
+    roles = {name.rsplit("-", 1)[-1] for name in watcher.seen}
+    assert roles == {"builder", "test"}, watcher.seen
+    logs = Path(result["path"]) / "logs"
+    assert "cloud-init" in (logs / "builder-console.log").read_text(errors="replace")
+
+
+FAILING_COMPONENT = """\
+name: breaks
+description: a component whose build step fails
+schemaVersion: 1.0
+phases:
+  - name: build
+    steps:
+      - name: Fails
+        action: ExecuteBash
+        inputs:
+          commands:
+            # No ": " in a plain YAML scalar: it would turn the line into a mapping.
+            - echo "the libvirt backend is failing on purpose" >&2
+            - exit 1
+"""
+
+
+def test_failing_build_leaves_no_domain(
+    debian_base: base_image.BaseImage,
+    libvirtd: Libvirtd,
+    libvirt_env: dict[str, str],
+    tmp_path: Path,
+    nothing_left: None,
+) -> None:
+    (tmp_path / "breaks.yaml").write_text(FAILING_COMPONENT)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "name: broken\nversion: 0.1.0\nbase: debian-12\ncomponents:\n  - name: ./breaks.yaml\n"
+    )
+    with DomainWatcher(libvirtd.uri) as watcher:
+        proc = vmbuild("build", str(recipe), "--backend", "libvirt", env=libvirt_env)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "failing on purpose" in proc.stderr, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+    assert {n.rsplit("-", 1)[-1] for n in watcher.seen} == {"builder"}
+    store = Path(libvirt_env["VMBUILD_STORE"])
+    assert not store.exists() or list(store.rglob("*")) == []
+
+
+def test_unreachable_libvirt_is_a_clear_error(
+    debian_base: base_image.BaseImage, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """No daemon at the URI: one line naming it and what to start, no traceback, no VM."""
+    (tmp_path / "breaks.yaml").write_text(FAILING_COMPONENT)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "name: unreachable\nversion: 0.1.0\nbase: debian-12\ncomponents:\n  - name: ./breaks.yaml\n"
+    )
+    uri = f"qemu+unix:///system?socket={tmp_path}/no-such-sock"
+    env = {**cli_env, "LIBVIRT_DEFAULT_URI": uri}
+    before = libvirt_qemu_pids()
+    proc = vmbuild("build", str(recipe), "--backend", "libvirt", env=env)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert f"cannot connect to libvirt at {uri}" in proc.stderr
+    assert "libvirtd" in proc.stderr  # the hint: what to start
+    assert "Traceback" not in proc.stderr
+    assert libvirt_qemu_pids() == before
+
+
+def test_sigterm_mid_boot_destroys_the_domain(
+    debian_base: base_image.BaseImage,
+    libvirtd: Libvirtd,
+    libvirt_env: dict[str, str],
+    nothing_left: None,
+) -> None:
+    """Ctrl-C/SIGTERM while the builder domain boots: destroyed, and libvirt forgets it."""
+    proc = subprocess.Popen(
+        [*VMBUILD, "build", "examples/nginx/recipe.yaml", "--backend", "libvirt"],
+        env=libvirt_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not vmbuild_domains(libvirtd.uri):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the builder domain never appeared"
+            time.sleep(0.5)
+        time.sleep(3)  # mid-boot
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    store = Path(libvirt_env["VMBUILD_STORE"])
+    assert not store.exists() or list(store.rglob("*")) == []
