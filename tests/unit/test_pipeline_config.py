@@ -19,7 +19,7 @@ def test_minimal_pipeline_defaults(tmp_path: Path) -> None:
     assert p.recipe.recipe.name == "web"
     assert p.schedule is None and p.store is None and p.distribution is None
     infra = p.pipeline.infrastructure
-    assert (infra.backend, infra.accelerator, infra.timeout) == (None, "auto", 3 * 3600)  # None: the recipe decides
+    assert (infra.backend, infra.accelerator, infra.timeout) == (None, "auto", 3 * 3600)
     assert p.pipeline.tests.enabled and p.pipeline.infrastructure.refresh_base
 
 

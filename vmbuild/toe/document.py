@@ -33,6 +33,7 @@ from vmbuild.toe.expressions import (
     check_references,
     render,
 )
+from vmbuild.toe.loops import parse_loop, whole_number
 from vmbuild.toe.model import (
     DEFAULT_TIMEOUT_SECONDS,
     NO_TIMEOUT,
@@ -40,7 +41,6 @@ from vmbuild.toe.model import (
     Document,
     ForEachLoop,
     ForLoop,
-    Loop,
     OnFailure,
     ParameterSpec,
     Phase,
@@ -51,8 +51,6 @@ from vmbuild.toe.yamlio import DuplicateKeyError, load_yaml, scalar_text
 MAX_NESTING = 3  # ExecuteDocument levels below the top document (AWSTOE's limit)
 STANDARD_PHASES = ("build", "validate", "test")
 _VARIABLE_NAME = re.compile(r"^[A-Za-z0-9_-]{3,128}$")
-_LOOP_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-_DELIMITERS = (".", ",", ";", ":", "\n", "\t", " ", "-", "_")
 _TOP_KEYS = ("name", "description", "schemaVersion", "parameters", "constants", "phases")
 _STEP_KEYS = (
     "name",
@@ -397,7 +395,7 @@ class _Parser:
         timeout = self._timeout(where, raw.get("timeoutSeconds"), nested)
         attempts = self._attempts(where, raw.get("maxAttempts"), nested)
         on_failure = self._on_failure(where, raw.get("onFailure"))
-        loop = self._loop(where, raw["loop"], loops) if "loop" in raw else None
+        loop = parse_loop(f"{where}.loop", raw["loop"], loops, self.add) if "loop" in raw else None
         condition = None
         if "if" in raw:
             condition, problems = parse_if(raw["if"])
@@ -438,17 +436,11 @@ class _Parser:
             hint = f" (did you mean {close[0]}?)" if close else ""
             self.add(f"{where}.action", f"unknown action '{action}'{hint}")
 
-    def _int(self, where: str, value: Any) -> int | None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.add(where, f"expected a whole number, got {value!r}")
-            return None
-        return int(value)
-
     def _timeout(self, where: str, value: Any, nested: bool) -> int:
         default = NO_TIMEOUT if nested else DEFAULT_TIMEOUT_SECONDS
         if value is None:
             return default
-        seconds = self._int(f"{where}.timeoutSeconds", value)
+        seconds = whole_number(f"{where}.timeoutSeconds", value, self.add)
         if seconds is None:
             return default
         if nested and seconds != NO_TIMEOUT:
@@ -466,7 +458,7 @@ class _Parser:
     def _attempts(self, where: str, value: Any, nested: bool) -> int:
         if value is None:
             return 1
-        attempts = self._int(f"{where}.maxAttempts", value)
+        attempts = whole_number(f"{where}.maxAttempts", value, self.add)
         if attempts is None:
             return 1
         if attempts < 1:
@@ -484,70 +476,6 @@ class _Parser:
                 return choice
         self.add(f"{where}.onFailure", f"expected Abort, Continue or Ignore, got {value!r}")
         return OnFailure.ABORT
-
-    def _loop(self, where: str, raw: Any, loops: set[str]) -> Loop | None:
-        where = f"{where}.loop"
-        if not isinstance(raw, dict):
-            self.add(where, "expected a map with for or forEach")
-            return None
-        for key in raw:
-            if key not in ("name", "for", "forEach"):
-                self.add(f"{where}.{key}", "unknown key in a loop (expected name, for, forEach)")
-        name = raw.get("name")
-        if name is not None:
-            if not isinstance(name, str) or not _LOOP_NAME.match(name):
-                self.add(f"{where}.name", "letters, digits, - and _ only")
-                name = None
-            elif name in loops:
-                self.add(f"{where}.name", f"loop name '{name}' is already used in this phase")
-            else:
-                loops.add(name)
-        if ("for" in raw) == ("forEach" in raw):
-            self.add(where, "needs exactly one of for or forEach")
-            return None
-        if "for" in raw:
-            return self._for_loop(f"{where}.for", name, raw["for"])
-        return self._for_each(f"{where}.forEach", name, raw["forEach"])
-
-    def _for_loop(self, where: str, name: str | None, raw: Any) -> Loop | None:
-        if not isinstance(raw, dict):
-            self.add(where, "expected {start, end, updateBy}")
-            return None
-        numbers = {}
-        for key in ("start", "end", "updateBy"):
-            if key not in raw:
-                self.add(f"{where}.{key}", "required (a whole number; references are not allowed)")
-                continue
-            value = self._int(f"{where}.{key}", raw[key])
-            if value is not None:
-                numbers[key] = value
-        if len(numbers) < 3:
-            return None
-        start, end, by = numbers["start"], numbers["end"], numbers["updateBy"]
-        if by == 0 or (end - start) * by < 0:
-            self.add(where, f"from {start} to {end} by {by} never reaches the end")
-            return None
-        return ForLoop(name, start, end, by)
-
-    def _for_each(self, where: str, name: str | None, raw: Any) -> Loop | None:
-        if isinstance(raw, list):
-            items = [scalar_text(v) for v in raw]
-            if not items or any(v is None for v in items):
-                self.add(where, "expected a non-empty list of strings")
-                return None
-            return ForEachLoop(name, tuple(v for v in items if v is not None))
-        if isinstance(raw, dict):
-            text = scalar_text(raw.get("list"))
-            delimiter = raw.get("delimiter", ",")
-            if text is None:
-                self.add(f"{where}.list", "required, a string")
-            if not isinstance(delimiter, str) or delimiter not in _DELIMITERS:
-                shown = " ".join(repr(d) for d in _DELIMITERS)
-                self.add(f"{where}.delimiter", f"one character of {shown}")
-                return None
-            return None if text is None else DelimitedLoop(name, text, delimiter)
-        self.add(where, "expected a list, or {list, delimiter}")
-        return None
 
     # --- references ----------------------------------------------------------------
 

@@ -241,9 +241,9 @@ def _run_step(step: Step, phase: str, state: _DocState, run: _Run) -> StepResult
         if decision is StepAction.ABORT:
             result.failure_message = "the if condition chose Abort"
             result.stops_document = True  # an explicit Abort stops whatever onFailure says
-    if result.status is Status.FAILED and step.on_failure is OnFailure.IGNORE:
-        if not result.stops_document:
-            result.status = Status.IGNORED_FAILURE
+    ignore = step.on_failure is OnFailure.IGNORE and not result.stops_document
+    if result.status is Status.FAILED and ignore:
+        result.status = Status.IGNORED_FAILURE
     result.reboots = run.reboots - reboots_before
     result.ended = now()
     outcome = f"<== {phase}/{step.name}: {result.status.value} ({result.duration:.1f}s"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vmbuild.remote.base import RemoteResult
 from vmbuild.toe.actions.base import (
@@ -83,27 +83,28 @@ def set_file_encoding_script(items: Sequence[Item]) -> str:
     return "".join(out)
 
 
-def _owner_script(action: str, test: str, kind: str, items: Sequence[Item], recursive: bool) -> str:
+def _each_path(
+    action: str, kind: str, items: Sequence[Item], command: Callable[[Item], str]
+) -> str:
+    """For each item: fail unless its file (or folder) exists, then `command(item) PATH`."""
+    test = "-e" if kind == "file" else "-d"
     out = [PRELUDE]
     for item in items:
         path = item["path"] if kind == "file" else strip_slashes(item["path"])
         out.append(fail_unless(f"[ {test} {q(path)} ]", f"{action}: {kind} {path} does not exist"))
-        # Without a group, `owner:` gives the owner's login group, as AWSTOE documents.
-        group = item["group"] or ""
-        spec = f"{item['owner']}:{group}"
-        flag = "-R " if recursive and item.get("recursive", False) else ""
-        out.append(f"chown {flag}-- {q(spec)} {q(path)}\n")
+        out.append(f"{command(item)} {q(path)}\n")
     return "".join(out)
 
 
-def _mode_script(action: str, test: str, kind: str, items: Sequence[Item]) -> str:
-    out = [PRELUDE]
-    for item in items:
-        path = item["path"] if kind == "file" else strip_slashes(item["path"])
-        out.append(fail_unless(f"[ {test} {q(path)} ]", f"{action}: {kind} {path} does not exist"))
-        flag = "-R " if item.get("recursive", False) else ""
-        out.append(f"chmod {flag}-- {q(item['permissions'])} {q(path)}\n")
-    return "".join(out)
+def _chown(item: Item) -> str:
+    # Without a group, `owner:` gives the owner's login group, as AWSTOE documents.
+    flag = "-R " if item.get("recursive") else ""
+    return f"chown {flag}-- {q(item['owner'] + ':' + (item['group'] or ''))}"
+
+
+def _chmod(item: Item) -> str:
+    flag = "-R " if item.get("recursive") else ""
+    return f"chmod {flag}-- {q(item['permissions'])}"
 
 
 LIST_FILES = ActionSpec(
@@ -158,7 +159,7 @@ SET_FILE_OWNER = ActionSpec(
     summary="Change the owner of files.",
     shape=Shape.LIST,
     fields=(path_field("File to change."), *_OWNER_FIELDS),
-    script=lambda items: _owner_script("SetFileOwner", "-e", "file", items, recursive=False),
+    script=lambda items: _each_path("SetFileOwner", "file", items, _chown),
 )
 
 SET_FOLDER_OWNER = ActionSpec(
@@ -166,7 +167,7 @@ SET_FOLDER_OWNER = ActionSpec(
     summary="Change the owner of folders.",
     shape=Shape.LIST,
     fields=(path_field("Folder to change."), *_OWNER_FIELDS, RECURSIVE),
-    script=lambda items: _owner_script("SetFolderOwner", "-d", "folder", items, recursive=True),
+    script=lambda items: _each_path("SetFolderOwner", "folder", items, _chown),
 )
 
 _MODE_FIELD = Field(
@@ -178,7 +179,7 @@ SET_FILE_PERMISSIONS = ActionSpec(
     summary="Change the mode of files.",
     shape=Shape.LIST,
     fields=(path_field("File to change."), _MODE_FIELD),
-    script=lambda items: _mode_script("SetFilePermissions", "-e", "file", items),
+    script=lambda items: _each_path("SetFilePermissions", "file", items, _chmod),
 )
 
 SET_FOLDER_PERMISSIONS = ActionSpec(
@@ -186,5 +187,5 @@ SET_FOLDER_PERMISSIONS = ActionSpec(
     summary="Change the mode of folders.",
     shape=Shape.LIST,
     fields=(path_field("Folder to change."), _MODE_FIELD, RECURSIVE),
-    script=lambda items: _mode_script("SetFolderPermissions", "-d", "folder", items),
+    script=lambda items: _each_path("SetFolderPermissions", "folder", items, _chmod),
 )

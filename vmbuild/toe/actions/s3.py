@@ -71,11 +71,7 @@ def run_s3_download(items: Sequence[Item], ctx: HostContext) -> dict[str, str]:
     client = (ctx.s3 or S3Config()).client()
     for item in items:
         bucket, key = parse_s3_uri(item["source"])
-        owner = (
-            {"ExpectedBucketOwner": item["expectedBucketOwner"]}
-            if item["expectedBucketOwner"]
-            else {}
-        )
+        owner = _owner_args(item)
         destination = item["destination"]
         if key.endswith("*"):
             prefix = key[:-1]
@@ -171,11 +167,7 @@ def run_s3_upload(items: Sequence[Item], ctx: HostContext) -> dict[str, str]:
     client = (ctx.s3 or S3Config()).client()
     for item in items:
         bucket, key = parse_s3_uri(item["destination"])
-        owner = (
-            {"ExpectedBucketOwner": item["expectedBucketOwner"]}
-            if item["expectedBucketOwner"]
-            else {}
-        )
+        owner = _owner_args(item)
         listing = ctx.run(upload_listing_script(item["source"], item["recurse"])).stdout
         files = [line.split("\t", 1) for line in listing.splitlines() if "\t" in line]
         single = len(files) == 1 and not has_wildcard(item["source"]) and not key.endswith("/")
@@ -189,6 +181,11 @@ def run_s3_upload(items: Sequence[Item], ctx: HostContext) -> dict[str, str]:
             except Exception as exc:
                 raise ActionFailed(f"S3Upload: s3://{bucket}/{object_key}: {_reason(exc)}") from exc
     return {}
+
+
+def _owner_args(item: Item) -> dict[str, str]:
+    owner = item["expectedBucketOwner"]
+    return {"ExpectedBucketOwner": owner} if owner else {}
 
 
 def _reason(exc: Exception) -> str:
