@@ -10,9 +10,11 @@ behind this module so there is one place that logs and maps errors.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import threading
 from collections import deque
@@ -70,6 +72,9 @@ def run(
             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
             env=_env(env),
             cwd=cwd,
+            # Its own process group, so a timeout or Ctrl-C stops the whole
+            # tree (mmdebstrap's apt and dpkg, not just mmdebstrap).
+            process_group=0,
         )
     except FileNotFoundError as exc:
         raise CommandError(args, 127, f"{args[0]}: not found (is it installed?)") from exc
@@ -122,13 +127,18 @@ def run(
 
 
 def _kill(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
+    """SIGTERM the command's process group, SIGKILL it after 5 s; always reap."""
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
         try:
-            proc.wait(5)
+            proc.wait(grace)
+            break
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            continue
+    # Children that outlived their leader are still in the group.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def spawn(

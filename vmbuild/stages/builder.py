@@ -18,11 +18,6 @@ from vmbuild.stages import base_image
 SCRATCH_USER = "vmbuild-builder"
 
 
-def resolve_base_spec(base: str, base_dir: Path) -> base_image.BaseImage:
-    """`debian-12` (built offline, cached) or a local qcow2/raw file."""
-    if base in ("debian-12",):
-        return base_image.build_debian(base)
-    return base_image.local_base((base_dir / base).resolve())
 
 
 @contextlib.contextmanager
@@ -35,7 +30,8 @@ def scratch_guest(
     cpus: int = 2,
     on_status: Callable[[str], None] | None = None,
 ) -> Iterator[Guest]:
-    image = resolve_base_spec(base, base_dir)
+    # debian-12, a cached URL base, or a local qcow2/raw file.
+    image = base_image.resolve_base(base, recipe_dir=base_dir)
     cache = paths.cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="scratch-", dir=cache) as tmp:
