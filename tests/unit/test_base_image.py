@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 
+from vmbuild import aptsources
+from vmbuild.aptsources import AptSource, DebianMirrors
 from vmbuild.errors import ConfigError, VmbuildError
 from vmbuild.stages import base_image as bi
-from vmbuild.stages.base_image import AptSource, DebianMirrors
+from vmbuild.stages import debian_base
 
 HOST_DEB822 = """\
 Types: deb
@@ -62,7 +64,7 @@ deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://security.d
 
 
 def test_parse_sources_list_skips_comments_src_and_options() -> None:
-    entries = bi.parse_sources_list(DISTRACTING_LIST + ONE_LINE_DEBIAN)
+    entries = aptsources.parse_sources_list(DISTRACTING_LIST + ONE_LINE_DEBIAN)
     assert [e.uri for e in entries] == [
         "https://packages.cloud.google.com/apt",
         "https://download.docker.com/linux/debian",
@@ -86,7 +88,7 @@ def test_parse_deb822_multi_suite_comments_and_disabled() -> None:
         + "\nTypes: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm\n"
         + "Components: main\n"
     )
-    assert bi.parse_deb822_sources(text) == [
+    assert aptsources.parse_deb822_sources(text) == [
         AptSource("http://deb.debian.org/debian", ("bookworm", "bookworm-updates"), ("main",)),
         AptSource("http://deb.debian.org/debian-security", ("bookworm-security",), ("main",)),
         AptSource("https://deb.nodesource.com/node_20.x", ("nodistro",), ("main",)),
@@ -95,24 +97,24 @@ def test_parse_deb822_multi_suite_comments_and_disabled() -> None:
 
 def test_parse_deb822_continuation_lines_and_several_uris() -> None:
     text = "types: deb\nURIs: http://a.example/debian\n http://b.example/debian\nSuites: bookworm\nComponents: main\n"
-    assert [e.uri for e in bi.parse_deb822_sources(text)] == [
+    assert [e.uri for e in aptsources.parse_deb822_sources(text)] == [
         "http://a.example/debian",
         "http://b.example/debian",
     ]
 
 
 def test_pick_host_mirrors_from_deb822() -> None:
-    sources = bi.parse_deb822_sources(HOST_DEB822 + "\n" + NODESOURCE_DEB822)
-    assert bi.pick_debian_mirrors(sources, "bookworm") == DebianMirrors(
+    sources = aptsources.parse_deb822_sources(HOST_DEB822 + "\n" + NODESOURCE_DEB822)
+    assert aptsources.pick_debian_mirrors(sources, "bookworm") == DebianMirrors(
         "http://deb.debian.org/debian", "http://deb.debian.org/debian-security"
     )
 
 
 def test_pick_ignores_third_party_repos_serving_the_codename() -> None:
-    distracting = bi.parse_sources_list(DISTRACTING_LIST)
-    assert bi.pick_debian_mirrors(distracting, "bookworm") is None
-    mirrors = bi.pick_debian_mirrors(
-        distracting + bi.parse_sources_list(ONE_LINE_DEBIAN), "bookworm"
+    distracting = aptsources.parse_sources_list(DISTRACTING_LIST)
+    assert aptsources.pick_debian_mirrors(distracting, "bookworm") is None
+    mirrors = aptsources.pick_debian_mirrors(
+        distracting + aptsources.parse_sources_list(ONE_LINE_DEBIAN), "bookworm"
     )
     assert mirrors == DebianMirrors(
         "http://ftp.de.debian.org/debian", "http://security.debian.org/debian-security"
@@ -125,15 +127,15 @@ def test_pick_accepts_snapshot_and_local_mirrors_first_wins() -> None:
                   ("main",)),
         AptSource("http://mirror.lan/debian", ("bookworm",), ("main",)),
     ]  # fmt: skip
-    picked = bi.pick_debian_mirrors(sources, "bookworm")
+    picked = aptsources.pick_debian_mirrors(sources, "bookworm")
     assert picked == DebianMirrors(
         "http://snapshot.debian.org/archive/debian/20250520T000000Z", None
     )
-    assert bi.pick_debian_mirrors(sources[1:], "bookworm") == DebianMirrors(
+    assert aptsources.pick_debian_mirrors(sources[1:], "bookworm") == DebianMirrors(
         "http://mirror.lan/debian", None
     )
     # Another codename is not this one.
-    assert bi.pick_debian_mirrors(sources, "trixie") is None
+    assert aptsources.pick_debian_mirrors(sources, "trixie") is None
 
 
 def test_host_debian_mirrors_reads_both_formats(tmp_path: Path) -> None:
@@ -144,40 +146,43 @@ def test_host_debian_mirrors_reads_both_formats(tmp_path: Path) -> None:
     (tmp_path / "sources.list.d" / "google-cloud-sdk.list").write_text(DISTRACTING_LIST)
     # apt ignores other suffixes; so do we.
     (tmp_path / "sources.list.d" / "x.list.disabled").write_text(ONE_LINE_DEBIAN)
-    assert bi.host_debian_mirrors("bookworm", tmp_path) == DebianMirrors(
+    assert aptsources.host_debian_mirrors("bookworm", tmp_path) == DebianMirrors(
         "http://deb.debian.org/debian", "http://deb.debian.org/debian-security"
     )
 
 
 def test_host_debian_mirrors_one_line_only(tmp_path: Path) -> None:
     (tmp_path / "sources.list").write_text(ONE_LINE_DEBIAN)
-    assert bi.host_debian_mirrors("bookworm", tmp_path).mirror == "http://ftp.de.debian.org/debian"
+    assert (
+        aptsources.host_debian_mirrors("bookworm", tmp_path).mirror
+        == "http://ftp.de.debian.org/debian"
+    )
 
 
 def test_host_debian_mirrors_none_found(tmp_path: Path) -> None:
     (tmp_path / "sources.list").write_text(DISTRACTING_LIST)
     with pytest.raises(VmbuildError, match="no Debian mirror serving bookworm") as info:
-        bi.host_debian_mirrors("bookworm", tmp_path)
+        aptsources.host_debian_mirrors("bookworm", tmp_path)
     assert info.value.hint is not None and "--mirror" in info.value.hint
 
 
 def test_explicit_mirror_gets_conventional_security() -> None:
-    assert bi.mirrors_for("http://m.example/debian/", "bookworm") == DebianMirrors(
+    assert aptsources.mirrors_for("http://m.example/debian/", "bookworm") == DebianMirrors(
         "http://m.example/debian", "http://m.example/debian-security"
     )
-    assert bi.mirrors_for("http://m.example/pub/deb", "bookworm") == DebianMirrors(
+    assert aptsources.mirrors_for("http://m.example/pub/deb", "bookworm") == DebianMirrors(
         "http://m.example/pub/deb", None
     )
 
 
 def test_apt_source_lines() -> None:
     mirrors = DebianMirrors("http://m/debian", "http://m/debian-security")
-    assert bi.apt_source_lines(mirrors, "bookworm") == [
+    assert aptsources.apt_source_lines(mirrors, "bookworm") == [
         "deb http://m/debian bookworm main",
         "deb http://m/debian bookworm-updates main",
         "deb http://m/debian-security bookworm-security main",
     ]
-    assert len(bi.apt_source_lines(DebianMirrors("http://m/debian", None), "bookworm")) == 2
+    assert len(aptsources.apt_source_lines(DebianMirrors("http://m/debian", None), "bookworm")) == 2
 
 
 # --- cache key -------------------------------------------------------------------
@@ -241,7 +246,7 @@ UUID = "0b8ca0c5-5e2c-4b5f-9c1e-2d3f4a5b6c7d"
 
 def test_mmdebstrap_argv() -> None:
     mirrors = DebianMirrors("http://m/debian", "http://m/debian-security")
-    argv = bi.mmdebstrap_argv(
+    argv = debian_base.mmdebstrap_argv(
         "bookworm", Path("/w/rootfs"), mirrors, ["pkg-a", "pkg-b"],
         hook=Path("/d/hook.sh"), debs_in=Path("/c/debs"), debs_out=Path("/w/my debs"),
     )  # fmt: skip
@@ -267,16 +272,16 @@ def test_default_packages_cover_cloud_init_needs() -> None:
 
 
 def test_sfdisk() -> None:
-    assert bi.sfdisk_argv(Path("/w/disk.raw")) == [
+    assert debian_base.sfdisk_argv(Path("/w/disk.raw")) == [
         "sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", "/w/disk.raw",
     ]  # fmt: skip
-    assert bi.sfdisk_script(UUID) == (
+    assert debian_base.sfdisk_script(UUID) == (
         "label: dos\nlabel-id: 0x0b8ca0c5\nunit: sectors\n\nstart=2048, type=83, bootable\n"
     )
 
 
 def test_mke2fs_argv() -> None:
-    argv = bi.mke2fs_argv(Path("/w/disk.raw"), Path("/w/rootfs"), UUID)
+    argv = debian_base.mke2fs_argv(Path("/w/disk.raw"), Path("/w/rootfs"), UUID)
     assert argv == [
         "mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-O", "^metadata_csum_seed",
         "-L", "root", "-U", UUID, "-E", "offset=1048576", "-d", "/w/rootfs", "/w/disk.raw",
@@ -284,11 +289,11 @@ def test_mke2fs_argv() -> None:
     ]  # fmt: skip
     # The filesystem ends exactly at the end of the disk.
     assert 1048576 + 524032 * 4096 == 2 * 1024**3
-    assert bi.mke2fs_argv(Path("d"), Path("r"), UUID, 4 * 1024**3)[-1] == "1048320"
+    assert debian_base.mke2fs_argv(Path("d"), Path("r"), UUID, 4 * 1024**3)[-1] == "1048320"
 
 
 def test_grub_mkimage_argv() -> None:
-    argv = bi.grub_mkimage_argv(Path("/r/usr/lib/grub/i386-pc"), Path("/w/core.img"),
+    argv = debian_base.grub_mkimage_argv(Path("/r/usr/lib/grub/i386-pc"), Path("/w/core.img"),
                                 Path("/w/early.cfg"))  # fmt: skip
     assert argv[:11] == [
         "grub-mkimage", "-O", "i386-pc", "-d", "/r/usr/lib/grub/i386-pc", "-o", "/w/core.img",
@@ -299,19 +304,19 @@ def test_grub_mkimage_argv() -> None:
 
 
 def test_dd_argv() -> None:
-    assert bi.dd_argv(Path("/r/boot.img"), Path("/w/d.raw"), bs=440, count=1) == [
+    assert debian_base.dd_argv(Path("/r/boot.img"), Path("/w/d.raw"), bs=440, count=1) == [
         "dd", "if=/r/boot.img", "of=/w/d.raw", "bs=440", "count=1", "conv=notrunc", "status=none",
     ]  # fmt: skip
-    assert bi.dd_argv(Path("/w/core.img"), Path("/w/d.raw"), bs=512, seek=1) == [
+    assert debian_base.dd_argv(Path("/w/core.img"), Path("/w/d.raw"), bs=512, seek=1) == [
         "dd", "if=/w/core.img", "of=/w/d.raw", "bs=512", "seek=1", "conv=notrunc", "status=none",
     ]  # fmt: skip
 
 
 def test_grub_configs() -> None:
-    assert bi.grub_early_config(UUID) == (
+    assert debian_base.grub_early_config(UUID) == (
         f"search.fs_uuid {UUID} root\nset prefix=($root)/boot/grub\n"
     )
-    cfg = bi.grub_config(UUID, "Debian GNU/Linux 12 (bookworm)")
+    cfg = debian_base.grub_config(UUID, "Debian GNU/Linux 12 (bookworm)")
     assert "terminal_output serial console\n" in cfg
     assert "set timeout=0\n" in cfg
     assert f"\tlinux /vmlinuz root=UUID={UUID} ro console=tty0 console=ttyS0,115200n8\n" in cfg

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from vmbuild import __version__
+from vmbuild.aptsources import AptSource, parse_sources_list
 from vmbuild.errors import VmbuildError
 from vmbuild.pipeline import debversion
-from vmbuild.stages.base_image import AptSource, parse_sources_list
 
 log = logging.getLogger("vmbuild.pipeline.apt")
 

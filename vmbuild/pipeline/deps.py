@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmbuild import aptsources
 from vmbuild.config.pipeline import LoadedPipeline
 from vmbuild.config.recipe import UrlBase
 from vmbuild.errors import VmbuildError
@@ -82,8 +83,8 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _debian_mirrors(loaded: LoadedPipeline, release: str) -> base_image.DebianMirrors:
-    return base_image.mirrors_for(
+def _debian_mirrors(loaded: LoadedPipeline, release: str) -> aptsources.DebianMirrors:
+    return aptsources.mirrors_for(
         loaded.pipeline.infrastructure.mirror, base_image.RELEASES[release]
     )
 
@@ -135,7 +136,7 @@ def package_sources(loaded: LoadedPipeline) -> list[str]:
     spec = loaded.recipe.recipe.base
     if isinstance(spec, str) and spec in base_image.RELEASES:
         try:
-            return base_image.apt_source_lines(
+            return aptsources.apt_source_lines(
                 _debian_mirrors(loaded, spec), base_image.RELEASES[spec]
             )
         except VmbuildError as exc:

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from vmbuild import aptsources
 from vmbuild.build import BuildOptions, BuildResult, build
 from vmbuild.config.pipeline import LoadedPipeline
 from vmbuild.config.recipe import LoadedRecipe
@@ -233,10 +234,10 @@ def refresh_debian_base(
         base = base_image.build_debian(spec, mirror=mirror, on_progress=progress.status)
         meta = json.loads((base.path.parent / "meta.json").read_text())
         created = datetime.fromisoformat(meta["created"]).astimezone(UTC)
-        mirrors = base_image.DebianMirrors(meta["mirror"], meta.get("security_mirror"))
+        mirrors = aptsources.DebianMirrors(meta["mirror"], meta.get("security_mirror"))
         codename = base_image.RELEASES[spec]
         moved = []
-        for source in apt.sources_from_lines(base_image.apt_source_lines(mirrors, codename)):
+        for source in apt.sources_from_lines(aptsources.apt_source_lines(mirrors, codename)):
             for suite in source.suites:
                 try:
                     release = apt.fetch_release(source.uri, suite, fetch)

@@ -38,9 +38,26 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from vmbuild.aptsources import (
+    DebianMirrors,
+    mirrors_for,
+)
 from vmbuild.errors import ConfigError, VmbuildError
 from vmbuild.paths import cache_dir
 from vmbuild.run import qemu_img, run, which, write_atomic
+from vmbuild.stages.debian_base import (
+    DISK_SIZE,
+    PARTITION_OFFSET,
+    MiB,
+    dd_argv,
+    grub_config,
+    grub_early_config,
+    grub_mkimage_argv,
+    mke2fs_argv,
+    mmdebstrap_argv,
+    sfdisk_argv,
+    sfdisk_script,
+)
 
 log = logging.getLogger("vmbuild.stages.base_image")
 
@@ -59,15 +76,6 @@ DEBIAN_PACKAGES = (
     "sudo", "netbase", "ca-certificates", "qemu-guest-agent",
 )  # fmt: skip
 
-MiB = 1024 * 1024
-DISK_SIZE = 2048 * MiB
-PARTITION_OFFSET = MiB  # sector 2048; GRUB's core.img lives in the gap before it
-FS_BLOCK_SIZE = 4096
-GRUB_MODULES = (
-    "biosdisk", "part_msdos", "ext2", "search_fs_uuid", "search", "configfile",
-    "normal", "linux", "serial", "terminal", "terminfo", "echo", "test",
-)  # fmt: skip
-CONSOLE_ARGS = "console=tty0 console=ttyS0,115200n8"
 REQUIRED_TOOLS = {  # tool -> Debian package, for the hint
     "mmdebstrap": "mmdebstrap", "sfdisk": "fdisk", "mke2fs": "e2fsprogs",
     "grub-mkimage": "grub-common", "dd": "coreutils", "qemu-img": "qemu-utils",
@@ -86,139 +94,6 @@ class BaseImage:
     sha256: str
     source: str
     virtual_size: int
-
-
-@dataclass(frozen=True)
-class AptSource:
-    """One `deb` entry (one URI) of an apt sources file."""
-
-    uri: str
-    suites: tuple[str, ...]
-    components: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class DebianMirrors:
-    """Where the main and -updates suites, and the -security suite, come from."""
-
-    mirror: str
-    security: str | None
-
-
-# --- apt sources ---------------------------------------------------------------
-
-
-def parse_sources_list(text: str) -> list[AptSource]:
-    """Parse one-line-style sources: `deb [options] URI SUITE COMPONENT...`."""
-    entries = []
-    for raw in text.splitlines():
-        words = re.sub(r"\[[^\]]*\]", " ", raw.split("#", 1)[0]).split()
-        if len(words) >= 3 and words[0] == "deb":
-            entries.append(AptSource(words[1], (words[2],), tuple(words[3:])))
-    return entries
-
-
-def parse_deb822_sources(text: str) -> list[AptSource]:
-    """Parse deb822-style `.sources` stanzas (Types, URIs, Suites, Components, Enabled)."""
-    entries: list[AptSource] = []
-    for stanza in re.split(r"\n[ \t]*\n", text):
-        fields: dict[str, str] = {}
-        key = ""
-        for line in stanza.splitlines():
-            if line.startswith("#") or not line.strip():
-                continue
-            if line[0] in " \t" and key:  # continuation line
-                fields[key] += " " + line.strip()
-            elif ":" in line:
-                key, value = line.split(":", 1)
-                key = key.strip().lower()
-                fields[key] = value.strip()
-        if "deb" not in fields.get("types", "").split():
-            continue
-        if fields.get("enabled", "yes").lower() in ("no", "false", "0"):
-            continue
-        suites = tuple(fields.get("suites", "").split())
-        components = tuple(fields.get("components", "").split())
-        entries += [AptSource(uri, suites, components) for uri in fields.get("uris", "").split()]
-    return entries
-
-
-def _debian_score(uri: str, archive: str) -> int:
-    """How much `uri` looks like a Debian archive named `archive` (0: not at all)."""
-    parsed = urllib.parse.urlparse(uri)
-    path = parsed.path.rstrip("/")
-    # deb.debian.org/debian, MIRROR/debian, snapshot.debian.org/archive/debian/DATE
-    score = 2 if path.endswith("/" + archive) or f"/{archive}/" in path else 0
-    return score + (1 if (parsed.hostname or "").endswith("debian.org") else 0)
-
-
-def pick_debian_mirrors(sources: Sequence[AptSource], codename: str) -> DebianMirrors | None:
-    """Choose the Debian archive serving `codename` and its security archive.
-
-    Third-party repositories are skipped (docker's `…/linux/debian bookworm
-    stable`, nodesource, cloud-sdk): an entry must carry `main` and look like a
-    Debian archive by path or host. Ties go to the first entry, as in apt.
-    """
-
-    def best(suite: str, archive: str) -> str | None:
-        scored = [
-            (score, -i, s.uri.rstrip("/"))
-            for i, s in enumerate(sources)
-            if suite in s.suites and "main" in s.components
-            if (score := _debian_score(s.uri, archive)) > 0
-        ]
-        return max(scored)[2] if scored else None
-
-    if (mirror := best(codename, "debian")) is None:
-        return None
-    return DebianMirrors(mirror, best(f"{codename}-security", "debian-security"))
-
-
-def host_debian_mirrors(
-    codename: str = "bookworm", etc_apt: Path = Path("/etc/apt")
-) -> DebianMirrors:
-    """The Debian mirrors in the host's apt sources (one-line and deb822 files)."""
-    parts = etc_apt / "sources.list.d"
-    sources: list[AptSource] = []
-    for path in [etc_apt / "sources.list", *sorted(parts.glob("*.list"))]:
-        if path.is_file():
-            sources += parse_sources_list(path.read_text(errors="replace"))
-    for path in sorted(parts.glob("*.sources")):
-        sources += parse_deb822_sources(path.read_text(errors="replace"))
-    found = pick_debian_mirrors(sources, codename)
-    if found is None:
-        raise VmbuildError(
-            f"no Debian mirror serving {codename} in {etc_apt}/sources.list or {parts}/",
-            hint="pass one explicitly: --mirror http://HOST/debian",
-        )
-    return found
-
-
-def host_mirror() -> str:
-    """The Debian mirror the host's apt uses for bookworm (vmbuild hard-codes none)."""
-    return host_debian_mirrors().mirror
-
-
-def mirrors_for(mirror: str | None, codename: str) -> DebianMirrors:
-    """An explicit mirror, else the host's.
-
-    An explicit `…/debian` mirror gets the conventional `…/debian-security` next
-    to it; other layouts build without the security suite (with a warning).
-    """
-    if mirror is None:
-        return host_debian_mirrors(codename)
-    mirror = mirror.rstrip("/")
-    if not mirror.endswith("/debian"):
-        log.warning("no %s-security archive known for %s: building without it", codename, mirror)
-        return DebianMirrors(mirror, None)
-    return DebianMirrors(mirror, mirror + "-security")
-
-
-def apt_source_lines(mirrors: DebianMirrors, codename: str) -> list[str]:
-    lines = [f"deb {mirrors.mirror} {suite} main" for suite in (codename, f"{codename}-updates")]
-    if mirrors.security:
-        lines.append(f"deb {mirrors.security} {codename}-security main")
-    return lines
 
 
 # --- the cache -----------------------------------------------------------------
@@ -405,94 +280,6 @@ def _probe(path: Path) -> tuple[str, int]:
             if head.startswith(magic):
                 raise VmbuildError(f"{path}: {name}-compressed, not a disk image")
     return fmt, int(info["virtual-size"])
-
-
-# --- Debian build: argv and file contents (pure) ---------------------------------
-
-
-def mmdebstrap_argv(
-    codename: str, rootfs: Path, mirrors: DebianMirrors, packages: Sequence[str],
-    *, hook: Path, debs_in: Path, debs_out: Path,
-) -> list[str]:  # fmt: skip
-    """mmdebstrap into a directory, seeding apt's cache from `debs_in`.
-
-    essential/unlink is skipped so the essential .debs are still there for
-    sync-out; mmdebstrap's cleanup still empties the image's own apt cache.
-    """
-    q = shlex.quote
-    return [
-        "mmdebstrap", "--mode=root", "--variant=minbase", "--format=directory",
-        f"--include={','.join(packages)}", "--skip=essential/unlink",
-        '--setup-hook=mkdir -p "$1"/var/cache/apt/archives',
-        f"--setup-hook=sync-in {q(str(debs_in))} /var/cache/apt/archives/",
-        f'--essential-hook=sh {q(str(hook))} essential "$1"',
-        f'--customize-hook=sh {q(str(hook))} customize "$1"',
-        f"--customize-hook=sync-out /var/cache/apt/archives {q(str(debs_out))}",
-        codename, str(rootfs), *apt_source_lines(mirrors, codename),
-    ]  # fmt: skip
-
-
-def sfdisk_script(root_uuid: str) -> str:
-    """One bootable Linux partition from 1 MiB to the end; disk id from the fs UUID."""
-    return (
-        f"label: dos\nlabel-id: 0x{root_uuid.replace('-', '')[:8]}\nunit: sectors\n\n"
-        f"start={PARTITION_OFFSET // 512}, type=83, bootable\n"
-    )
-
-
-def sfdisk_argv(disk: Path) -> list[str]:
-    return ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(disk)]
-
-
-def mke2fs_argv(disk: Path, rootfs: Path, root_uuid: str, disk_size: int = DISK_SIZE) -> list[str]:
-    """ext4 filled from `rootfs`, written at the partition's offset inside the file.
-
-    metadata_csum_seed is off: bookworm's GRUB 2.06 cannot read it.
-    """
-    blocks = (disk_size - PARTITION_OFFSET) // FS_BLOCK_SIZE
-    return [
-        "mke2fs", "-q", "-F", "-t", "ext4", "-b", str(FS_BLOCK_SIZE),
-        "-O", "^metadata_csum_seed", "-L", "root", "-U", root_uuid,
-        "-E", f"offset={PARTITION_OFFSET}", "-d", str(rootfs), str(disk), str(blocks),
-    ]  # fmt: skip
-
-
-def grub_early_config(root_uuid: str) -> str:
-    # Without grub-install nothing records the boot partition: find it by UUID.
-    return f"search.fs_uuid {root_uuid} root\nset prefix=($root)/boot/grub\n"
-
-
-def grub_mkimage_argv(module_dir: Path, core: Path, early_config: Path) -> list[str]:
-    return [
-        "grub-mkimage", "-O", "i386-pc", "-d", str(module_dir), "-o", str(core),
-        "-c", str(early_config), "-p", "/boot/grub", *GRUB_MODULES,
-    ]  # fmt: skip
-
-
-def dd_argv(
-    src: Path, disk: Path, *, bs: int, count: int | None = None, seek: int = 0
-) -> list[str]:
-    argv = ["dd", f"if={src}", f"of={disk}", f"bs={bs}"]
-    argv += [f"count={count}"] if count is not None else []
-    argv += [f"seek={seek}"] if seek else []
-    return [*argv, "conv=notrunc", "status=none"]
-
-
-def grub_config(root_uuid: str, title: str) -> str:
-    """grub.cfg by hand (grub-mkconfig writes no entries for a file-backed root).
-
-    /vmlinuz and /initrd.img are symlinks the kernel package keeps current, so
-    a kernel upgrade in a builder VM still boots without update-grub.
-    """
-    return (
-        "serial --unit=0 --speed=115200 --word=8 --parity=no --stop=1\n"
-        "terminal_input serial console\nterminal_output serial console\n"
-        "set default=0\nset timeout=0\n"
-        f"menuentry '{title}' {{\n"
-        f"\tsearch --no-floppy --fs-uuid --set=root {root_uuid}\n"
-        f"\tlinux /vmlinuz root=UUID={root_uuid} ro {CONSOLE_ARGS}\n"
-        "\tinitrd /initrd.img\n}\n"
-    )
 
 
 # --- Debian build: the steps -------------------------------------------------------
