@@ -110,3 +110,16 @@ def test_key_fingerprint_format() -> None:
     key = generate_ed25519("x")
     assert key.public_openssh.startswith("ssh-ed25519 ")
     assert key.fingerprint.startswith("SHA256:") and len(key.fingerprint) == 50
+
+
+def test_pinned_base_survives_the_cache_replacing_it(tmp_path: Path) -> None:
+    from vmbuild.hypervisor.guest import pin_base
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "disk.qcow2").write_bytes(b"old base")
+    pinned = pin_base(cache / "disk.qcow2", tmp_path / "builder-base.qcow2")
+    # The cache installs a rebuilt base by rename: a new inode under the old name.
+    (cache / "new.qcow2").write_bytes(b"new base")
+    (cache / "new.qcow2").replace(cache / "disk.qcow2")
+    assert pinned.read_bytes() == b"old base"

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shlex
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -98,6 +100,20 @@ def overlay_argv(base: Path, base_format: str, overlay: Path, size: int | None) 
     return args
 
 
+def pin_base(base: Path, pinned: Path) -> Path:
+    """A name for `base` that nothing else can swap: a hard link (a copy across filesystems).
+
+    A cached base may be rebuilt and replaced while a build runs; the overlay
+    and the final flatten must keep reading the very bytes the VM booted from.
+    """
+    pinned.unlink(missing_ok=True)
+    try:
+        os.link(base, pinned)
+    except OSError:
+        shutil.copyfile(base, pinned)
+    return pinned
+
+
 def create_overlay(base: Path, base_format: str, overlay: Path, size: int | None) -> None:
     if size is not None:
         import json
@@ -127,7 +143,8 @@ def booted_guest(
         overlay = req.workdir / f"{req.role}.qcow2"
         seed = req.workdir / f"{req.role}-seed.iso"
         key_path = req.workdir / f"{req.role}-id_ed25519"
-        for path in (overlay, seed, key_path):
+        pinned = req.workdir / f"{req.role}-base.{req.base_format}"
+        for path in (overlay, seed, key_path, pinned):
             stack.callback(path.unlink, missing_ok=True)
         client_key = generate_ed25519(f"vmbuild-{req.role}@{req.run_id}")
         host_key = generate_ed25519(f"vmbuild-host@{req.run_id}")
@@ -142,7 +159,7 @@ def booted_guest(
             ),
             seed,
         )
-        create_overlay(req.base, req.base_format, overlay, req.disk_size)
+        create_overlay(pin_base(req.base, pinned), req.base_format, overlay, req.disk_size)
         spec = VMSpec(
             name=name,
             disk=overlay,
