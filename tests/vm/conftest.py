@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,16 @@ from vmbuild.stages import base_image
 from vmbuild.stages.builder import scratch_guest
 
 REPO = Path(__file__).resolve().parents[2]
+VMBUILD = [sys.executable, "-m", "vmbuild"]
+
+
+def vmbuild(
+    *args: str, env: dict[str, str], timeout: float = 1800
+) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI from the repository root, capturing its output."""
+    return subprocess.run(
+        [*VMBUILD, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def qemu_pids(using: str | Path = "") -> set[int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import REPO, qemu_pids
+from tests.vm.conftest import REPO, VMBUILD, qemu_pids, vmbuild
 from vmbuild import paths
 from vmbuild.stages import base_image
 

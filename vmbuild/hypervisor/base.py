@@ -53,6 +53,36 @@ class Machine(Protocol):
     ) -> None: ...
 
 
+class MachineContext:
+    """`with Machine(spec) as vm:` for every backend: launch on entry; on exit an
+    orderly shutdown, or an immediate kill when the block raised (a hung guest
+    may never honour an ACPI powerdown, and its state no longer matters)."""
+
+    def launch(self) -> None:
+        raise NotImplementedError
+
+    def shutdown(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.launch()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.kill()
+        else:
+            self.shutdown(timeout=60)
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (the VM's SSH forward never listens elsewhere)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -25,12 +25,12 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType, TracebackType
-from typing import Any, Literal, Self
+from types import ModuleType
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from vmbuild.errors import VmbuildError, VMError
-from vmbuild.hypervisor.base import VMSpec, read_tail
+from vmbuild.hypervisor.base import MachineContext, VMSpec, read_tail
 
 log = logging.getLogger("vmbuild.libvirt")
 
@@ -266,7 +266,7 @@ def _version(number: int) -> str:
     return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
 
 
-class LibvirtMachine:
+class LibvirtMachine(MachineContext):
     """A VM as a transient libvirt domain, with the `Machine` semantics of QemuMachine.
 
     Nothing here destroys the domain implicitly (no `__del__`): a VM kept with
@@ -423,21 +423,6 @@ class LibvirtMachine:
     def _guest_ssh_address(self) -> tuple[str, int] | None:
         addresses = self.guest_addresses()
         return (addresses[0], 22) if addresses else None
-
-    def __enter__(self) -> Self:
-        self.launch()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is not None:
-            self.kill()
-        else:
-            self.shutdown(timeout=60)
 
 
 class _TcpRelay:

@@ -12,11 +12,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from vmbuild.errors import VMError
-from vmbuild.hypervisor.base import VMSpec, read_tail
+from vmbuild.hypervisor.base import MachineContext, VMSpec, read_tail
 from vmbuild.hypervisor.qmp import QMPClient
 from vmbuild.run import quote_argv, spawn
 
@@ -54,7 +52,7 @@ def qmp_path(spec: VMSpec) -> Path:
     return Path(tempfile.gettempdir()) / f"{spec.name}.qmp"
 
 
-class QemuMachine:
+class QemuMachine(MachineContext):
     def __init__(self, spec: VMSpec) -> None:
         self.spec = spec
         self._proc: subprocess.Popen[bytes] | None = None
@@ -141,20 +139,3 @@ class QemuMachine:
         if self._proc.stdout is not None:
             self._proc.stdout.close()
         qmp_path(self.spec).unlink(missing_ok=True)
-
-    def __enter__(self) -> Self:
-        self.launch()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        # On an error the guest's state no longer matters: kill at once rather
-        # than wait for an ACPI shutdown that a hung guest may never do.
-        if exc_type is not None:
-            self.kill()
-        else:
-            self.shutdown(timeout=60)
