@@ -7,7 +7,6 @@ import hashlib
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,17 +17,6 @@ from vmbuild import paths
 from vmbuild.stages import base_image
 
 pytestmark = pytest.mark.vm
-
-VMBUILD = [sys.executable, "-m", "vmbuild"]
-
-
-def vmbuild(
-    *args: str, env: dict[str, str], timeout: float = 1800
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*VMBUILD, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
-    )
-
 
 def staging_leftovers(store: Path) -> list[Path]:
     return [p for p in store.rglob("*") if p.name.startswith((".staging-", "work-"))]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,22 +18,11 @@ from typing import Any
 
 import pytest
 
-from tests.vm.conftest import REPO
+from tests.vm.conftest import REPO, VMBUILD, vmbuild
 from tests.vm.libvirtd import Libvirtd, running_libvirtd
 from vmbuild.stages import base_image
 
 pytestmark = pytest.mark.vm
-
-VMBUILD = [sys.executable, "-m", "vmbuild"]
-
-
-def vmbuild(
-    *args: str, env: dict[str, str], timeout: float = 1800
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*VMBUILD, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
-    )
-
 
 def libvirt_qemu_pids() -> set[int]:
     """QEMU processes libvirt started for vmbuild (libvirt passes `-name guest=NAME,...`)."""

@@ -1,6 +1,10 @@
 """The component engine's hard cases in a real guest (the shared VM): a reboot
-asked for by exit code 194 in the middle of a document, the Reboot action, a
-retry that succeeds on its second attempt, and a step that times out in the guest."""
+asked for by exit code 194 in the middle of a document, a retry that succeeds on
+its second attempt, and a step that times out in the guest.
+
+The Reboot action goes through the same `Remote.reboot()` and is covered by the
+unit tests; a second reboot here would cost another minute of the VM budget.
+"""
 
 from __future__ import annotations
 
@@ -37,17 +41,6 @@ phases:
           not:
             stringEquals: '{{{{ build.BootBefore.outputs.stdout }}}}'
             value: '{{{{ build.BootAfter194.outputs.stdout }}}}'
-      - name: RebootAction
-        action: Reboot
-      - name: BootAfterAction
-        action: ExecuteBash
-        inputs: {{commands: [cat /proc/sys/kernel/random/boot_id]}}
-      - name: RebootedAgain
-        action: Assert
-        inputs:
-          not:
-            stringEquals: '{{{{ build.BootAfter194.outputs.stdout }}}}'
-            value: '{{{{ build.BootAfterAction.outputs.stdout }}}}'
       - name: SucceedsOnSecondAttempt
         action: ExecuteBash
         maxAttempts: 3
@@ -97,7 +90,6 @@ def test_reboots_retries_and_timeouts_in_a_real_guest(guest: SSHSession, tmp_pat
     assert (
         nested.outputs["stdout"] == "The reboot file exists. Deleting it and exiting with success."
     )
-    assert steps["RebootAction"].reboots == 1
 
     retry = steps["SucceedsOnSecondAttempt"]
     assert (retry.attempts, retry.outputs["stdout"]) == (2, "attempt 2")

@@ -36,5 +36,6 @@ def test_component_builds_validates_and_tests(
     doc = load_document(find_component(name, Path(".")), parameters)
     lines: list[str] = []
     result = run_document(doc, guest, phases=["build", "validate", "test"], on_output=lines.append)
+    print("\n".join(line for line in lines if line.startswith(("<==", "==="))))  # timings, with -s
     assert result.status is Status.SUCCESS, "\n".join(lines[-60:])
     assert [p.name for p in result.phases] == ["build", "validate", "test"]
