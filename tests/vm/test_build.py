@@ -18,6 +18,7 @@ from vmbuild.stages import base_image
 
 pytestmark = pytest.mark.vm
 
+
 def staging_leftovers(store: Path) -> list[Path]:
     return [p for p in store.rglob("*") if p.name.startswith((".staging-", "work-"))]
 

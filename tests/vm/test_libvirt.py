@@ -24,6 +24,7 @@ from vmbuild.stages import base_image
 
 pytestmark = pytest.mark.vm
 
+
 def libvirt_qemu_pids() -> set[int]:
     """QEMU processes libvirt started for vmbuild (libvirt passes `-name guest=NAME,...`)."""
     out = subprocess.run(
