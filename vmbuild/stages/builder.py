@@ -18,8 +18,6 @@ from vmbuild.stages import base_image
 SCRATCH_USER = "vmbuild-builder"
 
 
-
-
 @contextlib.contextmanager
 def scratch_guest(
     base: str,
