@@ -32,7 +32,14 @@ from vmbuild.errors import ConfigError
 from vmbuild.remote.base import Remote, RemoteResult
 from vmbuild.toe.actions import ACTIONS, S3Config
 from vmbuild.toe.actions.base import ActionFailed, ActionSpec, HostContext, Item, Shape, typed_items
-from vmbuild.toe.conditions import Condition, Logical, StepAction, evaluate, parse_condition
+from vmbuild.toe.conditions import (
+    Condition,
+    Logical,
+    StepAction,
+    condition_values,
+    evaluate,
+    parse_condition,
+)
 from vmbuild.toe.document import load_child
 from vmbuild.toe.expressions import (
     ChainRef,
@@ -82,6 +89,8 @@ def run_document(
 
 
 def check_phase_selection(doc: Document, selected: Sequence[str]) -> None:
+    """Raise ConfigError if a selected phase chains to one of the document's
+    phases that is not selected (its outputs would never exist)."""
     for phase in doc.phase_defs:
         if phase.name not in selected:
             continue
@@ -97,15 +106,9 @@ def check_phase_selection(doc: Document, selected: Sequence[str]) -> None:
 
 
 def _condition_operands(step: Step) -> list[Any]:
-    def walk(condition: Condition) -> Iterator[Any]:
-        if isinstance(condition, Logical):
-            for sub in condition.operands:
-                yield from walk(sub)
-        else:
-            yield condition.operand
-            yield condition.value
-
-    return list(walk(step.condition.condition)) if step.condition else []
+    return (
+        [value for _, value in condition_values(step.condition.condition)] if step.condition else []
+    )
 
 
 def _chain_refs(value: Any) -> Iterator[ChainRef]:
