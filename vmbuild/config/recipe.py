@@ -194,7 +194,13 @@ def _check_component(display: str, index: int, ref: ComponentRef, base_dir: Path
         )
     # Validates the whole document (and its ExecuteDocument children) with the
     # parameters substituted; its errors name the document file.
-    toe.load_document(doc_path, ref.parameters)
+    doc = toe.load_document(doc_path, ref.parameters)
+    # The builder runs build+validate and the test VM runs test: a phase that
+    # chains to outputs of a phase run in the other VM could never resolve.
+    from vmbuild.toe.runner import check_phase_selection
+
+    check_phase_selection(doc, [p for p in ("build", "validate") if p in doc.phases])
+    check_phase_selection(doc, ["test"])
     return doc_path
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import select
 import socket
 import time
@@ -30,6 +31,11 @@ logging.getLogger("paramiko").setLevel(logging.WARNING)
 
 TIMEOUT_EXIT = 124  # coreutils timeout(1)
 KILL_GRACE = 10  # seconds between SIGTERM and SIGKILL in the guest
+# QEMU's user network never closes the host side of a connection whose guest
+# rebooted: a keepalive makes the new guest answer with a reset, so a read on
+# the old connection ends instead of blocking forever.
+KEEPALIVE = 5
+READ_TIMEOUT = 60.0
 
 
 def ssh_banner(host: str, port: int, timeout: float = 5.0) -> bool:
@@ -115,6 +121,9 @@ class SSHSession:
                         banner_timeout=30, auth_timeout=30,
                         look_for_keys=False, allow_agent=False,
                     )  # fmt: skip
+                    transport = client.get_transport()
+                    if transport is not None:
+                        transport.set_keepalive(KEEPALIVE)
                     return cls(
                         client, host=host, port=port, user=user, key_path=key_path,
                         host_key=host_key, boot_timeout=timeout, alive=alive,
@@ -149,7 +158,8 @@ class SSHSession:
         path = f"/tmp/vmbuild-{uuid.uuid4().hex[:12]}.sh"
         self._sftp_write(path, script.encode(), 0o600)
         env_words = " ".join(quote(f"{k}={v}") for k, v in (env or {}).items())
-        wrapper = f"timeout -k {KILL_GRACE} {int(timeout)} " if timeout else ""
+        # Rounded up: `timeout 0` would mean no limit at all.
+        wrapper = f"timeout -k {KILL_GRACE} {math.ceil(timeout)} " if timeout else ""
         cmd = f"sudo -n env {env_words} {wrapper}bash {path}; rc=$?; sudo -n rm -f {path}; exit $rc"
         start = time.monotonic()
         rc, out, err = self._exec(cmd, on_output=on_output)
@@ -167,12 +177,19 @@ class SSHSession:
         if rc != 0:
             raise SSHError(f"cannot write {path} in the guest: {(err or out).strip()}")
 
-    def get(self, path: str) -> bytes:
+    def get(self, path: str, *, timeout: float = READ_TIMEOUT) -> bytes:
         chan = self._open(f"sudo -n cat -- {quote(path)}")
-        data = chan.makefile("rb").read()
-        err = chan.makefile_stderr("rb").read().decode(errors="replace")
-        rc = chan.recv_exit_status()
-        chan.close()
+        chan.settimeout(timeout)
+        try:
+            data = chan.makefile("rb").read()
+            err = chan.makefile_stderr("rb").read().decode(errors="replace")
+            rc = chan.recv_exit_status()
+        except TimeoutError:
+            raise SSHError(
+                f"reading {path} from the guest timed out after {timeout:.0f}s"
+            ) from None
+        finally:
+            chan.close()
         if rc != 0:
             raise SSHError(f"cannot read {path} in the guest: {err.strip()}")
         return bytes(data)
@@ -196,9 +213,11 @@ class SSHSession:
                 timeout=remaining, alive=self._alive,
             )  # fmt: skip
             try:
-                now = fresh.boot_id()
+                # Bounded: this may be a login to the old system going down.
+                now = fresh.get("/proc/sys/kernel/random/boot_id", timeout=20).decode().strip()
             except (SSHError, paramiko.SSHException, OSError, EOFError):
                 fresh.close()
+                time.sleep(2)
                 continue
             if now != before:
                 self._client = fresh._client
@@ -254,7 +273,7 @@ class SSHSession:
                     got = True
                 if not got and chan.exit_status_ready():
                     break
-                if not got and chan.closed:
+                if not got and (chan.closed or not self._transport_alive()):
                     break
             rc = chan.recv_exit_status()
         except (paramiko.SSHException, OSError, EOFError) as exc:
@@ -266,6 +285,10 @@ class SSHSession:
         out = b"".join(parts["stdout"]).decode("utf-8", "replace")
         err = b"".join(parts["stderr"]).decode("utf-8", "replace")
         return rc, out, err
+
+    def _transport_alive(self) -> bool:
+        transport = self._client.get_transport()
+        return transport is not None and transport.is_active()
 
     def close(self) -> None:
         self._client.close()
