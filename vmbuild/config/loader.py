@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from vmbuild.errors import ConfigError
 
@@ -79,9 +79,29 @@ def config_error(exc: ValidationError, file: str, prefix: str = "") -> ConfigErr
     first = errors[0]
     loc = _clean_loc(first["loc"])
     message = _message(first)
+    if not loc and prefix == "":
+        # A model-level check names its own field: "version: not semver".
+        field, _, rest = message.partition(": ")
+        if rest and " " not in field:
+            loc, message = [field], rest
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
     return ConfigError(file, field_path(loc, prefix) or None, message)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_model(path: Path, model: type[M], expected: str) -> M:
+    """Load a YAML mapping into `model`; every error names the file and the field."""
+    display = str(path)
+    data = load_yaml(path, display)
+    if not isinstance(data, dict):
+        raise ConfigError(display, None, f"expected a mapping with {expected}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise config_error(exc, display) from None
 
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

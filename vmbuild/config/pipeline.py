@@ -41,9 +41,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from vmbuild.config.loader import config_error, load_yaml, parse_size
+from vmbuild.config.loader import load_model, parse_size
 from vmbuild.config.recipe import NAME, LoadedRecipe, load_recipe
 from vmbuild.errors import ConfigError, VmbuildError
 from vmbuild.pipeline.schedule import CronSchedule, check_timezone, parse_cron
@@ -170,13 +170,7 @@ class LoadedPipeline:
 def load_pipeline(path: Path, *, now: datetime | None = None) -> LoadedPipeline:
     """Parse and validate a pipeline and the recipe it names; no side effects."""
     display = str(path)
-    data = load_yaml(path, display)
-    if not isinstance(data, dict):
-        raise ConfigError(display, None, "expected a mapping with recipe, schedule, ...")
-    try:
-        pipeline = Pipeline.model_validate(data)
-    except ValidationError as exc:
-        raise config_error(exc, display) from None
+    pipeline = load_model(path, Pipeline, "recipe, schedule, ...")
     name = pipeline.name or path.stem
     if not NAME.match(name):
         raise ConfigError(

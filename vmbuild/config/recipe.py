@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from vmbuild.config.loader import config_error, load_yaml, parse_size
+from vmbuild.config.loader import load_model, parse_size
 from vmbuild.errors import ConfigError
 
 OutputFormat = Literal["qcow2", "raw", "vmdk", "vhd"]
@@ -115,13 +115,7 @@ class LoadedRecipe:
 def load_recipe(path: Path) -> LoadedRecipe:
     """Parse and validate a recipe and everything it references; no side effects."""
     display = str(path)
-    data = load_yaml(path, display)
-    if not isinstance(data, dict):
-        raise ConfigError(display, None, "expected a mapping with name, version, base, ...")
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise _recipe_error(exc, display) from None
+    recipe = load_model(path, Recipe, "name, version, base, ...")
     base_dir = path.resolve().parent
 
     base_path = None
@@ -202,15 +196,3 @@ def _check_component(display: str, index: int, ref: ComponentRef, base_dir: Path
     check_phase_selection(doc, [p for p in ("build", "validate") if p in doc.phases])
     check_phase_selection(doc, ["test"])
     return doc_path
-
-
-def _recipe_error(exc: ValidationError, display: str) -> ConfigError:
-    err = config_error(exc, display)
-    # Model-level checks carry their own field prefix ("version: ...").
-    first = exc.errors()[0]
-    if not first["loc"]:
-        msg = str(first["msg"]).removeprefix("Value error, ")
-        field, _, rest = msg.partition(": ")
-        if rest:
-            return ConfigError(display, field, rest)
-    return err
