@@ -193,6 +193,9 @@ def cmd_images_rm(args: argparse.Namespace) -> int:
 
 
 # -- doctor ------------------------------------------------------------------
+DOCTOR_TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "sfdisk", "mke2fs", "debugfs")
+
+
 def doctor_report(accel_mode: str = "auto", libvirt_uri: str | None = None) -> dict[str, Any]:
     import tempfile
 
@@ -200,7 +203,7 @@ def doctor_report(accel_mode: str = "auto", libvirt_uri: str | None = None) -> d
     from vmbuild.run import run, which
 
     report: dict[str, Any] = {"vmbuild": __version__}
-    for tool in ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "sfdisk", "mke2fs", "debugfs"):
+    for tool in DOCTOR_TOOLS:
         path = which(tool)
         version = None
         if path and tool in ("qemu-system-x86_64", "qemu-img"):
@@ -237,7 +240,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     report = doctor_report(args.accel, args.libvirt_uri)
 
     def human() -> None:
-        for tool in ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "sfdisk", "mke2fs", "debugfs"):
+        for tool in DOCTOR_TOOLS:
             info = report[tool]
             state = info["version"] or info["path"] or "MISSING"
             print(f"{tool:20} {state}")

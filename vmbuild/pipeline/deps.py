@@ -20,7 +20,6 @@ started (recorded in the history as a snapshot) and the artifact it produced.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import urllib.parse
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Any
 from vmbuild import aptsources
 from vmbuild.config.pipeline import LoadedPipeline
 from vmbuild.config.recipe import UrlBase
+from vmbuild.digest import sha256_file as _sha256_file
 from vmbuild.errors import VmbuildError
 from vmbuild.pipeline import apt
 from vmbuild.pipeline.history import History
@@ -73,14 +73,6 @@ class CheckReport:
             "errors": self.errors,
             "notes": self.notes,
         }
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _debian_mirrors(loaded: LoadedPipeline, release: str) -> aptsources.DebianMirrors:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vmbuild.digest import sha256_file
 from vmbuild.errors import VmbuildError
 from vmbuild.publish.events import Progress, ProgressCallback
 from vmbuild.run import qemu_img
@@ -139,13 +140,7 @@ def verify_output(out: Output, on_bytes: Callable[[int], None] | None = None) ->
         raise VmbuildError(f"{out.path}: disk file missing from the artifact")
     if not out.sha256:
         return
-    digest = hashlib.sha256()
-    with out.path.open("rb") as fh:
-        while chunk := fh.read(4 * 1024 * 1024):
-            digest.update(chunk)
-            if on_bytes is not None:
-                on_bytes(len(chunk))
-    if digest.hexdigest() != out.sha256:
+    if sha256_file(out.path, on_bytes) != out.sha256:
         raise VmbuildError(
             f"{out.path}: sha256 differs from the manifest; the disk changed after the build",
             hint="rebuild the image, or restore the file",

@@ -194,8 +194,8 @@ class SSHSession:
             raise SSHError(f"cannot read {path} in the guest: {err.strip()}")
         return bytes(data)
 
-    def boot_id(self) -> str:
-        return self.get("/proc/sys/kernel/random/boot_id").decode().strip()
+    def boot_id(self, timeout: float = READ_TIMEOUT) -> str:
+        return self.get("/proc/sys/kernel/random/boot_id", timeout=timeout).decode().strip()
 
     def reboot(self) -> None:
         before = self.boot_id()
@@ -214,7 +214,7 @@ class SSHSession:
             )  # fmt: skip
             try:
                 # Bounded: this may be a login to the old system going down.
-                now = fresh.get("/proc/sys/kernel/random/boot_id", timeout=20).decode().strip()
+                now = fresh.boot_id(timeout=20)
             except (SSHError, paramiko.SSHException, OSError, EOFError):
                 fresh.close()
                 time.sleep(2)

@@ -42,6 +42,7 @@ from vmbuild.aptsources import (
     DebianMirrors,
     mirrors_for,
 )
+from vmbuild.digest import sha256_file
 from vmbuild.errors import ConfigError, VmbuildError
 from vmbuild.paths import cache_dir
 from vmbuild.run import qemu_img, run, which, write_atomic
@@ -254,14 +255,6 @@ def _lock(name: str) -> Iterator[None]:
         yield
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(MiB):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _probe(path: Path) -> tuple[str, int]:
     """(format, virtual size) from `qemu-img info`; only qcow2 and raw are bases."""
     info = json.loads(qemu_img("info", "-U", "--output=json", path))
@@ -386,7 +379,7 @@ def _build_into(
             qemu_img("convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compression_type=zstd",
                      disk, qcow2)  # fmt: skip
             fmt, virtual_size = _probe(qcow2)
-            digest = _sha256_file(qcow2)
+            digest = sha256_file(qcow2)
         finally:
             cleaner.join()
     return {
@@ -550,7 +543,7 @@ def local_base(path: Path) -> BaseImage:
         hint = "give a qcow2 or raw file, a fetched URL, or debian-12"
         raise ConfigError(str(path), None, "base image not found", hint=hint)
     fmt, virtual_size = _probe(path)
-    digest = _sha256_file(path)
+    digest = sha256_file(path)
     return BaseImage(f"file-{digest[:16]}", path.resolve(), fmt, digest, str(path), virtual_size)
 
 

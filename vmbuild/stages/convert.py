@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmbuild.digest import sha256_file
 from vmbuild.run import qemu_img
 
 # format -> (qemu-img driver, creation options, file extension)
@@ -51,14 +51,6 @@ def output_name(fmt: str) -> str:
 def flatten(overlay: Path, dst: Path) -> None:
     """Collapse the overlay and its backing chain into one standalone qcow2."""
     qemu_img(*convert_argv(overlay, "qcow2", dst, "qcow2"))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def virtual_size(path: Path, fmt: str) -> int:
