@@ -270,7 +270,6 @@ def _test(
             )  # fmt: skip
             component_tests = [{"name": a.name, "status": a.status} for a in applied]
         except StepFailed as exc:
-            component_tests.append({"name": "component", "status": "Failed", "error": str(exc)})
             raise TestsFailed(f"image tests failed: {exc}") from None
         finally:
             _copy_console(guest.spec.console_log, logs)
