@@ -118,7 +118,7 @@ def peak_rss_kib() -> int:
 
 
 def nonzero_blocks(raw: Path) -> int:
-    from vmbuild.publish.rawdisk import ScanStats, scan_blocks
+    from vmbuild.diskfs.partitions import ScanStats, scan_blocks
 
     stats = ScanStats()
     for _ in scan_blocks(raw, stats):
@@ -140,8 +140,8 @@ def main() -> int:
 
     import boto3
 
-    from tests.aws.disks import make_artifact, make_disk, write_zero_region
-    from tests.aws.motoext import aws_env, local_aws
+    from tests.support.disks import make_artifact, make_disk, write_zero_region
+    from tests.support.motoext import aws_env, local_aws
     from vmbuild.run import run
 
     with tempfile.TemporaryDirectory(prefix="vmbuild-bench-") as tmp:

@@ -20,13 +20,14 @@ from typing import Any
 
 from vmbuild import __version__, paths
 from vmbuild.config.recipe import LoadedRecipe, UrlBase
-from vmbuild.diskfs import root_view
+from vmbuild.diskfs.rootfs import root_view
 from vmbuild.errors import StepFailed, TestsFailed, VmbuildError
 from vmbuild.hypervisor import accel as accel_mod
 from vmbuild.hypervisor.guest import GuestRequest, booted_guest
 from vmbuild.log import Progress, run_log
 from vmbuild.run import qemu_img
-from vmbuild.stages import base_image, components, convert, generalize, store, test_vm
+from vmbuild.stages import base_image, components, convert, generalize, store
+from vmbuild.stages import image_tests as test_vm
 
 log = logging.getLogger("vmbuild.build")
 

@@ -12,8 +12,8 @@ from typing import Any
 import boto3
 import pytest
 
-from tests.aws.disks import make_artifact, make_disk
-from tests.aws.motoext import FrontServer, MotoServer, Recorder, aws_env, local_aws
+from tests.support.disks import make_artifact, make_disk
+from tests.support.motoext import FrontServer, MotoServer, Recorder, aws_env, local_aws
 
 REGIONS = ("us-east-1", "eu-west-1", "ap-southeast-2")
 BUCKET = "vmbuild-imports"

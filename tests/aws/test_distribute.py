@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from tests.aws.conftest import BUCKET, REGIONS, LocalAws
-from tests.aws.disks import make_artifact, make_disk
-from tests.aws.motoext import Fault
+from tests.support.disks import make_artifact, make_disk
+from tests.support.motoext import Fault
 from vmbuild.config.distribution import DistributionConfig, load_distribution
 from vmbuild.publish.distributor import DistributionResult, LintFailed, distribute
 
@@ -503,7 +503,7 @@ def test_an_interrupted_ebs_direct_upload_resumes(
 
 
 def test_allocated_zero_blocks_are_not_sent(aws: LocalAws, store: Path, tmp_path: Path) -> None:
-    from tests.aws.disks import write_zero_region
+    from tests.support.disks import write_zero_region
 
     raw = make_disk(tmp_path / "disk")
     build_dir = make_artifact(store, raw, formats=("raw",))

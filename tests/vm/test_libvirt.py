@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.libvirtd import Libvirtd, running_libvirtd
 from tests.vm.conftest import REPO, VMBUILD, vmbuild
-from tests.vm.libvirtd import Libvirtd, running_libvirtd
 from vmbuild.stages import base_image
 
 pytestmark = pytest.mark.vm

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmbuild import aptsources
 from vmbuild.config.pipeline import LoadedPipeline
 from vmbuild.config.recipe import UrlBase
+from vmbuild.debian import index as apt
+from vmbuild.debian import sources as aptsources
 from vmbuild.digest import sha256_file as _sha256_file
 from vmbuild.errors import VmbuildError
-from vmbuild.pipeline import apt
 from vmbuild.pipeline.history import History
 from vmbuild.stages import base_image, store
 

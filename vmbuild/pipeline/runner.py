@@ -31,13 +31,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from vmbuild import aptsources
 from vmbuild.build import BuildOptions, BuildResult, build
 from vmbuild.config.pipeline import LoadedPipeline
 from vmbuild.config.recipe import LoadedRecipe
+from vmbuild.debian import index as apt
+from vmbuild.debian import sources as aptsources
 from vmbuild.errors import VmbuildError
 from vmbuild.log import Progress, run_log
-from vmbuild.pipeline import apt, deps, lifecycle
+from vmbuild.pipeline import deps, lifecycle
 from vmbuild.pipeline.history import History, RunRecord, Trigger
 from vmbuild.pipeline.schedule import Clock, SystemClock
 from vmbuild.stages import base_image

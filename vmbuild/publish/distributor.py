@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from vmbuild.config.distribution import DistributionConfig
+from vmbuild.diskfs.lint import LintReport, lint_disk
 from vmbuild.errors import VmbuildError
 from vmbuild.paths import cache_dir
 from vmbuild.publish import ebs_direct, regions, vm_import
 from vmbuild.publish.artifact import Artifact, Disks, load_artifact, workdir
 from vmbuild.publish.aws import Backoff, Clients, RetryStats, describe_error
 from vmbuild.publish.events import Progress, ProgressCallback
-from vmbuild.publish.lint import LintReport, lint_disk
 from vmbuild.publish.plan import Plan, RegionPlan, build_plan, preflight
 
 log = logging.getLogger("vmbuild.publish")

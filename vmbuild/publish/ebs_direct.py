@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmbuild.diskfs.partitions import BLOCK_SIZE, ScanStats, scan_blocks
 from vmbuild.errors import VmbuildError
 from vmbuild.publish.aws import Backoff, RetryStats, describe_error, error_code, with_retries
 from vmbuild.publish.events import Progress, ProgressCallback, Throttled
-from vmbuild.publish.rawdisk import BLOCK_SIZE, ScanStats, scan_blocks
 from vmbuild.run import write_atomic
 
 log = logging.getLogger("vmbuild.publish")

@@ -19,10 +19,10 @@ from vmbuild.config.distribution import (
     ami_name_problem,
     render_template,
 )
+from vmbuild.diskfs.lint import LintReport
 from vmbuild.errors import VmbuildError
 from vmbuild.publish.artifact import Artifact
 from vmbuild.publish.aws import Clients, credentials_hint, describe_error, error_code
-from vmbuild.publish.lint import LintReport
 from vmbuild.publish.regions import ARTIFACT_TAG, DIGEST_TAG, find_by_name, find_image
 
 log = logging.getLogger("vmbuild.publish")

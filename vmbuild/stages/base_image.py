@@ -38,15 +38,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from vmbuild.aptsources import (
-    DebianMirrors,
-    mirrors_for,
-)
-from vmbuild.digest import sha256_file
-from vmbuild.errors import ConfigError, VmbuildError
-from vmbuild.paths import cache_dir
-from vmbuild.run import qemu_img, run, which, write_atomic
-from vmbuild.stages.debian_base import (
+from vmbuild.debian.bootstrap import (
     DISK_SIZE,
     PARTITION_OFFSET,
     MiB,
@@ -59,6 +51,14 @@ from vmbuild.stages.debian_base import (
     sfdisk_argv,
     sfdisk_script,
 )
+from vmbuild.debian.sources import (
+    DebianMirrors,
+    mirrors_for,
+)
+from vmbuild.digest import sha256_file
+from vmbuild.errors import ConfigError, VmbuildError
+from vmbuild.paths import cache_dir
+from vmbuild.run import qemu_img, run, which, write_atomic
 
 log = logging.getLogger("vmbuild.stages.base_image")
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from shlex import quote
 
-from vmbuild.diskfs import FilesystemView, exists, read_file
+from vmbuild.diskfs.rootfs import FilesystemView, exists, read_file
 from vmbuild.errors import VmbuildError
 from vmbuild.hypervisor.guest import POWEROFF, Guest
 

@@ -1,0 +1,88 @@
+"""Pure parts of the stages: generalize script, SBOM parsing, JUnit, partitions."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from vmbuild.build import parse_sbom
+from vmbuild.diskfs.rootfs import read_partition_table
+from vmbuild.stages.generalize import generalize_script
+from vmbuild.stages.image_tests import parse_junit, pytest_argv, summarize
+
+
+def test_generalize_script_covers_every_step() -> None:
+    script = generalize_script("vmbuild-builder")
+    for needle in (
+        "cloud-init clean --logs --seed",
+        "truncate -s 0 /etc/machine-id",
+        "rm -f /etc/ssh/ssh_host_*",
+        "rm -rf /var/lib/apt/lists/*",
+        "userdel --force --remove vmbuild-builder",
+        "fstrim -av",
+        "systemctl poweroff",
+    ):
+        assert needle in script
+    # The user is removed from a transient unit, not from its own SSH session.
+    assert script.index("systemd-run") > script.index("FINISH")
+
+
+def test_generalize_script_quotes_the_user() -> None:
+    assert "userdel --force --remove 'a b'" in generalize_script("a b")
+
+
+def test_parse_sbom() -> None:
+    text = "bash\t5.2.15-2+b7\tamd64\nnginx\t1.22.1-9\tamd64\n\ngarbage\n"
+    assert parse_sbom(text) == [
+        {"name": "bash", "version": "5.2.15-2+b7", "arch": "amd64"},
+        {"name": "nginx", "version": "1.22.1-9", "arch": "amd64"},
+    ]
+
+
+def test_junit_counts(tmp_path: Path) -> None:
+    junit = tmp_path / "j.xml"
+    junit.write_text(
+        '<testsuites><testsuite tests="5" failures="1" errors="0" skipped="2"/></testsuites>'
+    )
+    assert parse_junit(junit) == (5, 1, 0, 2)
+    assert summarize((5, 1, 0, 2), "j.xml", []).status == "failed"
+    assert summarize((5, 0, 0, 2), "j.xml", []).status == "passed"
+    assert summarize(None, None, [{"name": "c", "status": "Failed"}]).status == "failed"
+
+
+def test_pytest_argv_pins_host_key_plugin() -> None:
+    argv = pytest_argv(
+        [Path("/r/t.py")], "paramiko://u@127.0.0.1:2222", Path("/k"), Path("/j"), "py"
+    )
+    assert argv[:5] == ["py", "-m", "pytest", "-p", "vmbuild.testing.pinned_hostkey"]
+    assert "--hosts=paramiko://u@127.0.0.1:2222" in argv
+    assert "--ssh-identity-file=/k" in argv and argv[-1] == "/r/t.py"
+
+
+def _mbr(entries: list[tuple[int, int, int, int]]) -> bytes:
+    data = bytearray(512)
+    for i, (boot, ptype, start, count) in enumerate(entries):
+        off = 446 + 16 * i
+        data[off] = boot
+        data[off + 4] = ptype
+        data[off + 8 : off + 16] = struct.pack("<II", start, count)
+    data[510:512] = b"\x55\xaa"
+    return bytes(data)
+
+
+def test_mbr_partition_table(tmp_path: Path) -> None:
+    img = tmp_path / "d.raw"
+    img.write_bytes(_mbr([(0x80, 0x83, 2048, 4000), (0, 0x82, 6048, 100)]))
+    table = read_partition_table(img)
+    assert table is not None and table.kind == "mbr"
+    root, swap = table.partitions
+    assert (root.number, root.start, root.size, root.bootable, root.is_linux) == (
+        1, 2048 * 512, 4000 * 512, True, True,
+    )  # fmt: skip
+    assert (swap.type, swap.is_linux) == ("0x82", False)
+
+
+def test_no_partition_table(tmp_path: Path) -> None:
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(1024))
+    assert read_partition_table(img) is None

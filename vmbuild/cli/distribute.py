@@ -1,0 +1,156 @@
+"""`vmbuild distribute` and `vmbuild lint`: verbs over the artifact store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vmbuild import paths
+from vmbuild.config.distribution import DistributionConfig, load_distribution
+from vmbuild.errors import ConfigError, VmbuildError
+from vmbuild.publish.events import Progress
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register the `distribute` and `lint` verbs."""
+    d = subparsers.add_parser(
+        "distribute",
+        help="turn a stored image into AMIs (upload, copy to regions, share, tag)",
+        description="Distribute a stored, tested image to AWS as configured in a distribution "
+        "file (or a recipe's distribution section). Safe to re-run: existing AMIs are reused "
+        "and an interrupted upload resumes. Endpoints and credentials follow boto3 "
+        "(AWS_PROFILE, AWS_ENDPOINT_URL, ...).",
+    )
+    d.add_argument("image", metavar="IMAGE_REF", help="NAME[/VERSION[/BUILD]] or a build dir")
+    d.add_argument(
+        "--config",
+        "-c",
+        required=True,
+        type=Path,
+        help="distribution YAML (its own file, or a recipe with `distribution:`)",
+    )
+    d.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan and run the preflight checks and lint; upload nothing",
+    )
+    _common(d)
+    d.set_defaults(handler=cmd_distribute)
+
+    lint = subparsers.add_parser(
+        "lint",
+        help="check offline that an image would boot on EC2",
+        description="Inspect a stored image's disk offline (partition table, file system, "
+        "fstab, kernel drivers, GRUB, cloud-init, sshd, DHCP). Exit 1 on errors.",
+    )
+    lint.add_argument("image", metavar="IMAGE_REF", help="NAME[/VERSION[/BUILD]] or a build dir")
+    lint.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        help="distribution YAML: its boot mode, architecture and ENA settings",
+    )
+    _common(lint)
+    lint.set_defaults(handler=cmd_lint)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: never overwrite a --store the top-level parser may already have set.
+    p.add_argument(
+        "--store",
+        default=argparse.SUPPRESS,
+        help="artifact store (default: $VMBUILD_STORE or ./images)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+
+def read_config(path: Path) -> DistributionConfig:
+    """Load a distribution file: top-level keys, `distribution:`, or a whole recipe."""
+    try:
+        data: Any = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise VmbuildError(f"{path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), None, f"invalid YAML: {exc}") from None
+    if isinstance(data, dict) and "distribution" in data and "regions" not in data:
+        return load_distribution(data["distribution"], str(path), "distribution")
+    return load_distribution(data, str(path), "")
+
+
+def _resolve(args: argparse.Namespace) -> Path:
+    from vmbuild.stages.store import resolve
+
+    return resolve(paths.store_dir(getattr(args, "store", None)), args.image)
+
+
+def _printer(quiet: bool) -> Any:
+    def show(event: Progress) -> None:
+        if not quiet:
+            print(f"  {event}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def cmd_distribute(args: argparse.Namespace) -> int:
+    """Handler of `vmbuild distribute`."""
+    from vmbuild.publish.distributor import distribute
+
+    config = read_config(args.config)
+    build_dir = _resolve(args)
+    result = distribute(build_dir, config, dry_run=args.dry_run, on_progress=_printer(args.json))
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2, default=str))
+    else:
+        print(result.plan if args.dry_run else _summary(result))
+    return 0 if result.ok else 1
+
+
+def _summary(result: Any) -> str:
+    lines = [f"{result.artifact} -> account {result.account} ({result.method})"]
+    for r in result.regions:
+        detail = r.image_id or ""
+        if r.snapshot_ids:
+            detail += f" [{', '.join(r.snapshot_ids)}]"
+        if r.error:
+            detail += f" {r.error}"
+        lines.append(f"  {r.region:16} {r.status:9} {r.name}  {detail}".rstrip())
+    up = result.upload
+    if up.method:
+        lines.append(
+            f"upload: {up.bytes_sent / 2**20:.1f} MiB sent for {up.bytes_allocated / 2**20:.1f} "
+            f"MiB allocated of a {up.disk_size / 2**30:.1f} GiB disk in {up.seconds:.1f}s"
+            + (f", {up.throttled_retries} throttled retries" if up.throttled_retries else "")
+        )
+    if result.lint is not None and result.lint.warnings:
+        lines += ["lint warnings:", *(f"  {w.check}: {w.message}" for w in result.lint.warnings)]
+    return "\n".join(lines)
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    """Handler of `vmbuild lint`."""
+    from vmbuild.diskfs.lint import lint_disk
+    from vmbuild.publish.artifact import Disks, load_artifact, workdir
+
+    image = read_config(args.config).image if args.config else None
+    artifact = load_artifact(_resolve(args))
+    with workdir() as scratch:
+        report = lint_disk(
+            Disks(artifact, scratch).raw(),
+            boot_mode=image.boot_mode if image else "legacy-bios",
+            architecture=image.architecture if image else "x86_64",
+            ena_support=image.ena_support if image else True,
+        )
+    if args.json:
+        print(json.dumps({"image": artifact.ref, **report.to_json()}, indent=2))
+    else:
+        print(
+            f"{artifact.ref}: {report.partition_table or 'no'} partition table, root "
+            f"{report.root_fs or '?'} on partition {report.root_partition or '?'}"
+        )
+        print(report.render())
+    return 0 if report.ok else 1

@@ -1,0 +1,1 @@
+"""Debian knowledge: apt sources, the package index, version order, the offline bootstrap."""

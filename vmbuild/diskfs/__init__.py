@@ -1,0 +1,1 @@
+"""Offline disk inspection: partition tables, ext filesystems, the AWS bootability lint."""
