@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
+
+from vmbuild import console as consoles
 
 log = logging.getLogger("vmbuild")
 
@@ -18,7 +20,8 @@ class Progress:
     """Per-stage progress on the terminal; the run log gets everything."""
 
     def __init__(self, console: Console | None = None, *, quiet: bool = False) -> None:
-        self.console = console or Console(stderr=True, highlight=False)
+        # Titles, status and guest output are data: never markup (see vmbuild.console).
+        self.console = console or consoles.stderr()
         self.quiet = quiet
         self.timings: dict[str, float] = {}
 
@@ -27,7 +30,7 @@ class Progress:
         start = time.monotonic()
         log.info("== stage %s: %s", name, title)
         if not self.quiet:
-            self.console.print(f"[bold cyan]▶[/] {title}")
+            self.console.print(Text.assemble(("▶", "bold cyan"), f" {title}"))
         try:
             yield
         except BaseException:
@@ -35,25 +38,29 @@ class Progress:
             self.timings[name] = round(took, 2)
             log.info("== stage %s failed after %.1fs", name, took)
             if not self.quiet:
-                self.console.print(f"[bold red]✗[/] {title} [dim]({took:.1f}s)[/]")
+                self.console.print(
+                    Text.assemble(("✗", "bold red"), f" {title} ", (f"({took:.1f}s)", "dim"))
+                )
             raise
         took = time.monotonic() - start
         self.timings[name] = round(took, 2)
         log.info("== stage %s done in %.1fs", name, took)
         if not self.quiet:
-            self.console.print(f"[bold green]✓[/] {title} [dim]({took:.1f}s)[/]")
+            self.console.print(
+                Text.assemble(("✓", "bold green"), f" {title} ", (f"({took:.1f}s)", "dim"))
+            )
 
     def status(self, text: str) -> None:
         log.info("%s", text)
         if not self.quiet:
-            self.console.print(f"  [dim]{escape(text)}[/]", soft_wrap=True)
+            self.console.print(Text(f"  {text}", style="dim"), soft_wrap=True)
 
     def output(self, line: str) -> None:
         """A line of guest or tool output: streamed to the terminal and the run log."""
         log.debug("| %s", line)
         if not self.quiet:
             # Guest output is data, not markup; never re-wrap it.
-            self.console.print(f"  [dim]│[/] {escape(line)}", highlight=False, soft_wrap=True)
+            self.console.print(Text.assemble(("  │", "dim"), f" {line}"), soft_wrap=True)
 
 
 def setup_console_logging(debug: bool) -> None:

@@ -11,10 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from vmbuild import paths
+from vmbuild import console, paths
 from vmbuild.errors import VmbuildError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -120,9 +120,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{loaded.name}: no dependency changed{since}")
     for note in report.notes:
         print(f"  note: {note}")
-    err = Console(stderr=True, highlight=False)
+    err = console.stderr()
     for problem in report.errors:
-        err.print(f"[yellow]warning:[/] could not check {problem}", soft_wrap=True)
+        err.print(console.styled("warning:", "yellow", f" could not check {problem}"))
     return code
 
 
@@ -239,14 +239,14 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
     for r in runs:
         note = (r.error if r.status in ("failed", "cancelled") else r.reason) or ""
         note = note.splitlines()[0][:70] if note else ""
-        status = f"[{style.get(r.status, '')}]{r.status}[/]"
+        status = Text(r.status, style=style.get(r.status, ""))
         table.add_row(
             str(r.id), r.pipeline, r.trigger, status, _when(r),
             _duration(r.duration) if r.status != "skipped" else "-",
             r.image or "", note,
         )  # fmt: skip
     # Piped (a log, grep): wide rows rather than wrapped cells, as ps does.
-    Console(width=None if sys.stdout.isatty() else 250).print(table)
+    console.stdout().print(table)
     return 0
 
 

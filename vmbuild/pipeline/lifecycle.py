@@ -129,7 +129,7 @@ def prune(
             done.append(d)
             continue
         try:
-            store.remove(d.build.path)
+            store.remove(store_dir, d.build.path)
         except FileNotFoundError:
             continue  # removed meanwhile (another run, `vmbuild images rm`)
         except OSError as exc:

@@ -82,11 +82,14 @@ def update_manifest(build_dir: Path, key: str, value: object) -> None:
     write_manifest(build_dir, manifest)
 
 
-def _version_key(version: str) -> tuple[int, int, int, int, str]:
+def _version_key(version: str) -> tuple[int, int, int, int, tuple[tuple[int, int, str], ...]]:
+    """Semver precedence: build metadata ignored, a release after its pre-releases, and
+    pre-release identifiers compared field by field (numeric ones as numbers, so rc.10
+    comes after rc.2; numeric before alphanumeric; more fields after fewer)."""
     core, _, pre = version.partition("+")[0].partition("-")
     nums = [int(x) if x.isdigit() else 0 for x in core.split(".")[:3]] + [0, 0, 0]
-    # A release sorts after its pre-releases (semver).
-    return nums[0], nums[1], nums[2], 0 if pre else 1, pre
+    fields = tuple((0, int(f), "") if f.isdigit() else (1, 0, f) for f in pre.split(".") if pre)
+    return nums[0], nums[1], nums[2], 0 if pre else 1, fields
 
 
 def builds(store: Path) -> list[Path]:
@@ -103,30 +106,74 @@ def builds(store: Path) -> list[Path]:
     return found
 
 
+def _inside(path: Path, root: Path) -> bool:
+    return path.is_relative_to(root) and path != root
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~")) or ref in (".", "..")
+
+
+def _check_build_dir(store: Path, build_dir: Path, ref: str) -> Path:
+    """`build_dir` (resolved) must be `<store>/<name>/<version>/<build>` holding a manifest."""
+    root = store.resolve()
+    if not _inside(build_dir, root):
+        raise VmbuildError(
+            f"{ref!r} is outside the store {root}",
+            hint="store operations only touch the store; pass --store DIR to use another one",
+        )
+    rel = build_dir.relative_to(root).parts
+    if len(rel) != 3 or not BUILD_ID.match(rel[2]) or not (build_dir / MANIFEST).is_file():
+        raise VmbuildError(
+            f"{ref!r} is not a build in the store {root}",
+            hint="a build is <store>/NAME/VERSION/BUILD; `vmbuild images list` shows them",
+        )
+    manifest = read_manifest(build_dir)
+    if [manifest.get("name"), manifest.get("version"), manifest.get("build")] != list(rel):
+        raise VmbuildError(
+            f"{build_dir / MANIFEST}: not a vmbuild manifest for {'/'.join(rel)}",
+            hint="its name, version and build fields must match the directory",
+        )
+    return build_dir
+
+
 def resolve(store: Path, ref: str) -> Path:
-    """`name`, `name/version`, `name/version/build` (latest match) or a build dir path."""
-    as_path = Path(ref)
-    if (as_path / MANIFEST).is_file():
-        return as_path
+    """`NAME`, `NAME/VERSION`, `NAME/VERSION/BUILD` (latest match) in the store.
+
+    A path (absolute or starting with `.`, `..` or `~`) is accepted only when it
+    resolves to a build inside the store: a directory elsewhere that happens to
+    hold a manifest.json is never treated as an image, and never shadows a
+    stored image of the same name.
+    """
+    if _looks_like_path(ref):
+        return _check_build_dir(store, Path(ref).expanduser().resolve(), ref)
     parts = ref.strip("/").split("/")
-    if not 1 <= len(parts) <= 3 or not all(parts):
+    if not 1 <= len(parts) <= 3 or not all(parts) or any(p in (".", "..") for p in parts):
         raise VmbuildError(f"invalid image reference {ref!r}", hint="use NAME[/VERSION[/BUILD]]")
     matches = [b for b in builds(store) if list(b.parts[-3:][: len(parts)]) == parts]
     if not matches:
         raise VmbuildError(
             f"no image {ref!r} in {store}", hint="`vmbuild images list` shows what is stored"
         )
-    return matches[-1]
+    return _check_build_dir(store, matches[-1].resolve(), ref)
 
 
-def remove(build_dir: Path) -> None:
-    """Delete a build; then its version and name dirs if they became empty."""
+def remove(store: Path, build_dir: Path) -> None:
+    """Delete a build of `store`; then its version and name dirs if they became empty.
+
+    Only ever below the store: the build must be `<store>/NAME/VERSION/BUILD`, and
+    the parents removed are that version and name directory, never the store or
+    anything above it.
+    """
+    root = store.resolve()
+    build_dir = _check_build_dir(store, build_dir.resolve(), str(build_dir))
     tomb = build_dir.with_name(f"{STAGING_PREFIX}rm-{build_dir.name}")
     os.replace(build_dir, tomb)  # atomic: listings never see a half-deleted build
     shutil.rmtree(tomb)
     for d in (build_dir.parent, build_dir.parent.parent):
-        with contextlib.suppress(OSError):
-            d.rmdir()
+        if _inside(d, root):
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def summary(build_dir: Path) -> dict[str, Any]:

@@ -65,8 +65,33 @@ def test_staging_and_half_written_builds_are_not_listed(tmp_path: Path) -> None:
 
 def test_remove_cleans_empty_parents(tmp_path: Path) -> None:
     a = make_build(tmp_path, "img", "1.0.0", "20261101T000000Z-aaaaaa")
-    store.remove(a)
+    store.remove(tmp_path, a)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_remove_refuses_outside_the_store(tmp_path: Path) -> None:
+    elsewhere = make_build(tmp_path / "elsewhere", "img", "1.0.0", "20261101T000000Z-aaaaaa")
+    (tmp_path / "store").mkdir()
+    with pytest.raises(VmbuildError, match="outside the store"):
+        store.remove(tmp_path / "store", elsewhere)
+    assert (elsewhere / "manifest.json").is_file()
+
+
+def test_resolve_refuses_paths_outside_the_store(tmp_path: Path) -> None:
+    stored = make_build(tmp_path / "store", "img", "1.0.0", "20261101T000000Z-aaaaaa")
+    outside = make_build(tmp_path, "img", "1.0.0", "20261102T000000Z-bbbbbb")
+    with pytest.raises(VmbuildError, match="outside the store"):
+        store.resolve(tmp_path / "store", str(outside))
+    with pytest.raises(VmbuildError, match="is not a build in the store"):
+        store.resolve(tmp_path / "store", str(stored.parent))
+    assert store.resolve(tmp_path / "store", str(stored)) == stored
+
+
+def test_prerelease_order_is_semver() -> None:
+    order = ["1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta",
+             "1.0.0-beta.2", "1.0.0-beta.11", "1.0.0-rc.1", "1.0.0-rc.2", "1.0.0-rc.10",
+             "1.0.0", "1.0.1", "1.10.0"]  # fmt: skip
+    assert sorted(reversed(order), key=store._version_key) == order
 
 
 def test_update_manifest(tmp_path: Path) -> None:

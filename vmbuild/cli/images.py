@@ -1,0 +1,98 @@
+"""`vmbuild images list|show|rm`: the local artifact store, and only the store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from rich.table import Table
+
+from vmbuild import console, paths
+from vmbuild.cli.common import SubParsers, json_flag, out, store_flag, verb
+from vmbuild.errors import VmbuildError
+
+REF_HELP = "NAME[/VERSION[/BUILD]] (latest match), or the path of a build inside the store"
+
+
+def add_parser(sub: SubParsers) -> None:
+    images = sub.add_parser("images", help="stored artifacts: list, show, rm").add_subparsers(
+        dest="images_verb", required=True, metavar="ACTION"
+    )
+    p = verb(images, "list", cmd_images_list, "list stored images")
+    store_flag(p)
+    json_flag(p)
+    p = verb(images, "show", cmd_images_show, "show an image's manifest")
+    p.add_argument("ref", help=REF_HELP)
+    store_flag(p)
+    json_flag(p)
+    p = verb(images, "rm", cmd_images_rm, "delete a stored build (asks first unless --yes)")
+    p.add_argument("ref", help=REF_HELP)
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    store_flag(p)
+    json_flag(p)
+
+
+def cmd_images_list(args: argparse.Namespace) -> int:
+    from vmbuild.stages import store
+
+    rows = [store.summary(b) for b in store.builds(paths.store_dir(args.store))]
+
+    def human() -> None:
+        table = Table(show_edge=False)
+        for col in ("image", "created", "tests", "formats", "size"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(
+                r["ref"], r["created"] or "", r["tests"], ",".join(r["formats"]),
+                f"{r['size'] / (1 << 20):.0f} MiB",
+            )  # fmt: skip
+        console.stdout().print(table)
+
+    return out(args, rows, human)
+
+
+def cmd_images_show(args: argparse.Namespace) -> int:
+    from vmbuild.stages import store
+
+    build_dir = store.resolve(paths.store_dir(args.store), args.ref)
+    manifest = store.read_manifest(build_dir)
+    manifest["path"] = str(build_dir)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    s = store.summary(build_dir)
+    base: dict[str, Any] = manifest.get("base") or {}
+    print(f"image:    {s['ref']}\npath:     {build_dir}\ncreated:  {s['created']}")
+    print(f"base:     {base.get('source', '?')} ({base.get('id', '?')})")
+    print(f"tests:    {s['tests']}")
+    print(f"packages: {len(manifest.get('packages') or [])}")
+    for c in manifest.get("components") or []:
+        digest = str(c.get("sha256", ""))[:12]
+        print(f"component {c.get('name')} sha256:{digest} {c.get('parameters') or ''}")
+    for o in manifest.get("outputs") or []:
+        print(f"output    {o.get('format', '?'):6} {o.get('file')} sha256:{o.get('sha256')}")
+    return 0
+
+
+def cmd_images_rm(args: argparse.Namespace) -> int:
+    from vmbuild.stages import store
+
+    store_dir = paths.store_dir(args.store)
+    build_dir = store.resolve(store_dir, args.ref)
+    ref = store.summary(build_dir)["ref"]
+    if not args.yes and not _confirm(f"remove {ref} ({build_dir})? [y/N] "):
+        raise VmbuildError(f"{ref} not removed", hint="answer y, or pass --yes")
+    store.remove(store_dir, build_dir)
+    return out(args, {"removed": str(build_dir), "ref": ref}, lambda: print(f"removed {ref}"))
+
+
+def _confirm(question: str) -> bool:
+    """Ask on stderr, read one line from stdin; no answer (EOF) is a no."""
+    sys.stderr.write(question)
+    sys.stderr.flush()
+    answer = sys.stdin.readline()
+    if not answer.endswith("\n"):
+        sys.stderr.write("\n")
+    return answer.strip().lower() in ("y", "yes")
