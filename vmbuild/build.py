@@ -1,10 +1,12 @@
-"""`vmbuild build`: the pipeline as a flat, ordered list of stages.
+"""`vmbuild build`: the stage list, run in order over one BuildPlan.
 
-base -> builder VM -> components (build, validate) -> SBOM -> generalize ->
-convert -> offline verification -> test VM (component tests + testinfra) ->
-store (atomic rename) -> distribute (when the recipe asks).
-Each stage is a function in vmbuild/stages/; this module only sequences them
-and owns the resources (staging dir, VMs) through one ExitStack.
+    base -> builder VM -> components (build, validate) -> SBOM -> generalize ->
+    convert -> offline verification -> test VM -> store -> distribute
+
+Each stage is a function in vmbuild/stages/ over typed inputs; the steps below
+only hand it what earlier stages produced. This module owns the resources
+(staging dir, run log, VMs) through one ExitStack, so a failure anywhere
+unwinds all of them (or keeps them, with --keep-on-failure).
 """
 
 from __future__ import annotations
@@ -13,222 +15,242 @@ import contextlib
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from vmbuild import __version__, paths
+from vmbuild import __version__
 from vmbuild.config.recipe import LoadedRecipe, UrlBase
-from vmbuild.diskfs.rootfs import root_view
-from vmbuild.errors import StepFailed, TestsFailed, VmbuildError
+from vmbuild.errors import VmbuildError
 from vmbuild.hypervisor import accel as accel_mod
-from vmbuild.hypervisor.guest import GuestRequest, booted_guest
-from vmbuild.log import Progress, run_log
-from vmbuild.run import qemu_img
-from vmbuild.stages import base_image, components, convert, generalize, store
-from vmbuild.stages import image_tests as test_vm
+from vmbuild.hypervisor.guest import Guest, booted_guest, copy_console
+from vmbuild.log import run_log
+from vmbuild.manifest import BaseRecord, Manifest, RecipeRecord
+from vmbuild.plan import BUILDER_USER, TEST_USER, BuildOptions, BuildPlan
+from vmbuild.progress import Reporter
+from vmbuild.stages import base_image, components, convert, generalize, image_tests, sbom, store
+from vmbuild.stages.key import StageKey
+from vmbuild.stages.verify import check_generalized
+
+__all__ = ["BUILDER_USER", "TEST_USER", "BuildOptions", "BuildResult", "build"]
 
 log = logging.getLogger("vmbuild.build")
-
-BUILDER_USER = "vmbuild-builder"
-TEST_USER = "vmbuild-test"
-SBOM_SCRIPT = r"""
-if command -v dpkg-query >/dev/null; then
-  dpkg-query -W -f='${Package}\t${Version}\t${Architecture}\n'
-elif command -v rpm >/dev/null; then
-  rpm -qa --qf '%{NAME}\t%{VERSION}-%{RELEASE}\t%{ARCH}\n'
-fi | sort
-"""
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    store: Path
-    accel: accel_mod.AccelMode = "auto"
-    skip_tests: bool = False
-    keep_on_failure: bool = False
-    backend: str | None = None  # None: the recipe's vm.backend, else qemu
-    mirror: str | None = None
-    distribute: bool = True
-    libvirt_uri: str | None = None
-    libvirt_network: str | None = None
 
 
 @dataclass(frozen=True)
 class BuildResult:
     build_dir: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
 
-def resolve_base(
-    loaded: LoadedRecipe, opts: BuildOptions, progress: Progress
-) -> base_image.BaseImage:
-    spec = loaded.recipe.base
-    if isinstance(spec, UrlBase):
-        return base_image.fetch_base(
-            spec.url, sha256=spec.sha256, sha512=spec.sha512, checksum_url=spec.checksum_url
-        )
-    if loaded.base_path is not None:
-        return base_image.local_base(loaded.base_path)
-    return base_image.build_debian(spec, mirror=opts.mirror, on_progress=progress.status)
+@dataclass
+class Run:
+    """One build in progress: the plan, its resources, and each stage's result."""
 
-
-def parse_sbom(text: str) -> list[dict[str, str]]:
-    packages = []
-    for line in text.splitlines():
-        fields = line.split("\t")
-        if len(fields) == 3 and fields[0]:
-            packages.append({"name": fields[0], "version": fields[1], "arch": fields[2]})
-    return packages
-
-
-def build(loaded: LoadedRecipe, opts: BuildOptions, progress: Progress) -> BuildResult:
-    recipe = loaded.recipe
-    build_id = store.new_build_id()
-    run_id = build_id.rsplit("-", 1)[1]
-    started = datetime.now(UTC)
-    docs = components.load(
-        [
-            (ref.name, path, dict(ref.parameters))
-            for ref, path in zip(recipe.components, loaded.component_paths, strict=True)
-        ]
+    plan: BuildPlan
+    reporter: Reporter
+    stack: contextlib.ExitStack
+    staging: store.Staging
+    work: Path
+    base: base_image.BaseImage | None = None
+    accel: accel_mod.Accel | None = None
+    builder: Guest | None = None
+    applied: list[components.Applied] = field(default_factory=list)
+    packages: sbom.Sbom | None = None
+    converted: convert.Converted | None = None
+    tests: image_tests.TestSummary = field(
+        default_factory=lambda: image_tests.TestSummary("skipped")
     )
-    failed_logs = paths.cache_dir() / "logs" / f"{recipe.name}-{build_id}"
-    backend = opts.backend or recipe.vm.backend or "qemu"
-    libvirt_uri = opts.libvirt_uri or recipe.vm.uri
-    if backend == "libvirt":
-        from vmbuild.hypervisor.libvirt import connect
+    final_dir: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per finished stage
+    # What each stage's output is a function of (stages/key.py): a checkpoint
+    # cache keys on these; the run log records them.
+    keys: dict[str, StageKey] = field(default_factory=dict)
 
-        # Unreachable libvirt is reported before any disk or staging dir exists.
-        connect(libvirt_uri).close()
-    keep = False
+    def keyed(self, stage: str, key: StageKey) -> None:
+        self.keys[stage] = key
+        log.info("stage key %s", key)
+
+    @property
+    def logs(self) -> Path:
+        return self.staging.path / "logs"
+
+
+# -- the steps: each hands one stage what the ones before it produced ----------
+def _base(r: Run) -> None:
+    loaded = r.plan.loaded
+    r.base = base_image.for_recipe(
+        loaded.recipe.base, loaded.base_path, mirror=r.plan.mirror, reporter=r.reporter
+    )
+    r.keyed("base", base_image.key(r.base, loaded.recipe.disk_size))
+    r.accel = accel_mod.choose(r.plan.accel_mode, (r.base.path, r.base.format), r.work)
+    r.reporter.status(f"accelerator: {r.accel.kind} ({r.accel.reason})")
+
+
+def _builder(r: Run) -> None:
+    assert r.base is not None and r.accel is not None
+    req = r.plan.guest(
+        "builder", r.base.path, r.base.format, r.plan.loaded.recipe.disk_size, r.accel, r.work
+    )
+    r.builder = r.stack.enter_context(booted_guest(req, on_status=r.reporter.status))
+
+
+def _components(r: Run) -> None:
+    assert r.builder is not None
+    r.applied = components.apply(
+        r.plan.documents, r.builder.ssh, phases=["build", "validate"],
+        results_dir=r.logs / "components", on_output=r.reporter.output,
+    )  # fmt: skip
+    chain = components.keys(r.keys["base"], r.plan.documents, ["build", "validate"])
+    r.keyed("components", chain[-1] if chain else r.keys["base"])
+
+
+def _sbom(r: Run) -> None:
+    assert r.builder is not None and r.accel is not None
+    r.packages = sbom.collect(r.builder.ssh, timeout=r.accel.timeout(sbom.TIMEOUT))
+    r.keyed("sbom", sbom.key(r.keys["components"]))
+
+
+def _generalize(r: Run) -> None:
+    assert r.builder is not None
+    generalize.generalize(r.builder, on_output=r.reporter.output)
+    r.keyed("generalize", generalize.key(r.keys["components"], r.builder.user))
+    copy_console(r.builder.spec.console_log, r.logs)
+
+
+def _convert(r: Run) -> None:
+    assert r.builder is not None
+    r.converted = convert.convert_all(
+        r.builder.spec.disk, r.plan.loaded.recipe.outputs, r.staging.path, r.work
+    )
+    r.keyed("convert", convert.key(r.keys["generalize"], r.plan.loaded.recipe.outputs))
+
+
+def _verify(r: Run) -> None:
+    assert r.converted is not None and r.builder is not None
+    pubkey = r.builder.client_key.public_openssh
+    check_generalized(r.converted.final, r.work, BUILDER_USER, pubkey)
+
+
+def _test(r: Run) -> None:
+    assert r.converted is not None and r.builder is not None and r.accel is not None
+    assert r.packages is not None
+    recipe = r.plan.loaded.recipe
+    inputs = image_tests.TestInputs(
+        documents=r.plan.documents,
+        testinfra=r.plan.loaded.test_paths,
+        env={
+            "VMBUILD_BUILDER_USER": BUILDER_USER,
+            "VMBUILD_BUILDER_PUBKEY": r.builder.client_key.public_openssh,
+            "VMBUILD_BUILDER_MACHINE_ID": r.packages.machine_id,
+            "VMBUILD_IMAGE_NAME": recipe.name,
+            "VMBUILD_IMAGE_VERSION": recipe.version,
+        },
+    )
+    r.keyed("test", inputs.key(r.keys["convert"]))
+    req = r.plan.guest("test", r.converted.final, "qcow2", None, r.accel, r.work)
+    r.tests = image_tests.run_image_tests(req, inputs, r.logs, r.reporter)
+
+
+def _store(r: Run) -> None:
+    shutil.rmtree(r.work)
+    store.write_manifest(r.staging.path, _manifest(r))
+    r.final_dir = store.commit(r.staging)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    title: Callable[[BuildPlan], str]
+    run: Callable[[Run], None]
+    enabled: Callable[[BuildPlan], bool] = lambda _plan: True
+
+
+STEPS: tuple[Step, ...] = (
+    Step("base", lambda p: f"base image {_base_label(p.loaded.recipe.base)}", _base),
+    Step("builder", lambda p: "builder VM: boot, SSH, cloud-init", _builder),
+    Step("components", lambda p: f"components: build + validate ({len(p.documents)})", _components),
+    Step("sbom", lambda p: "package list (SBOM)", _sbom),
+    Step("generalize", lambda p: "generalize and power off", _generalize),
+    Step("convert", lambda p: f"convert to {', '.join(p.loaded.recipe.outputs)}", _convert),
+    Step("verify", lambda p: "verify generalization offline", _verify),
+    Step("test", lambda p: "test VM: component tests + testinfra", _test, lambda p: p.run_tests),
+    Step("store", lambda p: "store the artifact", _store),
+)
+
+
+def build(loaded: LoadedRecipe, opts: BuildOptions, progress: Reporter) -> BuildResult:
+    plan = BuildPlan.create(loaded, opts)
+    plan.check_backend()
+    recipe = loaded.recipe
     with contextlib.ExitStack() as stack:
-        stage = stack.enter_context(
-            store.staging(opts.store, recipe.name, recipe.version, build_id)
+        staging = stack.enter_context(
+            store.staging(plan.store, recipe.name, recipe.version, plan.build_id)
         )
-        logs = stage.path / "logs"
-        stack.enter_context(run_log(logs / "build.log"))
-        work = Path(tempfile.mkdtemp(prefix="work-", dir=stage.path))
+        stack.enter_context(run_log(staging.path / "logs" / "build.log"))
+        work = Path(tempfile.mkdtemp(prefix="work-", dir=staging.path))
+        r = Run(plan, progress, stack, staging, work)
         try:
-            log.info(
-                "vmbuild %s building %s %s (build %s)",
-                __version__,
-                recipe.name,
-                recipe.version,
-                build_id,
-            )
-            with progress.stage("base", f"base image {_base_label(recipe.base)}"):
-                base = resolve_base(loaded, opts, progress)
-                accel = accel_mod.choose(opts.accel, (base.path, base.format), work)
-                progress.status(f"accelerator: {accel.kind} ({accel.reason})")
-
-            def request(
-                role: str, disk: Path, fmt: str, size: int | None, user: str
-            ) -> GuestRequest:
-                return GuestRequest(
-                    run_id=run_id, role=role, base=disk, base_format=fmt, disk_size=size,
-                    memory_mib=recipe.vm.memory >> 20, cpus=recipe.vm.cpus, accel=accel,
-                    workdir=work, user=user, backend=backend,
-                    keep_on_failure=opts.keep_on_failure, libvirt_uri=libvirt_uri,
-                    libvirt_network=opts.libvirt_network or recipe.vm.network,
-                )  # fmt: skip
-
-            builder_req = request("builder", base.path, base.format, recipe.disk_size, BUILDER_USER)
-            with progress.stage("builder", "builder VM: boot, SSH, cloud-init"):
-                builder = stack.enter_context(booted_guest(builder_req, on_status=progress.status))
-            with progress.stage("components", f"components: build + validate ({len(docs)})"):
-                applied = components.apply(
-                    docs, builder.ssh, phases=["build", "validate"],
-                    results_dir=logs / "components", on_output=progress.output,
-                )  # fmt: skip
-            with progress.stage("sbom", "package list (SBOM)"):
-                sbom = builder.ssh.run(SBOM_SCRIPT, timeout=accel.timeout(60))
-                packages = parse_sbom(sbom.stdout)
-                builder_machine_id = builder.ssh.get("/etc/machine-id").decode().strip()
-            with progress.stage("generalize", "generalize and power off"):
-                generalize.generalize(builder, on_output=progress.output)
-            _copy_console(builder.spec.console_log, logs)
-
-            with progress.stage("convert", f"convert to {', '.join(recipe.outputs)}"):
-                final = stage.path / convert.output_name("qcow2")
-                if "qcow2" not in recipe.outputs:
-                    final = work / "final.qcow2"
-                convert.flatten(builder.spec.disk, final)
-                builder.spec.disk.unlink()
-                outputs = [
-                    convert.convert(final, f, stage.path) for f in recipe.outputs if f != "qcow2"
-                ]
-                if "qcow2" in recipe.outputs:
-                    outputs.insert(0, convert.convert(final, "qcow2", stage.path))
-            with progress.stage("verify", "verify generalization offline"):
-                _verify_generalized(final, work, builder.client_key.public_openssh)
-
-            if opts.skip_tests:
-                summary = test_vm.TestSummary("skipped")
-            else:
-                with progress.stage("test", "test VM: component tests + testinfra"):
-                    summary = _test(
-                        loaded, docs, request("test", final, "qcow2", None, TEST_USER),
-                        logs, progress,
-                        {"VMBUILD_BUILDER_USER": BUILDER_USER,
-                         "VMBUILD_BUILDER_PUBKEY": builder.client_key.public_openssh,
-                         "VMBUILD_BUILDER_MACHINE_ID": builder_machine_id},
-                    )  # fmt: skip
-            with progress.stage("store", "store the artifact"):
-                shutil.rmtree(work)
-                manifest: dict[str, Any] = {
-                    "schema": 1,
-                    "name": recipe.name,
-                    "version": recipe.version,
-                    "description": recipe.description,
-                    "build": build_id,
-                    "created": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                    "recipe": {"path": str(loaded.path), "sha256": loaded.sha256},
-                    "base": {
-                        "id": base.id,
-                        "sha256": base.sha256,
-                        "source": base.source,
-                        "format": base.format,
-                    },
-                    "components": [a.to_json() for a in applied],
-                    "outputs": [o.to_json() for o in outputs],
-                    "packages": packages,
-                    "tests": summary.to_json(),
-                    "timings": {**progress.timings},
-                    "accelerator": accel.to_json(),
-                    "backend": backend,
-                    "vmbuild_version": __version__,
-                }
-                manifest["timings"] = {
-                    **progress.timings,
-                    "total": round((datetime.now(UTC) - started).total_seconds(), 2),
-                }
-                store.write_manifest(stage.path, manifest)
-                final_dir = store.commit(stage)
-            log.info("stored %s", final_dir)
+            log.info("vmbuild %s building %s %s (build %s)",
+                     __version__, recipe.name, recipe.version, plan.build_id)  # fmt: skip
+            for step in STEPS:
+                if step.enabled(plan):
+                    start = time.monotonic()
+                    with progress.stage(step.name, step.title(plan)):
+                        step.run(r)
+                    r.timings[step.name] = round(time.monotonic() - start, 2)
+            log.info("stored %s", r.final_dir)
         except BaseException as exc:
-            keep = opts.keep_on_failure and not isinstance(exc, KeyboardInterrupt)
-            _save_failed_logs(logs, failed_logs)
-            if isinstance(exc, VmbuildError) and exc.hint is None:
-                exc.hint = f"run log: {failed_logs / 'build.log'}"
-            if keep:
-                stack.pop_all()  # the staging dir and VM stay for debugging
-                log.error("keeping %s for debugging", stage.path)
+            _keep_failure(r, exc)
             raise
-    if loaded.distribution is not None and opts.distribute:
-        _distribute(final_dir, loaded, progress)
-        manifest = store.read_manifest(final_dir)
-    return BuildResult(final_dir, manifest)
+    assert r.final_dir is not None
+    if plan.distribute:
+        _distribute(r.final_dir, loaded, progress)
+    return BuildResult(r.final_dir, store.load_manifest(r.final_dir))
+
+
+def _manifest(r: Run) -> Manifest:
+    assert r.base is not None and r.accel is not None
+    assert r.converted is not None and r.packages is not None
+    plan, recipe = r.plan, r.plan.loaded.recipe
+    return Manifest(
+        name=recipe.name,
+        version=recipe.version,
+        description=recipe.description,
+        build=plan.build_id,
+        created=plan.started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        recipe=RecipeRecord(str(plan.loaded.path), plan.loaded.sha256),
+        base=BaseRecord(r.base.id, r.base.sha256, r.base.source, r.base.format),
+        components=tuple(a.to_json() for a in r.applied),
+        outputs=tuple(o.record() for o in r.converted.outputs),
+        packages=r.packages.packages,
+        tests=r.tests.to_json(),
+        # Every stage before this one; the store stage's own time is not known yet.
+        timings={
+            **r.timings,
+            "total": round((datetime.now(UTC) - plan.started).total_seconds(), 2),
+        },
+        accelerator=r.accel.to_json(),
+        backend=plan.backend,
+        vmbuild_version=__version__,
+    )
+
+
+def _keep_failure(r: Run, exc: BaseException) -> None:
+    """Save the logs of a failed build; keep its staging dir and VMs if asked to."""
+    failed_logs = r.plan.failed_logs
+    _save_failed_logs(r.logs, failed_logs)
+    if isinstance(exc, VmbuildError) and exc.hint is None:
+        exc.hint = f"run log: {failed_logs / 'build.log'}"
+    if r.plan.keep_on_failure and not isinstance(exc, KeyboardInterrupt):
+        r.stack.pop_all()  # the staging dir and VM stay for debugging
+        log.error("keeping %s for debugging", r.staging.path)
 
 
 def _base_label(spec: object) -> str:
     return spec.url if isinstance(spec, UrlBase) else str(spec)
-
-
-def _copy_console(console: Path, logs: Path) -> None:
-    if console.exists():
-        shutil.copy(console, logs / console.name)
 
 
 def _save_failed_logs(logs: Path, dest: Path) -> None:
@@ -240,63 +262,12 @@ def _save_failed_logs(logs: Path, dest: Path) -> None:
             shutil.copy(console, dest / console.name)
 
 
-def _verify_generalized(final: Path, work: Path, builder_pubkey: str) -> None:
-    raw = work / "verify.raw"
-    try:
-        qemu_img("convert", "-f", "qcow2", "-O", "raw", final, raw)
-        findings = generalize.verify(root_view(raw), BUILDER_USER, builder_pubkey)
-    finally:
-        raw.unlink(missing_ok=True)
-    if findings:
-        details = "; ".join(f"{f.path}: {f.problem}" for f in findings)
-        raise VmbuildError(f"the image is not generalized: {details}")
-
-
-def _test(
-    loaded: LoadedRecipe,
-    docs: list[Any],
-    req: GuestRequest,
-    logs: Path,
-    progress: Progress,
-    env: dict[str, str],
-) -> test_vm.TestSummary:
-    counts = None
-    component_tests: list[dict[str, Any]] = []
-    junit_name = None
-    with booted_guest(req, on_status=progress.status) as guest:
-        try:
-            applied = components.apply(
-                docs, guest.ssh, phases=["test"], results_dir=logs / "components",
-                on_output=progress.output,
-            )  # fmt: skip
-            component_tests = [{"name": a.name, "status": a.status} for a in applied]
-        except StepFailed as exc:
-            raise TestsFailed(f"image tests failed: {exc}") from None
-        finally:
-            _copy_console(guest.spec.console_log, logs)
-        if loaded.test_paths:
-            test_env = {
-                **env,
-                "VMBUILD_IMAGE_NAME": loaded.recipe.name,
-                "VMBUILD_IMAGE_VERSION": loaded.recipe.version,
-            }
-            *nums, junit = test_vm.run_testinfra(
-                guest, loaded.test_paths, logs, env=test_env, on_line=progress.output
-            )
-            counts = (nums[0], nums[1], nums[2], nums[3])
-            junit_name = str(junit.relative_to(logs.parent))
-    summary = test_vm.summarize(counts, junit_name, component_tests)
-    test_vm.raise_if_failed(summary, "see testinfra.log and junit.xml in the run log")
-    return summary
-
-
-def _distribute(build_dir: Path, loaded: LoadedRecipe, progress: Progress) -> None:
+def _distribute(build_dir: Path, loaded: LoadedRecipe, progress: Reporter) -> None:
     from vmbuild.publish import distribute
+    from vmbuild.publish.events import to_reporter
 
     with progress.stage("distribute", "distribute to AWS"):
-        result = distribute(
-            build_dir, loaded.distribution, on_progress=lambda ev: progress.status(str(ev))
-        )
+        result = distribute(build_dir, loaded.distribution, on_progress=to_reporter(progress))
     if not result.ok:
         # The artifact is stored and tested; only distribution failed, and a
         # re-run of `vmbuild distribute` finishes just the missing regions.

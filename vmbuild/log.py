@@ -17,7 +17,8 @@ log = logging.getLogger("vmbuild")
 
 
 class Progress:
-    """Per-stage progress on the terminal; the run log gets everything."""
+    """The console Reporter (vmbuild.progress): per-stage progress on the terminal;
+    the run log gets everything."""
 
     def __init__(self, console: Console | None = None, *, quiet: bool = False) -> None:
         # Titles, status and guest output are data: never markup (see vmbuild.console).
@@ -61,6 +62,11 @@ class Progress:
         if not self.quiet:
             # Guest output is data, not markup; never re-wrap it.
             self.console.print(Text.assemble(("  │", "dim"), f" {line}"), soft_wrap=True)
+
+    def bytes(self, done: int, total: int | None) -> None:
+        # Stage and status lines are what the build console shows; a byte bar
+        # belongs to commands that draw one (`vmbuild base fetch`).
+        pass
 
 
 def setup_console_logging(debug: bool) -> None:

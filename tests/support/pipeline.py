@@ -113,7 +113,7 @@ class FakeBuild:
             packages=self.packages, tests="skipped" if opts.skip_tests else "passed",
             suffix=f"{len(self.calls):06x}",
         )  # fmt: skip
-        return BuildResult(build_dir, store.read_manifest(build_dir))
+        return BuildResult(build_dir, store.load_manifest(build_dir))
 
 
 def pkg(name: str, version: str, arch: str = "amd64") -> dict[str, str]:

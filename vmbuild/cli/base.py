@@ -40,7 +40,7 @@ def cmd_base_build(args: argparse.Namespace) -> int:
     progress = Progress(quiet=args.json)
     with progress.stage("base", f"build base {args.release}"):
         base = base_image.build_debian(
-            args.release, mirror=args.mirror, rebuild=args.rebuild, on_progress=progress.status
+            args.release, mirror=args.mirror, rebuild=args.rebuild, on_progress=progress
         )
     return out(args, _base_json(base), lambda: print(f"{base.id}  {base.path}"))
 
@@ -54,6 +54,8 @@ def cmd_base_fetch(args: argparse.Namespace) -> int:
         )
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
+    from vmbuild.progress import NullReporter
+
     bar = Progress(
         *Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(),
         console=console.stderr(), transient=True,
@@ -61,9 +63,11 @@ def cmd_base_fetch(args: argparse.Namespace) -> int:
     )  # fmt: skip
     task = bar.add_task("download", total=None)
 
-    def progress(done: int, total: int | None) -> None:
-        bar.update(task, completed=done, total=total)
+    class BarReporter(NullReporter):
+        def bytes(self, done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
 
+    progress = BarReporter()
     with bar:
         base = base_image.fetch_base(
             args.url, sha256=args.sha256, sha512=args.sha512, checksum_url=args.checksum_url,

@@ -52,15 +52,15 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     def human() -> None:
         con = console.stdout()
-        table = Table(title=Text(f"{m['name']} {m['version']} ({m['build']})"), show_edge=False)
+        table = Table(title=Text(f"{m.name} {m.version} ({m.build})"), show_edge=False)
         table.add_column("stage")
         table.add_column("seconds", justify="right")
-        for name, secs in m["timings"].items():
+        for name, secs in m.timings.items():
             table.add_row(name, f"{secs:.1f}")
         con.print(table)
-        for o in m["outputs"]:
-            con.print(f"{o['format']:6} {result.build_dir / o['file']}  sha256:{o['sha256']}")
-        con.print(f"tests: {m['tests']['status']}")
+        for o in m.outputs:
+            con.print(f"{o.format:6} {result.build_dir / o.file}  sha256:{o.sha256}")
+        con.print(f"tests: {m.tests_status}")
         con.print(console.styled("artifact:", "bold green", f" {result.build_dir}"))
 
-    return out(args, {"path": str(result.build_dir), "manifest": m}, human)
+    return out(args, {"path": str(result.build_dir), "manifest": m.to_json()}, human)

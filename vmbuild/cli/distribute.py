@@ -13,7 +13,7 @@ import yaml
 from vmbuild import paths
 from vmbuild.config.distribution import DistributionConfig, load_distribution
 from vmbuild.errors import ConfigError, VmbuildError
-from vmbuild.publish.events import Progress
+from vmbuild.publish.events import DistributionEvent
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -89,7 +89,7 @@ def _resolve(args: argparse.Namespace) -> Path:
 
 
 def _printer(quiet: bool) -> Any:
-    def show(event: Progress) -> None:
+    def show(event: DistributionEvent) -> None:
         if not quiet:
             print(f"  {event}", file=sys.stderr, flush=True)
 

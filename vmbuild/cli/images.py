@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
 from rich.table import Table
 
@@ -57,22 +56,20 @@ def cmd_images_show(args: argparse.Namespace) -> int:
     from vmbuild.stages import store
 
     build_dir = store.resolve(paths.store_dir(args.store), args.ref)
-    manifest = store.read_manifest(build_dir)
-    manifest["path"] = str(build_dir)
     if args.json:
-        print(json.dumps(manifest, indent=2))
+        print(json.dumps({**store.read_manifest(build_dir), "path": str(build_dir)}, indent=2))
         return 0
-    s = store.summary(build_dir)
-    base: dict[str, Any] = manifest.get("base") or {}
-    print(f"image:    {s['ref']}\npath:     {build_dir}\ncreated:  {s['created']}")
-    print(f"base:     {base.get('source', '?')} ({base.get('id', '?')})")
-    print(f"tests:    {s['tests']}")
-    print(f"packages: {len(manifest.get('packages') or [])}")
-    for c in manifest.get("components") or []:
+    m = store.load_manifest(build_dir)
+    print(f"image:    {m.ref}\npath:     {build_dir}\ncreated:  {m.created}")
+    base_source, base_id = (m.base.source, m.base.id) if m.base else ("?", "?")
+    print(f"base:     {base_source} ({base_id})")
+    print(f"tests:    {m.tests_status}")
+    print(f"packages: {len(m.packages)}")
+    for c in m.components:
         digest = str(c.get("sha256", ""))[:12]
         print(f"component {c.get('name')} sha256:{digest} {c.get('parameters') or ''}")
-    for o in manifest.get("outputs") or []:
-        print(f"output    {o.get('format', '?'):6} {o.get('file')} sha256:{o.get('sha256')}")
+    for o in m.outputs:
+        print(f"output    {o.format:6} {o.file} sha256:{o.sha256}")
     return 0
 
 

@@ -74,6 +74,12 @@ class Guest:
         )
 
 
+def copy_console(console: Path, logs: Path) -> None:
+    """Keep a VM's serial console log with the run's logs (if the VM wrote one)."""
+    if console.exists():
+        shutil.copy(console, logs / console.name)
+
+
 def make_machine(req: GuestRequest, spec: VMSpec) -> Machine:
     """Backends are chosen by name; the direct QEMU one is the default."""
     if req.backend == "qemu":

@@ -250,7 +250,7 @@ def check(
     try:
         if last.artifact is None:
             raise VmbuildError("the last successful run recorded no artifact")
-        packages = store.read_manifest(Path(last.artifact)).get("packages") or []
+        packages = [p.to_json() for p in store.load_manifest(Path(last.artifact)).packages]
     except VmbuildError as exc:
         changes.append(Change("artifact", f"the last artifact is gone: {exc}"))
     if not current["apt_sources"]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from vmbuild.config.pipeline import Lifecycle
 from vmbuild.errors import VmbuildError
+from vmbuild.manifest import Manifest
 from vmbuild.stages import store
 
 log = logging.getLogger("vmbuild.pipeline.lifecycle")
@@ -45,13 +46,9 @@ class Deletion:
         return {"image": self.build.ref, "path": str(self.build.path), "reason": self.reason}
 
 
-def _created(manifest: dict[str, Any], build_dir: Path) -> datetime:
-    text = manifest.get("created")
-    if isinstance(text, str):
-        try:
-            return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
-        except ValueError:
-            pass
+def _created(manifest: Manifest, build_dir: Path) -> datetime:
+    if (created := manifest.created_at) is not None:
+        return created.astimezone(UTC)
     # The build id starts with its UTC creation time (store.new_build_id).
     return datetime.strptime(build_dir.name[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
 
@@ -63,7 +60,7 @@ def stored_builds(store_dir: Path, name: str) -> list[StoredBuild]:
         if build_dir.parent.parent.name != name:
             continue
         try:
-            manifest = store.read_manifest(build_dir)
+            manifest = store.load_manifest(build_dir)
         except VmbuildError as exc:
             log.warning("lifecycle: skipping %s: %s", build_dir, exc)
             continue
@@ -71,7 +68,7 @@ def stored_builds(store_dir: Path, name: str) -> list[StoredBuild]:
             StoredBuild(
                 path=build_dir, version=build_dir.parent.name, build=build_dir.name,
                 created=_created(manifest, build_dir),
-                tests=str((manifest.get("tests") or {}).get("status", "unknown")),
+                tests=manifest.tests_status,
             )
         )  # fmt: skip
     return sorted(found, key=lambda b: (b.created, b.build))

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from vmbuild.build import BuildOptions, BuildResult, build
+from vmbuild.build import BuildResult, build
 from vmbuild.config.pipeline import LoadedPipeline
 from vmbuild.config.recipe import LoadedRecipe
 from vmbuild.debian import index as apt
@@ -41,6 +41,7 @@ from vmbuild.log import Progress, run_log
 from vmbuild.pipeline import deps, lifecycle
 from vmbuild.pipeline.history import History, RunRecord, Trigger
 from vmbuild.pipeline.schedule import Clock, SystemClock
+from vmbuild.plan import BuildOptions, pipeline_options, vm_settings
 from vmbuild.stages import base_image
 
 log = logging.getLogger("vmbuild.pipeline.runner")
@@ -211,9 +212,10 @@ def distribute_artifact(build_dir: Path, config: Any, progress: Progress) -> Dis
     """AWS distribution through vmbuild.publish (imported only when a pipeline uses it)."""
     try:
         from vmbuild.publish import distribute
+        from vmbuild.publish.events import to_reporter
     except ModuleNotFoundError as exc:
         raise VmbuildError(f"AWS distribution is not available in this vmbuild: {exc}") from None
-    result = distribute(build_dir, config, on_progress=lambda e: progress.status(str(e)))
+    result = distribute(build_dir, config, on_progress=to_reporter(progress))
     amis = {r.region: r.image_id for r in result.regions if r.image_id}
     errors = [f"{r.region}: {r.error or r.status}" for r in result.regions if not r.ok]
     return DistributionOutcome(amis, errors)
@@ -232,7 +234,7 @@ def refresh_debian_base(
     if not (isinstance(spec, str) and spec in base_image.RELEASES and recipe.base_path is None):
         return
     with progress.stage("base-refresh", f"{spec} base: compare with its mirror"):
-        base = base_image.build_debian(spec, mirror=mirror, on_progress=progress.status)
+        base = base_image.build_debian(spec, mirror=mirror, on_progress=progress)
         meta = json.loads((base.path.parent / "meta.json").read_text())
         created = datetime.fromisoformat(meta["created"]).astimezone(UTC)
         mirrors = aptsources.DebianMirrors(meta["mirror"], meta.get("security_mirror"))
@@ -249,7 +251,7 @@ def refresh_debian_base(
                     moved.append(f"{suite} {release.date:%Y-%m-%d %H:%M}")
         if moved:
             progress.status(f"the mirror changed after the base was built ({', '.join(moved)})")
-            base_image.build_debian(spec, mirror=mirror, rebuild=True, on_progress=progress.status)
+            base_image.build_debian(spec, mirror=mirror, rebuild=True, on_progress=progress)
         else:
             progress.status(f"base {base.id} is current")
 
@@ -371,9 +373,9 @@ def _run_locked(
 def with_overrides(loaded: LoadedPipeline) -> LoadedRecipe:
     """The recipe with the pipeline's infrastructure (CPUs, memory) applied."""
     infra = loaded.pipeline.infrastructure
-    vm_update = {k: v for k, v in (("cpus", infra.cpus), ("memory", infra.memory)) if v is not None}
     recipe = loaded.recipe.recipe
-    recipe = recipe.model_copy(update={"vm": recipe.vm.model_copy(update=vm_update)})
+    vm = vm_settings(recipe.vm, cpus=infra.cpus, memory=infra.memory)
+    recipe = recipe.model_copy(update={"vm": vm})
     return dataclasses.replace(loaded.recipe, recipe=recipe, distribution=loaded.distribution)
 
 
@@ -391,15 +393,13 @@ def _execute(
     recipe = with_overrides(loaded)
     if infra.refresh_base:
         svc.refresh_base(recipe, infra.mirror, progress)
-    opts = BuildOptions(
-        store=ctx.store, accel=infra.accelerator, skip_tests=not loaded.pipeline.tests.enabled,
-        keep_on_failure=infra.keep_vm_on_failure, backend=infra.backend, mirror=infra.mirror,
-        libvirt_uri=infra.uri, libvirt_network=infra.network,
+    opts = pipeline_options(
+        infra, tests_enabled=loaded.pipeline.tests.enabled, store=ctx.store,
         distribute=False,  # done below, so the AMI ids are recorded
     )  # fmt: skip
     built = svc.build(recipe, opts, progress)
     m = built.manifest
-    result.update(artifact=str(built.build_dir), image=f"{m['name']}/{m['version']}/{m['build']}")
+    result.update(artifact=str(built.build_dir), image=m.ref)
     if loaded.distribution is not None:
         with progress.stage("distribute", "distribute to AWS"):
             outcome = svc.distribute(built.build_dir, loaded.distribution, progress)
@@ -409,7 +409,7 @@ def _execute(
     policy = loaded.pipeline.lifecycle
     if policy.keep_last is not None or policy.max_age is not None:
         with progress.stage("lifecycle", "lifecycle: prune old builds"):
-            deleted = lifecycle.prune(ctx.store, m["name"], policy, ctx.clock.now())
+            deleted = lifecycle.prune(ctx.store, m.name, policy, ctx.clock.now())
             result["pruned"] = [d.to_json() for d in deleted]
             for d in deleted:
                 progress.status(f"deleted {d.build.ref} ({d.reason})")

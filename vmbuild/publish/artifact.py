@@ -12,13 +12,14 @@ import json
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from vmbuild.digest import sha256_file
 from vmbuild.errors import VmbuildError
-from vmbuild.publish.events import Progress, ProgressCallback
+from vmbuild.manifest import Manifest
+from vmbuild.publish.events import DistributionEvent, EventCallback
 from vmbuild.run import qemu_img
 
 # Keys the distribution step itself writes into the manifest; the artifact's identity
@@ -45,7 +46,7 @@ class Artifact:
     """A stored build, read from its manifest.json."""
 
     build_dir: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     name: str
     version: str
     build: str
@@ -68,7 +69,7 @@ class Artifact:
 
     @property
     def tests_status(self) -> str | None:
-        tests = self.manifest.get("tests")
+        tests = self.manifest.tests
         return str(tests.get("status")) if isinstance(tests, dict) and "status" in tests else None
 
     def variables(self) -> dict[str, str]:
@@ -96,33 +97,43 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def _required(value: int | None, key: str) -> int:
+    if value is None:
+        raise KeyError(key)
+    return value
+
+
 def load_artifact(build_dir: Path) -> Artifact:
     """Read and check the manifest of `build_dir`."""
     from vmbuild.stages.store import read_manifest
 
-    manifest = read_manifest(build_dir)
+    raw = read_manifest(build_dir)
     where = build_dir / "manifest.json"
+    manifest = Manifest.from_json(raw, str(where))
     try:
-        created = datetime.fromisoformat(str(manifest["created"]).replace("Z", "+00:00"))
+        created = manifest.created_at
+        if created is None:
+            raise ValueError("created")
         outputs = tuple(
             Output(
-                format=str(o["format"]),
-                path=build_dir / str(o["file"]),
-                sha256=o.get("sha256"),
-                size=int(o.get("size", 0)),
-                virtual_size=int(o["virtual_size"]),
+                format=o.format,
+                path=build_dir / o.file,
+                sha256=o.sha256,
+                size=o.size,
+                virtual_size=_required(o.virtual_size, "virtual_size"),
             )
-            for o in manifest["outputs"]
+            for o in manifest.outputs
         )
         artifact = Artifact(
             build_dir=build_dir,
             manifest=manifest,
-            name=str(manifest["name"]),
-            version=str(manifest["version"]),
-            build=str(manifest["build"]),
-            created=created if created.tzinfo else created.replace(tzinfo=UTC),
+            name=manifest.name,
+            version=manifest.version,
+            build=str(raw["build"]),
+            created=created,
             outputs=outputs,
-            digest=manifest_digest(manifest),
+            # Over the bytes as stored: the digest AMIs are tagged with.
+            digest=manifest_digest(raw),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise VmbuildError(f"{where}: incomplete manifest ({exc!r})") from None
@@ -159,7 +170,7 @@ class Disks:
     conversion done once, all in `scratch` (removed by the caller's `workdir()`)."""
 
     def __init__(
-        self, artifact: Artifact, scratch: Path, on_progress: ProgressCallback | None = None
+        self, artifact: Artifact, scratch: Path, on_progress: EventCallback | None = None
     ) -> None:
         self.artifact = artifact
         self.scratch = scratch
@@ -168,7 +179,7 @@ class Disks:
 
     def _verify(self, out: Output) -> None:
         if out.path not in self._verified:
-            self.emit(Progress("verify", message=f"sha256 of {out.path.name}"))
+            self.emit(DistributionEvent("verify", message=f"sha256 of {out.path.name}"))
             verify_output(out)
             self._verified.add(out.path)
 
@@ -187,7 +198,7 @@ class Disks:
             return source.path
         target = self.scratch / "disk.raw"
         if not target.exists():
-            self.emit(Progress("convert", message=f"{source.format} -> sparse raw"))
+            self.emit(DistributionEvent("convert", message=f"{source.format} -> sparse raw"))
             # qemu-img writes a sparse file: zero clusters become holes, so the scratch copy
             # costs only the allocated size, and the reader skips the holes again.
             qemu_img("convert", "-f", QEMU_FORMAT[source.format], "-O", "raw", source.path, target)
@@ -213,7 +224,7 @@ class Disks:
         elif fmt == "vhd":
             # force_size keeps the virtual size exact instead of rounding to CHS geometry.
             options = ["-o", "subformat=dynamic,force_size=on"]
-        self.emit(Progress("convert", message=f"{source.format} -> {fmt}"))
+        self.emit(DistributionEvent("convert", message=f"{source.format} -> {fmt}"))
         qemu_img(
             "convert",
             "-f",

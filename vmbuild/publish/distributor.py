@@ -31,7 +31,7 @@ from vmbuild.paths import cache_dir
 from vmbuild.publish import ebs_direct, regions, vm_import
 from vmbuild.publish.artifact import Artifact, Disks, load_artifact, workdir
 from vmbuild.publish.aws import Backoff, Clients, RetryStats, describe_error
-from vmbuild.publish.events import Progress, ProgressCallback
+from vmbuild.publish.events import DistributionEvent, EventCallback
 from vmbuild.publish.plan import Plan, RegionPlan, build_plan, preflight
 
 log = logging.getLogger("vmbuild.publish")
@@ -131,7 +131,7 @@ def distribute(
     config: DistributionConfig,
     *,
     dry_run: bool = False,
-    on_progress: ProgressCallback | None = None,
+    on_progress: EventCallback | None = None,
     clients: Clients | None = None,
 ) -> DistributionResult:
     """Turn the artifact in `build_dir` into AMIs in every configured region.
@@ -157,7 +157,9 @@ def distribute(
         disks = Disks(artifact, scratch, emit)
         if config.lint and (needs_upload or dry_run):
             raw = disks.raw()
-            emit(Progress("lint", plan.source.region, message="inspecting the disk offline"))
+            emit(
+                DistributionEvent("lint", plan.source.region, message="inspecting the disk offline")
+            )
             plan.lint = result.lint = lint_disk(
                 raw,
                 boot_mode=config.image.boot_mode,
@@ -198,7 +200,7 @@ class _Runner:
         plan: Plan,
         clients: Clients,
         disks: Disks,
-        emit: ProgressCallback,
+        emit: EventCallback,
         result: DistributionResult,
     ) -> None:
         self.plan, self.clients, self.disks, self.emit = plan, clients, disks, emit
@@ -288,7 +290,7 @@ class _Runner:
             with self._lock:
                 res.status, res.image_id, res.snapshot_ids = status, image_id, snaps
                 res.error = None
-            self.emit(Progress("done", rp.region, message=f"{image_id} ({status})"))
+            self.emit(DistributionEvent("done", rp.region, message=f"{image_id} ({status})"))
             return image_id
         except KeyboardInterrupt:
             raise
@@ -297,14 +299,14 @@ class _Runner:
             log.debug("region %s failed", rp.region, exc_info=True)
             with self._lock:
                 res.status, res.error = "failed", message
-            self.emit(Progress("failed", rp.region, message=message))
+            self.emit(DistributionEvent("failed", rp.region, message=message))
             return None
         finally:
             res.seconds = round(time.monotonic() - started, 3)
 
     def _finish(self, rp: RegionPlan, image_id: str, snaps: list[str]) -> None:
         ec2 = self.clients.get("ec2", rp.region)
-        self.emit(Progress("share", rp.region, message=image_id))
+        self.emit(DistributionEvent("share", rp.region, message=image_id))
         regions.tag_resources(ec2, [image_id, *snaps], rp.tags)
         regions.share(ec2, image_id, snaps, rp.entry.launch_permission)
         if rp.entry.ssm_parameter_configurations:
@@ -480,7 +482,7 @@ class _Runner:
         found = regions.find_image(ec2, self.artifact.ref, self.artifact.digest)
         if found is not None:
             return str(found["ImageId"]), "existing"
-        self.emit(Progress("copy", rp.region, message=f"from {self.plan.source.region}"))
+        self.emit(DistributionEvent("copy", rp.region, message=f"from {self.plan.source.region}"))
         image_id = regions.copy_image(
             ec2,
             source_region=self.plan.source.region,
@@ -497,10 +499,10 @@ class _Runner:
 
     def _record(self) -> None:
         """Write the per-region results into the manifest, keeping earlier successes."""
-        from vmbuild.stages.store import read_manifest, update_manifest
+        from vmbuild.stages.store import load_manifest, update_manifest
 
         with self._lock, contextlib.suppress(VmbuildError, OSError):
-            previous = read_manifest(self.artifact.build_dir).get(MANIFEST_KEY) or {}
+            previous = load_manifest(self.artifact.build_dir).distribution or {}
             aws = dict(previous.get("aws") or {})
             recorded = dict(aws.get("regions") or {})
             for res in self.results.values():

@@ -29,7 +29,7 @@ from typing import Any
 from vmbuild.diskfs.partitions import BLOCK_SIZE, ScanStats, scan_blocks
 from vmbuild.errors import VmbuildError
 from vmbuild.publish.aws import Backoff, RetryStats, describe_error, error_code, with_retries
-from vmbuild.publish.events import Progress, ProgressCallback, Throttled
+from vmbuild.publish.events import DistributionEvent, EventCallback, Throttled
 from vmbuild.run import write_atomic
 
 log = logging.getLogger("vmbuild.publish")
@@ -144,7 +144,7 @@ def upload_snapshot(
     *,
     backoff: Backoff | None = None,
     retry_stats: RetryStats | None = None,
-    on_progress: ProgressCallback | None = None,
+    on_progress: EventCallback | None = None,
 ) -> SnapshotUpload:
     """Upload `req.raw` into a new (or the journal's pending) snapshot; return its id."""
     backoff = backoff or Backoff()
@@ -200,7 +200,7 @@ def _send(
     journal: Journal,
     backoff: Backoff,
     retry_stats: RetryStats | None,
-    on_progress: ProgressCallback | None,
+    on_progress: EventCallback | None,
     *,
     resumed: bool,
 ) -> SnapshotUpload:
@@ -264,7 +264,7 @@ def _send(
             future.add_done_callback(functools.partial(finished, index))
             last_save = _maybe_save(journal, last_save)
             progress(
-                Progress(
+                DistributionEvent(
                     "upload",
                     req.region,
                     index * BLOCK_SIZE,
@@ -304,7 +304,7 @@ def _send(
     journal.completed = True
     journal.save()
     progress(
-        Progress(
+        DistributionEvent(
             "upload",
             req.region,
             size,

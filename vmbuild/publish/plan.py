@@ -138,9 +138,9 @@ def artifact_tags(artifact: Artifact) -> dict[str, str]:
         DIGEST_TAG: artifact.digest,
         "CreatedBy": "vmbuild",
     }
-    recipe = artifact.manifest.get("recipe")
-    if isinstance(recipe, dict) and recipe.get("sha256"):
-        tags["vmbuild:recipe-sha256"] = str(recipe["sha256"])
+    recipe = artifact.manifest.recipe
+    if recipe is not None and recipe.sha256:
+        tags["vmbuild:recipe-sha256"] = recipe.sha256
     return tags
 
 

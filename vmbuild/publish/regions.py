@@ -17,7 +17,7 @@ import botocore.exceptions
 from vmbuild.config.distribution import ImageSettings, LaunchPermission, SsmParameter
 from vmbuild.errors import VmbuildError
 from vmbuild.publish.aws import error_code
-from vmbuild.publish.events import Progress, ProgressCallback
+from vmbuild.publish.events import DistributionEvent, EventCallback
 
 log = logging.getLogger("vmbuild.publish")
 
@@ -149,7 +149,7 @@ def wait_available(
     region: str,
     timeout: float,
     poll_interval: float,
-    on_progress: ProgressCallback | None = None,
+    on_progress: EventCallback | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
     """Poll until the AMI is available; raise if it fails or takes longer than `timeout`."""
@@ -163,7 +163,7 @@ def wait_available(
             reason = (image or {}).get("StateReason", {}).get("Message", "")
             raise VmbuildError(f"{image_id} in {region} is {state}: {reason}".rstrip(": "))
         if on_progress is not None:
-            on_progress(Progress("wait", region, message=f"{image_id} {state}"))
+            on_progress(DistributionEvent("wait", region, message=f"{image_id} {state}"))
         if time.monotonic() > deadline:
             raise VmbuildError(
                 f"{image_id} in {region} still {state} after {timeout:.0f}s",

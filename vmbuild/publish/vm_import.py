@@ -23,7 +23,7 @@ from s3transfer.subscribers import BaseSubscriber  # type: ignore[import-untyped
 from vmbuild.errors import VmbuildError
 from vmbuild.publish.artifact import AWS_FORMAT
 from vmbuild.publish.aws import describe_error, error_code
-from vmbuild.publish.events import Progress, ProgressCallback, Throttled
+from vmbuild.publish.events import DistributionEvent, EventCallback, Throttled
 from vmbuild.run import write_atomic
 
 log = logging.getLogger("vmbuild.publish")
@@ -82,7 +82,7 @@ class _Counter(BaseSubscriber):  # type: ignore[misc]
             self.done += bytes_transferred
 
 
-def upload_to_s3(s3: Any, req: ImportRequest, on_progress: ProgressCallback | None) -> int:
+def upload_to_s3(s3: Any, req: ImportRequest, on_progress: EventCallback | None) -> int:
     """Multipart upload (parallel parts, bounded memory); returns the bytes uploaded."""
     size = req.disk.stat().st_size
     marker = f"{req.state_key}:{size}"
@@ -116,7 +116,7 @@ def upload_to_s3(s3: Any, req: ImportRequest, on_progress: ProgressCallback | No
             while not future.done():
                 time.sleep(0.2)
                 progress(
-                    Progress(
+                    DistributionEvent(
                         "s3-upload", req.region, counter.done, size, f"s3://{req.bucket}/{req.key}"
                     )
                 )
@@ -125,7 +125,8 @@ def upload_to_s3(s3: Any, req: ImportRequest, on_progress: ProgressCallback | No
             future.cancel()  # aborts the multipart upload: no orphaned parts
             raise
     progress(
-        Progress("s3-upload", req.region, size, size, f"s3://{req.bucket}/{req.key}"), force=True
+        DistributionEvent("s3-upload", req.region, size, size, f"s3://{req.bucket}/{req.key}"),
+        force=True,
     )
     return size
 
@@ -207,7 +208,7 @@ def wait_for_task(
     ec2: Any,
     req: ImportRequest,
     task_id: str,
-    on_progress: ProgressCallback | None,
+    on_progress: EventCallback | None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
     """Poll until the task completes; raise on failure or timeout."""
@@ -220,13 +221,13 @@ def wait_for_task(
         status = str(task.get("Status", "")).lower()
         message = str(task.get("StatusMessage", "") or status)
         if status == "completed":
-            progress(Progress("import", req.region, 100, 100, f"{task_id} completed"))
+            progress(DistributionEvent("import", req.region, 100, 100, f"{task_id} completed"))
             return task
         if status in FAILED_STATES:
             raise ImportFailed(f"{req.method} task {task_id} in {req.region} failed: {message}")
         pct = task.get("Progress")
         progress(
-            Progress(
+            DistributionEvent(
                 "import",
                 req.region,
                 int(str(pct)) if str(pct).isdigit() else None,
@@ -269,7 +270,7 @@ def run_import(
     ec2: Any,
     s3: Any,
     req: ImportRequest,
-    on_progress: ProgressCallback | None = None,
+    on_progress: EventCallback | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> ImportOutcome:
     """Upload (unless a running task from an earlier run exists), import, wait, clean up."""

@@ -38,6 +38,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from vmbuild.config.recipe import UrlBase
 from vmbuild.debian.bootstrap import (
     DISK_SIZE,
     PARTITION_OFFSET,
@@ -58,7 +59,9 @@ from vmbuild.debian.sources import (
 from vmbuild.digest import sha256_file
 from vmbuild.errors import ConfigError, VmbuildError
 from vmbuild.paths import cache_dir
+from vmbuild.progress import Reporter, reporter_or_null
 from vmbuild.run import qemu_img, run, which, write_atomic
+from vmbuild.stages.key import StageKey, stage_key
 
 log = logging.getLogger("vmbuild.stages.base_image")
 
@@ -283,7 +286,7 @@ def build_debian(
     *,
     mirror: str | None = None,
     rebuild: bool = False,
-    on_progress: Callable[[str], None] | None = None,
+    on_progress: Reporter | None = None,
 ) -> BaseImage:
     """Build (or reuse from the cache) a Debian cloud base image, offline.
 
@@ -298,7 +301,7 @@ def build_debian(
     key = base_cache_key(release, mirrors.mirror, DEBIAN_PACKAGES, security_mirror=mirrors.security)
     base_id = f"{release}-{key[:16]}"
     final = _bases_dir() / base_id
-    progress = on_progress or (lambda _msg: None)
+    progress = reporter_or_null(on_progress).status
     # One build at a time: a second build of the same key waits, then reuses;
     # builds also share (and swap) the .deb cache.
     with _lock("debian-build"):
@@ -469,9 +472,7 @@ def _open_url(url: str) -> Any:
         raise VmbuildError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from exc
 
 
-def _download(
-    url: str, dest: Path, algos: set[str], on_progress: Callable[[int, int | None], None] | None
-) -> dict[str, str]:
+def _download(url: str, dest: Path, algos: set[str], reporter: Reporter) -> dict[str, str]:
     """Stream `url` to `dest`, hashing as it goes; hex digests by algorithm."""
     hashes = {algo: hashlib.new(algo) for algo in algos}
     done = 0
@@ -484,8 +485,7 @@ def _download(
                 for h in hashes.values():
                     h.update(chunk)
                 done += len(chunk)
-                if on_progress is not None:
-                    on_progress(done, total)
+                reporter.bytes(done, total)
         except OSError as exc:
             raise VmbuildError(f"download of {url} failed after {done} bytes: {exc}") from exc
     if total is not None and done != total:
@@ -499,13 +499,13 @@ def fetch_base(
     sha256: str | None = None,
     sha512: str | None = None,
     checksum_url: str | None = None,
-    on_progress: Callable[[int, int | None], None] | None = None,
+    on_progress: Reporter | None = None,
 ) -> BaseImage:
     """Download a base image into the cache, verified against a checksum.
 
     Already cached with this URL and checksum: returned without downloading.
     On a mismatch nothing is kept and the error names expected and actual
-    digests. `on_progress(done, total)` counts bytes (total None if unknown).
+    digests. Bytes are reported through `on_progress.bytes(done, total)`.
     """
     algo, expected = _expected_checksum(url, sha256, sha512, checksum_url)
     for base, meta in _cached():
@@ -513,7 +513,7 @@ def fetch_base(
             return base
     with _staging_dir("url") as work:
         download = work / "download"
-        digests = _download(url, download, {"sha256", algo}, on_progress)
+        digests = _download(url, download, {"sha256", algo}, reporter_or_null(on_progress))
         if digests[algo] != expected:
             download.unlink()
             raise VmbuildError(
@@ -553,7 +553,7 @@ def resolve_base(
     recipe_dir: Path,
     mirror: str | None = None,
     rebuild: bool = False,
-    on_progress: Callable[[str], None] | None = None,
+    on_progress: Reporter | None = None,
 ) -> BaseImage:
     """Turn a recipe's `base` into a `BaseImage`.
 
@@ -574,3 +574,23 @@ def resolve_base(
     if not path.exists() and re.fullmatch(r"[a-z]+-\d+", spec):
         raise VmbuildError(f"unknown base {spec!r}", hint=f"supported: {', '.join(RELEASES)}")
     return local_base(path)
+
+
+def for_recipe(
+    spec: str | UrlBase, local_path: Path | None, *, mirror: str | None, reporter: Reporter | None
+) -> BaseImage:
+    """The base a recipe names: its local file, a verified URL download, or an offline
+    Debian build (cached by its inputs)."""
+    if local_path is not None:
+        return local_base(local_path)
+    if isinstance(spec, str):
+        return build_debian(spec, mirror=mirror, on_progress=reporter)
+    return fetch_base(
+        spec.url, sha256=spec.sha256, sha512=spec.sha512, checksum_url=spec.checksum_url,
+        on_progress=reporter,
+    )  # fmt: skip
+
+
+def key(base: BaseImage, disk_size: int | None) -> StageKey:
+    """The builder's starting disk: the base's bytes, grown to the recipe's size."""
+    return stage_key("base", sha256=base.sha256, format=base.format, disk_size=disk_size)

@@ -14,6 +14,7 @@ from typing import Any
 from vmbuild import toe
 from vmbuild.errors import StepFailed
 from vmbuild.remote.base import Remote
+from vmbuild.stages.key import StageKey, stage_key
 
 log = logging.getLogger("vmbuild.components")
 
@@ -38,6 +39,23 @@ class Applied:
             "phases": list(self.phases),
             "duration": round(self.duration, 2),
         }
+
+
+def keys(disk: StageKey, docs: Sequence[toe.Document], phases: Sequence[str]) -> list[StageKey]:
+    """The key of the disk after each document's `phases`, given the disk before it.
+
+    A chain: each key covers every document before it, so a checkpoint taken
+    after document N is valid for any recipe that shares the first N.
+    """
+    out = []
+    for doc in docs:
+        wanted = [p for p in phases if p in doc.phases]
+        disk = stage_key(
+            "component", disk=disk.digest, document=doc.sha256,
+            parameters=dict(doc.parameters), phases=wanted,
+        )  # fmt: skip
+        out.append(disk)
+    return out
 
 
 def load(refs: Sequence[tuple[str, Path, dict[str, str]]]) -> list[toe.Document]:

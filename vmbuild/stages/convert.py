@@ -1,13 +1,16 @@
-"""Convert the builder's disk to the formats a recipe lists (qemu-img via `sh`)."""
+"""Convert the builder's disk to the formats a recipe lists."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmbuild.digest import sha256_file
+from vmbuild.manifest import OutputRecord
 from vmbuild.run import qemu_img
+from vmbuild.stages.key import StageKey, stage_key
 
 # format -> (qemu-img driver, creation options, file extension)
 FORMATS: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -28,6 +31,9 @@ class Output:
     sha256: str
     size: int  # bytes on disk
     virtual_size: int
+
+    def record(self) -> OutputRecord:
+        return OutputRecord(self.format, self.file, self.sha256, self.size, self.virtual_size)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -73,3 +79,28 @@ def convert(src: Path, fmt: str, outdir: Path) -> Output:
         size=dst.stat().st_size,
         virtual_size=virtual_size(dst, fmt),
     )
+
+
+@dataclass(frozen=True)
+class Converted:
+    final: Path  # the flattened qcow2 the test VM and the offline check read
+    outputs: tuple[Output, ...]  # in the recipe's order, qcow2 first when listed
+
+
+def key(disk: StageKey, formats: Sequence[str]) -> StageKey:
+    return stage_key("convert", disk=disk.digest, formats=list(formats))
+
+
+def convert_all(overlay: Path, formats: Sequence[str], outdir: Path, work: Path) -> Converted:
+    """Flatten the builder's overlay, then write every format into `outdir`.
+
+    The overlay is deleted once flattened (it is the largest scratch file). The
+    flattened qcow2 is an output itself when qcow2 is listed, else kept in `work`.
+    """
+    final = outdir / output_name("qcow2") if "qcow2" in formats else work / "final.qcow2"
+    flatten(overlay, final)
+    overlay.unlink()
+    outputs = [convert(final, f, outdir) for f in formats if f != "qcow2"]
+    if "qcow2" in formats:
+        outputs.insert(0, convert(final, "qcow2", outdir))
+    return Converted(final, tuple(outputs))

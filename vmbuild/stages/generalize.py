@@ -15,6 +15,7 @@ from shlex import quote
 from vmbuild.diskfs.rootfs import FilesystemView, exists, read_file
 from vmbuild.errors import VmbuildError
 from vmbuild.hypervisor.guest import POWEROFF, Guest
+from vmbuild.stages.key import StageKey, stage_key
 
 log = logging.getLogger("vmbuild.generalize")
 
@@ -67,6 +68,11 @@ FINISH
 systemd-run --no-block --unit=vmbuild-finish --collect bash /run/vmbuild-finish.sh
 echo "generalize: finishing and powering off"
 """
+
+
+def key(disk: StageKey, builder_user: str) -> StageKey:
+    """The generalized disk: the disk before it and the script that ran."""
+    return stage_key("generalize", disk=disk.digest, script=generalize_script(builder_user))
 
 
 def generalize(guest: Guest, on_output: OutputSink | None = None) -> None:

@@ -1,5 +1,7 @@
 """Test the converted image in a fresh VM: the components' test phases, then the
-recipe's testinfra files (pytest, JUnit XML kept with the artifact)."""
+recipe's testinfra files (pytest, JUnit XML kept with the artifact).
+
+`run_image_tests` is the stage; the rest are its pure parts (unit-tested)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmbuild.errors import CommandError, TestsFailed
-from vmbuild.hypervisor.guest import Guest
+from vmbuild import toe
+from vmbuild.digest import sha256_file
+from vmbuild.errors import CommandError, StepFailed, TestsFailed
+from vmbuild.hypervisor.guest import Guest, GuestRequest, booted_guest, copy_console
+from vmbuild.progress import Reporter
 from vmbuild.run import run
+from vmbuild.stages import components
+from vmbuild.stages.key import StageKey, stage_key
 
 log = logging.getLogger("vmbuild.test_vm")
 
@@ -120,3 +127,56 @@ def raise_if_failed(summary: TestSummary, log_hint: str) -> None:
     if failed:
         parts.append(f"component test phase failed: {', '.join(failed)}")
     raise TestsFailed("image tests failed: " + "; ".join(parts), hint=log_hint)
+
+
+@dataclass(frozen=True)
+class TestInputs:
+    """What the test stage runs against the converted image."""
+
+    __test__ = False  # not a pytest class
+
+    documents: Sequence[toe.Document]  # their `test` phases
+    testinfra: Sequence[Path]  # the recipe's testinfra files
+    env: Mapping[str, str]  # VMBUILD_* facts the testinfra files may read
+
+    def key(self, image: StageKey) -> StageKey:
+        return stage_key(
+            "test", image=image.digest,
+            documents=[(d.sha256, dict(d.parameters)) for d in self.documents],
+            testinfra=[sha256_file(p) for p in self.testinfra],
+            # The builder's key and machine-id differ every run and are only
+            # checked to be gone: they do not change what the tests find.
+            env={k: v for k, v in self.env.items() if not k.startswith("VMBUILD_BUILDER_")},
+        )  # fmt: skip
+
+
+def run_image_tests(
+    req: GuestRequest, inputs: TestInputs, logs: Path, reporter: Reporter
+) -> TestSummary:
+    """Boot a fresh VM on the image, run the component tests, then testinfra.
+
+    Raises TestsFailed when anything failed; the JUnit XML and the logs stay in `logs`.
+    """
+    counts = None
+    component_tests: list[dict[str, Any]] = []
+    junit_name = None
+    with booted_guest(req, on_status=reporter.status) as guest:
+        try:
+            applied = components.apply(
+                inputs.documents, guest.ssh, phases=["test"], results_dir=logs / "components",
+                on_output=reporter.output,
+            )  # fmt: skip
+            component_tests = [{"name": a.name, "status": a.status} for a in applied]
+        except StepFailed as exc:
+            raise TestsFailed(f"image tests failed: {exc}") from None
+        finally:
+            copy_console(guest.spec.console_log, logs)
+        if inputs.testinfra:
+            *nums, junit = run_testinfra(
+                guest, inputs.testinfra, logs, env=inputs.env, on_line=reporter.output
+            )
+            counts = (nums[0], nums[1], nums[2], nums[3])
+            junit_name = str(junit.relative_to(logs.parent))
+    summary = summarize(counts, junit_name, component_tests)
+    raise_if_failed(summary, "see testinfra.log and junit.xml in the run log")
+    return summary

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from vmbuild.errors import VmbuildError
+from vmbuild.manifest import FILE as manifest_file
+from vmbuild.manifest import Manifest
 from vmbuild.run import write_atomic
 
-MANIFEST = "manifest.json"
+MANIFEST = manifest_file
 STAGING_PREFIX = ".staging-"
 BUILD_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 
@@ -61,11 +63,18 @@ def commit(stage: Staging) -> Path:
     return stage.final
 
 
-def write_manifest(build_dir: Path, manifest: dict[str, Any]) -> None:
-    write_atomic(build_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+def write_manifest(build_dir: Path, manifest: Manifest | dict[str, Any]) -> None:
+    data = manifest.to_json() if isinstance(manifest, Manifest) else manifest
+    write_atomic(build_dir / MANIFEST, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def load_manifest(build_dir: Path) -> Manifest:
+    """The typed manifest of a stored build."""
+    return Manifest.from_json(read_manifest(build_dir), str(build_dir / MANIFEST))
 
 
 def read_manifest(build_dir: Path) -> dict[str, Any]:
+    """The manifest exactly as stored (its digest identifies the artifact)."""
     try:
         data: dict[str, Any] = json.loads((build_dir / MANIFEST).read_text())
     except FileNotFoundError:
@@ -177,15 +186,15 @@ def remove(store: Path, build_dir: Path) -> None:
 
 
 def summary(build_dir: Path) -> dict[str, Any]:
-    m = read_manifest(build_dir)
+    m = load_manifest(build_dir)
     return {
-        "ref": f"{m['name']}/{m['version']}/{m['build']}",
-        "name": m["name"],
-        "version": m["version"],
-        "build": m["build"],
-        "created": m.get("created"),
-        "tests": (m.get("tests") or {}).get("status", "unknown"),
-        "formats": [o["format"] for o in m.get("outputs", [])],
-        "size": sum(int(o.get("size", 0)) for o in m.get("outputs", [])),
+        "ref": m.ref,
+        "name": m.name,
+        "version": m.version,
+        "build": m.build,
+        "created": m.created,
+        "tests": m.tests_status,
+        "formats": [o.format for o in m.outputs],
+        "size": sum(o.size for o in m.outputs),
         "path": str(build_dir),
     }

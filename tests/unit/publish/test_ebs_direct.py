@@ -15,7 +15,7 @@ import pytest
 from vmbuild.errors import VmbuildError
 from vmbuild.publish.aws import Backoff, RetryStats, retry_kind, with_retries
 from vmbuild.publish.ebs_direct import Journal, UploadRequest, upload_snapshot
-from vmbuild.publish.events import Progress
+from vmbuild.publish.events import DistributionEvent
 
 BLOCK = 512 * 1024
 NO_WAIT = Backoff(attempts=5, base=0.0)
@@ -179,9 +179,9 @@ def test_ctrl_c_mid_upload_then_resume_sends_only_the_rest(
     raw, expected = disk
     monkeypatch.setattr("vmbuild.publish.ebs_direct.PROGRESS_INTERVAL", 0)  # every block
     ebs = FakeEBS()
-    seen: list[Progress] = []
+    seen: list[DistributionEvent] = []
 
-    def interrupt(event: Progress) -> None:
+    def interrupt(event: DistributionEvent) -> None:
         seen.append(event)
         if len(seen) == 4:
             raise KeyboardInterrupt

@@ -11,7 +11,7 @@ import pytest
 from vmbuild.config.distribution import load_distribution
 from vmbuild.errors import VmbuildError
 from vmbuild.publish.artifact import load_artifact, manifest_digest
-from vmbuild.publish.events import Progress
+from vmbuild.publish.events import DistributionEvent
 from vmbuild.publish.plan import build_plan
 from vmbuild.publish.vm_import import ImportFailed, ImportRequest, wait_for_task
 
@@ -154,7 +154,7 @@ def test_import_tasks_are_polled_with_progress(tmp_path: Path) -> None:
             ("completed", "", "100"),
         ]
     )
-    seen: list[Progress] = []
+    seen: list[DistributionEvent] = []
     task = wait_for_task(
         ec2, import_request(tmp_path), "import-snap-1", seen.append, sleep=lambda _s: None
     )

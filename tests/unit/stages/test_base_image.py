@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.reporting import RecordingReporter
 from vmbuild.debian import bootstrap as debian_base
 from vmbuild.debian import sources as aptsources
 from vmbuild.debian.sources import AptSource, DebianMirrors
@@ -437,11 +438,10 @@ def test_fetch_file_url_verified_and_cached(
     src.write_bytes(payload)
     url = src.as_uri()
     digest = hashlib.sha256(payload).hexdigest()
-    progress: list[tuple[int, int | None]] = []
+    reporter = RecordingReporter()
+    progress = reporter.transfers
 
-    base = bi.fetch_base(
-        url, sha256=digest.upper(), on_progress=lambda d, t: progress.append((d, t))
-    )
+    base = bi.fetch_base(url, sha256=digest.upper(), on_progress=reporter)
 
     assert base.id == f"url-{digest[:16]}" and base.sha256 == digest
     assert base.path == cache / base.id / "disk.qcow2" and base.path.read_bytes() == payload

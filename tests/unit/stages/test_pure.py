@@ -5,10 +5,10 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from vmbuild.build import parse_sbom
 from vmbuild.diskfs.rootfs import read_partition_table
 from vmbuild.stages.generalize import generalize_script
 from vmbuild.stages.image_tests import parse_junit, pytest_argv, summarize
+from vmbuild.stages.sbom import parse_sbom
 
 
 def test_generalize_script_covers_every_step() -> None:
