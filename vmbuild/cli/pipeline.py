@@ -97,9 +97,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     from vmbuild.pipeline import deps
     from vmbuild.pipeline.history import History
 
-    loaded = load_pipeline(Path(args.file))
-    with History(_history_path(args)) as history:
-        report = deps.check(loaded, history)
+    try:
+        loaded = load_pipeline(Path(args.file))
+        with History(_history_path(args)) as history:
+            report = deps.check(loaded, history)
+    except VmbuildError as exc:
+        # Exit 1 means "unchanged": a check that could not even read its pipeline
+        # must not look like one (`pipeline check p.yaml && build` would skip).
+        err = console.stderr()
+        err.print(console.styled("error:", "bold red", f" {exc}"))
+        if exc.hint:
+            err.print(console.styled("hint:", "yellow", f" {exc.hint}"))
+        return EXIT_CHECK_FAILED
     code = (
         EXIT_CHANGED if report.changed else EXIT_CHECK_FAILED if report.errors else EXIT_UNCHANGED
     )
@@ -213,11 +222,15 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
                 stop_timeout=args.stop_timeout,
             )  # fmt: skip
             scheduler.start()  # refuses to start with a broken pipeline, naming it
-            log.info("started (pid %d): %d pipeline(s) in %s, history %s",
-                     os.getpid(), len(scheduler.pipelines), directory, history_path)  # fmt: skip
+            looping = False
             try:
-                scheduler.run_forever()
+                log.info("started (pid %d): %d pipeline(s) in %s, history %s",
+                         os.getpid(), len(scheduler.pipelines), directory, history_path)  # fmt: skip
+                looping = True
+                scheduler.run_forever()  # stops itself (cancelling runs) when interrupted
             except KeyboardInterrupt:
+                if not looping:  # a SIGTERM right after start: nothing runs yet
+                    scheduler.stop()
                 return 0  # SIGTERM/Ctrl-C is how a daemon is stopped: not a failure
     return 0
 

@@ -43,7 +43,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from vmbuild.config.loader import load_model, parse_size
+from vmbuild.config.loader import load_model, load_yaml, parse_size
 from vmbuild.config.recipe import NAME, LoadedRecipe, load_recipe
 from vmbuild.errors import ConfigError, VmbuildError
 from vmbuild.pipeline.schedule import CronSchedule, check_timezone, parse_cron
@@ -229,8 +229,26 @@ def _load_distribution(data: dict[str, Any], display: str) -> Any:
 
 
 def pipeline_files(directory: Path) -> list[Path]:
-    """The pipeline files of a directory (*.yaml, *.yml; not recursive), sorted."""
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in PIPELINE_SUFFIXES)
+    """The pipeline files of a directory (*.yaml, *.yml; not recursive), sorted.
+
+    Recipes, distribution files and components often sit beside their pipeline
+    (examples/nginx); files whose content says they are one of those are not
+    pipelines and are skipped. A file that cannot be read or parsed is kept, so
+    the loader reports it as a broken pipeline.
+    """
+    from vmbuild.config.detect import detect_kind
+
+    found = []
+    for path in sorted(directory.iterdir()):
+        if not path.is_file() or path.suffix not in PIPELINE_SUFFIXES:
+            continue
+        try:
+            kind = detect_kind(load_yaml(path))
+        except VmbuildError:
+            kind = None
+        if kind in (None, "pipeline"):
+            found.append(path)
+    return found
 
 
 def load_pipelines(directory: Path, *, now: datetime | None = None) -> list[LoadedPipeline]:

@@ -158,3 +158,18 @@ def test_the_example_pipelines_are_valid() -> None:
     assert loaded["weekly"].schedule is not None
     assert loaded["weekly"].schedule.key == "0 3 ? * 2 * @ Europe/Paris"
     assert loaded["minimal"].recipe.recipe.name == "pipeline-minimal"
+
+
+def test_load_pipelines_skips_recipes_and_distribution_files_beside_them(tmp_path: Path) -> None:
+    # examples/nginx: recipe.yaml, distribution.yaml and pipeline.yaml in one directory.
+    write_recipe(tmp_path, "web")
+    (tmp_path / "distribution.yaml").write_text("regions:\n  - region: us-east-1\n")
+    (tmp_path / "component.yaml").write_text("name: c\nschemaVersion: 1.0\nphases: []\n")
+    write_pipeline(tmp_path, {"recipe": "web-recipe.yaml"}, "weekly")
+    (tmp_path / "broken.yaml").write_text("recipe: [unclosed\n")
+    with pytest.raises(VmbuildError) as info:
+        load_pipelines(tmp_path)
+    assert str(info.value).startswith(f"1 problem in the pipelines of {tmp_path}:\n  ")
+    assert "broken.yaml: line 2, column 1: invalid YAML" in str(info.value)
+    (tmp_path / "broken.yaml").unlink()
+    assert [p.name for p in load_pipelines(tmp_path)] == ["weekly"]

@@ -1,0 +1,88 @@
+"""`vmbuild validate FILE...`: check recipes, pipelines, distribution files and components.
+
+The kind of each file is told by its content; the same loaders a build uses check it,
+so a file that validates here fails no later validation. Nothing is created: no disk,
+no VM, no AWS call, no cache entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from vmbuild.cli.common import SubParsers, json_flag, verb
+from vmbuild.config.detect import KINDS, Kind, detect_kind
+from vmbuild.errors import VmbuildError
+
+
+def add_parser(sub: SubParsers) -> None:
+    p = verb(
+        sub, "validate", cmd_validate,
+        "check recipes, pipelines, distribution files and components without building",
+    )  # fmt: skip
+    p.add_argument("files", nargs="+", metavar="FILE", help="YAML files of any vmbuild kind")
+    p.add_argument(
+        "--kind", choices=KINDS, help="check every FILE as this kind instead of detecting it"
+    )
+    json_flag(p)
+
+
+def validate_file(path: Path, kind: Kind | None = None) -> tuple[Kind | None, list[str]]:
+    """The file's kind and its problems, one line each (empty when valid)."""
+    from vmbuild.config.loader import load_yaml
+
+    display = str(path)
+    if kind is None:
+        try:
+            data = load_yaml(path, display)
+        except VmbuildError as exc:
+            return None, [str(exc)]
+        kind = detect_kind(data)
+        if kind is None:
+            return None, [
+                f"{display}: not a vmbuild file: expected a recipe (base:), a pipeline "
+                "(recipe:), a distribution file (regions:) or a component (phases:)"
+            ]
+    try:
+        if kind == "component":
+            from vmbuild.toe.document import validate_file as validate_component
+
+            return kind, validate_component(path)
+        if kind == "recipe":
+            from vmbuild.config.recipe import load_recipe
+
+            load_recipe(path)
+        elif kind == "pipeline":
+            from vmbuild.config.pipeline import load_pipeline
+
+            load_pipeline(path)
+        else:
+            from vmbuild.config.distribution import load_distribution
+            from vmbuild.config.loader import load_yaml
+
+            load_distribution(load_yaml(path, display), display, "")
+    except VmbuildError as exc:
+        return kind, [str(exc)]
+    return kind, []
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    results: list[dict[str, Any]] = []
+    for name in args.files:
+        kind, problems = validate_file(Path(name), args.kind)
+        results.append({"file": name, "kind": kind, "valid": not problems, "problems": problems})
+    bad = [r for r in results if not r["valid"]]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if r["valid"]:
+                print(f"{r['file']}: valid {r['kind']}")
+            for line in r["problems"]:
+                print(f"error: {line}", file=sys.stderr)
+        if bad:
+            print(f"{len(bad)} of {len(results)} file(s) invalid", file=sys.stderr)
+    return 1 if bad else 0
