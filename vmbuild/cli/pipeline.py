@@ -224,13 +224,15 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
             scheduler.start()  # refuses to start with a broken pipeline, naming it
             looping = False
             try:
-                log.info("started (pid %d): %d pipeline(s) in %s, history %s",
-                         os.getpid(), len(scheduler.pipelines), directory, history_path)  # fmt: skip
+                log.info(
+                    "started (pid %d): %d pipeline(s) in %s, history %s",
+                    os.getpid(), len(scheduler.pipelines), directory, history_path,
+                )  # fmt: skip
                 looping = True
-                scheduler.run_forever()  # stops itself (cancelling runs) when interrupted
+                scheduler.run_forever()  # stops itself (cancels runs) when interrupted
             except KeyboardInterrupt:
-                if not looping:  # a SIGTERM right after start: nothing runs yet
-                    scheduler.stop()
+                if not looping:
+                    scheduler.stop()  # a SIGTERM right after start: nothing runs yet
                 return 0  # SIGTERM/Ctrl-C is how a daemon is stopped: not a failure
     return 0
 
