@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vmbuild import __version__
+from vmbuild.cache import aptproxy
 from vmbuild.config.recipe import LoadedRecipe, UrlBase
 from vmbuild.errors import VmbuildError
 from vmbuild.hypervisor import accel as accel_mod
@@ -64,6 +65,7 @@ class Run:
         default_factory=lambda: image_tests.TestSummary("skipped")
     )
     final_dir: Path | None = None
+    guest_proxy: str | None = None  # the host package cache as guests reach it
     timings: dict[str, float] = field(default_factory=dict)  # seconds per finished stage
     # What each stage's output is a function of (stages/key.py): a checkpoint
     # cache keys on these; the run log records them.
@@ -89,11 +91,23 @@ def _base(r: Run) -> None:
     r.reporter.status(f"accelerator: {r.accel.kind} ({r.accel.reason})")
 
 
+def _package_cache(r: Run) -> None:
+    if not r.plan.apt_proxy_reachable:
+        r.reporter.status("package cache: not reachable from a libvirt network; direct")
+        return
+    proxy = r.stack.enter_context(
+        aptproxy.host_package_cache(r.plan.apt_proxy, on_status=r.reporter.status)
+    )
+    r.guest_proxy = proxy.guest_url if proxy else None
+
+
 def _builder(r: Run) -> None:
     assert r.base is not None and r.accel is not None
+    _package_cache(r)
     req = r.plan.guest(
-        "builder", r.base.path, r.base.format, r.plan.loaded.recipe.disk_size, r.accel, r.work
-    )
+        "builder", r.base.path, r.base.format, r.plan.loaded.recipe.disk_size, r.accel, r.work,
+        apt_proxy=r.guest_proxy,
+    )  # fmt: skip
     r.builder = r.stack.enter_context(booted_guest(req, on_status=r.reporter.status))
 
 
@@ -150,7 +164,9 @@ def _test(r: Run) -> None:
         },
     )
     r.keyed("test", inputs.key(r.keys["convert"]))
-    req = r.plan.guest("test", r.converted.final, "qcow2", None, r.accel, r.work)
+    req = r.plan.guest(
+        "test", r.converted.final, "qcow2", None, r.accel, r.work, apt_proxy=r.guest_proxy
+    )
     r.tests = image_tests.run_image_tests(req, inputs, r.logs, r.reporter)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from vmbuild import paths, toe
+from vmbuild.cache import aptproxy
 from vmbuild.config.recipe import LoadedRecipe, VMSettings
 from vmbuild.hypervisor.accel import Accel, AccelMode
 from vmbuild.hypervisor.guest import GuestRequest
@@ -55,6 +56,7 @@ class BuildOptions:
     libvirt_network: str | None = None
     cpus: int | None = None
     memory: int | None = None  # bytes
+    apt_proxy: str | None = None  # auto | off | http://127.0.0.1:PORT; None: env, else auto
 
 
 def pipeline_options(
@@ -94,6 +96,7 @@ class BuildPlan:
     run_tests: bool
     keep_on_failure: bool
     distribute: bool
+    apt_proxy: str  # auto | off | http://127.0.0.1:PORT (validated)
 
     @classmethod
     def create(cls, loaded: LoadedRecipe, opts: BuildOptions) -> BuildPlan:
@@ -123,6 +126,7 @@ class BuildPlan:
             run_tests=not opts.skip_tests,
             keep_on_failure=opts.keep_on_failure,
             distribute=opts.distribute and loaded.distribution is not None,
+            apt_proxy=_apt_proxy_setting(opts.apt_proxy),
         )
 
     @property
@@ -141,8 +145,14 @@ class BuildPlan:
 
             connect(self.libvirt_uri).close()
 
+    @property
+    def apt_proxy_reachable(self) -> bool:
+        """Guests reach the host cache through the user-network gateway only."""
+        return not (self.backend == "libvirt" and self.libvirt_network)
+
     def guest(
-        self, role: str, disk: Path, fmt: str, size: int | None, accel: Accel, workdir: Path
+        self, role: str, disk: Path, fmt: str, size: int | None, accel: Accel, workdir: Path,
+        apt_proxy: str | None = None,
     ) -> GuestRequest:
         """The VM request for the builder ("builder") or the test VM ("test")."""
         return GuestRequest(
@@ -150,5 +160,13 @@ class BuildPlan:
             memory_mib=self.memory >> 20, cpus=self.cpus, accel=accel, workdir=workdir,
             user=BUILDER_USER if role == "builder" else TEST_USER, backend=self.backend,
             keep_on_failure=self.keep_on_failure, libvirt_uri=self.libvirt_uri,
-            libvirt_network=self.libvirt_network,
+            libvirt_network=self.libvirt_network, apt_proxy=apt_proxy,
         )  # fmt: skip
+
+
+def _apt_proxy_setting(value: str | None) -> str:
+    """The flag, else $VMBUILD_APT_PROXY, else auto; a bad value fails here."""
+    chosen = aptproxy.parse_setting(value)
+    if chosen is None:
+        return "off"
+    return "auto" if chosen == "auto" else f"http://127.0.0.1:{chosen}"

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from vmbuild import paths
+from vmbuild.cache import aptproxy
 from vmbuild.hypervisor.guest import Guest
 from vmbuild.remote.ssh import SSHSession
 from vmbuild.stages import base_image
@@ -43,6 +45,24 @@ def qemu_pids(using: str | Path = "") -> set[int]:
         text=True,
     ).stdout
     return {int(line.split()[0]) for line in out.splitlines() if str(using) in line}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def package_cache() -> Iterator[aptproxy.AptProxy]:
+    """ONE apt-cacher-ng for the whole suite, its cache persistent under the user
+    cache dir: every package is downloaded once, ever, not once per VM. Named in
+    the environment, so every build (in-process or a CLI subprocess, whatever
+    its VMBUILD_CACHE_DIR) uses this instance."""
+    with aptproxy.shared_instance(paths.cache_dir() / "apt-cacher-ng") as proxy:
+        previous = os.environ.get(aptproxy.ENV)
+        os.environ[aptproxy.ENV] = proxy.host_url
+        try:
+            yield proxy
+        finally:
+            if previous is None:
+                os.environ.pop(aptproxy.ENV, None)
+            else:
+                os.environ[aptproxy.ENV] = previous
 
 
 @pytest.fixture(scope="session")

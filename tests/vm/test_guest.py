@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from vmbuild.cache import aptproxy
 from vmbuild.errors import SSHError
 from vmbuild.hypervisor.guest import Guest
 from vmbuild.remote.keys import generate_ed25519
@@ -56,3 +57,25 @@ def test_cloud_init_used_our_host_key_only(guest_vm: Guest) -> None:
     assert keys == ["ssh_host_ed25519_key.pub"]
     served = guest_vm.ssh.get("/etc/ssh/ssh_host_ed25519_key.pub").decode().split()[1]
     assert served == guest_vm.host_key.public_openssh.split()[1]
+
+
+def test_apt_goes_through_the_host_package_cache(
+    guest_vm: Guest, package_cache: aptproxy.AptProxy
+) -> None:
+    conf = guest_vm.ssh.get(aptproxy.GUEST_CONF).decode()
+    assert conf == aptproxy.guest_apt_conf(package_cache.guest_url)
+    assert package_cache.transfer_log is not None
+    offset = package_cache.transfer_log.stat().st_size
+    # apt's own HTTP method, so apt's proxy configuration is what is tested.
+    url = "http://deb.debian.org/debian/dists/bookworm/Release"
+    fetched = guest_vm.ssh.run(
+        f"/usr/lib/apt/apt-helper download-file {url} /tmp/Release && head -1 /tmp/Release",
+        timeout=120,
+    )
+    assert fetched.exit_code == 0, fetched.stderr
+    assert fetched.stdout.splitlines()[-1] == "Origin: Debian"
+    served = package_cache.transfer_log.read_bytes()[offset:].decode().splitlines()
+    assert any(
+        line.split("|")[1] == "O" and line.endswith("deb.debian.org/debian/dists/bookworm/Release")
+        for line in served
+    ), served

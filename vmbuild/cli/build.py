@@ -26,6 +26,12 @@ def add_parser(sub: SubParsers) -> None:
         "--keep-on-failure", action="store_true", help="leave the failed VM running for SSH"
     )
     b.add_argument("--mirror", help="Debian mirror for a debian-12 base (default: the host's)")
+    b.add_argument(
+        "--apt-proxy",
+        metavar="auto|off|URL",
+        help="host package cache for the guests: auto (default; $VMBUILD_APT_PROXY) starts "
+        "apt-cacher-ng, off goes direct, http://127.0.0.1:PORT names a running one",
+    )
     store_flag(b)
     json_flag(b)
 
@@ -45,6 +51,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         mirror=args.mirror,
         libvirt_uri=args.libvirt_uri,
         libvirt_network=args.libvirt_network,
+        apt_proxy=args.apt_proxy,
     )
     progress = Progress(quiet=args.json)
     result = build(loaded, opts, progress)

@@ -49,6 +49,7 @@ class GuestRequest:
     keep_on_failure: bool = False
     libvirt_uri: str | None = None  # None: qemu:///system as root, else qemu:///session
     libvirt_network: str | None = None  # a libvirt network instead of user networking
+    apt_proxy: str | None = None  # the host package cache as the guest reaches it
 
 
 @dataclass
@@ -162,6 +163,7 @@ def booted_guest(
                 user=req.user,
                 client_key=client_key,
                 host_key=host_key,
+                apt_proxy=req.apt_proxy,
             ),
             seed,
         )

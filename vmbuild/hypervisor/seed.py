@@ -13,6 +13,7 @@ from pathlib import Path
 import pycdlib
 import yaml
 
+from vmbuild.cache import aptproxy
 from vmbuild.remote.keys import KeyPair
 
 
@@ -24,6 +25,8 @@ class SeedConfig:
     client_key: KeyPair  # the authorized key for `user`
     host_key: KeyPair  # installed as the guest's only SSH host key, pinned by vmbuild
     grow_root: bool = True
+    # The host package cache as the guest reaches it (http://10.0.2.2:PORT), or None.
+    apt_proxy: str | None = None
 
 
 def user_data(cfg: SeedConfig) -> str:
@@ -38,7 +41,8 @@ def user_data(cfg: SeedConfig) -> str:
                 "ssh_authorized_keys": [cfg.client_key.public_openssh],
             }
         ],
-        "ssh_pwauth": False,
+        # No `ssh_pwauth`: any value makes cloud-init's set_passwords module
+        # restart sshd during modules:config, resetting a login in progress.
         "disable_root": True,
         # Our host key replaces any baked into the image; no other type is
         # generated (RSA would cost ~9 s under TCG and be unpinned anyway).
@@ -52,6 +56,12 @@ def user_data(cfg: SeedConfig) -> str:
         "resize_rootfs": cfg.grow_root,
         "locale": "C.UTF-8",
     }
+    if cfg.apt_proxy is not None:
+        # write_files runs in the init stage, before the first SSH login works.
+        doc["write_files"] = [
+            {"path": aptproxy.GUEST_CONF, "permissions": "0644",
+             "content": aptproxy.guest_apt_conf(cfg.apt_proxy)}
+        ]  # fmt: skip
     return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from vmbuild import paths
+from vmbuild.cache import aptproxy
 from vmbuild.hypervisor import accel as accel_mod
 from vmbuild.hypervisor.guest import Guest, GuestRequest, booted_guest
 from vmbuild.remote.ssh import SSHSession
@@ -27,18 +28,23 @@ def scratch_guest(
     memory_mib: int = 2048,
     cpus: int = 2,
     on_status: Callable[[str], None] | None = None,
+    apt_proxy: str | None = None,
 ) -> Iterator[Guest]:
     # debian-12, a cached URL base, or a local qcow2/raw file.
     image = base_image.resolve_base(base, recipe_dir=base_dir)
     cache = paths.cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="scratch-", dir=cache) as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="scratch-", dir=cache) as tmp,
+        aptproxy.host_package_cache(apt_proxy, on_status=on_status) as proxy,
+    ):
         work = Path(tmp)
         chosen = accel_mod.choose(accel, (image.path, image.format), work)  # type: ignore[arg-type]
         req = GuestRequest(
             run_id=secrets.token_hex(3), role="scratch", base=image.path,
             base_format=image.format, disk_size=None, memory_mib=memory_mib, cpus=cpus,
             accel=chosen, workdir=work, user=SCRATCH_USER,
+            apt_proxy=proxy.guest_url if proxy else None,
         )  # fmt: skip
         with booted_guest(req, on_status=on_status) as guest:
             yield guest

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from shlex import quote
 
+from vmbuild.cache import aptproxy
 from vmbuild.diskfs.rootfs import FilesystemView, exists, read_file
 from vmbuild.errors import VmbuildError
 from vmbuild.hypervisor.guest import POWEROFF, Guest
@@ -41,6 +42,8 @@ rm -f /etc/ssh/ssh_host_*
 # cloud-init renders network config matching this VM's MAC; the next instance
 # gets its own, and the base's fallback DHCP covers the first NIC meanwhile.
 rm -f /etc/systemd/network/10-cloud-init-*.network /etc/netplan/50-cloud-init.yaml
+# The build's package cache is not the image's.
+rm -f {quote(aptproxy.GUEST_CONF)}
 if command -v apt-get >/dev/null; then
   apt-get clean
   rm -rf /var/lib/apt/lists/*
@@ -125,6 +128,8 @@ def verify(fs: FilesystemView, builder_user: str, builder_pubkey: str) -> list[F
             found.append(Finding(f"{home}/.ssh/authorized_keys", "builder key left"))
     if exists(fs, "/var/lib/cloud/instance"):
         found.append(Finding("/var/lib/cloud/instance", "cloud-init state not cleaned"))
+    if exists(fs, aptproxy.GUEST_CONF):
+        found.append(Finding(aptproxy.GUEST_CONF, "the build's apt proxy setting left"))
     lists = [n for n in (fs.listdir("/var/lib/apt/lists") or {}) if n.endswith("_Packages")]
     if lists:
         found.append(Finding("/var/lib/apt/lists", f"{len(lists)} package lists left"))

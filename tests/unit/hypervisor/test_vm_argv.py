@@ -102,7 +102,9 @@ def test_seed_pins_generated_host_key_and_user() -> None:
     assert doc["ssh_keys"]["ed25519_public"] == host.public_openssh
     assert doc["ssh_keys"]["ed25519_private"].startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
     assert doc["ssh_genkeytypes"] == []  # no unpinned (and slow) RSA key
-    assert doc["ssh_pwauth"] is False
+    # Any ssh_pwauth value makes cloud-init restart sshd mid-login.
+    assert "ssh_pwauth" not in doc
+    assert "write_files" not in doc  # no package cache asked for
     assert yaml.safe_load(meta_data(cfg)) == {"instance-id": "i-1", "local-hostname": "vm1"}
 
 
@@ -123,3 +125,17 @@ def test_pinned_base_survives_the_cache_replacing_it(tmp_path: Path) -> None:
     (cache / "new.qcow2").write_bytes(b"new base")
     (cache / "new.qcow2").replace(cache / "disk.qcow2")
     assert pinned.read_bytes() == b"old base"
+
+
+def test_seed_points_apt_at_the_host_package_cache() -> None:
+    client, host = generate_ed25519("client"), generate_ed25519("host")
+    cfg = SeedConfig("i-1", "vm1", "u", client, host, apt_proxy="http://10.0.2.2:31000")
+    doc = yaml.safe_load(user_data(cfg))
+    assert doc["write_files"] == [
+        {
+            "path": "/etc/apt/apt.conf.d/00vmbuild-proxy",
+            "permissions": "0644",
+            "content": "// Written by vmbuild for the build only; removed when the image is "
+            'generalized.\nAcquire::http::Proxy "http://10.0.2.2:31000";\n',
+        }
+    ]

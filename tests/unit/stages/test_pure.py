@@ -18,6 +18,7 @@ def test_generalize_script_covers_every_step() -> None:
         "truncate -s 0 /etc/machine-id",
         "rm -f /etc/ssh/ssh_host_*",
         "rm -rf /var/lib/apt/lists/*",
+        "rm -f /etc/apt/apt.conf.d/00vmbuild-proxy",
         "userdel --force --remove vmbuild-builder",
         "fstrim -av",
         "systemctl poweroff",

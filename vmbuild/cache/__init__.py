@@ -1,0 +1,1 @@
+"""Host-side caches: the package proxy and build checkpoints."""
