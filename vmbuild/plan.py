@@ -151,7 +151,13 @@ class BuildPlan:
         return not (self.backend == "libvirt" and self.libvirt_network)
 
     def guest(
-        self, role: str, disk: Path, fmt: str, size: int | None, accel: Accel, workdir: Path,
+        self,
+        role: str,
+        disk: Path,
+        fmt: str,
+        size: int | None,
+        accel: Accel,
+        workdir: Path,
         apt_proxy: str | None = None,
     ) -> GuestRequest:
         """The VM request for the builder ("builder") or the test VM ("test")."""
