@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from vmbuild import __version__
 from vmbuild.cache import aptproxy
@@ -34,6 +35,7 @@ from vmbuild.progress import Reporter
 from vmbuild.stages import base_image, components, convert, generalize, image_tests, sbom, store
 from vmbuild.stages.key import StageKey
 from vmbuild.stages.verify import check_generalized
+from vmbuild.supply.stage import attest_stage
 
 __all__ = ["BUILDER_USER", "TEST_USER", "BuildOptions", "BuildResult", "build"]
 
@@ -64,6 +66,7 @@ class Run:
     tests: image_tests.TestSummary = field(
         default_factory=lambda: image_tests.TestSummary("skipped")
     )
+    manifest: dict[str, Any] | None = None  # manifest.json as written, provenance included
     final_dir: Path | None = None
     guest_proxy: str | None = None  # the host package cache as guests reach it
     timings: dict[str, float] = field(default_factory=dict)  # seconds per finished stage
@@ -170,9 +173,22 @@ def _test(r: Run) -> None:
     r.tests = image_tests.run_image_tests(req, inputs, r.logs, r.reporter)
 
 
-def _store(r: Run) -> None:
+def _attest(r: Run) -> None:
     shutil.rmtree(r.work)
-    store.write_manifest(r.staging.path, _manifest(r))
+    recipe = r.plan.loaded.recipe
+    r.manifest = _manifest(r).to_json()
+    attestation = attest_stage(
+        r.staging.path,
+        r.manifest,
+        {"memory_mib": recipe.vm.memory >> 20, "cpus": recipe.vm.cpus},
+    )
+    # A summary for `images show`; outside the signed digest (publish.artifact.MUTABLE_KEYS).
+    r.manifest["provenance"] = attestation.to_json()
+
+
+def _store(r: Run) -> None:
+    assert r.manifest is not None
+    store.write_manifest(r.staging.path, r.manifest)
     r.final_dir = store.commit(r.staging)
 
 
@@ -193,6 +209,7 @@ STEPS: tuple[Step, ...] = (
     Step("convert", lambda p: f"convert to {', '.join(p.loaded.recipe.outputs)}", _convert),
     Step("verify", lambda p: "verify generalization offline", _verify),
     Step("test", lambda p: "test VM: component tests + testinfra", _test, lambda p: p.run_tests),
+    Step("attest", lambda p: "SBOMs (SPDX, CycloneDX) and signed provenance", _attest),
     Step("store", lambda p: "store the artifact", _store),
 )
 

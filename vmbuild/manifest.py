@@ -56,9 +56,15 @@ class Package:
     name: str
     version: str
     arch: str
+    # The source package (Debian): what the security tracker and the SBOMs key on.
+    source: str = ""
+    source_version: str = ""
 
     def to_json(self) -> dict[str, str]:
-        return {"name": self.name, "version": self.version, "arch": self.arch}
+        out = {"name": self.name, "version": self.version, "arch": self.arch}
+        if self.source:
+            out.update(source=self.source, source_version=self.source_version)
+        return out
 
 
 # The order keys are written in (manifest.json stays readable top-down).
@@ -186,7 +192,13 @@ class Manifest:
                     for o in data.get("outputs") or ()
                 ),
                 packages=tuple(
-                    Package(str(p["name"]), str(p["version"]), str(p.get("arch", "")))
+                    Package(
+                        str(p["name"]),
+                        str(p["version"]),
+                        str(p.get("arch", "")),
+                        str(p.get("source") or ""),
+                        str(p.get("source_version") or ""),
+                    )
                     for p in data.get("packages") or ()
                 ),
                 tests=data.get("tests"),

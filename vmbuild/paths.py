@@ -22,3 +22,13 @@ def store_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
         return Path(explicit)
     env = os.environ.get("VMBUILD_STORE")
     return Path(env) if env else Path("images")
+
+
+def config_dir() -> Path:
+    """`$VMBUILD_CONFIG_DIR`, else `$XDG_CONFIG_HOME/vmbuild`, else `~/.config/vmbuild`."""
+    explicit = os.environ.get("VMBUILD_CONFIG_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".config"
+    return base / "vmbuild"

@@ -26,6 +26,9 @@ VERB_MODULES = (
     "distribute",
     "pipeline",
     "doctor",
+    "key",
+    "verify",
+    "bundle",
 )
 
 

@@ -39,6 +39,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         action="store_true",
         help="print the plan and run the preflight checks and lint; upload nothing",
     )
+    d.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="distribute an artifact that has no signed provenance (checksums still checked)",
+    )
+    d.add_argument("--key", type=Path, metavar="PUB", help="PEM public key to verify with")
     _common(d)
     d.set_defaults(handler=cmd_distribute)
 
@@ -99,10 +105,19 @@ def _printer(quiet: bool) -> Any:
 def cmd_distribute(args: argparse.Namespace) -> int:
     """Handler of `vmbuild distribute`."""
     from vmbuild.publish.distributor import distribute
+    from vmbuild.supply.signing import trusted_keys
 
     config = read_config(args.config)
     build_dir = _resolve(args)
-    result = distribute(build_dir, config, dry_run=args.dry_run, on_progress=_printer(args.json))
+    keys = trusted_keys(args.key) if args.key else None
+    result = distribute(
+        build_dir,
+        config,
+        dry_run=args.dry_run,
+        on_progress=_printer(args.json),
+        allow_unsigned=args.allow_unsigned,
+        trusted_keys=keys,
+    )
     if args.json:
         print(json.dumps(result.to_json(), indent=2, default=str))
     else:

@@ -22,9 +22,10 @@ from vmbuild.manifest import Manifest
 from vmbuild.publish.events import DistributionEvent, EventCallback
 from vmbuild.run import qemu_img
 
-# Keys the distribution step itself writes into the manifest; the artifact's identity
-# (the digest AMIs are tagged with) must not change when they do.
-MUTABLE_KEYS = frozenset({"distribution"})
+# Keys written into the manifest after the build (distribution results, a later `vmbuild scan`,
+# the signature's summary); the artifact's identity (the digest AMIs are tagged with, the
+# manifest subject of the signed provenance) must not change when they do.
+MUTABLE_KEYS = frozenset({"distribution", "scan", "provenance"})
 QEMU_FORMAT = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vhd": "vpc"}
 AWS_FORMAT = {"vmdk": "VMDK", "vhd": "VHD", "raw": "RAW"}
 GIB = 1024**3
@@ -170,12 +171,16 @@ class Disks:
     conversion done once, all in `scratch` (removed by the caller's `workdir()`)."""
 
     def __init__(
-        self, artifact: Artifact, scratch: Path, on_progress: EventCallback | None = None
+        self,
+        artifact: Artifact,
+        scratch: Path,
+        on_progress: EventCallback | None = None,
+        verified: set[Path] | None = None,
     ) -> None:
         self.artifact = artifact
         self.scratch = scratch
         self.emit = on_progress or (lambda _event: None)
-        self._verified: set[Path] = set()
+        self._verified: set[Path] = set(verified or ())
 
     def _verify(self, out: Output) -> None:
         if out.path not in self._verified:

@@ -133,16 +133,25 @@ def distribute(
     dry_run: bool = False,
     on_progress: EventCallback | None = None,
     clients: Clients | None = None,
+    allow_unsigned: bool = False,
+    trusted_keys: list[Any] | None = None,
 ) -> DistributionResult:
     """Turn the artifact in `build_dir` into AMIs in every configured region.
 
-    Raises PreflightFailed or LintFailed before any upload; failures after that are reported
-    per region in the result (and the manifest), and a re-run finishes only what is missing.
+    The artifact is verified against its signed provenance first (VerificationFailed, naming
+    the file, before any AWS call); `allow_unsigned` accepts an artifact without a signature
+    on the manifest's checksums alone. Raises PreflightFailed or LintFailed before any
+    upload; failures after that are reported per region in the result (and the manifest),
+    and a re-run finishes only what is missing.
     """
+    from vmbuild.supply.verify import verify_build
+
     artifact = load_artifact(build_dir)
+    emit = on_progress or (lambda _e: None)
+    emit(DistributionEvent("verify", message="provenance signature and digests"))
+    verify_build(build_dir, trusted_keys, allow_unsigned=allow_unsigned)
     clients = clients or Clients(config.profile, max_pool=config.import_.workers + 8)
     plan = preflight(build_plan(artifact, config), clients)
-    emit = on_progress or (lambda _e: None)
     result = DistributionResult(
         artifact=artifact.ref,
         method=config.import_.method,
@@ -154,7 +163,8 @@ def distribute(
     if plan.errors and not dry_run:
         raise PreflightFailed(plan)  # before spending time on the disk
     with workdir() as scratch:
-        disks = Disks(artifact, scratch, emit)
+        # Every disk was just hashed against the signed provenance (or the manifest).
+        disks = Disks(artifact, scratch, emit, verified={o.path for o in artifact.outputs})
         if config.lint and (needs_upload or dry_run):
             raw = disks.raw()
             emit(

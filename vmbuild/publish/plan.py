@@ -128,6 +128,9 @@ class Plan:
         return "\n".join(lines)
 
 
+PROVENANCE_TAG = "vmbuild:provenance-sha256"
+
+
 def artifact_tags(artifact: Artifact) -> dict[str, str]:
     """Tags that identify the artifact on every AMI and snapshot (and find them again)."""
     tags = {
@@ -138,6 +141,12 @@ def artifact_tags(artifact: Artifact) -> dict[str, str]:
         DIGEST_TAG: artifact.digest,
         "CreatedBy": "vmbuild",
     }
+    from vmbuild.supply.verify import provenance_digest
+
+    # Traces a launched instance back to the signed provenance of what it runs.
+    signed = provenance_digest(artifact.build_dir)
+    if signed:
+        tags[PROVENANCE_TAG] = signed
     recipe = artifact.manifest.recipe
     if recipe is not None and recipe.sha256:
         tags["vmbuild:recipe-sha256"] = recipe.sha256

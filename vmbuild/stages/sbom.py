@@ -17,7 +17,7 @@ from vmbuild.stages.key import StageKey, stage_key
 SBOM_SCRIPT = r"""
 set -o pipefail
 if command -v dpkg-query >/dev/null; then
-  dpkg-query -W -f='${Package}\t${Version}\t${Architecture}\n'
+  dpkg-query -W -f='${Package}\t${Version}\t${Architecture}\t${source:Package}\t${source:Version}\n'
 elif command -v rpm >/dev/null; then
   rpm -qa --qf '%{NAME}\t%{VERSION}-%{RELEASE}\t%{ARCH}\n'
 fi | sort
@@ -40,8 +40,12 @@ def parse_sbom(text: str) -> list[dict[str, str]]:
     packages = []
     for line in text.splitlines():
         fields = line.split("\t")
-        if len(fields) == 3 and fields[0]:
-            packages.append({"name": fields[0], "version": fields[1], "arch": fields[2]})
+        if len(fields) in (3, 5) and fields[0]:
+            pkg = {"name": fields[0], "version": fields[1], "arch": fields[2]}
+            # The source package is what the Debian security tracker is keyed by.
+            if len(fields) == 5 and fields[3]:
+                pkg.update(source=fields[3], source_version=fields[4])
+            packages.append(pkg)
     return packages
 
 
