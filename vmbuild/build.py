@@ -181,6 +181,8 @@ def _attest(r: Run) -> None:
         r.staging.path,
         r.manifest,
         {"memory_mib": recipe.vm.memory >> 20, "cpus": recipe.vm.cpus},
+        scan_settings=recipe.scan,
+        recipe_dir=r.plan.loaded.dir,
     )
     # A summary for `images show`; outside the signed digest (publish.artifact.MUTABLE_KEYS).
     r.manifest["provenance"] = attestation.to_json()

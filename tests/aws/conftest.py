@@ -76,6 +76,15 @@ def aws(
     return LocalAws(moto, front)
 
 
+@pytest.fixture(autouse=True)
+def signing_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A local signing key per test: artifacts are signed and verified as builds are."""
+    from vmbuild.supply.signing import generate_local_key
+
+    monkeypatch.setenv("VMBUILD_CONFIG_DIR", str(tmp_path / "config"))
+    return generate_local_key().public
+
+
 @pytest.fixture(scope="session")
 def good_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A lint-clean 64 MiB disk with ~3 MiB of data (made once per session)."""

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.aws.conftest import BUCKET, REGIONS, LocalAws
-from tests.support.disks import make_artifact, make_disk
+from tests.support.disks import make_artifact, make_disk, sign_artifact
 from tests.support.motoext import Fault
 from vmbuild.config.distribution import DistributionConfig, load_distribution
 from vmbuild.publish.distributor import DistributionResult, LintFailed, distribute
@@ -535,6 +535,7 @@ def test_import_fails_on_a_malformed_disk_and_cleans_up(
     (build_dir / "disk.raw").rename(build_dir / "disk.vmdk")
     manifest["outputs"][0].update(format="vmdk", file="disk.vmdk")
     (build_dir / "manifest.json").write_text(json.dumps(manifest))
+    sign_artifact(build_dir)
     aws.setup_import()
     data = {
         "import": {"method": "import-snapshot", "s3_bucket": BUCKET},

@@ -185,8 +185,12 @@ def make_artifact(
     version: str = "1.0.0",
     build: str = BUILD,
     tests_status: str = "passed",
+    sign: bool = True,
+    packages: list[dict[str, str]] | None = None,
 ) -> Path:
-    """A stored build dir (images/<name>/<version>/<build>/) holding `raw` in `formats`."""
+    """A stored build dir (images/<name>/<version>/<build>/) holding `raw` in `formats`,
+    with SBOMs and provenance signed by the local key (`$VMBUILD_CONFIG_DIR`) unless `sign`
+    is false."""
     build_dir = store / name / version / build
     build_dir.mkdir(parents=True)
     outputs: list[dict[str, Any]] = []
@@ -223,13 +227,28 @@ def make_artifact(
         "base": {"id": "debian-12", "sha256": "cd" * 32, "source": "test"},
         "components": [],
         "outputs": outputs,
-        "packages": [{"name": "nginx", "version": "1.22.1-9", "arch": "amd64"}],
+        "packages": packages
+        if packages is not None
+        else [{"name": "nginx", "version": "1.22.1-9", "arch": "amd64"}],
         "tests": {"status": tests_status},
         "timings": {},
         "vmbuild_version": "0.1.0",
     }
     (build_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if sign:
+        sign_artifact(build_dir)
     return build_dir
+
+
+def sign_artifact(build_dir: Path) -> None:
+    """(Re)write the SBOMs and the provenance signed with the local key, as a build does."""
+    from vmbuild.supply import signing
+    from vmbuild.supply.attest import attest
+
+    signer = signing.local_signer()
+    assert signer is not None, "no local signing key: set VMBUILD_CONFIG_DIR and generate one"
+    manifest = json.loads((build_dir / "manifest.json").read_text())
+    attest(build_dir, manifest, signer=signer, signed_by="local")
 
 
 def new_uuid() -> str:

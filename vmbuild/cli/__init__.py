@@ -29,6 +29,7 @@ VERB_MODULES = (
     "key",
     "verify",
     "bundle",
+    "scan",
 )
 
 

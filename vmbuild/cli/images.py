@@ -31,6 +31,9 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     store_flag(p)
     json_flag(p)
+    from vmbuild.cli.images_diff import add_images_verb
+
+    add_images_verb(images)
 
 
 def cmd_images_list(args: argparse.Namespace) -> int:

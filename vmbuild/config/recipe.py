@@ -71,6 +71,17 @@ class VMSettings(_Model):
     )
 
 
+class ScanSettings(_Model):
+    """The build's CVE scan (vmbuild scan), like Image Builder's Inspector condition."""
+
+    fail_on: Literal["unimportant", "low", "medium", "high"] | None = Field(
+        default=None, description="fail the build at or above this severity"
+    )
+    data: str | None = Field(
+        default=None, description="tracker JSON file (relative to the recipe); else the cache"
+    )
+
+
 class Recipe(_Model):
     name: str = Field(pattern=NAME.pattern)
     version: str
@@ -82,6 +93,7 @@ class Recipe(_Model):
     outputs: list[OutputFormat] = ["qcow2"]
     vm: VMSettings = VMSettings()
     distribution: dict[str, Any] | None = None
+    scan: ScanSettings | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
@@ -137,6 +149,10 @@ def load_recipe(path: Path) -> LoadedRecipe:
     components = tuple(
         _check_component(display, i, ref, base_dir) for i, ref in enumerate(recipe.components)
     )
+
+    scan_data = recipe.scan.data if recipe.scan is not None else None
+    if scan_data is not None and not (base_dir / scan_data).is_file():
+        raise ConfigError(display, "scan.data", f"file not found: {scan_data}")
 
     distribution = None
     if recipe.distribution is not None:

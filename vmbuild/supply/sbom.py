@@ -26,6 +26,7 @@ from vmbuild.supply import CYCLONEDX, SPDX
 
 # Debian releases by the base ids vmbuild knows (the purl `distro` qualifier).
 DEBIAN_CODENAMES = {"debian-11": "bullseye", "debian-12": "bookworm", "debian-13": "trixie"}
+SOURCE_PROPERTY = "vmbuild:deb:source"  # "SOURCE SOURCE_VERSION" of a binary package
 # A fixed namespace so the same build always gets the same document ids.
 _NAMESPACE = uuid.UUID("8f6f3c8e-2f55-4f0e-9d1e-6f7c2b1a9e55")
 
@@ -179,6 +180,7 @@ def spdx_json(manifest: Mapping[str, Any]) -> str:
 
 def cyclonedx_json(manifest: Mapping[str, Any]) -> str:
     """The CycloneDX 1.6 JSON text."""
+    from cyclonedx.model import Property
     from cyclonedx.model.bom import Bom
     from cyclonedx.model.component import Component, ComponentType
     from cyclonedx.output.json import JsonV1Dot6
@@ -198,6 +200,12 @@ def cyclonedx_json(manifest: Mapping[str, Any]) -> str:
     components = []
     for pkg in packages_of(manifest):
         purl = PackageURL.from_string(pkg.purl(distro))
+        # The security tracker is keyed by source package: keep it with the binary.
+        props = (
+            [Property(name=SOURCE_PROPERTY, value=f"{pkg.source} {pkg.source_version}".strip())]
+            if pkg.source
+            else []
+        )
         components.append(
             Component(
                 name=pkg.name,
@@ -205,6 +213,7 @@ def cyclonedx_json(manifest: Mapping[str, Any]) -> str:
                 type=ComponentType.LIBRARY,
                 purl=purl,
                 bom_ref=str(purl),
+                properties=props,
             )
         )
     bom.components.update(components)
@@ -224,27 +233,40 @@ def sbom_packages(build_dir: Path) -> dict[str, Package]:
     """name:arch -> Package read back from the CycloneDX SBOM (or SPDX when that is missing)."""
     cdx, spdx = build_dir / CYCLONEDX, build_dir / SPDX
     found: dict[str, Package] = {}
-    purls: Sequence[str]
+    entries: Sequence[tuple[str, str]]  # (purl, "source version" or "")
     if cdx.is_file():
         data = _load(cdx)
-        purls = [str(c["purl"]) for c in data.get("components", []) if c.get("purl")]
+        entries = [
+            (str(c["purl"]), _cdx_source(c)) for c in data.get("components", []) if c.get("purl")
+        ]
     elif spdx.is_file():
         data = _load(spdx)
-        purls = [
-            str(ref["referenceLocator"])
+        entries = [
+            (str(ref["referenceLocator"]), "")
             for p in data.get("packages", [])
             for ref in p.get("externalRefs", [])
             if ref.get("referenceType") == "purl"
         ]
     else:
         raise VmbuildError(f"{build_dir}: no SBOM ({CYCLONEDX} or {SPDX})")
-    for text in purls:
-        purl = PackageURL.from_string(text)
+    for text, source in entries:
+        try:
+            purl = PackageURL.from_string(text)
+        except ValueError as exc:
+            raise VmbuildError(f"{build_dir}: invalid purl {text!r} in the SBOM ({exc})") from None
         if purl.type != "deb" or not purl.version:
             continue
         arch = str((purl.qualifiers or {}).get("arch", ""))
-        found[f"{purl.name}:{arch}"] = Package(purl.name, purl.version, arch)
+        src_name, _, src_version = source.partition(" ")
+        found[f"{purl.name}:{arch}"] = Package(purl.name, purl.version, arch, src_name, src_version)
     return found
+
+
+def _cdx_source(component: Mapping[str, Any]) -> str:
+    for prop in component.get("properties") or []:
+        if prop.get("name") == SOURCE_PROPERTY:
+            return str(prop.get("value", ""))
+    return ""
 
 
 def _load(path: Path) -> dict[str, Any]:
