@@ -150,7 +150,8 @@ def main() -> int:
         raw = make_disk(work / "disk", size_mib=args.size_gib * 1024, data_mib=args.data_mib)
         made = time.monotonic() - t0
         artifacts = {
-            fmt: make_artifact(work / fmt, raw, formats=(fmt,), sign=False) for fmt in ("qcow2", "raw")
+            fmt: make_artifact(work / fmt, raw, formats=(fmt,), sign=False)
+            for fmt in ("qcow2", "raw")
         }
         # Written zeros in the stored raw (after the partition; same content, same sha256):
         # allocated on disk, so only the zero check can keep them from being sent.
