@@ -19,6 +19,7 @@ from vmbuild.errors import VmbuildError
 # The verb modules, in `vmbuild --help` order. A new verb is a new module here.
 VERB_MODULES = (
     "validate",
+    "inspect",
     "build",
     "base",
     "images",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 from rich.text import Text
@@ -11,40 +12,45 @@ from rich.text import Text
 from vmbuild import console, paths
 from vmbuild.cli.common import SubParsers, json_flag, out, store_flag, verb
 
+if TYPE_CHECKING:
+    from vmbuild.plan import BuildOptions
+
 
 def add_parser(sub: SubParsers) -> None:
     b = verb(sub, "build", cmd_build, "build (and test) an image from a recipe")
     b.add_argument("recipe", help="recipe YAML file")
-    b.add_argument("--skip-tests", action="store_true", help="do not boot the test VM")
-    b.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
-    b.add_argument(
+    add_plan_flags(b)
+    json_flag(b)
+
+
+def add_plan_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that shape a build's plan (shared with `vmbuild inspect`)."""
+    p.add_argument("--skip-tests", action="store_true", help="do not boot the test VM")
+    p.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="default: auto")
+    p.add_argument(
         "--backend", choices=["qemu", "libvirt"], help="default: the recipe's vm.backend, or qemu"
     )
-    b.add_argument("--libvirt-uri", help="default: qemu:///system as root, else qemu:///session")
-    b.add_argument("--libvirt-network", help="attach to this libvirt network (address from DHCP)")
-    b.add_argument(
+    p.add_argument("--libvirt-uri", help="default: qemu:///system as root, else qemu:///session")
+    p.add_argument("--libvirt-network", help="attach to this libvirt network (address from DHCP)")
+    p.add_argument(
         "--keep-on-failure", action="store_true", help="leave the failed VM running for SSH"
     )
-    b.add_argument("--mirror", help="Debian mirror for a debian-12 base (default: the host's)")
-    b.add_argument(
+    p.add_argument("--mirror", help="Debian mirror for a debian-12 base (default: the host's)")
+    p.add_argument(
         "--apt-proxy",
         metavar="auto|off|URL",
         help="host package cache for the guests: auto (default; $VMBUILD_APT_PROXY) starts "
         "apt-cacher-ng, off goes direct, http://127.0.0.1:PORT names a running one",
     )
-    store_flag(b)
-    json_flag(b)
+    store_flag(p)
 
 
-def cmd_build(args: argparse.Namespace) -> int:
-    from vmbuild.build import BuildOptions, build
-    from vmbuild.config.recipe import load_recipe
-    from vmbuild.log import Progress
+def plan_options(args: argparse.Namespace) -> BuildOptions:
+    from vmbuild.plan import BuildOptions
 
-    loaded = load_recipe(Path(args.recipe))  # validated before any side effect
-    opts = BuildOptions(
+    return BuildOptions(
         store=paths.store_dir(args.store),
-        accel=args.accel,
+        accel=args.accel or "auto",
         skip_tests=args.skip_tests,
         keep_on_failure=args.keep_on_failure,
         backend=args.backend,
@@ -53,6 +59,15 @@ def cmd_build(args: argparse.Namespace) -> int:
         libvirt_network=args.libvirt_network,
         apt_proxy=args.apt_proxy,
     )
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from vmbuild.build import build
+    from vmbuild.config.recipe import load_recipe
+    from vmbuild.log import Progress
+
+    loaded = load_recipe(Path(args.recipe))  # validated before any side effect
+    opts = plan_options(args)
     progress = Progress(quiet=args.json)
     result = build(loaded, opts, progress)
     m = result.manifest

@@ -594,3 +594,29 @@ def for_recipe(
 def key(base: BaseImage, disk_size: int | None) -> StageKey:
     """The builder's starting disk: the base's bytes, grown to the recipe's size."""
     return stage_key("base", sha256=base.sha256, format=base.format, disk_size=disk_size)
+
+
+def cached_for_recipe(
+    spec: str | UrlBase, local_path: Path | None, *, mirror: str | None
+) -> BaseImage | None:
+    """The base `for_recipe` would use, if it needs no build or download; else None.
+
+    Reads the cache (and hashes a local file) only: `vmbuild inspect` uses it to say
+    what a build would reuse without building, fetching or writing anything.
+    """
+    if local_path is not None:
+        return local_base(local_path) if local_path.is_file() else None
+    if isinstance(spec, str):
+        if spec not in RELEASES:
+            return None
+        mirrors = mirrors_for(mirror, RELEASES[spec])
+        key = base_cache_key(
+            spec, mirrors.mirror, DEBIAN_PACKAGES, security_mirror=mirrors.security
+        )
+        final = _bases_dir() / f"{spec}-{key[:16]}"
+        meta = _read_meta(final)
+        return _from_meta(final, meta) if meta is not None else None
+    found = [(m.get("created", ""), b) for b, m in _cached() if spec.url in m.get("urls", ())]
+    if spec.sha256:
+        found = [(c, b) for c, b in found if b.sha256 == spec.sha256.lower()]
+    return max(found, key=lambda pair: pair[0])[1] if found else None

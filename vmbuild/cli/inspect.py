@@ -1,0 +1,163 @@
+"""`vmbuild inspect RECIPE`: the resolved build plan, without building anything.
+
+Shows what `vmbuild build` with the same flags would do: the base and its digest
+(when cached), the components with their parameters and digests, every setting
+after precedence (CLI > recipe > default) and where it came from, the outputs, the
+tests, what is cached, and what would be uploaded where. Creates no disk, VM,
+cache entry or AWS resource (Packer's `inspect`, osbuild's `describe`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vmbuild.cli.build import add_plan_flags, plan_options
+from vmbuild.cli.common import SubParsers, json_flag, out, verb
+
+if TYPE_CHECKING:
+    from vmbuild.plan import BuildOptions, BuildPlan
+
+
+def add_parser(sub: SubParsers) -> None:
+    p = verb(sub, "inspect", cmd_inspect, "show the resolved build plan of a recipe; build nothing")
+    p.add_argument("recipe", help="recipe YAML file")
+    add_plan_flags(p)
+    json_flag(p)
+
+
+def _source(cli: object, recipe_fields: set[str], field: str) -> str:
+    if cli is not None:
+        return "cli"
+    return "recipe" if field in recipe_fields else "default"
+
+
+def describe(
+    plan: BuildPlan, opts: BuildOptions, *, accel_source: str, store_source: str
+) -> dict[str, Any]:
+    """The plan as JSON-able data (what `inspect --json` prints)."""
+    from vmbuild.config.recipe import UrlBase
+    from vmbuild.stages import base_image
+
+    loaded, recipe = plan.loaded, plan.loaded.recipe
+    vm_set = set(recipe.vm.model_fields_set)
+    top_set = set(recipe.model_fields_set)
+    spec = recipe.base
+    cached = base_image.cached_for_recipe(spec, loaded.base_path, mirror=plan.mirror)
+    base: dict[str, Any] = {
+        "spec": spec.url if isinstance(spec, UrlBase) else spec,
+        "kind": "file" if loaded.base_path else "url" if isinstance(spec, UrlBase) else "built",
+        "cached": cached is not None,
+        "id": cached.id if cached else None,
+        "sha256": cached.sha256 if cached else (spec.sha256 if isinstance(spec, UrlBase) else None),
+        "path": str(cached.path) if cached else None,
+        "format": cached.format if cached else None,
+    }
+
+    def setting(value: object, cli: object, where: set[str], field: str) -> dict[str, Any]:
+        return {"value": value, "source": _source(cli, where, field)}
+
+    settings = {
+        "backend": setting(plan.backend, opts.backend, vm_set, "backend"),
+        "libvirt_uri": setting(plan.libvirt_uri, opts.libvirt_uri, vm_set, "uri"),
+        "libvirt_network": setting(plan.libvirt_network, opts.libvirt_network, vm_set, "network"),
+        "accelerator": {"value": plan.accel_mode, "source": accel_source},
+        "memory": setting(plan.memory, opts.memory, vm_set, "memory"),
+        "cpus": setting(plan.cpus, opts.cpus, vm_set, "cpus"),
+        "disk_size": setting(recipe.disk_size, None, top_set, "disk_size"),
+        "mirror": {"value": plan.mirror, "source": "cli" if plan.mirror else "default"},
+        "run_tests": {"value": plan.run_tests, "source": "cli" if opts.skip_tests else "default"},
+        "keep_on_failure": {
+            "value": plan.keep_on_failure, "source": "cli" if opts.keep_on_failure else "default",
+        },
+        "store": {"value": str(plan.store), "source": store_source},
+    }  # fmt: skip
+    components = [
+        {
+            "name": ref.name,
+            "path": str(doc.path),
+            "sha256": doc.sha256,
+            "description": doc.description,
+            "parameters": doc.parameters,
+            "phases": list(doc.phases),
+        }
+        for ref, doc in zip(recipe.components, plan.documents, strict=True)
+    ]
+    distribution = None
+    if loaded.distribution is not None:
+        d = loaded.distribution
+        distribution = {
+            "method": d.import_.method,
+            "image": {"boot_mode": d.image.boot_mode, "architecture": d.image.architecture},
+            "regions": [
+                {
+                    "region": r.region,
+                    "name": r.name,
+                    "encrypted": r.encrypted,
+                    "kms_key_id": r.kms_key_id,
+                    "copy": i > 0,
+                }
+                for i, r in enumerate(d.regions)
+            ],
+            "profile": d.profile,
+        }
+    return {
+        "recipe": {
+            "path": str(loaded.path), "sha256": loaded.sha256, "name": recipe.name,
+            "version": recipe.version,
+        },
+        "base": base,
+        "components": components,
+        "settings": settings,
+        "outputs": list(recipe.outputs),
+        "tests": {"run": plan.run_tests, "testinfra": [str(t) for t in loaded.test_paths]},
+        "store": str(Path(plan.store) / recipe.name / recipe.version),
+        "distribution": distribution,
+    }  # fmt: skip
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from vmbuild.config.recipe import load_recipe
+    from vmbuild.plan import BuildPlan
+
+    loaded = load_recipe(Path(args.recipe))
+    opts = plan_options(args)
+    store_source = (
+        "cli" if args.store else "environment" if "VMBUILD_STORE" in os.environ else "default"
+    )
+    data = describe(
+        BuildPlan.create(loaded, opts), opts,
+        accel_source="cli" if args.accel else "default", store_source=store_source,
+    )  # fmt: skip
+
+    def human() -> None:
+        r, b = data["recipe"], data["base"]
+        print(f"recipe:     {r['name']} {r['version']}  {r['path']} (sha256:{r['sha256']})")
+        state = f"cached {b['id']} sha256:{b['sha256']}" if b["cached"] else "not cached: "
+        if not b["cached"]:
+            state += "would be built" if b["kind"] == "built" else "would be downloaded"
+        print(f"base:       {b['spec']} ({state})")
+        for c in data["components"]:
+            params = ", ".join(f"{k}={v}" for k, v in c["parameters"].items())
+            print(f"component:  {c['name']} sha256:{c['sha256']} [{','.join(c['phases'])}]"
+                  + (f" {params}" if params else ""))  # fmt: skip
+        for name, s in data["settings"].items():
+            value = s["value"]
+            if name in ("memory", "disk_size"):
+                value = f"{value / (1 << 30):g} GiB"
+            print(f"setting:    {name} = {value} ({s['source']})")
+        print(f"outputs:    {', '.join(data['outputs'])}")
+        tests = data["tests"]
+        print(f"tests:      {'run' if tests['run'] else 'skipped'}"
+              + "".join(f"\n            {t}" for t in tests["testinfra"]))  # fmt: skip
+        print(f"store:      {data['store']}/<build>")
+        dist = data["distribution"]
+        if dist is None:
+            print("upload:     none (no distribution section)")
+        for region in (dist or {}).get("regions", []):
+            how = "copy" if region["copy"] else dist["method"]
+            print(f"upload:     {region['region']} ({how}) AMI {region['name']}")
+
+    return out(args, data, human)
