@@ -68,6 +68,11 @@ def describe(
         "cpus": setting(plan.cpus, opts.cpus, vm_set, "cpus"),
         "disk_size": setting(recipe.disk_size, None, top_set, "disk_size"),
         "mirror": {"value": plan.mirror, "source": "cli" if plan.mirror else "default"},
+        "apt_proxy": {
+            "value": plan.apt_proxy,
+            "source": "cli" if opts.apt_proxy else
+            "environment" if os.environ.get("VMBUILD_APT_PROXY") else "default",
+        },
         "run_tests": {"value": plan.run_tests, "source": "cli" if opts.skip_tests else "default"},
         "keep_on_failure": {
             "value": plan.keep_on_failure, "source": "cli" if opts.keep_on_failure else "default",
