@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.schemas import event_lines
 from tests.vm.conftest import REPO, VMBUILD, qemu_pids, vmbuild
 from vmbuild import paths
 from vmbuild.stages import base_image
@@ -29,7 +30,24 @@ def test_example_recipe_builds_tests_and_stores(
     store = Path(cli_env["VMBUILD_STORE"])
     proc = vmbuild("build", "examples/nginx/recipe.yaml", "--json", env=cli_env)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    result = json.loads(proc.stdout)
+    # One schema-valid event per line, streamed; the last is the result.
+    events = event_lines(proc.stdout)
+    result = events[-1]
+    assert result["type"] == "result"
+    stages = [e["stage"] for e in events if e["type"] == "stage-end"]
+    assert stages == [
+        "base",
+        "builder",
+        "components",
+        "sbom",
+        "generalize",
+        "convert",
+        "verify",
+        "test",
+        "store",
+    ]
+    assert all(e["status"] == "ok" for e in events if e["type"] == "stage-end")
+    assert any(e["type"] == "output" and e["stage"] == "components" for e in events)
     build_dir = Path(result["path"])
     m = result["manifest"]
 
@@ -85,7 +103,7 @@ def test_example_recipe_builds_tests_and_stores(
     assert [r["ref"] for r in listed] == [f"example-nginx/1.0.0/{m['build']}"]
     shown = json.loads(vmbuild("images", "show", "example-nginx", "--json", env=cli_env).stdout)
     assert shown["build"] == m["build"]
-    assert vmbuild("images", "rm", "example-nginx/1.0.0", env=cli_env).returncode == 0
+    assert vmbuild("images", "rm", "example-nginx/1.0.0", "--yes", env=cli_env).returncode == 0
     assert list(store.iterdir()) == []
 
 

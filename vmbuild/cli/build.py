@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vmbuild import console, paths
-from vmbuild.cli.common import SubParsers, json_flag, out, store_flag, verb
+from vmbuild.cli.common import SubParsers, json_flag, store_flag, verb
 
 if TYPE_CHECKING:
     from vmbuild.plan import BuildOptions
@@ -62,27 +62,51 @@ def plan_options(args: argparse.Namespace) -> BuildOptions:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    if args.json:
+        return _build_json(args)
     from vmbuild.build import build
     from vmbuild.config.recipe import load_recipe
     from vmbuild.log import Progress
 
     loaded = load_recipe(Path(args.recipe))  # validated before any side effect
-    opts = plan_options(args)
-    progress = Progress(quiet=args.json)
-    result = build(loaded, opts, progress)
+    result = build(loaded, plan_options(args), Progress())
     m = result.manifest
+    con = console.stdout()
+    table = Table(title=Text(f"{m.name} {m.version} ({m.build})"), show_edge=False)
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for name, secs in m.timings.items():
+        table.add_row(name, f"{secs:.1f}")
+    con.print(table)
+    for o in m.outputs:
+        con.print(f"{o.format:6} {result.build_dir / o.file}  sha256:{o.sha256}")
+    con.print(f"tests: {m.tests_status}")
+    con.print(console.styled("artifact:", "bold green", f" {result.build_dir}"))
+    return 0
 
-    def human() -> None:
-        con = console.stdout()
-        table = Table(title=Text(f"{m.name} {m.version} ({m.build})"), show_edge=False)
-        table.add_column("stage")
-        table.add_column("seconds", justify="right")
-        for name, secs in m.timings.items():
-            table.add_row(name, f"{secs:.1f}")
-        con.print(table)
-        for o in m.outputs:
-            con.print(f"{o.format:6} {result.build_dir / o.file}  sha256:{o.sha256}")
-        con.print(f"tests: {m.tests_status}")
-        con.print(console.styled("artifact:", "bold green", f" {result.build_dir}"))
 
-    return out(args, {"path": str(result.build_dir), "manifest": m.to_json()}, human)
+def _build_json(args: argparse.Namespace) -> int:
+    """`build --json`: events on stdout as they happen (vmbuild/events.py), errors included."""
+    from vmbuild.build import build
+    from vmbuild.config.recipe import load_recipe
+    from vmbuild.errors import VmbuildError
+    from vmbuild.events import JsonReporter
+
+    reporter = JsonReporter()
+    try:
+        loaded = load_recipe(Path(args.recipe))
+        recipe = loaded.recipe
+        reporter.emit("start", recipe=str(loaded.path), name=recipe.name, version=recipe.version)
+        with reporter.warnings():
+            result = build(loaded, plan_options(args), reporter)
+    except BaseException as exc:
+        code = 1 if isinstance(exc, VmbuildError) else 130 if _interrupted(exc) else 2
+        hint = exc.hint if isinstance(exc, VmbuildError) else None
+        reporter.emit("error", message=str(exc), hint=hint, kind=type(exc).__name__, exit_code=code)
+        raise  # the CLI prints it on stderr and exits with that code
+    reporter.emit("result", path=str(result.build_dir), manifest=result.manifest.to_json())
+    return 0
+
+
+def _interrupted(exc: BaseException) -> bool:
+    return isinstance(exc, KeyboardInterrupt)
