@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any
 import yaml
 
 from vmbuild.errors import ConfigError
-from vmbuild.toe.actions import ACTIONS, WINDOWS_ONLY
+from vmbuild.toe.actions import ACTIONS
 from vmbuild.toe.actions.base import Shape, typed_items
 from vmbuild.toe.conditions import condition_values, parse_condition, parse_if
 from vmbuild.toe.expressions import (
@@ -37,16 +38,22 @@ from vmbuild.toe.loops import parse_loop, whole_number
 from vmbuild.toe.model import (
     DEFAULT_TIMEOUT_SECONDS,
     NO_TIMEOUT,
+    PARAMETER_TYPES,
     DelimitedLoop,
     Document,
     ForEachLoop,
     ForLoop,
+    Loop,
     OnFailure,
     ParameterSpec,
     Phase,
     Step,
 )
+from vmbuild.toe.windows import MESSAGE as WINDOWS_MESSAGE
+from vmbuild.toe.windows import windows_evidence
 from vmbuild.toe.yamlio import DuplicateKeyError, load_yaml, scalar_text
+
+log = logging.getLogger("vmbuild.toe")
 
 MAX_NESTING = 3  # ExecuteDocument levels below the top document (AWSTOE's limit)
 STANDARD_PHASES = ("build", "validate", "test")
@@ -89,9 +96,11 @@ def load_document(
 ) -> Document:
     """Parse and validate `path` (and statically known ExecuteDocument children).
 
-    `parameters` are the caller's values (strings; YAML scalars are accepted and
-    turned into their text). An unknown parameter, or one without a default and
-    without a value, is an error. Raises ConfigError naming file, phase, step, field.
+    `parameters` are the caller's values (strings, or Image Builder's lists of
+    strings; YAML scalars are accepted and turned into their text). A parameter
+    without a default and without a value is an error; an unknown one is ignored
+    with a warning (logged, and in `Document.warnings`), as AWSTOE does. Raises
+    ConfigError naming file, phase, step, field.
     """
     doc, problems = parse(path, parameters or {}, display_name=display_name, require_values=True)
     if problems or doc is None:
@@ -99,6 +108,8 @@ def load_document(
         more = len(problems) - 1
         hint = f"{more} more problem(s): vmbuild component validate {path}" if more > 0 else None
         raise first.error(hint)
+    for warning in doc.warnings:
+        log.warning("%s", warning)
     return doc
 
 
@@ -129,23 +140,42 @@ def parse(
     *,
     display_name: str | None = None,
     require_values: bool = True,
-    ancestors: tuple[Path, ...] = (),
+    ancestors: tuple[str, ...] = (),
+    identity: str | None = None,
 ) -> tuple[Document | None, list[Problem]]:
     """The document and its problems; the Document is None when there are any."""
-    parser = _Parser(path, display_name or str(path), ancestors)
-    doc = parser.parse(parameters, require_values)
+    parser = _Parser(path, display_name or str(path), ancestors, identity=identity or "")
+    try:
+        doc = parser.parse(parameters, require_values)
+    except RecursionError:
+        parser.problems = [Problem(parser.display, None, "nested too deeply to be a document")]
+        doc = None
     return (doc if not parser.problems else None), parser.problems
 
 
-def child_path(parent: Document, document: str) -> Path:
-    """Where an ExecuteDocument `document` input points: relative to the parent file."""
-    candidate = Path(document)
-    return candidate if candidate.is_absolute() else parent.path.parent / candidate
+INSTANCE = "instance:"  # identity prefix of a document read from the guest
+
+
+def host_identity(path: Path) -> str:
+    return str(path.resolve())
+
+
+def child_path(parent: Document, document: str) -> Path | None:
+    """The host file an ExecuteDocument `document` names, when it is one: a
+    relative path next to a parent that is a host file. Anything else (an
+    absolute path, a file a previous step wrote on the instance, an S3 URI, an
+    ARN) is resolved when the step runs."""
+    if document.startswith(("s3://", "arn:")) or Path(document).is_absolute():
+        return None
+    if parent.identity.startswith((INSTANCE, "s3://")):
+        return None  # the parent came from the instance or S3: its siblings are there
+    candidate = parent.path.parent / document
+    return candidate if candidate.is_file() else None
 
 
 def child_display(parent: Document, document: str) -> str:
     candidate = Path(document)
-    if candidate.is_absolute():
+    if candidate.is_absolute() or document.startswith(("s3://", "arn:")):
         return document
     return str(Path(parent.display_name or str(parent.path)).parent / candidate)
 
@@ -162,8 +192,10 @@ class _StepDraft:
 class _Parser:
     path: Path
     display: str
-    ancestors: tuple[Path, ...]
+    ancestors: tuple[str, ...]
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    identity: str = ""
 
     def add(self, where: str | None, message: str) -> None:
         self.problems.append(Problem(self.display, where or None, message))
@@ -192,6 +224,11 @@ class _Parser:
         if not isinstance(raw, dict):
             self.add(None, "expected a YAML map with schemaVersion and phases")
             return None
+        windows = windows_evidence(raw)
+        if windows is not None:
+            where, why = windows
+            self.add(where, f"{WINDOWS_MESSAGE} (this document is for Windows: {why})")
+            return None
         for key in raw:
             if key not in _TOP_KEYS:
                 self.add(str(key), f"unknown key (expected: {', '.join(_TOP_KEYS)})")
@@ -216,6 +253,8 @@ class _Parser:
             constants=constants,
             parameter_specs=tuple(specs),
             display_name=self.display,
+            warnings=tuple(self.warnings),
+            identity=self.identity or host_identity(self.path),
         )
         if not self.problems:
             self._check_children(doc, drafts)
@@ -239,7 +278,9 @@ class _Parser:
 
     # --- parameters and constants ----------------------------------------------
 
-    def _named_entries(self, raw: Any, section: str) -> list[tuple[str, str, dict[Any, Any]]]:
+    def _named_entries(
+        self, raw: Any, section: str, types: tuple[str, ...] = ("string",)
+    ) -> list[tuple[str, str, dict[Any, Any]]]:
         """`- Name: {..}` entries as (where, name, body)."""
         if raw is None:
             return []
@@ -264,24 +305,52 @@ class _Parser:
             if not isinstance(body, dict):
                 self.add(where, "expected a map with type (and default/value, description)")
                 continue
-            if body.get("type") != "string":
-                self.add(f"{where}.type", "required, and the only supported type is string")
+            kind = body.get("type")
+            if not isinstance(kind, str) or kind.lower() not in types:
+                shown = ", ".join(types)
+                self.add(f"{where}.type", f"required, one of: {shown}")
             entries.append((where, name, body))
         return entries
 
+    def _value_text(self, where: str, value: Any) -> str | None:
+        """A parameter value as AWSTOE sees it: a string. Image Builder's API gives
+        values as lists of strings: one item is that string, several are joined
+        with commas (a StringList)."""
+        if isinstance(value, list):
+            texts = [scalar_text(v) for v in value]
+            if all(t is not None for t in texts):
+                return ",".join(t for t in texts if t is not None)
+            self.add(where, "expected a string or a list of strings")
+            return None
+        text = scalar_text(value)
+        if text is None:
+            self.add(where, "expected a string, not a map")
+        return text
+
     def _parameters(self, raw: Any) -> list[ParameterSpec]:
         specs = []
-        for where, name, body in self._named_entries(raw, "parameters"):
+        keys = ("type", "default", "description", "allowedValues")
+        for where, name, body in self._named_entries(raw, "parameters", PARAMETER_TYPES):
             for key in body:
-                if key not in ("type", "default", "description"):
-                    self.add(f"{where}.{key}", "unknown key (expected type, default, description)")
+                if key not in keys:
+                    self.add(f"{where}.{key}", f"unknown key (expected {', '.join(keys)})")
             default = None
             if body.get("default") is not None:
-                default = scalar_text(body["default"])
-                if default is None:
-                    self.add(f"{where}.default", "expected a string, not a list or map")
+                default = self._value_text(f"{where}.default", body["default"])
+            allowed: tuple[str, ...] = ()
+            if body.get("allowedValues") is not None:
+                values = body["allowedValues"]
+                texts = [scalar_text(v) for v in values] if isinstance(values, list) else [None]
+                if not texts or any(t is None for t in texts):
+                    self.add(f"{where}.allowedValues", "expected a non-empty list of strings")
+                else:
+                    allowed = tuple(t for t in texts if t is not None)
+            if default is not None and allowed and default not in allowed:
+                self.add(f"{where}.default", f"{default!r} is not one of the allowedValues")
             description = scalar_text(body.get("description") or "") or ""
-            specs.append(ParameterSpec(name, default, description))
+            kind = body.get("type")
+            kind = kind.lower() if isinstance(kind, str) else "string"
+            specs.append(ParameterSpec(name, default, description, kind, allowed))
         return specs
 
     def _constants(self, raw: Any, parameter_names: set[str]) -> dict[str, str]:
@@ -305,20 +374,25 @@ class _Parser:
         names = {s.name for s in specs}
         for key in given:
             if key not in names:
+                # AWSTOE ignores a parameter the document does not declare.
                 known = ", ".join(sorted(names)) or "none"
                 close = difflib.get_close_matches(str(key), list(names), n=1)
                 suggestion = f"; did you mean '{close[0]}'?" if close else ""
-                self.add(
-                    f"parameters.{key}",
-                    f"unknown parameter (the document has: {known}){suggestion}",
+                self.warnings.append(
+                    f"{self.display}: parameters.{key}: unknown parameter, ignored "
+                    f"(the document has: {known}){suggestion}"
                 )
         values = {}
         for spec in specs:
             if spec.name in given:
-                value = scalar_text(given[spec.name])
+                value = self._value_text(f"parameters.{spec.name}", given[spec.name])
                 if value is None:
-                    self.add(f"parameters.{spec.name}", "expected a string, not a list or map")
                     continue
+                if spec.allowed and value not in spec.allowed:
+                    self.add(
+                        f"parameters.{spec.name}",
+                        f"{value!r} is not allowed (allowedValues: {', '.join(spec.allowed)})",
+                    )
                 values[spec.name] = value
             elif spec.default is not None:
                 values[spec.name] = spec.default
@@ -429,8 +503,8 @@ class _Parser:
     def _unknown_action(self, where: str, action: Any) -> None:
         if action is None:
             self.add(f"{where}.action", "required")
-        elif action in WINDOWS_ONLY:
-            self.add(f"{where}.action", f"{action} is a Windows module; vmbuild runs Linux guests")
+        elif not isinstance(action, str):
+            self.add(f"{where}.action", "expected the name of an action module")
         else:
             close = difflib.get_close_matches(str(action), list(ACTIONS), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
@@ -503,8 +577,10 @@ class _Parser:
                     earlier=base.earlier,
                     later=base.later,
                 )
-                self._report_refs(f"{draft.where}.inputs", draft.raw_inputs, in_loop)
                 spec = ACTIONS[step.action]
+                self._report_refs(
+                    f"{draft.where}.inputs", draft.raw_inputs, in_loop, templates=spec.templates
+                )
                 earlier[(draft.phase, step.name)] = EarlierStep(
                     inputs=draft.raw_inputs,
                     input_names=frozenset(f.name for f in spec.fields),
@@ -512,8 +588,10 @@ class _Parser:
                     action=spec.name,
                 )
 
-    def _report_refs(self, where: str, value: Any, scope: StaticScope) -> None:
-        for sub, message in check_references(value, scope):
+    def _report_refs(
+        self, where: str, value: Any, scope: StaticScope, templates: tuple[str, ...] = ()
+    ) -> None:
+        for sub, message in check_references(value, scope, templates=templates):
             suffix = sub if sub.startswith("[") or not sub else f".{sub}"
             self.add(f"{where}{suffix}", message)
 
@@ -523,9 +601,18 @@ class _Parser:
     # --- ExecuteDocument children -----------------------------------------------------
 
     def _check_children(self, doc: Document, phases: list[tuple[str, list[_StepDraft]]]) -> None:
+        checked: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
         for _, drafts in phases:
             for draft in drafts:
-                if draft.step.action != "ExecuteDocument":
+                if draft.step.action != "ExecuteDocument" or not isinstance(draft.raw_inputs, dict):
+                    continue
+                count = loop_count(draft.step.loop)
+                if count is not None and count > MAX_EXECUTE_ITERATIONS:
+                    self.add(
+                        f"{draft.where}.loop",
+                        f"runs ExecuteDocument {count} times; vmbuild allows at most "
+                        f"{MAX_EXECUTE_ITERATIONS} nested documents per step",
+                    )
                     continue
                 for variables, loop in _static_iterations(draft.step, doc.variables):
                     scope = Scope(variables, loop=loop)
@@ -537,28 +624,73 @@ class _Parser:
                         }
                     except UnresolvedReference:
                         continue  # depends on outputs of earlier steps: checked when it runs
-                    _, problems = load_child(doc, document, params, self.ancestors)
-                    for problem in problems:
-                        if problem.file == self.display:
-                            self.add(f"{draft.where}.inputs.document", problem.message)
-                        else:
-                            self.problems.append(problem)
+                    key = (document, tuple(sorted(params.items())))
+                    if key in checked:
+                        continue  # the same child with the same parameters: checked once
+                    checked.add(key)
+                    self._check_child(doc, draft, document, params)
+
+    def _check_child(
+        self, doc: Document, draft: _StepDraft, document: str, params: dict[str, str]
+    ) -> None:
+        where = f"{draft.where}.inputs.document"
+        if document.startswith("arn:"):
+            from vmbuild.toe.library import ComponentNotFound, find_component
+
+            try:
+                path = find_component(document, doc.path.parent)
+            except ComponentNotFound as exc:
+                self.add(where, str(exc))
+                return
+            display = document
+        else:
+            found = child_path(doc, document)
+            if found is None:
+                return  # on the instance or in S3: resolved when the step runs
+            path, display = found, child_display(doc, document)
+        _, problems = load_child(doc, path, host_identity(path), display, params, self.ancestors)
+        for problem in problems:
+            if problem.file == self.display:
+                self.add(where, problem.message)
+            else:
+                self.problems.append(problem)
+
+
+MAX_EXECUTE_ITERATIONS = 1000
+
+
+def loop_count(loop: Loop | None) -> int | None:
+    """How many iterations a loop has, when known before the run (never expanded)."""
+    if isinstance(loop, ForLoop):
+        return len(loop.range())
+    if isinstance(loop, ForEachLoop):
+        return len(loop.items)
+    return None
 
 
 def load_child(
-    parent: Document, document: str, parameters: Mapping[str, str], ancestors: tuple[Path, ...]
+    parent: Document,
+    path: Path,
+    identity: str,
+    display: str,
+    parameters: Mapping[str, str],
+    ancestors: tuple[str, ...],
 ) -> tuple[Document | None, list[Problem]]:
-    """The document `parent` runs through ExecuteDocument, or the problems with it
-    (a cycle, nesting deeper than MAX_NESTING, or its own content)."""
-    path = child_path(parent, document)
-    chain = (*ancestors, parent.path)
-    if path.resolve() in [p.resolve() for p in chain]:
-        names = " -> ".join([*(p.name for p in chain), path.name])
+    """The document `parent` runs through ExecuteDocument (read from the host
+    file `path`), or the problems with it (a cycle, nesting deeper than
+    MAX_NESTING, or its own content). `identity` says where it really lives."""
+    chain = (*ancestors, parent.identity)
+    if identity in chain:
+        names = " -> ".join([*(_short(i) for i in chain), _short(identity)])
         return None, [Problem(parent.display_name, None, f"ExecuteDocument cycle: {names}")]
     if len(chain) > MAX_NESTING:
-        message = f"ExecuteDocument nests deeper than {MAX_NESTING} levels ({path.name})"
+        message = f"ExecuteDocument nests deeper than {MAX_NESTING} levels ({_short(identity)})"
         return None, [Problem(parent.display_name, None, message)]
-    return parse(path, parameters, display_name=child_display(parent, document), ancestors=chain)
+    return parse(path, parameters, display_name=display, ancestors=chain, identity=identity)
+
+
+def _short(identity: str) -> str:
+    return identity if identity.startswith("arn:") else identity.rsplit("/", 1)[-1]
 
 
 def _static_iterations(
@@ -576,5 +708,7 @@ def _static_iterations(
         else:
             values = render(step.loop.text, scope).split(step.loop.delimiter)
     except UnresolvedReference:
+        return []
+    if len(values) > MAX_EXECUTE_ITERATIONS:
         return []
     return [(variables, LoopVars(step.loop.name, i, v)) for i, v in enumerate(values)]

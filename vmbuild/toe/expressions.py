@@ -10,8 +10,12 @@ are trimmed):
 
 Anything else between braces (a Go template such as `{{ .State.Status }}` in a
 `docker inspect` command) is not a reference and is left exactly as written, so
-documents that pass such text to tools keep working. A reference-shaped text that
-does not resolve is an error, reported before anything runs.
+documents that pass such text to tools keep working. So is `{{ loop.* }}` in a step
+without a loop (the AWSTOE looping page: "AWSTOE does not resolve the expressions
+and they appear in the step with no replacement"), and an unknown `{{ name }}` in
+a field that holds a file's content (a Jinja template written with CreateFile).
+Any other reference-shaped text that does not resolve is an error, reported
+before anything runs.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 _NAME = r"[A-Za-z0-9_-]+"
@@ -124,16 +128,25 @@ class Scope:
     variables: Mapping[str, str]
     loop: LoopVars | None = None
     chain: Callable[[ChainRef], str] | None = None
+    keep_unknown: bool = False  # unknown `{{ Name }}` stays as written (file content)
+
+
+class _Keep(Exception):
+    """This reference is left exactly as written."""
 
 
 def resolve(ref: Reference, scope: Scope) -> str:
     if isinstance(ref, VariableRef):
         if ref.name in scope.variables:
             return scope.variables[ref.name]
+        if scope.keep_unknown:
+            raise _Keep
         raise UnresolvedReference(unknown_variable_message(ref.name, scope.variables))
     if isinstance(ref, LoopRef):
         loop = scope.loop
-        if loop is None or (ref.loop != "loop" and ref.loop != loop.name):
+        if loop is None:
+            raise _Keep  # AWSTOE leaves loop references in a step without a loop
+        if ref.loop != "loop" and ref.loop != loop.name:
             raise UnresolvedReference(f"'{ref.loop}.{ref.attr}' is not this step's loop")
         return str(loop.index) if ref.attr == "index" else loop.value
     if scope.chain is None:
@@ -148,20 +161,34 @@ def render(text: str, scope: Scope) -> str:
         try:
             ref = parse_reference(match.group(1))
         except NotAReference as exc:
+            if scope.keep_unknown:
+                return match.group(0)
             raise UnresolvedReference(str(exc)) from None
-        return match.group(0) if ref is None else resolve(ref, scope)
+        if ref is None:
+            return match.group(0)
+        try:
+            return resolve(ref, scope)
+        except _Keep:
+            return match.group(0)
 
     return _BRACES.sub(substitute, text)
 
 
-def render_value(value: Any, scope: Scope) -> Any:
-    """Render every string inside nested lists and maps; other scalars pass through."""
+def render_value(value: Any, scope: Scope, *, templates: Collection[str] = ()) -> Any:
+    """Render every string inside nested lists and maps; other scalars pass through.
+
+    Map keys named in `templates` hold file content: unknown names stay as written.
+    """
     if isinstance(value, str):
         return render(value, scope)
     if isinstance(value, dict):
-        return {k: render_value(v, scope) for k, v in value.items()}
+        lenient = replace(scope, keep_unknown=True)
+        return {
+            k: render_value(v, lenient if k in templates else scope, templates=templates)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [render_value(v, scope) for v in value]
+        return [render_value(v, scope, templates=templates) for v in value]
     return value
 
 
@@ -196,23 +223,31 @@ class StaticScope:
     chaining: bool = True
     earlier: dict[tuple[str, str], EarlierStep] = field(default_factory=dict)
     later: set[tuple[str, str]] = field(default_factory=set)
+    keep_unknown: bool = False
 
 
-def check_references(value: Any, scope: StaticScope) -> list[tuple[str, str]]:
-    """(sub-field, message) for each reference in `value` that can never resolve."""
+def check_references(
+    value: Any, scope: StaticScope, *, templates: Collection[str] = ()
+) -> list[tuple[str, str]]:
+    """(sub-field, message) for each reference in `value` that can never resolve.
+
+    Map keys named in `templates` hold file content, where unknown names are kept.
+    """
     problems: list[tuple[str, str]] = []
+    lenient = replace(scope, keep_unknown=True)
 
-    def visit(item: Any, where: str) -> None:
+    def visit(item: Any, where: str, here: StaticScope) -> None:
         if isinstance(item, str):
-            problems.extend((where, message) for message in _check_text(item, scope))
+            problems.extend((where, message) for message in _check_text(item, here))
         elif isinstance(item, dict):
             for key, sub in item.items():
-                visit(sub, f"{where}.{key}" if where else str(key))
+                inner = lenient if key in templates else here
+                visit(sub, f"{where}.{key}" if where else str(key), inner)
         elif isinstance(item, list):
             for i, sub in enumerate(item):
-                visit(sub, f"{where}[{i}]")
+                visit(sub, f"{where}[{i}]", here)
 
-    visit(value, "")
+    visit(value, "", scope)
     return problems
 
 
@@ -220,7 +255,7 @@ def _check_text(text: str, scope: StaticScope) -> list[str]:
     try:
         refs = find_references(text)
     except NotAReference as exc:
-        return [str(exc)]
+        return [] if scope.keep_unknown else [str(exc)]
     messages = []
     for ref in refs:
         message = _check_reference(ref, scope)
@@ -231,13 +266,12 @@ def _check_text(text: str, scope: StaticScope) -> list[str]:
 
 def _check_reference(ref: Reference, scope: StaticScope) -> str | None:
     if isinstance(ref, VariableRef):
-        if ref.name in scope.variables:
+        if ref.name in scope.variables or scope.keep_unknown:
             return None
         return unknown_variable_message(ref.name, scope.variables)
     if isinstance(ref, LoopRef):
         if not scope.in_loop:
-            where = "the inputs of a step with a loop"
-            return f"'{{{{ {ref.loop}.{ref.attr} }}}}' is used outside {where}"
+            return None  # left as written, as AWSTOE does outside a loop
         if ref.loop == "loop" or ref.loop == scope.loop_name:
             return None
         return f"'{ref.loop}' is not the name of this step's loop"

@@ -24,11 +24,18 @@ class OnFailure(StrEnum):
     IGNORE = "Ignore"
 
 
+# Parameter types Image Builder's API accepts (ComponentParameterDetail.type);
+# AWSTOE hands every value to the document as a string.
+PARAMETER_TYPES = ("string", "integer", "boolean", "stringlist")
+
+
 @dataclass(frozen=True)
 class ParameterSpec:
     name: str
     default: str | None
     description: str
+    type: str = "string"
+    allowed: tuple[str, ...] = ()  # allowedValues; empty = any value
 
 
 @dataclass(frozen=True)
@@ -40,9 +47,12 @@ class ForLoop:
     end: int
     update_by: int
 
-    def values(self) -> list[str]:
+    def range(self) -> range:
         stop = self.end + (1 if self.update_by > 0 else -1)
-        return [str(v) for v in range(self.start, stop, self.update_by)]
+        return range(self.start, stop, self.update_by)
+
+    def values(self) -> list[str]:
+        return [str(v) for v in self.range()]
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,11 @@ class Document:
     constants: dict[str, str] = field(default_factory=dict, repr=False)
     parameter_specs: tuple[ParameterSpec, ...] = field(default=(), repr=False)
     display_name: str = ""
+    # Not errors, as in AWSTOE (an unknown parameter given at run time is ignored).
+    warnings: tuple[str, ...] = field(default=(), repr=False)
+    # What identifies the document in an ExecuteDocument chain (cycle checks):
+    # the resolved host path, or `instance:/path`, `s3://...`, an ARN.
+    identity: str = ""
 
     @property
     def variables(self) -> dict[str, str]:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from vmbuild.errors import ConfigError
-from vmbuild.remote.base import Remote, RemoteResult
+from vmbuild.remote.base import OutputCallback, Remote, RemoteResult
 from vmbuild.toe.actions import ACTIONS, S3Config
 from vmbuild.toe.actions.base import ActionFailed, ActionSpec, HostContext, Item, Shape, typed_items
 from vmbuild.toe.conditions import (
@@ -40,7 +42,7 @@ from vmbuild.toe.conditions import (
     evaluate,
     parse_condition,
 )
-from vmbuild.toe.document import load_child
+from vmbuild.toe.document import INSTANCE, child_display, child_path, host_identity, load_child
 from vmbuild.toe.expressions import (
     ChainRef,
     LoopVars,
@@ -75,17 +77,56 @@ def run_document(
     phases: Sequence[str],
     on_output: Callable[[str], None] | None = None,
     s3: S3Config | None = None,
+    working_directory: str | None = None,
 ) -> DocumentResult:
     """Run the document's `phases` (those it has, in document order) on `remote`.
 
     `on_output` receives the run log line by line (step headers, command
-    output, outcomes). Raises ConfigError, before running anything, if a selected
-    phase chains to a phase that is not selected (Image Builder runs build and
-    test on different machines, so such a reference could never resolve).
+    output, outcomes). Steps run in `working_directory` on the guest (created
+    if missing; Image Builder's recipe WorkingDirectory) when given. Raises
+    ConfigError, before running anything, if a selected phase chains to a phase
+    that is not selected (Image Builder runs build and test on different
+    machines, so such a reference could never resolve).
     """
     check_phase_selection(doc, phases)
-    run = _Run(remote, on_output or (lambda line: None), s3)
-    return _execute(doc, phases, run, ancestors=())
+    if working_directory:
+        remote = InDirectory(remote, working_directory)
+    with tempfile.TemporaryDirectory(prefix="vmbuild-toe-") as scratch:
+        run = _Run(remote, on_output or (lambda line: None), s3, Path(scratch))
+        return _execute(doc, phases, run, ancestors=())
+
+
+@dataclass(frozen=True)
+class InDirectory:
+    """A Remote whose scripts start in `directory` (created if missing) and whose
+    relative file paths are relative to it: AWSTOE's working directory."""
+
+    remote: Remote
+    directory: str
+
+    def _path(self, path: str) -> str:
+        return path if path.startswith("/") else f"{self.directory.rstrip('/')}/{path}"
+
+    def run(
+        self,
+        script: str,
+        *,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+        env: dict[str, str] | None = None,
+    ) -> RemoteResult:
+        folder = shlex.quote(self.directory)
+        prefix = f"mkdir -p -- {folder} && cd -- {folder} || exit 1\n"
+        return self.remote.run(prefix + script, timeout=timeout, on_output=on_output, env=env)
+
+    def put(self, data: bytes, path: str, *, mode: int = 0o644) -> None:
+        self.remote.put(data, self._path(path), mode=mode)
+
+    def get(self, path: str) -> bytes:
+        return self.remote.get(self._path(path))
+
+    def reboot(self) -> None:
+        self.remote.reboot()
 
 
 def check_phase_selection(doc: Document, selected: Sequence[str]) -> None:
@@ -136,7 +177,9 @@ class _Run:
     remote: Remote
     log: Log
     s3: S3Config | None
+    scratch: Path  # host folder for documents fetched from the instance or S3
     reboots: int = 0
+    fetched: int = 0
 
     def reboot(self, why: str) -> None:
         self.reboots += 1
@@ -154,7 +197,7 @@ class _Run:
 @dataclass
 class _DocState:
     doc: Document
-    ancestors: tuple[Path, ...]
+    ancestors: tuple[str, ...]
     inputs: dict[tuple[str, str], Any] = field(default_factory=dict)
     outputs: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
 
@@ -177,7 +220,7 @@ class _DocState:
 
 
 def _execute(
-    doc: Document, selected: Sequence[str], run: _Run, ancestors: tuple[Path, ...]
+    doc: Document, selected: Sequence[str], run: _Run, ancestors: tuple[str, ...]
 ) -> DocumentResult:
     result = DocumentResult(
         name=doc.name,
@@ -329,19 +372,22 @@ class _StepRunner:
         self.state.outputs[key] = self.result.outputs or {k: "" for k in self.spec.outputs}
         self.result.inputs = self.state.inputs.get(key, self.step.inputs)
 
-    def _iterations(self) -> list[LoopVars | None]:
+    def _iterations(self) -> Iterator[LoopVars | None]:
         loop = self.step.loop
         if loop is None:
-            return [None]
+            yield None
+            return
         scope = self.state.scope()
+        values: Sequence[str] | range
         if isinstance(loop, ForLoop):
-            values = loop.values()
+            values = loop.range()  # never materialised: a loop may be very long
         elif isinstance(loop, ForEachLoop):
             values = [render(v, scope) for v in loop.items]
         else:
             values = render(loop.text, scope).split(loop.delimiter)
         self.result.loop = {"name": loop.name or "", "iterations": len(values)}
-        return [LoopVars(loop.name, i, v) for i, v in enumerate(values)]
+        for i, value in enumerate(values):
+            yield LoopVars(loop.name, i, str(value))
 
     def _attempt(self) -> dict[str, str]:
         deadline = _Deadline(self.step.timeout)
@@ -366,7 +412,7 @@ class _StepRunner:
         if self.spec.shape is Shape.CONDITION:
             self.state.inputs[key] = render_value(self.step.inputs, scope)
             return self._assert(scope)
-        rendered = render_value(self.step.inputs, scope)
+        rendered = render_value(self.step.inputs, scope, templates=self.spec.templates)
         items, problems = typed_items(self.spec, rendered, final=True)
         if problems:
             where, message = problems[0]
@@ -440,12 +486,17 @@ class _StepRunner:
         return {}
 
     def _execute_document(self, item: Item) -> dict[str, str]:
+        parent = self.state.doc
+        document = item["document"].strip()
         parameters = {p["name"]: p["value"] for p in item["parameters"] or []}
+        path, identity, display = self._find_document(document, item)
         child, problems = load_child(
-            self.state.doc, item["document"], parameters, self.state.ancestors
+            parent, path, identity, display, parameters, self.state.ancestors
         )
         if child is None:
-            raise StepError(str(problems[0]) if problems else f"cannot load {item['document']}")
+            raise StepError(str(problems[0]) if problems else f"cannot load {document}")
+        for warning in child.warnings:
+            self.run.log(f"    warning: {warning}")
         wanted = [p.strip() for p in (item["phases"] or "").split(",") if p.strip()]
         missing = [p for p in wanted if p not in child.phases]
         if missing:
@@ -454,12 +505,90 @@ class _StepRunner:
             child,
             wanted or list(child.phases),
             self.run,
-            (*self.state.ancestors, self.state.doc.path),
+            (*self.state.ancestors, parent.identity),
         )
         self.result.nested.append(nested)
+        outputs = _summary(nested)
         if nested.status is Status.FAILED:
+            self.result.outputs = outputs
             raise StepError(f"{child.display_name}: {nested.failure_message}")
-        return {}
+        return outputs
+
+    def _find_document(self, document: str, item: Item) -> tuple[Path, str, str]:
+        """(host file holding the document, where it really lives, display name).
+
+        Resolved as AWSTOE does when the step runs: an ARN through the component
+        library, an S3 URI through the host's S3 access, a path relative to a
+        parent file on the host, else a path on the instance (absolute, relative
+        to a parent fetched from the instance, or to the working directory).
+        """
+        parent = self.state.doc
+        where = f"(ExecuteDocument step {self.label} of {parent.display_name or parent.path})"
+        if document.startswith("arn:"):
+            from vmbuild.toe.library import ComponentNotFound, find_component
+
+            try:
+                path = find_component(document, parent.path.parent)
+            except ComponentNotFound as exc:
+                raise StepError(f"{exc} {where}") from None
+            return path, host_identity(path), document
+        if document.startswith("s3://"):
+            return self._from_s3(document, item["document-s3-bucket-owner"], where)
+        on_host = child_path(parent, document)
+        if on_host is not None:
+            return on_host, host_identity(on_host), child_display(parent, document)
+        guest = document
+        if not document.startswith("/") and parent.identity.startswith(INSTANCE):
+            guest = f"{parent.identity[len(INSTANCE) :].rsplit('/', 1)[0]}/{document}"
+        found = self.run.remote.run(
+            f'p=$(readlink -f -- {shlex.quote(guest)}) && [ -f "$p" ] && printf \'%s\' "$p"\n',
+            timeout=PROBE_TIMEOUT,
+        )
+        if found.exit_code != 0 or not found.stdout.strip():
+            host_hint = "" if document.startswith("/") else f" next to {parent.path} nor"
+            raise StepError(
+                f"document {document!r} not found:{host_hint} on the instance at {guest} {where}"
+            )
+        absolute = found.stdout.strip()
+        return (
+            self._scratch_file(self.run.remote.get(absolute), absolute),
+            INSTANCE + absolute,
+            absolute,
+        )
+
+    def _from_s3(self, uri: str, owner: str | None, where: str) -> tuple[Path, str, str]:
+        from vmbuild.toe.actions.s3 import S3Config, parse_s3_uri
+
+        try:
+            bucket, key = parse_s3_uri(uri)
+            extra = {"ExpectedBucketOwner": owner} if owner else {}
+            client = (self.run.s3 or S3Config()).client()
+            data = client.get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
+        except Exception as exc:  # botocore's errors, a bad URI: the step fails, with why
+            raise StepError(f"cannot read {uri}: {exc} {where}") from None
+        return self._scratch_file(data, uri), uri, uri
+
+    def _scratch_file(self, data: bytes, origin: str) -> Path:
+        self.run.fetched += 1
+        name = origin.rstrip("/").rsplit("/", 1)[-1] or "document.yaml"
+        path = self.run.scratch / f"{self.run.fetched:03d}-{name}"
+        path.write_bytes(data)
+        return path
+
+
+def _summary(nested: DocumentResult) -> dict[str, str]:
+    """ExecuteDocument's outputs: the nested run's summary, as AWSTOE writes it."""
+    steps = [s for p in nested.phases for s in p.steps]
+    status = nested.status.value
+    return {
+        "executedStepCount": str(sum(1 for s in steps if s.status is not Status.SKIPPED)),
+        "executionId": nested.execution_id,
+        "failedStepCount": str(sum(1 for s in steps if s.status is Status.FAILED)),
+        "failureMessage": nested.failure_message,
+        "ignoredFailedStepCount": str(sum(1 for s in steps if s.status is Status.IGNORED_FAILURE)),
+        "logUrl": "",
+        "status": status[:1].lower() + status[1:],
+    }
 
 
 def _describe(condition: Condition, scope: Scope) -> str:

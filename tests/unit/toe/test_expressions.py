@@ -69,7 +69,6 @@ def test_render_leaves_non_references_alone() -> None:
             Scope({"Nop": "1"}),
             "unknown parameter or constant 'Nope' (did you mean 'Nop'?)",
         ),
-        ("{{ loop.value }}", Scope({}), "'loop.value' is not this step's loop"),
         (
             "{{ Other.value }}",
             Scope({}, LoopVars("L", 0, "v")),
@@ -81,6 +80,20 @@ def test_render_leaves_non_references_alone() -> None:
 def test_unresolved_references(text: str, scope: Scope, message: str) -> None:
     with pytest.raises(UnresolvedReference, match=re.escape(message)):
         render(text, scope)
+
+
+def test_loop_references_outside_a_loop_stay_as_written() -> None:
+    assert render("ping {{ loop.value }} {{ L.index }}", Scope({})) == (
+        "ping {{ loop.value }} {{ L.index }}"
+    )
+
+
+def test_unknown_names_in_file_content_stay_as_written() -> None:
+    inputs = [{"path": "/etc/app.j2", "content": "{{ Name }} {{ host_name }} {{ x | upper }}"}]
+    rendered = render_value(inputs, Scope({"Name": "n"}), templates=("content",))
+    assert rendered == [{"path": "/etc/app.j2", "content": "n {{ host_name }} {{ x | upper }}"}]
+    with pytest.raises(UnresolvedReference, match="unknown parameter or constant 'host_name'"):
+        render_value([{"path": "{{ host_name }}"}], Scope({}), templates=("content",))
 
 
 def test_render_value_walks_lists_and_maps_and_keeps_other_scalars() -> None:

@@ -397,6 +397,101 @@ def test_a_cycle_known_only_at_run_time_fails_the_step(tmp_path: Path) -> None:
     )
 
 
+def test_a_child_downloaded_on_the_instance_runs_and_its_summary_chains(
+    tmp_path: Path,
+) -> None:
+    child = steps(
+        bash("Inner", "echo inner"),
+        bash("Skipped", "never", extra="        if: {stringEquals: a, value: b}\n"),
+    )
+    text = steps(
+        bash("Fetch", "fetch child"),
+        "      - name: Nested\n        action: ExecuteDocument\n"
+        "        inputs: {document: /opt/docs/child.yaml, phases: build}",
+        bash(
+            "Report",
+            "echo {{ build.Nested.outputs.status }} {{ build.Nested.outputs.executedStepCount }}",
+        ),
+    )
+    remote = ScriptedRemote(
+        lambda script: (0, "/opt/docs/child.yaml", "") if "readlink -f" in script else (0, "", "")
+    )
+    remote.files["/opt/docs/child.yaml"] = child.encode()
+    result, lines = run(tmp_path, text, remote)
+    assert result.status is Status.SUCCESS, result.failure_message
+    assert remote.scripts[0] == "fetch child\n"
+    assert "readlink -f -- /opt/docs/child.yaml" in remote.scripts[1]
+    assert remote.scripts[2:] == ["echo inner\n", "echo success 1\n"]
+    nested = result.phases[0].steps[1]
+    assert nested.outputs == {
+        "executedStepCount": "1",
+        "executionId": nested.nested[0].execution_id,
+        "failedStepCount": "0",
+        "failureMessage": "",
+        "ignoredFailedStepCount": "0",
+        "logUrl": "",
+        "status": "success",
+    }
+    assert "=== /opt/docs/child.yaml: phases build" in lines
+
+
+def test_a_child_found_nowhere_names_the_parent_step(tmp_path: Path) -> None:
+    text = steps(
+        "      - name: Nested\n        action: ExecuteDocument\n"
+        "        inputs: {document: child.yaml}"
+    )
+    remote = ScriptedRemote(lambda script: (1, "", "") if "readlink" in script else (0, "", ""))
+    result, _ = run(tmp_path, text, remote)
+    step = result.phases[0].steps[0]
+    assert step.status is Status.FAILED
+    assert step.failure_message == (
+        f"document 'child.yaml' not found: next to {tmp_path / 'doc.yaml'} nor on the instance "
+        f"at child.yaml (ExecuteDocument step build/Nested of {tmp_path / 'doc.yaml'})"
+    )
+
+
+def test_a_managed_component_arn_runs_the_built_in(tmp_path: Path) -> None:
+    text = steps(
+        "      - name: Managed\n        action: ExecuteDocument\n        inputs:\n"
+        "          document: arn:aws:imagebuilder:eu-west-1:aws:component/update-linux/x.x.x\n"
+        "          phases: build\n"
+        "          parameters: [{name: RebootIfRequired, value: 'false'}]"
+    )
+    remote = ScriptedRemote()
+    result, _ = run(tmp_path, text, remote)
+    assert result.status is Status.SUCCESS, result.failure_message
+    assert result.phases[0].steps[0].nested[0].name == "update-linux"
+    assert any("apt-get" in script for script in remote.scripts)
+
+
+def test_steps_run_in_the_working_directory(tmp_path: Path) -> None:
+    doc = load_document(write(tmp_path, steps(bash("Here", "pwd"))))
+    remote = ScriptedRemote()
+    run_document(doc, remote, phases=["build"], working_directory="/var/tmp/work dir")
+    assert remote.scripts == [
+        "mkdir -p -- '/var/tmp/work dir' && cd -- '/var/tmp/work dir' || exit 1\npwd\n"
+    ]
+
+
+def test_a_long_for_loop_is_never_materialised(tmp_path: Path) -> None:
+    text = steps(
+        "      - name: Many\n        action: ExecuteBash\n"
+        "        loop: {for: {start: 1, end: 1000000000000, updateBy: 1}}\n"
+        "        inputs: {commands: ['echo {{ loop.value }}']}"
+    )
+    calls = []
+
+    def handler(script: str) -> tuple[int, str, str]:
+        calls.append(script)
+        return (1, "", "stop") if len(calls) == 3 else (0, "", "")
+
+    result, _ = run(tmp_path, text, ScriptedRemote(handler))
+    step = result.phases[0].steps[0]
+    assert step.loop == {"name": "", "iterations": 1000000000000}
+    assert calls == ["echo 1\n", "echo 2\n", "echo 3\n"]
+    assert step.failure_message == "iteration 2 (3): exit code 1: stop"
+
+
 def test_detailed_output_looks_like_awstoe(tmp_path: Path) -> None:
     remote = ScriptedRemote(lambda s: (0, "hi\n", ""))
     result, _ = run(

@@ -101,6 +101,9 @@ class ActionSpec:
     item_check: ItemCheck | None = None
     inputs_optional: bool = False
     log_stdout: bool = True  # ReadFile's stdout is base64 and stays out of the log
+    # Inputs holding a file's content: another tool's `{{ name }}` (Jinja, Go
+    # templates) that is not a parameter of the document stays as written.
+    templates: tuple[str, ...] = ()
 
     def field(self, name: str) -> Field | None:
         for f in self.fields:

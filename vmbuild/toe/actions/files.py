@@ -308,6 +308,7 @@ CREATE_FILE = ActionSpec(
         OVERWRITE,
     ),
     script=create_file_script,
+    templates=("content",),
 )
 
 APPEND_FILE = ActionSpec(
@@ -320,6 +321,7 @@ APPEND_FILE = ActionSpec(
         encoding_field(),
     ),
     script=append_file_script,
+    templates=("content",),
 )
 
 COPY_FILE = _transfer_spec("CopyFile", "file", "cp", "Copy files.")

@@ -93,22 +93,42 @@ ASSERT = ActionSpec(
 
 
 def _document_check(item: Item) -> Problems:
-    document = item["document"]
-    if document.startswith(("s3://", "arn:")):
-        return [("document", "only local document paths are supported (not S3 URIs or ARNs)")]
+    if not item["document"].strip():
+        return [("document", "must not be empty")]
     return []
 
+
+# The run summary AWSTOE documents as ExecuteDocument's `outputs`.
+EXECUTE_DOCUMENT_OUTPUTS = (
+    "executedStepCount",
+    "executionId",
+    "failedStepCount",
+    "failureMessage",
+    "ignoredFailedStepCount",
+    "logUrl",
+    "status",
+)
 
 EXECUTE_DOCUMENT = ActionSpec(
     name="ExecuteDocument",
     summary="Run another component document (nested at most 3 levels, no cycles).",
     shape=Shape.MAP,
     fields=(
-        Field("document", "string", "Path of the document, relative to this one.", required=True),
-        Field("document-s3-bucket-owner", "string", "Accepted for compatibility; unused."),
+        Field(
+            "document",
+            "string",
+            "The document: a path relative to this one or on the instance (e.g. one a "
+            "previous step downloaded), an s3:// URI, or an Image Builder component ARN.",
+            required=True,
+        ),
+        Field(
+            "document-s3-bucket-owner",
+            "string",
+            "Expected owner account of the bucket of an s3:// document.",
+        ),
         Field("phases", "string", "Comma-separated phases to run (default: all)."),
         Field("parameters", "pairs", "List of {name, value} passed to the document.", default=()),
     ),
-    outputs=(),
+    outputs=EXECUTE_DOCUMENT_OUTPUTS,
     item_check=_document_check,
 )

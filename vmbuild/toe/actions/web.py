@@ -11,6 +11,7 @@ overwrite and a matching checksum an existing file is kept as it is.
 from __future__ import annotations
 
 import hashlib
+import re
 import ssl
 import time
 import urllib.error
@@ -93,12 +94,30 @@ def fetch(url: str, *, insecure: bool, timeout: float | None) -> bytes:
     raise ActionFailed(f"WebDownload: {url}: {error}")
 
 
+# A checksum given without its algorithm: told apart by its length (hex digits).
+_BY_LENGTH = {32: "MD5", 40: "SHA1", 64: "SHA256", 128: "SHA512"}
+
+
+def checksum_algorithm(checksum: str | None, algorithm: str | None) -> str | None:
+    """The algorithm to verify `checksum` with, or None for no verification.
+
+    AWSTOE verifies when both are given. A checksum alone is still verified
+    (a user who wrote one wants it checked): its length names the algorithm,
+    SHA256 when the length is not one of the four; an algorithm alone means
+    nothing to verify.
+    """
+    if not checksum or not checksum.strip():
+        return None
+    return algorithm or _BY_LENGTH.get(len(checksum.strip()), "SHA256")
+
+
 def run_web_download(items: Sequence[Item], ctx: HostContext) -> dict[str, str]:
     destinations = []
     for item in items:
-        source, algorithm = item["source"], item["algorithm"]
+        source = item["source"]
+        algorithm = checksum_algorithm(item["checksum"], item["algorithm"])
         target = target_path(source, item["destination"])
-        expected = (item["checksum"] or "").strip().lower()
+        expected = (item["checksum"] or "").strip().lower() if algorithm else ""
         state = ctx.run(probe_script(target, algorithm if expected else None)).stdout.split()
         if state[:1] == ["folder"]:
             raise ActionFailed(f"WebDownload: {target} is a folder (end the destination with /)")
@@ -111,7 +130,7 @@ def run_web_download(items: Sequence[Item], ctx: HostContext) -> dict[str, str]:
                 continue
         ctx.log(f"downloading {source} -> {target}")
         data = fetch(source, insecure=item["ignoreCertificateErrors"], timeout=ctx.remaining())
-        if expected:
+        if expected and algorithm:
             actual = hashlib.new(ALGORITHMS[algorithm][0], data).hexdigest()
             if actual != expected:
                 raise ActionFailed(
@@ -127,8 +146,10 @@ def _check(item: Item) -> Problems:
     problems: Problems = []
     if urlparse(item["source"]).scheme not in ("http", "https"):
         problems.append(("source", "expected an http:// or https:// URL"))
-    if bool(item["checksum"]) != bool(item["algorithm"]):
-        problems.append(("checksum", "give both checksum and algorithm, or neither"))
+    algorithm = checksum_algorithm(item["checksum"], item["algorithm"])
+    checksum = (item["checksum"] or "").strip()
+    if algorithm and not re.fullmatch(r"[0-9A-Fa-f]+", checksum):
+        problems.append(("checksum", "expected a hexadecimal digest"))
     return problems
 
 
@@ -141,7 +162,12 @@ WEB_DOWNLOAD = ActionSpec(
         Field("destination", "string", "Guest path; ending in / means a folder.", required=True),
         Field("overwrite", "bool", "Replace an existing file (default true).", default=True),
         Field("checksum", "string", "Expected digest of the file (hex)."),
-        Field("algorithm", "string", "MD5, SHA1, SHA256 or SHA512.", choices=tuple(ALGORITHMS)),
+        Field(
+            "algorithm",
+            "string",
+            "MD5, SHA1, SHA256 or SHA512 (without it, told from the checksum's length).",
+            choices=tuple(ALGORITHMS),
+        ),
         Field(
             "ignoreCertificateErrors",
             "bool",
