@@ -119,6 +119,7 @@ def _components(r: Run) -> None:
     r.applied = components.apply(
         r.plan.documents, r.builder.ssh, phases=["build", "validate"],
         results_dir=r.logs / "components", on_output=r.reporter.output,
+        working_directory=r.plan.loaded.recipe.working_directory,
     )  # fmt: skip
     chain = components.keys(r.keys["base"], r.plan.documents, ["build", "validate"])
     r.keyed("components", chain[-1] if chain else r.keys["base"])
@@ -157,6 +158,7 @@ def _test(r: Run) -> None:
     recipe = r.plan.loaded.recipe
     inputs = image_tests.TestInputs(
         documents=r.plan.documents,
+        working_directory=r.plan.loaded.recipe.working_directory,
         testinfra=r.plan.loaded.test_paths,
         env={
             "VMBUILD_BUILDER_USER": BUILDER_USER,

@@ -40,7 +40,7 @@ def test_problems_name_the_file_and_the_field(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "name: web\nversion: 1.0.0\nbase: debian-12\ncomponents:\n"
-        "  - name: nginx-app\n    parameters: {verison: 1}\n"
+        "  - name: nginx-app\n    parameters: {Port: {a: 1}}\n"
     )
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text("recipe: r.yaml\nschedule: {cron: '0 3 * * 1', timezone: Mars/Base}\n")
@@ -55,8 +55,8 @@ def test_problems_name_the_file_and_the_field(tmp_path: Path) -> None:
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()
     assert lines[0] == (
-        f"error: {recipe}: components[0].parameters: unknown parameter 'verison' "
-        "(known: Content, Port)"
+        f"error: {recipe}: components[0].parameters: parameter values must be strings "
+        "(or lists of strings)"
     )
     assert lines[1] == (
         f"error: {pipeline}: schedule.timezone: unknown time zone 'Mars/Base' "

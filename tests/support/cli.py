@@ -18,6 +18,7 @@ def isolated_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env.pop("VMBUILD_STORE", None)
     env["VMBUILD_STORE"] = str(tmp_path / "store")
     env["VMBUILD_CACHE_DIR"] = str(tmp_path / "cache")
+    env["VMBUILD_COMPONENT_LIBRARY"] = str(tmp_path / "component-library")
     env["COLUMNS"] = "80"  # what a narrow terminal would say; piped output must ignore it
     env.update(extra)
     return env

@@ -18,8 +18,6 @@ from vmbuild.toe.library import find_component, list_components
 from vmbuild.toe.results import DocumentResult, Status
 from vmbuild.toe.runner import check_phase_selection, run_document
 
-DEFAULT_PHASES = "build,validate,test"
-
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `component` verb and its actions to the main CLI."""
@@ -51,7 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     run.add_argument("file", help="document file or built-in component name")
     run.add_argument(
-        "--phases", default=DEFAULT_PHASES, help=f"phases to run (default {DEFAULT_PHASES})"
+        "--phases",
+        help="comma-separated phases to run (default: every phase the document has)",
     )
     run.add_argument(
         "--parameters",
@@ -66,6 +65,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run.add_argument("--identity", type=Path, help="SSH private key for --host")
     run.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
     run.add_argument("--output", type=Path, help="write the detailed output (JSON) to this file")
+    run.add_argument(
+        "--working-directory",
+        default="/tmp",
+        help="guest folder the steps run in (default /tmp, Image Builder's default)",
+    )
     run.add_argument("--s3-endpoint-url", help="S3 endpoint for S3Download/S3Upload")
     run.add_argument("--s3-region", help="S3 region for S3Download/S3Upload")
     run.set_defaults(handler=cmd_run)
@@ -119,7 +123,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     path = find_component(args.file, Path.cwd())
     doc = load_document(path, parse_parameters(args.parameters), display_name=args.file)
-    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    # As AWSTOE: the phases the document has, or those asked for (in document order).
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()] if args.phases else doc.phases
     unknown = [p for p in phases if p not in doc.phases]
     if unknown:
         raise VmbuildError(
@@ -130,7 +135,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.s3_endpoint_url or args.s3_region:
         s3 = S3Config(endpoint_url=args.s3_endpoint_url, region=args.s3_region)
     with _remote(args) as remote:
-        result = run_document(doc, remote, phases=phases, on_output=_print, s3=s3)
+        result = run_document(
+            doc, remote, phases=phases, on_output=_print, s3=s3,
+            working_directory=args.working_directory,
+        )  # fmt: skip
     if args.output:
         args.output.write_text(json.dumps(result.to_detailed_output(), indent=2) + "\n")
     _summary(result)

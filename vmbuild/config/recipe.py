@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +24,21 @@ SEMVER = re.compile(
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 DEFAULT_DISK = 4 << 30
 Size = Annotated[int, BeforeValidator(parse_size)]
+log = logging.getLogger("vmbuild.recipe")
 
 
 def _param_value(value: object) -> str:
     # AWSTOE parameters are strings; YAML scalars are accepted and stringified
-    # (`port: 80`), but a list or map is a mistake worth reporting.
+    # (`port: 80`). Image Builder's API gives values as lists of strings: one
+    # item is that string, several are joined with commas (a StringList). A map
+    # is a mistake worth reporting.
+    if isinstance(value, list):
+        return ",".join(_param_value(v) for v in value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str | int | float):
         return str(value)
-    raise ValueError("parameter values must be strings (or numbers/booleans)")
+    raise ValueError("parameter values must be strings (or lists of strings)")
 
 
 class _Model(BaseModel):
@@ -41,6 +48,8 @@ class _Model(BaseModel):
 class ComponentRef(_Model):
     name: str = Field(min_length=1, description="a built-in component name or a path to a document")
     parameters: dict[str, Annotated[str, BeforeValidator(_param_value)]] = {}
+    # Recipes name components as Image Builder does too: NAME/VERSION (x.x.x
+    # wildcards) from the local library, or a component ARN.
 
 
 class UrlBase(_Model):
@@ -94,6 +103,12 @@ class Recipe(_Model):
     vm: VMSettings = VMSettings()
     distribution: dict[str, Any] | None = None
     scan: ScanSettings | None = None
+    working_directory: str = Field(
+        default="/tmp",
+        pattern=r"^/",
+        description="guest folder the components' steps run in (Image Builder's "
+        "WorkingDirectory; default /tmp, as there)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
@@ -193,18 +208,25 @@ def _check_component(display: str, index: int, ref: ComponentRef, base_dir: Path
     declared = toe.declared_parameters(doc_path)
     for key in ref.parameters:
         if key not in declared:
+            # AWSTOE ignores a parameter the document does not declare; a typo
+            # still deserves a word.
             known = ", ".join(sorted(declared)) or "none"
-            raise ConfigError(
-                display, f"{field}.parameters", f"unknown parameter {key!r} (known: {known})"
-            )
+            close = difflib.get_close_matches(key, list(declared), n=1)
+            suggestion = f"; did you mean {close[0]!r}?" if close else ""
+            log.warning(
+                "%s: %s.parameters: unknown parameter %r ignored (known: %s)%s",
+                display, field, key, known, suggestion,
+            )  # fmt: skip
     missing = [k for k, required in declared.items() if required and k not in ref.parameters]
     if missing:
         raise ConfigError(
             display, f"{field}.parameters", f"missing required parameter {missing[0]!r}"
         )
     # Validates the whole document (and its ExecuteDocument children) with the
-    # parameters substituted; its errors name the document file.
-    doc = toe.load_document(doc_path, ref.parameters)
+    # parameters substituted; its errors name the document file. Unknown
+    # parameters were reported above, once.
+    known_only = {k: v for k, v in ref.parameters.items() if k in declared}
+    doc = toe.load_document(doc_path, known_only)
     # The builder runs build+validate and the test VM runs test: a phase that
     # chains to outputs of a phase run in the other VM could never resolve.
     from vmbuild.toe.runner import check_phase_selection

@@ -71,8 +71,10 @@ def apply(
     results_dir: Path,
     on_output: Callable[[str], None] | None = None,
     s3: Any = None,
+    working_directory: str | None = None,
 ) -> list[Applied]:
-    """Run `phases` of every document in order; raise StepFailed on the first failure."""
+    """Run `phases` of every document in order, steps in `working_directory` on
+    the guest; raise StepFailed on the first failure."""
     results_dir.mkdir(parents=True, exist_ok=True)
     applied = []
     for index, doc in enumerate(docs):
@@ -80,7 +82,10 @@ def apply(
         if not wanted:
             continue
         log.info("component %s: phases %s", doc.name, ",".join(wanted))
-        result = toe.run_document(doc, remote, phases=wanted, on_output=on_output, s3=s3)
+        result = toe.run_document(
+            doc, remote, phases=wanted, on_output=on_output, s3=s3,
+            working_directory=working_directory,
+        )  # fmt: skip
         detail = result.to_detailed_output()
         out = results_dir / f"{index:02d}-{_slug(doc.name)}-{'-'.join(wanted)}.json"
         out.write_text(json.dumps(detail, indent=2) + "\n")

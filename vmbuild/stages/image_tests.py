@@ -138,6 +138,7 @@ class TestInputs:
     documents: Sequence[toe.Document]  # their `test` phases
     testinfra: Sequence[Path]  # the recipe's testinfra files
     env: Mapping[str, str]  # VMBUILD_* facts the testinfra files may read
+    working_directory: str | None = None  # where the test steps run in the guest
 
     def key(self, image: StageKey) -> StageKey:
         return stage_key(
@@ -164,7 +165,7 @@ def run_image_tests(
         try:
             applied = components.apply(
                 inputs.documents, guest.ssh, phases=["test"], results_dir=logs / "components",
-                on_output=reporter.output,
+                on_output=reporter.output, working_directory=inputs.working_directory,
             )  # fmt: skip
             component_tests = [{"name": a.name, "status": a.status} for a in applied]
         except StepFailed as exc:

@@ -149,7 +149,10 @@ def find_component(name_or_path: str, base_dir: Path) -> Path:
     if looks_like_path:
         message = f"component file {candidate} does not exist"
     else:
-        message = f"no built-in or library component '{ref}' (built-ins: {names})"
+        message = (
+            f"no built-in component '{ref}' (built-ins: {names}) and none of that name "
+            "in the local library"
+        )
     raise ComponentNotFound(
         message, hint="vmbuild component list shows the built-in and library components"
     )

@@ -86,9 +86,8 @@ def test_numbers_are_stringified_parameters(project: Path) -> None:
         (("outputs: [qcow2, raw, vmdk, vhd]", "outputs: [qcow2, iso]"), "recipe.yaml: outputs[1]: Input should be"),
         (("tests: [test_it.py]", "tests: [missing.py]"), "recipe.yaml: tests[0]: file not found: missing.py"),
         (("name: demo", "name: Demo Image"), "recipe.yaml: name: String should match pattern"),
-        (("{target: world}", "{target: world, verison: 2}"), "recipe.yaml: components[0].parameters: unknown parameter 'verison'"),
         (("{target: world}", "{}"), "recipe.yaml: components[0].parameters: missing required parameter 'target'"),
-        (("{target: world}", "{target: [a, b]}"), "recipe.yaml: components[0].parameters.target: parameter values must be strings"),
+        (("{target: world}", "{target: {a: b}}"), "recipe.yaml: components[0].parameters.target: parameter values must be strings"),
         (("./hello.yaml", "./nope.yaml"), "recipe.yaml: components[0].name:"),
     ],
 )  # fmt: skip
@@ -155,3 +154,29 @@ def test_parse_size(text: object, size: int) -> None:
 def test_parse_size_rejects(text: object) -> None:
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+def test_an_unknown_component_parameter_is_a_warning_with_the_close_name(
+    project: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = good().replace("{target: world}", "{target: world, greting: hey}")
+    loaded = load_recipe(write(project, text))
+    assert loaded.recipe.components[0].parameters == {"target": "world", "greting": "hey"}
+    assert [r.getMessage() for r in caplog.records] == [
+        "recipe.yaml: components[0].parameters: unknown parameter 'greting' ignored "
+        "(known: greeting, target); did you mean 'greeting'?"
+    ]
+
+
+def test_parameter_values_as_image_builder_lists_and_the_working_directory(
+    project: Path,
+) -> None:
+    text = good("working_directory: /var/tmp/build\n").replace(
+        "{target: world}", "{target: [world], greeting: [a, b]}"
+    )
+    recipe = load_recipe(write(project, text)).recipe
+    assert recipe.components[0].parameters == {"target": "world", "greeting": "a,b"}
+    assert recipe.working_directory == "/var/tmp/build"
+    assert load_recipe(write(project, good())).recipe.working_directory == "/tmp"
+    bad = good("working_directory: relative/dir\n")
+    assert error_of(write(project, bad)).startswith("recipe.yaml: working_directory:")

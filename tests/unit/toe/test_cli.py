@@ -79,7 +79,7 @@ def no_vm(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (["nginx-app", "--parameters", "Port=a,Port"], "--parameters: expected NAME=VALUE"),
         (["nginx-app", "--phases", "build,deploy"], "nginx-app has no phase deploy"),
-        (["nope-component"], "no built-in or library component 'nope-component'"),
+        (["nope-component"], "no built-in component 'nope-component'"),
         (["java", "--host", "ssh://u@h"], "--host needs --identity KEY"),
         (["java", "--host", "u@h", "--identity", "k"], "--host: expected ssh://user@host"),
     ],

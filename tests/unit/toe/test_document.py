@@ -652,3 +652,57 @@ def test_children_known_only_at_run_time_are_checked_then(tmp_path: Path) -> Non
         "  inputs:\n    document: '{{ build.Pick.outputs.stdout }}'\n"
     )
     assert problems(tmp_path, text) == []
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [
+        (
+            "- name: Get\n  action: WebDownload\n"
+            "  inputs: [{source: 'https://x/y.zip', destination: 'C:\\Temp\\y.zip'}]",
+            "build.Get.inputs: Windows guests are not supported yet (this document is for "
+            "Windows: it uses the Windows path 'C:\\\\Temp\\\\y.zip')",
+        ),
+        (
+            "- name: Run\n  action: ExecuteBinary\n  inputs: {path: setup.exe}",
+            "build.Run.inputs.path: Windows guests are not supported yet (this document is for "
+            "Windows: it runs the Windows program 'setup.exe')",
+        ),
+    ],
+)
+def test_a_windows_document_gets_one_clear_error(tmp_path: Path, step: str, expected: str) -> None:
+    assert problems(tmp_path, step_doc(step)) == [f"{tmp_path / 'doc.yaml'}: {expected}"]
+
+
+def test_shell_regexes_are_not_windows_paths(tmp_path: Path) -> None:
+    step = (
+        "- name: A\n  action: ExecuteBash\n  inputs: {commands: ['grep -E \"port:\\d+\" /etc/x']}"
+    )
+    assert problems(tmp_path, step_doc(step)) == []
+
+
+@pytest.mark.parametrize("value", ["{x: 1}", "[a, {b: 1}]", "{}", "[]"])
+def test_an_action_written_as_a_map_or_list_is_a_problem_not_a_crash(
+    tmp_path: Path, value: str
+) -> None:
+    step = f"- name: A\n  action: {value}\n  inputs: {{commands: [x]}}"
+    assert problems(tmp_path, step_doc(step)) == [
+        f"{tmp_path / 'doc.yaml'}: build.A.action: expected the name of an action module"
+    ]
+
+
+def test_a_document_nested_too_deeply_is_a_problem(tmp_path: Path) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text("schemaVersion: 1.0\nphases: " + "[" * 5000 + "]" * 5000 + "\n")
+    found = validate_file(path)
+    assert len(found) == 1 and found[0].startswith(str(path)), found
+
+
+def test_unknown_names_in_created_file_content_are_kept(tmp_path: Path) -> None:
+    step = (
+        "- name: Template\n  action: CreateFile\n"
+        "  inputs: [{path: /etc/app.conf.j2, content: 'listen {{ port }}; {{ Name }}'}]"
+    )
+    assert (
+        problems(tmp_path, step_doc(step, "constants:\n  - Name: {type: string, value: n}\n")) == []
+    )
