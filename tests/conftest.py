@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,3 +18,9 @@ def _private_component_library(
     library = tmp_path_factory.mktemp("component-library")
     monkeypatch.setenv("VMBUILD_COMPONENT_LIBRARY", str(library))
     yield library
+
+
+# Each test session gets its own vmbuild state dir (the run registry and the
+# failed-run logs): a test's CLI run never reaps, nor is reaped by, runs of
+# the user or of another session on the same host.
+os.environ["VMBUILD_STATE_DIR"] = tempfile.mkdtemp(prefix="vmbuild-test-state-")

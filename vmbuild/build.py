@@ -22,9 +22,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmbuild import __version__
+from vmbuild import __version__, runs
 from vmbuild.cache import aptproxy
 from vmbuild.config.recipe import LoadedRecipe, UrlBase
+from vmbuild.diskfs.scrub import Needle
 from vmbuild.errors import VmbuildError
 from vmbuild.hypervisor import accel as accel_mod
 from vmbuild.hypervisor.guest import Guest, booted_guest, copy_console
@@ -34,7 +35,7 @@ from vmbuild.plan import BUILDER_USER, TEST_USER, BuildOptions, BuildPlan
 from vmbuild.progress import Reporter
 from vmbuild.stages import base_image, components, convert, generalize, image_tests, sbom, store
 from vmbuild.stages.key import StageKey
-from vmbuild.stages.verify import check_generalized
+from vmbuild.stages.verify import builder_needles, check_generalized, register_secrets
 from vmbuild.supply.stage import attest_stage
 
 __all__ = ["BUILDER_USER", "TEST_USER", "BuildOptions", "BuildResult", "build"]
@@ -73,6 +74,8 @@ class Run:
     # What each stage's output is a function of (stages/key.py): a checkpoint
     # cache keys on these; the run log records them.
     keys: dict[str, StageKey] = field(default_factory=dict)
+    # Secret parameter values, searched for on the output disk (never logged).
+    secrets: list[Needle] = field(default_factory=list)
 
     def keyed(self, stage: str, key: StageKey) -> None:
         self.keys[stage] = key
@@ -149,7 +152,8 @@ def _convert(r: Run) -> None:
 def _verify(r: Run) -> None:
     assert r.converted is not None and r.builder is not None
     pubkey = r.builder.client_key.public_openssh
-    check_generalized(r.converted.final, r.work, BUILDER_USER, pubkey)
+    needles = [*builder_needles(r.builder), *r.secrets]
+    check_generalized(r.converted.final, r.work, BUILDER_USER, pubkey, needles)
 
 
 def _test(r: Run) -> None:
@@ -227,8 +231,9 @@ def build(loaded: LoadedRecipe, opts: BuildOptions, progress: Reporter) -> Build
             store.staging(plan.store, recipe.name, recipe.version, plan.build_id)
         )
         stack.enter_context(run_log(staging.path / "logs" / "build.log"))
+        runs.note(log=staging.path / "logs" / "build.log")  # its tail goes in a failed-run record
         work = Path(tempfile.mkdtemp(prefix="work-", dir=staging.path))
-        r = Run(plan, progress, stack, staging, work)
+        r = Run(plan, progress, stack, staging, work, secrets=register_secrets(recipe))
         try:
             log.info("vmbuild %s building %s %s (build %s)",
                      __version__, recipe.name, recipe.version, plan.build_id)  # fmt: skip
@@ -293,8 +298,10 @@ def _base_label(spec: object) -> str:
 def _save_failed_logs(logs: Path, dest: Path) -> None:
     with contextlib.suppress(OSError):
         if logs.exists():
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            # Run logs may quote parameters: private to the user.
+            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             shutil.copytree(logs, dest, dirs_exist_ok=True)
+            dest.chmod(0o700)
         for console in logs.parent.glob("work-*/*-console.log"):
             shutil.copy(console, dest / console.name)
 

@@ -57,8 +57,25 @@ class VMError(VmbuildError):
         super().__init__(message, hint=hint)
 
 
+class GuestStopped(VMError):
+    """The guest can no longer run anything: its VM exited or its console shows a
+    kernel panic, an oops or emergency mode. `cause` is the short reason."""
+
+    def __init__(self, vm: str, cause: str, *, console_tail: str = "", during: str = "") -> None:
+        self.vm = vm
+        self.cause = cause
+        self.during = during
+        where = f" during {during}" if during else ""
+        super().__init__(f"{vm}: {cause}{where}", console_tail=console_tail)
+
+
 class SSHError(VmbuildError):
     pass
+
+
+class TransferError(SSHError):
+    """A file could not be written to the guest intact (its disk full, the
+    connection gone, or what landed differs from what was sent)."""
 
 
 class StepFailed(VmbuildError):

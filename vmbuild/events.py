@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from vmbuild.secrets import mask
+
 SCHEMA = "vmbuild.event/1"
 BYTES_INTERVAL = 0.5  # seconds between two `bytes` events of one transfer
 
@@ -49,7 +51,8 @@ class JsonReporter:
         if self._stages and "stage" not in fields:
             event["stage"] = self._stages[-1]
         event.update(fields)
-        self.stream.write(json.dumps(event, default=str) + "\n")
+        # Guest output, errors and the manifest may quote a secret parameter value.
+        self.stream.write(mask(json.dumps(event, default=str)) + "\n")
         self.stream.flush()
 
     @contextlib.contextmanager

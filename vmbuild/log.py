@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.text import Text
 
 from vmbuild import console as consoles
+from vmbuild.secrets import MaskingFilter, mask
 
 log = logging.getLogger("vmbuild")
 
@@ -52,12 +53,14 @@ class Progress:
             )
 
     def status(self, text: str) -> None:
+        text = mask(text)
         log.info("%s", text)
         if not self.quiet:
             self.console.print(Text(f"  {text}", style="dim"), soft_wrap=True)
 
     def output(self, line: str) -> None:
         """A line of guest or tool output: streamed to the terminal and the run log."""
+        line = mask(line)
         log.debug("| %s", line)
         if not self.quiet:
             # Guest output is data, not markup; never re-wrap it.
@@ -76,6 +79,7 @@ def setup_console_logging(debug: bool) -> None:
         handler = logging.StreamHandler()
         handler.setLevel(logging.DEBUG if debug else logging.WARNING)
         handler.setFormatter(logging.Formatter("vmbuild: %(levelname)s: %(message)s"))
+        handler.addFilter(MaskingFilter())
         handler._vmbuild_console = True  # type: ignore[attr-defined]
         root.addHandler(handler)
 
@@ -83,8 +87,12 @@ def setup_console_logging(debug: bool) -> None:
 @contextlib.contextmanager
 def run_log(path: Path) -> Iterator[Path]:
     """Send every vmbuild log record (debug included) to `path` while active."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Run logs may quote parameters: private to the user (and secrets masked).
+    path.touch(mode=0o600)
+    path.chmod(0o600)
     handler = logging.FileHandler(path, encoding="utf-8")
+    handler.addFilter(MaskingFilter())
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger("vmbuild")

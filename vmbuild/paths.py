@@ -32,3 +32,17 @@ def config_dir() -> Path:
     xdg = os.environ.get("XDG_CONFIG_HOME")
     base = Path(xdg) if xdg else Path.home() / ".config"
     return base / "vmbuild"
+
+
+def state_dir() -> Path:
+    """`$VMBUILD_STATE_DIR`, else `$XDG_STATE_HOME/vmbuild`, else `~/.local/state/vmbuild`.
+
+    State, not cache: the registry of running vmbuild processes and the logs of
+    failed runs (pruned by age) must survive a cache wipe.
+    """
+    explicit = os.environ.get("VMBUILD_STATE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    return base / "vmbuild"

@@ -135,8 +135,9 @@ class BuildPlan:
 
     @property
     def failed_logs(self) -> Path:
-        """Where a failed build's logs are kept (its staging dir is removed)."""
-        return paths.cache_dir() / "logs" / f"{self.loaded.recipe.name}-{self.build_id}"
+        """Where a failed build's logs are kept (its staging dir is removed): state,
+        not cache, pruned by age by the run reaper (vmbuild/runs.py)."""
+        return paths.state_dir() / "logs" / f"{self.loaded.recipe.name}-{self.build_id}"
 
     def check_backend(self) -> None:
         """An unreachable libvirt is reported before any disk or staging dir exists."""

@@ -6,11 +6,25 @@ timeout, and raises `CommandError(argv, rc, output_tail)` on failure. Long-lived
 processes (QEMU) go through `spawn()`, so they are logged the same way.
 qemu-img is driven through the `sh` library, as the project decided, but still
 behind this module so there is one place that logs and maps errors.
+
+No orphans: every child is started with PR_SET_PDEATHSIG=SIGKILL, so the
+kernel kills it the moment vmbuild dies, even by SIGKILL (a signal handler or
+atexit never runs then). Chosen over a pidfd monitor or a watcher process
+because it costs nothing and needs nobody alive to act. Its catch: the signal
+fires when the *thread* that forked the child exits, not the process. That is
+safe here because both entry points keep the child within the forking
+thread's lifetime: `run()` waits for its child in the thread that started it,
+and `spawn()`'s caller (a VM context manager) reaps the VM in the thread that
+entered it. A child spawned from a short-lived thread would die with that
+thread: an early kill, never an orphan. Grandchildren do not inherit it;
+they share the child's process group, which the reaper (vmbuild/runs.py)
+kills on the next command, from the pids each run records there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import shlex
@@ -24,11 +38,33 @@ from typing import IO, Any
 
 import sh
 
+from vmbuild import runs
 from vmbuild.errors import CommandError, CommandTimeout
 
 log = logging.getLogger("vmbuild.run")
 
 TAIL_LINES = 25
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """The preexec hook: between fork and exec, ask for SIGKILL on the parent's death.
+
+    Looked up before the fork; the hook itself only makes two system calls.
+    """
+
+    def hook() -> None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # The parent may have died between fork and prctl: then nobody would
+        # ever send the signal, so go now.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return hook
 
 
 def quote_argv(argv: Sequence[str | os.PathLike[str]]) -> str:
@@ -75,9 +111,26 @@ def run(
             # Its own process group, so a timeout or Ctrl-C stops the whole
             # tree (mmdebstrap's apt and dpkg, not just mmdebstrap).
             process_group=0,
+            preexec_fn=_die_with_parent(os.getpid()),
         )
     except FileNotFoundError as exc:
         raise CommandError(args, 127, f"{args[0]}: not found (is it installed?)") from exc
+    runs.track(proc.pid)
+    try:
+        return _wait(proc, args, timeout, input, check, on_line, merge_stderr)
+    finally:
+        runs.untrack(proc.pid)
+
+
+def _wait(
+    proc: subprocess.Popen[bytes],
+    args: list[str],
+    timeout: float | None,
+    input: bytes | None,
+    check: bool,
+    on_line: Callable[[str], None] | None,
+    merge_stderr: bool,
+) -> subprocess.CompletedProcess[str]:
     lines: deque[str] = deque(maxlen=TAIL_LINES)
     chunks: list[str] = []
 
@@ -156,16 +209,25 @@ def spawn(
     args = [str(a) for a in argv]
     log.info("$ %s &", quote_argv(args))
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=subprocess.STDOUT,
             env=_env(env),
             start_new_session=new_session,
+            preexec_fn=_die_with_parent(os.getpid()),
         )
     except FileNotFoundError as exc:
         raise CommandError(args, 127, f"{args[0]}: not found (is it installed?)") from exc
+    # The caller reaps it and calls `reaped()`; until then a reaper may kill it.
+    runs.track(proc.pid)
+    return proc
+
+
+def reaped(proc: subprocess.Popen[Any]) -> None:
+    """A spawned process was waited for: forget it in the run registry."""
+    runs.untrack(proc.pid)
 
 
 def which(name: str) -> str | None:

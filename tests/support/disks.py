@@ -253,3 +253,17 @@ def sign_artifact(build_dir: Path) -> None:
 
 def new_uuid() -> str:
     return str(uuid.uuid4())
+
+
+def qcow2_header(virtual_size: int = 1 << 30, tail: bytes = b"") -> bytes:
+    """The first bytes of a standalone qcow2 v3 image (what base validation reads)."""
+    return (
+        b"QFI\xfb"
+        + (3).to_bytes(4, "big")  # version
+        + bytes(8)  # no backing file
+        + bytes(4)
+        + (16).to_bytes(4, "big")  # cluster bits
+        + virtual_size.to_bytes(8, "big")
+        + bytes(72)
+        + tail
+    )

@@ -4,17 +4,19 @@ this module assembles the parser and turns errors into one line + hint."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import Any
 
 from vmbuild import __version__, console
 from vmbuild.cli.common import Handler
 from vmbuild.errors import VmbuildError
+from vmbuild.secrets import mask
 
 # The verb modules, in `vmbuild --help` order. A new verb is a new module here.
 VERB_MODULES = (
@@ -60,6 +62,17 @@ def _extension_modules() -> list[Any]:
     return [importlib.import_module(f"vmbuild.cli.{name}") for name in VERB_MODULES]
 
 
+@contextlib.contextmanager
+def _registered(argv: list[str]) -> Iterator[None]:
+    """Clean up after earlier vmbuild processes that died (SIGKILL, OOM, host
+    crash), then register this one so a later command can do the same for it."""
+    from vmbuild import runs
+
+    runs.reap()  # each one is logged as a warning
+    with runs.registered(argv):
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from vmbuild.log import setup_console_logging
 
@@ -71,12 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     err = console.stderr()
     try:
         handler: Handler = args.handler
-        return handler(args)
+        with _registered(list(sys.argv if argv is None else ["vmbuild", *argv])):
+            return handler(args)
     except VmbuildError as exc:
         if args.debug:
             traceback.print_exc()
         # Error text is data (paths, refs like NAME[/VERSION], console tails): literal.
-        err.print(console.styled("error:", "bold red", f" {exc}"))
+        err.print(console.styled("error:", "bold red", f" {mask(str(exc))}"))
         if exc.hint:
             err.print(console.styled("hint:", "yellow", f" {exc.hint}"))
         return 1

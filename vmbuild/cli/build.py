@@ -42,6 +42,11 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
         help="host package cache for the guests: auto (default; $VMBUILD_APT_PROXY) starts "
         "apt-cacher-ng, off goes direct, http://127.0.0.1:PORT names a running one",
     )
+    p.add_argument(
+        "--secret", action="append", metavar="NAME=@FILE|NAME=env:VAR",
+        help="a secret component parameter, read from a file or an environment variable "
+        "(never from the command line); masked everywhere; repeatable",
+    )  # fmt: skip
     store_flag(p)
 
 
@@ -67,8 +72,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     from vmbuild.build import build
     from vmbuild.config.recipe import load_recipe
     from vmbuild.log import Progress
+    from vmbuild.secrets import parse_cli_secret
 
-    loaded = load_recipe(Path(args.recipe))  # validated before any side effect
+    given = dict(parse_cli_secret(spec) for spec in args.secret or [])
+    loaded = load_recipe(Path(args.recipe), secrets=given)  # validated before any side effect
     result = build(loaded, plan_options(args), Progress())
     m = result.manifest
     con = console.stdout()
@@ -91,10 +98,12 @@ def _build_json(args: argparse.Namespace) -> int:
     from vmbuild.config.recipe import load_recipe
     from vmbuild.errors import VmbuildError
     from vmbuild.events import JsonReporter
+    from vmbuild.secrets import parse_cli_secret
 
     reporter = JsonReporter()
     try:
-        loaded = load_recipe(Path(args.recipe))
+        given = dict(parse_cli_secret(spec) for spec in args.secret or [])
+        loaded = load_recipe(Path(args.recipe), secrets=given)
         recipe = loaded.recipe
         reporter.emit("start", recipe=str(loaded.path), name=recipe.name, version=recipe.version)
         with reporter.warnings():

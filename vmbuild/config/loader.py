@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -105,27 +106,31 @@ def load_model(path: Path, model: type[M], expected: str) -> M:
 
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"^(\d{1,15}(?:\.\d{1,6})?)\s*([KMGT]?)(?:I?B)?$")
+MAX_SIZE = 64 << 40  # 64 TiB: the largest EBS volume; anything above is a typo
 
 
-def parse_size(value: object) -> int:
-    """'4G', '4GiB', '512M' or an integer of bytes -> bytes (binary units, as qemu-img)."""
+def parse_size(value: object, *, bare_unit: int = 1, maximum: int = MAX_SIZE) -> int:
+    """'4G', '4GiB', '512M' or a plain number -> bytes (binary units, as qemu-img).
+
+    A plain number counts `bare_unit`s (bytes for disks; MiB for memory, as Packer
+    and EC2 read it). Only finite, positive values up to `maximum` pass: YAML's
+    .inf/.nan and 10**400 are refused here, never overflow later.
+    """
     if isinstance(value, bool):
         raise ValueError("expected a size such as 4G")
     if isinstance(value, int):
-        if value <= 0:
-            raise ValueError("size must be positive")
-        return value
-    if not isinstance(value, str):
+        size = value * bare_unit
+    elif isinstance(value, str):
+        match = _SIZE.match(value.strip().upper())
+        if match is None:
+            raise ValueError(f"invalid size {value!r} (use e.g. 4G, 512M)")
+        unit = _UNITS[match[2]] if match[2] else bare_unit
+        size = int(Decimal(match[1]) * unit)
+    else:
         raise ValueError("expected a size such as 4G")
-    text = value.strip().upper().removesuffix("IB").removesuffix("B")
-    num, unit = text, ""
-    if text and text[-1] in _UNITS:
-        num, unit = text[:-1], text[-1]
-    try:
-        number = float(num)
-    except ValueError:
-        raise ValueError(f"invalid size {value!r} (use e.g. 4G, 512M)") from None
-    size = int(number * _UNITS[unit])
     if size <= 0:
         raise ValueError("size must be positive")
+    if size > maximum:
+        raise ValueError(f"size {value!r} is larger than {maximum >> 30} GiB")
     return size

@@ -35,6 +35,7 @@ lifecycle:
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,6 +50,7 @@ from vmbuild.errors import ConfigError, VmbuildError
 from vmbuild.pipeline.schedule import CronSchedule, check_timezone, parse_cron
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([wdhms])")
+MAX_DURATION = 366 * 86400.0
 _UNIT_SECONDS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
 PIPELINE_SUFFIXES = (".yaml", ".yml")
 
@@ -61,6 +63,8 @@ def parse_duration(value: object) -> float:
         seconds = float(value)
     elif isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
+        if len(text) > 64:
+            raise ValueError("invalid duration (too long)")
         if re.fullmatch(r"\d+(\.\d+)?", text):
             seconds = float(text)
         elif text and _DURATION_PART.sub("", text) == "":
@@ -69,8 +73,10 @@ def parse_duration(value: object) -> float:
             raise ValueError(f"invalid duration {value!r} (use e.g. 45s, 90m, 2h, 30d, 1h30m)")
     else:
         raise ValueError("expected a duration such as 90m or 2h")
-    if seconds <= 0:
-        raise ValueError("a duration must be positive")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("a duration must be positive and finite")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{value!r} is longer than a year")
     return seconds
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import difflib
 import hashlib
 import logging
@@ -11,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, model_validator
 
 from vmbuild.config.loader import load_model, parse_size
 from vmbuild.errors import ConfigError
+from vmbuild.secrets import looks_secret
 
 OutputFormat = Literal["qcow2", "raw", "vmdk", "vhd"]
 SEMVER = re.compile(
@@ -23,7 +25,33 @@ SEMVER = re.compile(
 )
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 DEFAULT_DISK = 4 << 30
-Size = Annotated[int, BeforeValidator(parse_size)]
+MIN_DISK = 1 << 30
+MAX_DISK = 16 << 40
+MIN_MEMORY = 256 << 20
+MAX_MEMORY = 1 << 40
+MAX_TEST_FILE = 4 << 20
+
+
+def _disk_size(value: object) -> int:
+    size = parse_size(value, maximum=MAX_DISK)
+    if size < MIN_DISK:
+        raise ValueError(
+            f"a disk of {size} bytes is too small (at least 1G; a bare number is bytes)"
+        )
+    return size
+
+
+def _memory(value: object) -> int:
+    """Guest memory in bytes. A bare number means MiB (as Packer and EC2 read it):
+    `memory: 2048` is 2 GiB, never 2048 bytes."""
+    size = parse_size(value, bare_unit=1 << 20, maximum=MAX_MEMORY)
+    if size < MIN_MEMORY:
+        raise ValueError(f"{value!r} is less than 256 MiB (a bare number means MiB)")
+    return size
+
+
+Size = Annotated[int, BeforeValidator(_disk_size)]
+Memory = Annotated[int, BeforeValidator(_memory)]
 log = logging.getLogger("vmbuild.recipe")
 
 
@@ -50,6 +78,23 @@ class ComponentRef(_Model):
     parameters: dict[str, Annotated[str, BeforeValidator(_param_value)]] = {}
     # Recipes name components as Image Builder does too: NAME/VERSION (x.x.x
     # wildcards) from the local library, or a component ARN.
+    secret_parameters: list[str] = Field(
+        default=[],
+        description="parameters whose values are secret: masked in every log, manifest and "
+        "result, and searched for in the finished image (names like *password*, *token*, "
+        "*secret*, *key* are secret without being listed)",
+    )
+    public_parameters: list[str] = Field(
+        default=[], description="parameters whose names look secret but whose values are not"
+    )
+
+    def secret_names(self) -> set[str]:
+        """The parameters (given a value) whose values are secret."""
+        return {
+            k
+            for k in self.parameters
+            if k in self.secret_parameters or (looks_secret(k) and k not in self.public_parameters)
+        }
 
 
 class UrlBase(_Model):
@@ -67,8 +112,10 @@ class UrlBase(_Model):
 
 
 class VMSettings(_Model):
-    memory: Size = Field(default=2 << 30, description="guest memory, e.g. 2G")
-    cpus: int = Field(default=2, ge=1, le=64)
+    memory: Memory = Field(
+        default=2 << 30, description="guest memory, e.g. 2G; a bare number means MiB (2048)"
+    )
+    cpus: StrictInt = Field(default=2, ge=1, le=64)
     backend: Literal["qemu", "libvirt"] | None = Field(
         default=None, description="qemu (direct, the default) or libvirt"
     )
@@ -139,11 +186,17 @@ class LoadedRecipe:
         return self.path.parent
 
 
-def load_recipe(path: Path) -> LoadedRecipe:
-    """Parse and validate a recipe and everything it references; no side effects."""
+def load_recipe(path: Path, secrets: dict[str, str] | None = None) -> LoadedRecipe:
+    """Parse and validate a recipe and everything it references; no side effects.
+
+    `secrets` (from `--secret NAME=...`) give values to the parameter NAME of every
+    component that declares it; such a parameter is secret whatever its name.
+    """
     display = str(path)
     recipe = load_model(path, Recipe, "name, version, base, ...")
     base_dir = path.resolve().parent
+    if secrets:
+        recipe = _with_secrets(recipe, secrets, display, base_dir)
 
     base_path = None
     if isinstance(recipe.base, str) and not _is_builtin_base(recipe.base):
@@ -153,13 +206,14 @@ def load_recipe(path: Path) -> LoadedRecipe:
                 display, "base", f"not a built-in base and no such file: {recipe.base}",
                 hint="use debian-12, a path to a qcow2/raw image, or {url: ..., sha256: ...}",
             )  # fmt: skip
+        problem = disk_image_problem(base_path)
+        if problem:
+            raise ConfigError(
+                display, "base", f"{recipe.base}: {problem}",
+                hint="a base is a qcow2 image or a raw disk with a partition table",
+            )  # fmt: skip
 
-    tests = []
-    for i, test in enumerate(recipe.tests):
-        test_path = (base_dir / test).resolve()
-        if not test_path.is_file():
-            raise ConfigError(display, f"tests[{i}]", f"file not found: {test}")
-        tests.append(test_path)
+    tests = [_check_test(display, i, test, base_dir) for i, test in enumerate(recipe.tests)]
 
     components = tuple(
         _check_component(display, i, ref, base_dir) for i, ref in enumerate(recipe.components)
@@ -187,7 +241,98 @@ def load_recipe(path: Path) -> LoadedRecipe:
     )
 
 
+def _with_secrets(recipe: Recipe, secrets: dict[str, str], display: str, base_dir: Path) -> Recipe:
+    import vmbuild.toe as toe
+
+    used: set[str] = set()
+    refs = []
+    for i, ref in enumerate(recipe.components):
+        try:
+            declared = toe.declared_parameters(toe.find_component(ref.name, base_dir))
+        except Exception as exc:  # reported with its field by _check_component
+            raise ConfigError(display, f"components[{i}].name", str(exc)) from None
+        given = {k: v for k, v in secrets.items() if k in declared}
+        clash = sorted(set(given) & set(ref.parameters))
+        if clash:
+            raise ConfigError(
+                display, f"components[{i}].parameters.{clash[0]}",
+                "given both in the recipe and with --secret; keep the secret out of the file",
+            )  # fmt: skip
+        used |= set(given)
+        refs.append(
+            ref.model_copy(
+                update={
+                    "parameters": {**ref.parameters, **given},
+                    "secret_parameters": [*ref.secret_parameters, *sorted(given)],
+                }
+            )
+        )
+    unused = sorted(set(secrets) - used)
+    if unused:
+        raise ConfigError(
+            f"--secret {unused[0]}", None, "no component of the recipe declares this parameter"
+        )
+    return recipe.model_copy(update={"components": refs})
+
+
 BUILTIN_BASES = ("debian-12",)
+
+
+def _check_test(display: str, index: int, test: str, base_dir: Path) -> Path:
+    """A testinfra file: a regular, readable, reasonably small file of Python."""
+    field = f"tests[{index}]"
+    try:
+        test_path = (base_dir / test).resolve()
+        regular = test_path.is_file()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(display, field, f"invalid path {test!r}: {exc}") from None
+    if not regular:
+        what = "not a regular file" if test_path.exists() else "file not found"
+        raise ConfigError(display, field, f"{what}: {test}")
+    if test_path.suffix != ".py":
+        raise ConfigError(display, field, f"{test}: a testinfra file is a .py file")
+    if test_path.stat().st_size > MAX_TEST_FILE:
+        raise ConfigError(display, field, f"{test}: larger than {MAX_TEST_FILE >> 20} MiB")
+    try:
+        ast.parse(test_path.read_bytes(), filename=str(test_path))
+    except (SyntaxError, ValueError) as exc:
+        raise ConfigError(display, field, f"{test}: not valid Python: {exc}") from None
+    except (OSError, RecursionError, MemoryError) as exc:
+        raise ConfigError(display, field, f"{test}: cannot read it: {exc}") from None
+    return test_path
+
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def disk_image_problem(path: Path) -> str | None:
+    """Why `path` is not a usable base disk (None: it is one). Read from its
+    first sectors, without running anything: a qcow2 header (version 2/3, no
+    backing file: a base must stand alone) or a raw disk with an MBR/GPT."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        return f"cannot read it: {exc}"
+    if head[:4] == QCOW2_MAGIC:
+        if len(head) < 72:
+            return "a truncated qcow2 header"
+        version = int.from_bytes(head[4:8], "big")
+        backing = int.from_bytes(head[8:16], "big")
+        virtual = int.from_bytes(head[24:32], "big")
+        if version not in (2, 3):
+            return f"qcow2 version {version} is not supported"
+        if backing:
+            return "a qcow2 overlay with a backing file (flatten it: qemu-img convert -O qcow2)"
+        if not 0 < virtual <= MAX_DISK:
+            return f"a qcow2 image of impossible size {virtual}"
+        return None
+    if size < 1 << 20 or size % 512:
+        return "not a disk image (neither qcow2 nor a raw disk of whole sectors, 1 MiB or more)"
+    if head[510:512] != b"\x55\xaa":
+        return "not a disk image (no qcow2 header, no MBR/GPT partition table)"
+    return None
 
 
 def _is_builtin_base(name: str) -> bool:
@@ -206,6 +351,15 @@ def _check_component(display: str, index: int, ref: ComponentRef, base_dir: Path
     except Exception as exc:  # a VmbuildError about a missing component
         raise ConfigError(display, f"{field}.name", str(exc)) from None
     declared = toe.declared_parameters(doc_path)
+    for listed, names in (
+        ("secret_parameters", ref.secret_parameters),
+        ("public_parameters", ref.public_parameters),
+    ):
+        for j, key in enumerate(names):
+            if key not in declared:
+                raise ConfigError(
+                    display, f"{field}.{listed}[{j}]", f"the component has no parameter {key!r}"
+                )
     for key in ref.parameters:
         if key not in declared:
             # AWSTOE ignores a parameter the document does not declare; a typo

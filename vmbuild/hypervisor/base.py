@@ -31,6 +31,13 @@ class Machine(Protocol):
 
     def is_running(self) -> bool: ...
 
+    @property
+    def name(self) -> str: ...
+
+    def exit_status(self) -> int | None:
+        """None while the VM runs; else how it ended (0 poweroff, -N signal N)."""
+        ...
+
     def console_tail(self, lines: int = 40) -> str: ...
 
     def wait(self, timeout: float) -> bool:

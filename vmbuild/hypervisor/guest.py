@@ -21,6 +21,7 @@ from vmbuild.errors import VmbuildError, VMError
 from vmbuild.hypervisor.accel import Accel
 from vmbuild.hypervisor.base import Machine, VMSpec, free_port
 from vmbuild.hypervisor.seed import SeedConfig, write_seed
+from vmbuild.hypervisor.watchdog import Watchdog
 from vmbuild.remote.keys import KeyPair, generate_ed25519
 from vmbuild.remote.ssh import SSHSession
 from vmbuild.run import qemu_img
@@ -186,7 +187,8 @@ def booted_guest(
             machine.launch()
             ssh = SSHSession.connect(
                 "127.0.0.1", spec.ssh_port, req.user, key_path, host_key.public_openssh,
-                timeout=req.accel.timeout(BOOT_TO_SSH), alive=_alive_check(machine),
+                timeout=req.accel.timeout(BOOT_TO_SSH),
+                alive=Watchdog(machine, spec.console_log, from_start=True).check,
             )  # fmt: skip
             guest = Guest(machine, ssh, spec, client_key, key_path, host_key, req.user)
             stack.callback(ssh.close)
@@ -205,16 +207,6 @@ def booted_guest(
             raise
         else:
             machine.shutdown(timeout=req.accel.timeout(POWEROFF))
-
-
-def _alive_check(machine: Machine) -> Callable[[], None]:
-    def check() -> None:
-        if not machine.is_running():
-            raise VMError(
-                f"{machine.spec.name} stopped during boot", console_tail=machine.console_tail()
-            )
-
-    return check
 
 
 def wait_cloud_init(ssh: SSHSession, timeout: float, machine: Machine) -> None:

@@ -345,6 +345,17 @@ class LibvirtMachine(MachineContext):
     def console_tail(self, lines: int = 40) -> str:
         return read_tail(self.spec.console_log, lines)
 
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def exit_status(self) -> int | None:
+        """libvirt does not say how a transient domain ended; a stopped one reads
+        as a guest poweroff (0), which is what on_poweroff=destroy makes of it."""
+        if self._dom is None or self.is_running():
+            return None
+        return 0
+
     def wait(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while self.is_running():

@@ -13,10 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from vmbuild import runs
 from vmbuild.errors import VMError
 from vmbuild.hypervisor.base import MachineContext, VMSpec, read_tail
 from vmbuild.hypervisor.qmp import QMPClient
-from vmbuild.run import quote_argv, spawn
+from vmbuild.run import quote_argv, reaped, spawn
 
 log = logging.getLogger("vmbuild.qemu")
 
@@ -61,6 +62,8 @@ class QemuMachine(MachineContext):
     def launch(self) -> None:
         if self._proc is not None:
             raise VMError(f"{self.spec.name} already launched")
+        # Removed by a later vmbuild command if this one is killed.
+        runs.own(qmp_path(self.spec))
         self._proc = spawn(self.argv, stdout=subprocess.PIPE)
         # QEMU fails fast on bad arguments or a busy port: give it a moment so
         # the error surfaces here, with its message, rather than as a boot timeout.
@@ -89,6 +92,15 @@ class QemuMachine(MachineContext):
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def exit_status(self) -> int | None:
+        """QEMU's exit status once it ended (0: the guest powered off; negative:
+        the signal that killed it); None while it runs or before launch."""
+        return None if self._proc is None else self._proc.poll()
 
     @property
     def pid(self) -> int | None:
@@ -136,6 +148,8 @@ class QemuMachine(MachineContext):
     def _reap(self) -> None:
         assert self._proc is not None
         self._proc.wait()
+        reaped(self._proc)
         if self._proc.stdout is not None:
             self._proc.stdout.close()
         qmp_path(self.spec).unlink(missing_ok=True)
+        runs.disown(qmp_path(self.spec))

@@ -7,6 +7,7 @@ seed is a context-managed file that is removed with the VM's work dir.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def write_seed(cfg: SeedConfig, path: Path) -> Path:
         iso_name = "/" + name.replace("-", "_").upper() + ".;1"
         iso.add_fp(io.BytesIO(data), len(data), iso_name, rr_name=name, joliet_path="/" + name)
     tmp = path.with_name(path.name + ".tmp")
+    # The seed carries the guest's SSH host private key: 0600 from the first byte.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+    os.chmod(tmp, 0o600)
     try:
         iso.write(str(tmp))
     finally:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vmbuild.errors import VmbuildError
+from vmbuild.secrets import mask, mask_json
 
 Trigger = Literal["manual", "schedule", "dependency"]
 Status = Literal["running", "succeeded", "failed", "cancelled", "skipped"]
@@ -212,7 +213,9 @@ class History:
             if isinstance(value, datetime):
                 value = iso(value)
             elif isinstance(value, dict | list):
-                value = json.dumps(value)
+                value = json.dumps(mask_json(value))
+            elif isinstance(value, str):
+                value = mask(value)  # errors and log tails may quote a secret
             values.append(value)
         assignments = ", ".join(f"{name} = ?" for name in fields)
         with self._write() as db:

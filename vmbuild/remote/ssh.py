@@ -5,11 +5,25 @@ there is no trust-on-first-use, and a mismatch is an error, not a prompt.
 Commands run as root through `sudo -n` from a script file uploaded over SFTP
 (so a command reading stdin cannot swallow the script), wrapped in coreutils
 `timeout`, which kills the whole process group in the guest.
+
+Nothing is sent without being checked. paramiko's pipelined SFTP writes drop
+the server's errors (on a full guest disk the file lands empty and no
+exception is raised), so uploads are written acknowledged, their size is
+compared, and the script's sha256 is checked by the very command that runs it.
+Scripts and `put()` payloads are staged on the guest's tmpfs (/dev/shm): a
+full disk cannot truncate them, and rendered parameters (secrets included)
+never reach the disk that becomes the image.
+
+The host never trusts the guest to end a command: every command has a host
+deadline (the guest timeout plus grace), and a watchdog (`alive`) is polled
+about once a second, raising as soon as the VM exits or its console shows a
+panic, however quiet the connection.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import math
 import select
@@ -17,25 +31,47 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from shlex import quote
 from typing import Self
 
 import paramiko
 
-from vmbuild.errors import SSHError
+from vmbuild.errors import SSHError, TransferError
 from vmbuild.remote.base import OutputCallback, RemoteResult
 
 log = logging.getLogger("vmbuild.ssh")
 logging.getLogger("paramiko").setLevel(logging.WARNING)
 
-TIMEOUT_EXIT = 124  # coreutils timeout(1)
+# coreutils timeout(1): 124 when the command ended on SIGTERM, 137 (128+9)
+# when `-k` had to SIGKILL it after KILL_GRACE.
+TIMEOUT_EXITS = (124, 137)
 KILL_GRACE = 10  # seconds between SIGTERM and SIGKILL in the guest
+# The host gives up on a command this long after the guest's own timeout(1)
+# should have ended it (a hung guest kernel never reports back).
+HOST_GRACE = 30.0
+# Internal commands (install, cat, df) are bounded too.
+INTERNAL_TIMEOUT = 120.0
+# How long a dropped connection may take to become a named cause (a guest
+# powering off closes sshd's connections seconds before QEMU exits).
+LOST_GRACE = 60.0
+STAGE_DIR = "/dev/shm"
+MISMATCH_EXIT = 250
 # QEMU's user network never closes the host side of a connection whose guest
 # rebooted: a keepalive makes the new guest answer with a reset, so a read on
 # the old connection ends instead of blocking forever.
 KEEPALIVE = 5
 READ_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class _Exec:
+    rc: int  # -1 when no exit status arrived
+    out: str
+    err: str
+    lost: bool = False  # the connection dropped mid-command
+    deadline_hit: bool = False  # the host deadline passed first
 
 
 def ssh_banner(host: str, port: int, timeout: float = 5.0) -> bool:
@@ -155,29 +191,54 @@ class SSHSession:
         on_output: OutputCallback | None = None,
         env: dict[str, str] | None = None,
     ) -> RemoteResult:
-        path = f"/tmp/vmbuild-{uuid.uuid4().hex[:12]}.sh"
-        self._sftp_write(path, script.encode(), 0o600)
-        env_words = " ".join(quote(f"{k}={v}") for k, v in (env or {}).items())
+        path = f"{STAGE_DIR}/vmbuild-{uuid.uuid4().hex[:12]}.sh"
+        # The environment goes inside the (tmpfs) script, not on the command
+        # line: sudo logs its command line to the guest's journal, on disk.
+        prelude = "".join(f"export {k}={quote(v)}\n" for k, v in (env or {}).items())
+        data = (prelude + script).encode()
+        self._upload(path, data, 0o600)
+        marker = f"vmbuild-upload-mismatch-{uuid.uuid4().hex[:8]}"
+        digest = hashlib.sha256(data).hexdigest()
         # Rounded up: `timeout 0` would mean no limit at all.
         wrapper = f"timeout -k {KILL_GRACE} {math.ceil(timeout)} " if timeout else ""
-        cmd = f"sudo -n env {env_words} {wrapper}bash {path}; rc=$?; sudo -n rm -f {path}; exit $rc"
+        cmd = (
+            f"echo '{digest}  {path}' | sha256sum -c --status 2>/dev/null"
+            f" || {{ echo {marker} >&2; rm -f {path}; exit {MISMATCH_EXIT}; }}; "
+            f"sudo -n {wrapper}bash {path}; rc=$?; "
+            f"rm -f {path} 2>/dev/null || sudo -n rm -f {path}; exit $rc"
+        )
+        host_limit = timeout + KILL_GRACE + HOST_GRACE if timeout else None
         start = time.monotonic()
-        rc, out, err = self._exec(cmd, on_output=on_output)
+        res = self._exec(cmd, on_output=on_output, timeout=host_limit)
         duration = time.monotonic() - start
-        timed_out = bool(timeout) and rc == TIMEOUT_EXIT and duration >= (timeout or 0) - 1
-        return RemoteResult(rc, out, err, duration, timed_out)
+        if res.rc == MISMATCH_EXIT and marker in res.err:
+            raise self._transfer_error(path, "what landed differs from what was sent")
+        if res.lost:
+            self._name_lost_connection("running a command")
+        timed_out = res.deadline_hit or (
+            bool(timeout) and res.rc in TIMEOUT_EXITS and duration >= (timeout or 0) - 1
+        )
+        return RemoteResult(res.rc, res.out, res.err, duration, timed_out)
 
     def put(self, data: bytes, path: str, *, mode: int = 0o644) -> None:
-        tmp = f"/tmp/vmbuild-put-{uuid.uuid4().hex[:12]}"
-        self._sftp_write(tmp, data, 0o600)
-        rc, out, err = self._exec(
+        tmp = f"{STAGE_DIR}/vmbuild-put-{uuid.uuid4().hex[:12]}"
+        self._upload(tmp, data, 0o600)
+        res = self._exec(
             f"sudo -n install -D -m {mode:o} {quote(tmp)} {quote(path)}; rc=$?; rm -f {quote(tmp)};"
-            " exit $rc"
+            " exit $rc",
+            timeout=INTERNAL_TIMEOUT + len(data) / 1e6,
         )
-        if rc != 0:
-            raise SSHError(f"cannot write {path} in the guest: {(err or out).strip()}")
+        if res.lost or res.deadline_hit:
+            self._name_lost_connection(f"writing {path}")
+        if res.rc != 0:
+            detail = (res.err or res.out).strip()
+            if "No space left" in detail:
+                detail += f" ({self._space_report() or 'the guest disk is full'})"
+            raise TransferError(f"cannot write {path} in the guest: {detail}")
 
     def get(self, path: str, *, timeout: float = READ_TIMEOUT) -> bytes:
+        if self._alive is not None:
+            self._alive()
         chan = self._open(f"sudo -n cat -- {quote(path)}")
         chan.settimeout(timeout)
         try:
@@ -201,7 +262,7 @@ class SSHSession:
         before = self.boot_id()
         log.info("rebooting the guest")
         # Detach the reboot so the command returns before sshd goes away.
-        self._exec("sudo -n systemd-run --no-block --on-active=1 systemctl reboot")
+        self._exec("sudo -n systemd-run --no-block --on-active=1 systemctl reboot", timeout=60)
         self._client.close()
         deadline = time.monotonic() + self.boot_timeout
         while True:
@@ -226,11 +287,60 @@ class SSHSession:
             time.sleep(2)
 
     # -- internals ---------------------------------------------------------
-    def _sftp_write(self, path: str, data: bytes, mode: int) -> None:
-        with self._client.open_sftp() as sftp, sftp.open(path, "wb") as f:
-            f.set_pipelined(True)
-            f.write(data)
-            f.chmod(mode)
+    def _upload(self, path: str, data: bytes, mode: int) -> None:
+        """Write `data` to `path` over SFTP, every write acknowledged, and check
+        the size that landed; raise TransferError (naming a full disk) if not."""
+        if self._alive is not None:
+            self._alive()
+        try:
+            with self._client.open_sftp() as sftp, sftp.open(path, "wb") as f:
+                # A guest that stopped answering must not hang the upload.
+                f.settimeout(INTERNAL_TIMEOUT + len(data) / 1e6)
+                # Restricted before the first byte is written (/dev/shm is shared).
+                f.chmod(mode)
+                # Not pipelined: each write waits for the server's status, so
+                # ENOSPC/EIO raise here instead of vanishing.
+                f.set_pipelined(False)
+                f.write(data)
+                f.flush()
+                landed = f.stat().st_size
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise self._transfer_error(path, f"{type(exc).__name__}: {exc}") from None
+        if landed != len(data):
+            raise self._transfer_error(path, f"{landed} of {len(data)} bytes landed")
+
+    def _transfer_error(self, path: str, why: str) -> TransferError:
+        space = self._space_report()
+        return TransferError(
+            f"cannot upload {path} to the guest: {why}" + (f"; {space}" if space else ""),
+            hint="a step filled the guest's disk or memory" if space else None,
+        )
+
+    def _space_report(self) -> str:
+        """Name the guest filesystems that are full ('' if none, or unknown)."""
+        try:
+            res = self._exec(f"df -Pk / /tmp {STAGE_DIR} 2>/dev/null", timeout=30)
+        except (SSHError, paramiko.SSHException, OSError, EOFError):
+            return ""
+        full = []
+        for line in res.out.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 6 and fields[3].isdigit() and int(fields[3]) < 1024:
+                mount = fields[5]
+                what = "memory (tmpfs)" if mount == STAGE_DIR else "disk"
+                item = f"the guest's {what} is full ({mount}: {fields[3]} KiB free)"
+                if item not in full:
+                    full.append(item)
+        return "; ".join(full)
+
+    def _name_lost_connection(self, doing: str) -> None:
+        """A connection that drops mid-command means the guest went away: wait
+        (briefly) for the watchdog to name why, else say the connection was lost."""
+        end = time.monotonic() + LOST_GRACE
+        while self._alive is not None and time.monotonic() < end:
+            self._alive()  # raises GuestStopped once the VM has stopped
+            time.sleep(0.5)
+        raise SSHError(f"the SSH connection to {self.host}:{self.port} was lost while {doing}")
 
     def _open(self, command: str) -> paramiko.Channel:
         transport = self._client.get_transport()
@@ -241,11 +351,24 @@ class SSHSession:
         chan.shutdown_write()  # stdin is /dev/null for every guest command
         return chan
 
-    def _exec(self, command: str, on_output: OutputCallback | None = None) -> tuple[int, str, str]:
-        """Run a command, streaming lines; rc -1 when the connection drops (poweroff)."""
-        chan = self._open(command)
+    def _exec(
+        self,
+        command: str,
+        on_output: OutputCallback | None = None,
+        timeout: float | None = INTERNAL_TIMEOUT,
+    ) -> _Exec:
+        """Run a command, streaming lines, until it exits, the connection drops
+        (`lost`), the host deadline passes (`deadline_hit`) or the watchdog raises."""
+        if self._alive is not None:
+            self._alive()
+        try:
+            chan = self._open(command)
+        except (SSHError, paramiko.SSHException, OSError, EOFError) as exc:
+            log.info("cannot start a command: %s", exc)
+            return _Exec(-1, "", str(exc), lost=True)
         bufs = {"stdout": b"", "stderr": b""}
         parts: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        deadline = None if timeout is None else time.monotonic() + timeout
 
         def feed(stream: str, data: bytes, final: bool = False) -> None:
             parts[stream].append(data)
@@ -261,6 +384,7 @@ class SSHSession:
                     on_output(stream, text)
 
         rc = -1
+        lost = deadline_hit = False
         try:
             while True:
                 select.select([chan], [], [], 1.0)
@@ -272,19 +396,27 @@ class SSHSession:
                     feed("stderr", chan.recv_stderr(65536))
                     got = True
                 if not got and chan.exit_status_ready():
+                    rc = chan.recv_exit_status()
                     break
                 if not got and (chan.closed or not self._transport_alive()):
+                    lost = True
                     break
-            rc = chan.recv_exit_status()
+                if self._alive is not None:
+                    self._alive()
+                if deadline is not None and time.monotonic() > deadline:
+                    log.warning("no answer from the guest within %.0fs; giving up", timeout)
+                    deadline_hit = True
+                    break
         except (paramiko.SSHException, OSError, EOFError) as exc:
             log.info("connection lost while running a command: %s", exc)
+            lost = True
         finally:
             feed("stdout", b"", final=True)
             feed("stderr", b"", final=True)
             chan.close()
         out = b"".join(parts["stdout"]).decode("utf-8", "replace")
         err = b"".join(parts["stderr"]).decode("utf-8", "replace")
-        return rc, out, err
+        return _Exec(rc, out, err, lost, deadline_hit)
 
     def _transport_alive(self) -> bool:
         transport = self._client.get_transport()

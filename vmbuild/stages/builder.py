@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from vmbuild import paths
+from vmbuild import paths, runs
 from vmbuild.cache import aptproxy
 from vmbuild.hypervisor import accel as accel_mod
 from vmbuild.hypervisor.guest import Guest, GuestRequest, booted_guest
@@ -39,6 +39,7 @@ def scratch_guest(
         aptproxy.host_package_cache(apt_proxy, on_status=on_status) as proxy,
     ):
         work = Path(tmp)
+        runs.own(work)  # removed by the next vmbuild command if this one is killed
         chosen = accel_mod.choose(accel, (image.path, image.format), work)  # type: ignore[arg-type]
         req = GuestRequest(
             run_id=secrets.token_hex(3), role="scratch", base=image.path,
@@ -46,8 +47,11 @@ def scratch_guest(
             accel=chosen, workdir=work, user=SCRATCH_USER,
             apt_proxy=proxy.guest_url if proxy else None,
         )  # fmt: skip
-        with booted_guest(req, on_status=on_status) as guest:
-            yield guest
+        try:
+            with booted_guest(req, on_status=on_status) as guest:
+                yield guest
+        finally:
+            runs.disown(work)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from typing import Any
 from vmbuild import toe
 from vmbuild.errors import StepFailed
 from vmbuild.remote.base import Remote
+from vmbuild.secrets import mask, mask_json
 from vmbuild.stages.key import StageKey, stage_key
 
 log = logging.getLogger("vmbuild.components")
@@ -88,7 +89,9 @@ def apply(
         )  # fmt: skip
         detail = result.to_detailed_output()
         out = results_dir / f"{index:02d}-{_slug(doc.name)}-{'-'.join(wanted)}.json"
-        out.write_text(json.dumps(detail, indent=2) + "\n")
+        # Rendered commands and outputs may hold a secret parameter value.
+        out.write_text(json.dumps(mask_json(detail), indent=2) + "\n")
+        out.chmod(0o600)
         applied.append(
             Applied(
                 name=doc.name, path=doc.path, sha256=doc.sha256,
@@ -98,8 +101,10 @@ def apply(
         )  # fmt: skip
         if result.status == "Failed":
             raise StepFailed(
-                f"component {doc.name}: step {result.failed_step} failed"
-                + (f":\n{result.failure_tail.rstrip()}" if result.failure_tail else "")
+                mask(
+                    f"component {doc.name}: step {result.failed_step} failed"
+                    + (f":\n{result.failure_tail.rstrip()}" if result.failure_tail else "")
+                )
             )
     return applied
 

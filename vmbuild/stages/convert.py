@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmbuild.digest import sha256_file
+from vmbuild.diskfs.scrub import zero_free_space
 from vmbuild.manifest import OutputRecord
 from vmbuild.run import qemu_img
 from vmbuild.stages.key import StageKey, stage_key
@@ -59,6 +60,16 @@ def flatten(overlay: Path, dst: Path) -> None:
     qemu_img(*convert_argv(overlay, "qcow2", dst, "qcow2"))
 
 
+def flatten_raw(overlay: Path, dst: Path) -> None:
+    """Collapse the overlay and its backing chain into a sparse raw disk (to scrub it)."""
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", str(overlay), str(dst))
+
+
+def from_raw(raw: Path, dst: Path) -> None:
+    """Store a raw disk as qcow2; zero ranges (the scrubbed free space) take no clusters."""
+    qemu_img(*convert_argv(raw, "raw", dst, "qcow2"))
+
+
 def virtual_size(path: Path, fmt: str) -> int:
     info = json.loads(qemu_img("info", "--output=json", "-f", FORMATS[fmt][0], path))
     return int(info["virtual-size"])
@@ -94,12 +105,21 @@ def key(disk: StageKey, formats: Sequence[str]) -> StageKey:
 def convert_all(overlay: Path, formats: Sequence[str], outdir: Path, work: Path) -> Converted:
     """Flatten the builder's overlay, then write every format into `outdir`.
 
-    The overlay is deleted once flattened (it is the largest scratch file). The
+    The overlay is deleted once flattened (it is the largest scratch file), and
+    the free space of its ext file systems is zeroed before any output is written. The
     flattened qcow2 is an output itself when qcow2 is listed, else kept in `work`.
     """
     final = outdir / output_name("qcow2") if "qcow2" in formats else work / "final.qcow2"
-    flatten(overlay, final)
-    overlay.unlink()
+    # Flattened to raw, its free space zeroed, then stored with zero detection:
+    # nothing the guest deleted survives into any output, which also shrinks.
+    scrubbed = work / "scrubbed.raw"
+    try:
+        flatten_raw(overlay, scrubbed)
+        overlay.unlink()
+        zero_free_space(scrubbed)
+        from_raw(scrubbed, final)
+    finally:
+        scrubbed.unlink(missing_ok=True)
     outputs = [convert(final, f, outdir) for f in formats if f != "qcow2"]
     if "qcow2" in formats:
         outputs.insert(0, convert(final, "qcow2", outdir))

@@ -14,7 +14,7 @@ from shlex import quote
 
 from vmbuild.cache import aptproxy
 from vmbuild.diskfs.rootfs import FilesystemView, exists, read_file
-from vmbuild.errors import VmbuildError
+from vmbuild.errors import GuestStopped, VmbuildError
 from vmbuild.hypervisor.guest import POWEROFF, Guest
 from vmbuild.stages.key import StageKey, stage_key
 
@@ -29,6 +29,15 @@ def generalize_script(builder_user: str) -> str:
     return f"""\
 set -eu
 export DEBIAN_FRONTEND=noninteractive
+# Files holding secrets are overwritten before they are unlinked: cloud-init's
+# copies of the seed (user-data carries the guest's host private key), the
+# host keys, the builder's authorized key. The host zeroes the free space of
+# ext file systems afterwards as well; this also covers any other file system.
+# (cloud-init clean deletes all of /var/lib/cloud anyway.)
+find /var/lib/cloud -xdev -type f -exec shred -n 1 -z -u -- {{}} + 2>/dev/null || true
+for f in /etc/ssh/ssh_host_* /home/{user}/.ssh/authorized_keys /root/.ssh/authorized_keys; do
+  if [ -f "$f" ] && [ ! -L "$f" ]; then shred -n 1 -z -u -- "$f" || rm -f -- "$f"; fi
+done
 # cloud-init runs again on first boot as a new instance.
 cloud-init clean --logs --seed
 # Empty, not absent: systemd then treats the next boot as a first boot and
@@ -80,11 +89,21 @@ def key(disk: StageKey, builder_user: str) -> StageKey:
 
 def generalize(guest: Guest, on_output: OutputSink | None = None) -> None:
     """Generalize and power off; escalate (QMP powerdown, then kill) if it hangs."""
-    result = guest.ssh.run(
-        generalize_script(guest.user),
-        timeout=guest.spec.accel.timeout(120),
-        on_output=(lambda _s, line: on_output(line)) if on_output else None,
-    )
+    try:
+        result = guest.ssh.run(
+            generalize_script(guest.user),
+            timeout=guest.spec.accel.timeout(120),
+            on_output=(lambda _s, line: on_output(line)) if on_output else None,
+        )
+    except GuestStopped as exc:
+        # The finishing unit powers off a second after the script returns; on a
+        # loaded host that can beat the exit status home. The offline verify
+        # proves (or refutes) the result either way.
+        if exc.cause != "guest powered off":
+            raise
+        log.warning("the builder powered off before generalize reported back")
+        guest.ssh.close()
+        return
     if result.exit_code != 0:
         tail = (result.stderr or result.stdout)[-2000:]
         raise VmbuildError(f"generalize failed (exit {result.exit_code}):\n{tail}")

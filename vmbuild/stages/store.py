@@ -19,10 +19,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vmbuild import runs
 from vmbuild.errors import VmbuildError
 from vmbuild.manifest import FILE as manifest_file
 from vmbuild.manifest import Manifest
 from vmbuild.run import write_atomic
+from vmbuild.secrets import mask_json
 
 MANIFEST = manifest_file
 STAGING_PREFIX = ".staging-"
@@ -46,12 +48,16 @@ def staging(store: Path, name: str, version: str, build: str) -> Iterator[Stagin
     parent = store / name / version
     parent.mkdir(parents=True, exist_ok=True)
     path = parent / f"{STAGING_PREFIX}{build}"
-    path.mkdir()
+    # Private: it holds the client key, the seed (the guest's host key) and
+    # logs that may quote parameters.
+    path.mkdir(mode=0o700)
+    runs.own(path)  # removed by the next vmbuild command if this one is killed
     try:
         yield Staging(path, parent / build)
     finally:
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
+        runs.disown(path)
         # Leave no empty name/version dirs behind a failed first build.
         for d in (parent, parent.parent):
             with contextlib.suppress(OSError):
@@ -65,7 +71,9 @@ def commit(stage: Staging) -> Path:
 
 def write_manifest(build_dir: Path, manifest: Manifest | dict[str, Any]) -> None:
     data = manifest.to_json() if isinstance(manifest, Manifest) else manifest
-    write_atomic(build_dir / MANIFEST, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    # 0600: a manifest lists parameters (secret values masked, the rest in clear).
+    text = json.dumps(mask_json(data), indent=2, sort_keys=False) + "\n"
+    write_atomic(build_dir / MANIFEST, text, mode=0o600)
 
 
 def load_manifest(build_dir: Path) -> Manifest:

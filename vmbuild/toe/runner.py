@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmbuild.errors import ConfigError
+from vmbuild.errors import ConfigError, GuestStopped, TransferError
 from vmbuild.remote.base import OutputCallback, Remote, RemoteResult
 from vmbuild.toe.actions import ACTIONS, S3Config
 from vmbuild.toe.actions.base import ActionFailed, ActionSpec, HostContext, Item, Shape, typed_items
@@ -61,6 +61,7 @@ MAX_REBOOTS = 10
 REBOOT_EXIT_CODE = 194
 TAIL_LINES = 30
 PROBE_TIMEOUT = 120.0
+NO_SPACE = "No space left on device"  # strerror(ENOSPC), as every tool prints it
 sleep: Callable[[float], None] = time.sleep  # replaced in tests
 
 Log = Callable[[str], None]
@@ -356,7 +357,13 @@ class _StepRunner:
             self.result.attempts = attempt
             try:
                 outputs = self._attempt()
-            except (StepError, ActionFailed, UnresolvedReference) as exc:
+            except GuestStopped as exc:
+                # Nothing can run any more: end the step (and the run) at once,
+                # saying which step the guest died in.
+                raise GuestStopped(
+                    exc.vm, exc.cause, console_tail=exc.console_tail, during=f"step {self.label}"
+                ) from None
+            except (StepError, ActionFailed, UnresolvedReference, TransferError) as exc:
                 self.result.status = Status.FAILED
                 self.result.failure_message = str(exc)
                 left = self.step.max_attempts - attempt
@@ -439,7 +446,12 @@ class _StepRunner:
 
         while True:
             streamed[0] = 0
-            result = self.run.remote.run(script, timeout=deadline.remaining(), on_output=on_output)
+            try:
+                result = self.run.remote.run(
+                    script, timeout=deadline.remaining(), on_output=on_output
+                )
+            except TransferError as exc:
+                raise StepError(f"the step's script could not be uploaded: {exc}") from None
             if not streamed[0]:  # a Remote that does not stream still fills the run log
                 for stream, text in (("stdout", result.stdout), ("stderr", result.stderr)):
                     for line in text.splitlines():
@@ -454,7 +466,10 @@ class _StepRunner:
             break
         if result.exit_code != 0:
             last = next((line for line in reversed(result.stderr.splitlines()) if line.strip()), "")
-            raise StepError(f"exit code {result.exit_code}" + (f": {last.strip()}" if last else ""))
+            message = f"exit code {result.exit_code}" + (f": {last.strip()}" if last else "")
+            if NO_SPACE in result.stderr or NO_SPACE in result.stdout:
+                message += " (the guest's disk is full)"
+            raise StepError(message)
         outputs = self.spec.parse_outputs(result, items) if self.spec.parse_outputs else {}
         if self.spec.name == "ReadFile" and any(item["printFileContent"] for item in items):
             for line in outputs.get("content", "").splitlines():

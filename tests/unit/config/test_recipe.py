@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.disks import qcow2_header
 from vmbuild.config.loader import parse_size
 from vmbuild.config.recipe import load_recipe
 from vmbuild.errors import ConfigError
@@ -130,7 +131,7 @@ def test_url_base_needs_one_checksum(project: Path) -> None:
 
 
 def test_local_file_base_resolved_relative_to_recipe(project: Path) -> None:
-    (project / "my.qcow2").write_bytes(b"QFI\xfb")
+    (project / "my.qcow2").write_bytes(qcow2_header())
     loaded = load_recipe(write(project, good().replace("base: debian-12", "base: my.qcow2")))
     assert loaded.base_path == (project / "my.qcow2").resolve()
 

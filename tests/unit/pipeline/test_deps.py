@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.disks import qcow2_header
 from tests.support.pipeline import (
     T0,
     fake_artifact,
@@ -200,11 +201,11 @@ def test_url_base_with_a_pinned_checksum(tmp_path: Path) -> None:
 def test_local_file_base_is_rehashed_only_when_it_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     disk = tmp_path / "recipes" / "base.qcow2"
     disk.parent.mkdir()
-    disk.write_bytes(b"v1")
+    disk.write_bytes(qcow2_header(tail=b"v1"))
     write_recipe(tmp_path / "recipes", "img", base="base.qcow2")
     loaded = load_pipeline(write_pipeline(tmp_path, {"recipe": "recipes/img-recipe.yaml"}))
     first = deps.snapshot(loaded)
-    assert first["base"]["sha256"] == hashlib.sha256(b"v1").hexdigest()
+    assert first["base"]["sha256"] == hashlib.sha256(qcow2_header(tail=b"v1")).hexdigest()
 
     def no_hashing(path: Path) -> str:
         raise AssertionError("an unchanged file was re-hashed")

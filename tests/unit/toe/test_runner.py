@@ -507,3 +507,49 @@ def test_detailed_output_looks_like_awstoe(tmp_path: Path) -> None:
     assert json.loads(step["inputs"]) == [{"commands": ["echo hi"]}]
     assert json.loads(step["outputs"]) == [{"stdout": "hi"}]
     assert step["startTime"] and step["endTime"] and step["duration"] >= 0
+
+
+def test_a_script_that_cannot_be_uploaded_fails_its_step_with_the_reason(tmp_path: Path) -> None:
+    from vmbuild.errors import TransferError
+
+    def handler(script: str) -> tuple[int, str, str]:
+        if "second" in script:
+            raise TransferError(
+                "cannot upload /dev/shm/vmbuild-1.sh to the guest: OSError: Failure; "
+                "the guest's memory (tmpfs) is full (/dev/shm: 0 KiB free)"
+            )
+        return 0, "", ""
+
+    remote = ScriptedRemote(handler)
+    result, _ = run(tmp_path, steps(bash("First", "echo first"), bash("Second", "echo second"),
+                                         bash("Third", "echo third")), remote)  # fmt: skip
+    assert statuses(result) == [("First", "Success"), ("Second", "Failed")]
+    failed = result.phases[0].steps[1]
+    assert failed.failure_message == (
+        "the step's script could not be uploaded: cannot upload /dev/shm/vmbuild-1.sh to the "
+        "guest: OSError: Failure; the guest's memory (tmpfs) is full (/dev/shm: 0 KiB free)"
+    )
+    assert not any("third" in s for s in remote.scripts)
+
+
+def test_out_of_space_in_a_step_is_named(tmp_path: Path) -> None:
+    remote = ScriptedRemote(
+        lambda s: (1, "", "dd: error writing '/var/fill': No space left on device\n")
+    )
+    result, _ = run(tmp_path, steps(bash("Fill", "dd if=/dev/zero of=/var/fill")), remote)
+    assert result.phases[0].steps[0].failure_message == (
+        "exit code 1: dd: error writing '/var/fill': No space left on device "
+        "(the guest's disk is full)"
+    )
+
+
+def test_a_guest_that_stops_ends_the_run_naming_the_step(tmp_path: Path) -> None:
+    from vmbuild.errors import GuestStopped
+
+    def handler(script: str) -> tuple[int, str, str]:
+        raise GuestStopped("vm1", "guest kernel panic", console_tail="Kernel panic - not syncing")
+
+    with pytest.raises(GuestStopped) as info:
+        run(tmp_path, steps(bash("Crash", "echo c > /proc/sysrq-trigger")), ScriptedRemote(handler))
+    assert info.value.cause == "guest kernel panic"
+    assert str(info.value).splitlines()[0] == "vm1: guest kernel panic during step build/Crash"

@@ -1,0 +1,161 @@
+"""Leave no deleted data in an image, and prove it.
+
+`zero_free_space()` reads each ext file system's block bitmaps (the one
+allocation reader, `diskfs.allocation.ext_allocation`) and punches holes in
+the raw disk file over every free range, so the blocks a guest deleted (step
+scripts, host keys, cloud-init's copy of the seed) read back as zeros; a
+later `qemu-img convert` then stores none of them, and the output shrinks.
+fstrim inside the guest cannot do this: qcow2 clusters are 64 KiB and a
+partly used cluster is never discarded.
+
+`scan_for_secrets()` then reads the *whole* disk, used and free blocks alike,
+for byte strings that must not be there (the builder's keys, every secret
+parameter value) and says where each one was found.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmbuild.diskfs.allocation import EXT_KINDS, ext_allocation
+from vmbuild.diskfs.partitions import data_extents
+from vmbuild.diskfs.rootfs import detect_filesystem, read_partition_table
+from vmbuild.run import run
+
+log = logging.getLogger("vmbuild.diskfs.scrub")
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+CHUNK = 8 << 20
+# A needle shorter than this is not searched for: a short value occurs by
+# chance in a disk of binaries, and a "found" nobody can act on is noise.
+MIN_NEEDLE = 8
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+@dataclass(frozen=True)
+class ScrubStats:
+    filesystems: int
+    free_bytes: int  # bytes of free space made to read as zeros
+    notes: tuple[str, ...]
+
+
+def _zero_range(fd: int, start: int, length: int) -> None:
+    """Make [start, start+length) read as zeros: a hole where the host fs allows, else writes."""
+    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, length) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        raise OSError(err, os.strerror(err))
+    zero = bytes(min(CHUNK, length))
+    done = 0
+    while done < length:
+        n = os.pwrite(fd, zero[: min(CHUNK, length - done)], start + done)
+        done += n
+
+
+def zero_free_space(raw: Path, runner: Callable[..., object] = run) -> ScrubStats:
+    """Zero the free blocks of every ext file system on the raw disk `raw` (in place)."""
+    table = read_partition_table(raw)
+    size = raw.stat().st_size
+    spans = (
+        [(0, size, "whole disk")]
+        if table is None
+        else [(p.start, p.start + p.size, f"partition {p.number}") for p in table.partitions]
+    )
+    notes = []
+    total = count = 0
+    fd = os.open(raw, os.O_RDWR)
+    try:
+        for start, end, label in spans:
+            if start >= size:
+                continue
+            kind = detect_filesystem(raw, start).kind
+            if kind not in EXT_KINDS:
+                notes.append(f"{label}: {kind}, free space not scrubbed")
+                continue
+            alloc = ext_allocation(raw, start, runner)
+            freed = 0
+            for s, e in alloc.free:
+                a, b = start + s, min(start + e, end, size)
+                if b > a:
+                    _zero_range(fd, a, b - a)
+                    freed += b - a
+            count += 1
+            total += freed
+            notes.append(f"{label} ({kind}): {freed >> 20} MiB of free space zeroed")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for note in notes:
+        log.info("scrub: %s", note)
+    return ScrubStats(count, total, tuple(notes))
+
+
+@dataclass(frozen=True)
+class Needle:
+    label: str  # what it is, for the message: never the value itself
+    value: bytes
+
+
+@dataclass(frozen=True)
+class Hit:
+    label: str
+    offset: int  # byte offset in the raw disk
+
+
+def key_needles(label: str, openssh_text: str) -> list[Needle]:
+    """Every base64 line of a key file (a private key is found even in pieces),
+    or the blob of a one-line public key."""
+    lines = [ln.strip() for ln in openssh_text.strip().splitlines()]
+    if len(lines) == 1:
+        parts = lines[0].split()
+        blob = parts[1] if len(parts) > 1 else parts[0]
+        return [Needle(label, blob.encode())]
+    return [
+        Needle(f"{label} (line {i})", ln.encode())
+        for i, ln in enumerate(lines, 1)
+        if len(ln) >= MIN_NEEDLE and not ln.startswith("-----")
+    ]
+
+
+def scan_for_secrets(raw: Path, needles: Iterable[Needle]) -> list[Hit]:
+    """Every needle found anywhere in the raw disk (first offset of each); holes are skipped."""
+    wanted = [n for n in needles if len(n.value) >= MIN_NEEDLE]
+    if not wanted:
+        return []
+    by_value: dict[bytes, str] = {}
+    for n in wanted:
+        by_value.setdefault(n.value, n.label)
+    pattern = re.compile(b"|".join(re.escape(v) for v in sorted(by_value, key=len, reverse=True)))
+    overlap = max(len(v) for v in by_value) - 1
+    found: dict[bytes, int] = {}
+    fd = os.open(raw, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        for start, end in data_extents(fd, size):
+            pos = start
+            carry = b""
+            while pos < end:
+                chunk = os.pread(fd, min(CHUNK, end - pos), pos)
+                if not chunk:
+                    break
+                data = carry + chunk
+                base = pos - len(carry)
+                for match in pattern.finditer(data):
+                    found.setdefault(match.group(), base + match.start())
+                carry = data[-overlap:] if overlap else b""
+                pos += len(chunk)
+    finally:
+        os.close(fd)
+    return sorted((Hit(by_value[v], off) for v, off in found.items()), key=lambda h: h.offset)
