@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import lzma
 import os
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.disks import qcow2_header
 from vmbuild.pipeline.history import History
 from vmbuild.pipeline.runner import lock_for
 from vmbuild.stages import store
@@ -52,9 +52,10 @@ def write(path: Path, data: dict[str, Any]) -> Path:
 
 
 def failing_pipeline(tmp_path: Path, cron: str = "* * * * *") -> Path:
-    """A pipeline whose build fails in seconds: its base 'disk' is an xz archive."""
+    """A pipeline whose build fails in seconds: its base is a qcow2 header and no image
+    (it passes the load-time check, which reads only the header; qemu-img refuses it)."""
     (tmp_path / "recipes").mkdir(exist_ok=True)
-    (tmp_path / "recipes" / "bad.qcow2").write_bytes(lzma.compress(b"not a disk"))
+    (tmp_path / "recipes" / "bad.qcow2").write_bytes(qcow2_header())
     write(tmp_path / "recipes" / "bad.yaml", {"name": "bad", "version": "1.0.0", "base": "bad.qcow2"})  # fmt: skip
     return write(tmp_path / "pipelines" / "failing.yaml", {
         "recipe": "../recipes/bad.yaml", "tests": {"enabled": False},
@@ -104,7 +105,7 @@ def test_a_failed_run_is_recorded_and_the_daemon_keeps_firing(tmp_path: Path, en
 
         [first] = wait_for(runs, 60, "the first run")
         assert (first.trigger, first.status) == ("schedule", "failed")
-        assert "xz-compressed, not a disk image" in (first.error or "")
+        assert "qcow2 header too short" in (first.error or "")
         assert first.log_tail and "stage base failed" in first.log_tail
         assert Path(first.log_path or "").is_file()
         # The next minute's slot fires again: the failure did not stop the daemon.
