@@ -200,11 +200,15 @@ def spawn(
     stdout: IO[Any] | int | None = subprocess.DEVNULL,
     env: Mapping[str, str] | None = None,
     new_session: bool = True,
+    shared_daemon: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start a long-running process (a VM). The caller owns reaping it.
 
     `new_session` keeps a terminal's Ctrl-C away from the child so that vmbuild,
     not the terminal, decides how the VM stops (orderly shutdown, then kill).
+    `shared_daemon` is for a service other vmbuild processes join (the package
+    cache): it must outlive the process that happened to start it, so it gets
+    no PR_SET_PDEATHSIG and is not in this run's record; its own users stop it.
     """
     args = [str(a) for a in argv]
     log.info("$ %s &", quote_argv(args))
@@ -216,12 +220,13 @@ def spawn(
             stderr=subprocess.STDOUT,
             env=_env(env),
             start_new_session=new_session,
-            preexec_fn=_die_with_parent(os.getpid()),
+            preexec_fn=None if shared_daemon else _die_with_parent(os.getpid()),
         )
     except FileNotFoundError as exc:
         raise CommandError(args, 127, f"{args[0]}: not found (is it installed?)") from exc
-    # The caller reaps it and calls `reaped()`; until then a reaper may kill it.
-    runs.track(proc.pid)
+    if not shared_daemon:
+        # The caller reaps it and calls `reaped()`; until then a reaper may kill it.
+        runs.track(proc.pid)
     return proc
 
 

@@ -188,7 +188,8 @@ def _start(state: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = _free_port()
     write_atomic(state / "conf" / "acng.conf", config_text(state, port))
     with (state / "log" / "daemon.out").open("ab") as out:
-        proc = spawn(argv(state), stdout=out)
+        # Shared by every build of the user: it must outlive the one that started it.
+        proc = spawn(argv(state), stdout=out, shared_daemon=True)
     deadline = time.monotonic() + START_TIMEOUT
     while not _answers(port):
         if proc.poll() is not None or time.monotonic() > deadline:
