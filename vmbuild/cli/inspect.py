@@ -126,8 +126,10 @@ def describe(
 def cmd_inspect(args: argparse.Namespace) -> int:
     from vmbuild.config.recipe import load_recipe
     from vmbuild.plan import BuildPlan
+    from vmbuild.secrets import parse_cli_secret
 
-    loaded = load_recipe(Path(args.recipe))
+    given = dict(parse_cli_secret(spec) for spec in args.secret or [])
+    loaded = load_recipe(Path(args.recipe), secrets=given)
     opts = plan_options(args)
     store_source = (
         "cli" if args.store else "environment" if "VMBUILD_STORE" in os.environ else "default"
