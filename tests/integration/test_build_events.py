@@ -3,16 +3,17 @@ published schema, errors as events too. (The VM suite checks a full build's stre
 
 from __future__ import annotations
 
-import lzma
 from pathlib import Path
 
 from tests.support.cli import isolated_env, vmbuild
+from tests.support.disks import qcow2_header
 from tests.support.schemas import event_lines
 
 
 def test_a_failing_stage_streams_events_then_an_error(tmp_path: Path) -> None:
     env = isolated_env(tmp_path)
-    (tmp_path / "bad.qcow2").write_bytes(lzma.compress(b"not a disk"))
+    # Passes the load-time check (a qcow2 header), fails in the base stage (no image).
+    (tmp_path / "bad.qcow2").write_bytes(qcow2_header())
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("name: bad\nversion: 1.0.0\nbase: bad.qcow2\n")
     proc = vmbuild(env, "build", str(recipe), "--json", "--skip-tests")
@@ -25,7 +26,7 @@ def test_a_failing_stage_streams_events_then_an_error(tmp_path: Path) -> None:
     assert (events[0]["name"], events[0]["version"]) == ("bad", "1.0.0")
     assert events[2]["status"] == "failed"
     error = events[3]
-    assert "xz-compressed, not a disk image" in error["message"]
+    assert "qcow2 header too short" in error["message"]
     assert error["exit_code"] == 1 and error["kind"].endswith("Error")
     # The human line still goes to stderr; stdout holds only events.
     assert proc.stderr.startswith("error: ")
