@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.aws.conftest import BUCKET, REGIONS, LocalAws
-from tests.support.disks import make_artifact, make_disk, sign_artifact
+from tests.support.disks import make_artifact, make_disk, sign_artifact, used_blocks
 from tests.support.motoext import Fault
 from vmbuild.config.distribution import DistributionConfig, load_distribution
 from vmbuild.publish.distributor import DistributionResult, LintFailed, distribute
@@ -134,24 +134,34 @@ def assert_distributed(
 
 
 def aggregate_of(raw: Path) -> tuple[list[int], str]:
-    """Independent computation: the non-zero block indexes and the LINEAR aggregate checksum."""
+    """Independent computation: the blocks the snapshot must hold (every block the ext4 file
+    system uses, per debugfs `testb`, zero or not, plus non-zero blocks outside it) and the
+    LINEAR aggregate checksum of those blocks."""
+    used = used_blocks(raw)
     indexes, digests = [], hashlib.sha256()
     with raw.open("rb") as fh:
         index = 0
         while block := fh.read(BLOCK):
             block = block.ljust(BLOCK, b"\0")
-            if block.count(0) != BLOCK:
+            if index in used or block.count(0) != BLOCK:
                 indexes.append(index)
                 digests.update(hashlib.sha256(block).digest())
             index += 1
     return indexes, base64.b64encode(digests.digest()).decode()
 
 
-def assert_snapshot_holds(aws: LocalAws, region: str, snapshot_id: str, raw: Path) -> None:
-    """The snapshot's blocks in moto are exactly the disk's non-zero blocks."""
+def assert_snapshot_holds(
+    aws: LocalAws, region: str, snapshot_id: str, raw: Path, *, nonzero_only: bool = False
+) -> None:
+    """The snapshot's blocks in moto are exactly the blocks the disk's file system uses plus
+    its data outside the file system, byte for byte. (`nonzero_only`: a snapshot made by the
+    VM Import extension, which, like the service's own conversion, stores non-zero blocks.)"""
     ebs = aws.client("ebs", region)
     listed = ebs.list_snapshot_blocks(SnapshotId=snapshot_id)["Blocks"]
     expected, _ = aggregate_of(raw)
+    if nonzero_only:
+        with raw.open("rb") as fh:
+            expected = [i for i in expected if fh.seek(i * BLOCK) >= 0 and any(fh.read(BLOCK))]
     assert sorted(b["BlockIndex"] for b in listed) == expected
     with raw.open("rb") as fh:
         for block in listed:
@@ -178,7 +188,8 @@ def test_ebs_direct_lands_in_three_regions(aws: LocalAws, artifact: Path, good_d
     assert start[0].params["VolumeSize"] == 1
     puts = aws.requests.find("PutSnapshotBlock", "ebs")
     indexes, aggregate = aggregate_of(good_disk)
-    assert sorted(p.params["BlockIndex"] for p in puts) == indexes  # zero blocks never sent
+    # Every used block, zero or not; free space never.
+    assert sorted(p.params["BlockIndex"] for p in puts) == indexes
     for put in puts:  # each block's checksum is the SHA-256 of the bytes that went out
         assert put.params["ChecksumAlgorithm"] == "SHA256"
         assert base64.b64decode(put.params["Checksum"]).hex() == put.body_sha256
@@ -266,7 +277,7 @@ def test_import_snapshot_lands_in_three_regions(aws: LocalAws, store: Path, tmp_
     assert listed == []
     register = aws.requests.find("RegisterImage", "ec2")[0].params
     snapshot_id = register["BlockDeviceMapping.1.Ebs.SnapshotId"]
-    assert_snapshot_holds(aws, "us-east-1", snapshot_id, good_disk)
+    assert_snapshot_holds(aws, "us-east-1", snapshot_id, good_disk, nonzero_only=True)
     assert not aws.requests.find("StartSnapshot", "ebs")  # nothing went the EBS-direct way
 
 
@@ -456,7 +467,7 @@ def test_a_failed_region_is_reported_and_a_rerun_finishes_only_it(
         assert len(images) == 1, region
 
 
-def test_an_interrupted_ebs_direct_upload_resumes(
+def test_a_hard_failure_mid_upload_deletes_the_snapshot_and_the_rerun_starts_clean(
     aws: LocalAws, store: Path, tmp_path: Path
 ) -> None:
     raw = make_disk(tmp_path / "disk", data_mib=6)
@@ -483,26 +494,28 @@ def test_an_interrupted_ebs_direct_upload_resumes(
     (region,) = first.regions
     assert region.status == "failed"
     assert "ExpiredTokenException" in (region.error or "")
-    sent_first = {
-        r.params["BlockIndex"] for r in aws.requests.find("PutSnapshotBlock") if r.status == 201
-    }
-    assert len(sent_first) == 5
+    assert len(aws.requests.find("StartSnapshot")) == 1
+    (deleted,) = aws.requests.find("DeleteSnapshot")  # the snapshot it started
+    assert deleted.status == 200
+    assert f"snapshot {deleted.params['SnapshotId']} deleted" in (region.error or "")
+    assert first.upload.status == "failed"
 
     aws.front.reset()  # credentials fixed
     second = distribute(build_dir, config_of(data))
     assert second.ok, second.to_json()
-    assert not aws.requests.find("StartSnapshot")  # the same pending snapshot continued
-    sent_second = {r.params["BlockIndex"] for r in aws.requests.find("PutSnapshotBlock")}
-    assert sent_second.isdisjoint(sent_first)
-    assert sorted(sent_first | sent_second) == indexes
-    assert second.upload.blocks_resumed == 5
+    assert len(aws.requests.find("StartSnapshot")) == 1  # a new snapshot, all blocks again
+    sent_second = sorted(r.params["BlockIndex"] for r in aws.requests.find("PutSnapshotBlock"))
+    assert sent_second == indexes
     (complete,) = aws.requests.find("CompleteSnapshot")
     assert complete.params["Checksum"] == aggregate
     assert int(complete.params["ChangedBlocksCount"]) == len(indexes)
     assert_snapshot_holds(aws, "us-east-1", complete.params["SnapshotId"], raw)
+    assert deleted.params["SnapshotId"] != complete.params["SnapshotId"]
 
 
-def test_allocated_zero_blocks_are_not_sent(aws: LocalAws, store: Path, tmp_path: Path) -> None:
+def test_zeros_outside_the_file_systems_are_not_sent(
+    aws: LocalAws, store: Path, tmp_path: Path
+) -> None:
     from tests.support.disks import write_zero_region
 
     raw = make_disk(tmp_path / "disk")
@@ -522,8 +535,10 @@ def test_allocated_zero_blocks_are_not_sent(aws: LocalAws, store: Path, tmp_path
     assert result.ok
     zero_region = set(range(56 * 2, 60 * 2))
     sent = {r.params["BlockIndex"] for r in aws.requests.find("PutSnapshotBlock")}
-    assert sent and sent.isdisjoint(zero_region)
-    assert result.upload.blocks_zero_skipped >= len(zero_region)
+    assert sent and sent.isdisjoint(zero_region)  # unpartitioned zeros: nothing to send
+    indexes, _ = aggregate_of(stored)
+    assert sorted(sent) == indexes
+    assert result.upload.blocks_selected == len(indexes)
 
 
 def test_import_fails_on_a_malformed_disk_and_cleans_up(

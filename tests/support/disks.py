@@ -267,3 +267,65 @@ def qcow2_header(virtual_size: int = 1 << 30, tail: bytes = b"") -> bytes:
         + bytes(72)
         + tail
     )
+
+
+EBS_BLOCK = 512 * 1024
+
+
+def _debugfs(raw: Path, request: str, offset: int = MIB, write: bool = False) -> str:
+    argv = ["debugfs", *(["-w"] if write else []), "-R", request, f"{raw}?offset={offset}"]
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+def _stats(raw: Path, offset: int = MIB) -> dict[str, int]:
+    wanted = ("Block count", "Block size", "First block")
+    out = {}
+    for line in _debugfs(raw, "stats", offset).splitlines():
+        name, _, value = line.partition(":")
+        if name in wanted:
+            out[name] = int(value.split()[0])
+    return out
+
+
+def used_blocks(raw: Path, offset: int = MIB) -> set[int]:
+    """Independent oracle: the 512 KiB blocks holding any ext block marked in use, asked
+    block by block with debugfs `testb` (not through dumpe2fs, which vmbuild parses). The
+    blocks before "First block" (the boot sector area of a 1 KiB-block file system) count as
+    in use."""
+    stats = _stats(raw, offset)
+    first, size = stats["First block"], stats["Block size"]
+    used = {offset // EBS_BLOCK}
+    out = _debugfs(raw, f"testb {first} {stats['Block count'] - first}", offset)
+    for line in out.splitlines():
+        if line.endswith("marked in use"):
+            used.add((offset + int(line.split()[1]) * size) // EBS_BLOCK)
+    return used
+
+
+def file_blocks(raw: Path, path: str, offset: int = MIB) -> list[int]:
+    """Disk byte offsets of the ext blocks of file `path` (debugfs `blocks`), one per block."""
+    size = _stats(raw, offset)["Block size"]
+    return [offset + int(b) * size for b in _debugfs(raw, f"blocks {path}").split()]
+
+
+def zero_file_in_place(raw: Path, path: str) -> list[int]:
+    """Overwrite the data blocks of `path` with zeros, as `dd if=/dev/zero of=FILE conv=notrunc`
+    in the guest would: the blocks stay allocated in the file system. Returns their offsets.
+
+    (mke2fs -d itself stores an all-zero file as a hole, so the file is created with other
+    content first.)"""
+    offsets = file_blocks(raw, path)
+    size = _stats(raw)["Block size"]
+    with raw.open("r+b") as fh:
+        for at in offsets:
+            fh.seek(at)
+            fh.write(bytes(size))
+    return offsets
+
+
+def write_guest_file(raw: Path, path: str, content: bytes, workdir: Path) -> None:
+    """Add (or replace) a file in the ext4 root of `raw`, like a component would."""
+    src = workdir / "guest-file.bin"
+    src.write_bytes(content)
+    _debugfs(raw, f"rm {path}", write=True)
+    _debugfs(raw, f"write {src} {path}", write=True)

@@ -14,6 +14,9 @@ listens on its own port, is what vmbuild is pointed at (AWS_ENDPOINT_URL), and:
   real snapshots and AMIs inside moto);
 - corrects one moto answer that would mislead a client: StartSnapshot's BlockSize (moto
   says 512, EBS uses and reports 524288);
+- models what moto's EBS direct backend ignores (see `ebsmodel.py`): ParentSnapshotId
+  lineage (a child reads through to its parent), the encryption rules of StartSnapshot, the
+  pending state until CompleteSnapshot, and deleted snapshots refusing every EBS direct call;
 - forwards everything else to moto unchanged.
 """
 
@@ -205,6 +208,15 @@ def identify(
                     "ChecksumAlgorithm": headers.get("x-amz-checksum-algorithm"),
                 },
             )
+        if method == "GET" and len(parts) == 3 and parts[2] == "blocks":
+            return service, region, "ListSnapshotBlocks", {"SnapshotId": parts[1]}
+        if method == "GET" and len(parts) == 4 and parts[2] == "blocks":
+            return (
+                service,
+                region,
+                "GetSnapshotBlock",
+                {"SnapshotId": parts[1], "BlockIndex": int(parts[3])},
+            )
         if method == "POST" and parts[:2] == ["snapshots", "completion"]:
             return (
                 service,
@@ -294,9 +306,12 @@ class FrontServer:
     """The endpoint vmbuild talks to: record, inject faults, import, else forward to moto."""
 
     def __init__(self, moto: MotoServer, workdir: Path) -> None:
+        from tests.support.ebsmodel import EbsLineage
         from tests.support.fake_import import ImportService
 
         self.moto = moto
+        self.ebs = EbsLineage()
+        self.block_size = 524288
         self.recorder = Recorder()
         self.faults: list[Fault] = []
         self.imports = ImportService(moto.url, workdir)
@@ -319,6 +334,8 @@ class FrontServer:
         with self._lock:
             self.faults.clear()
         self.imports.reset()
+        self.ebs.reset()
+        self.block_size = 524288
 
     def inject(self, fault: Fault) -> Fault:
         with self._lock:
@@ -377,7 +394,11 @@ class FrontServer:
                 if self.command != "HEAD":
                     self.wfile.write(body)
 
-            def _forward(self, body: bytes) -> tuple[int, dict[str, str], bytes, str | None]:
+            def _forward(
+                self, body: bytes, method: str | None = None, path: str | None = None
+            ) -> tuple[int, dict[str, str], bytes, str | None]:
+                method = method or self.command
+                path = path or self.path
                 headers = {
                     k: v
                     for k, v in self.headers.items()
@@ -392,14 +413,14 @@ class FrontServer:
                             url.hostname, url.port, timeout=120
                         )
                     try:
-                        conn.request(self.command, self.path, body=body, headers=headers)
+                        conn.request(method, path, body=body, headers=headers)
                         resp = conn.getresponse()
                         data = resp.read()
                         return (
                             resp.status,
                             dict(resp.getheaders()),
                             data,
-                            resp.getheader("Content-Length") if self.command == "HEAD" else None,
+                            resp.getheader("Content-Length") if method == "HEAD" else None,
                         )
                     except (http.client.HTTPException, OSError):
                         conn.close()
@@ -435,10 +456,30 @@ class FrontServer:
                     req.status = status
                     self._send(status, {"Content-Type": "text/xml"}, rbody)
                     return
-                status, rheaders, rbody, length = self._forward(body)
+                if service == "ebs" and action in front.ebs.ACTIONS:
+
+                    def forward(
+                        method: str, path: str, fbody: bytes
+                    ) -> tuple[int, dict[str, str], bytes]:
+                        status, rheaders, rbody, _ = self._forward(fbody, method, path)
+                        return status, rheaders, rbody
+
+                    status, rheaders, rbody = front.ebs.handle(
+                        region, action, params, self.command, self.path, body, forward
+                    )
+                    length = None
+                else:
+                    status, rheaders, rbody, length = self._forward(body)
+                if service == "ec2" and action == "DeleteSnapshot" and status < 300:
+                    front.ebs.deleted_snapshot(str(params.get("SnapshotId")))
+                if service == "ec2" and action == "DescribeSnapshots" and status < 300:
+                    rbody = front.ebs.describe(rbody)
                 if service == "ebs" and action == "StartSnapshot" and status < 300:
                     # moto answers BlockSize 512; EBS uses 512 KiB blocks (and says so).
-                    rbody = json.dumps({**json.loads(rbody), "BlockSize": 524288}).encode()
+                    # `front.block_size` lets a test make the endpoint answer something else.
+                    rbody = json.dumps(
+                        {**json.loads(rbody), "BlockSize": front.block_size}
+                    ).encode()
                 req.status = status
                 self._send(status, rheaders, rbody, length)
 

@@ -84,8 +84,27 @@ def read_config(path: Path) -> DistributionConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), None, f"invalid YAML: {exc}") from None
     if isinstance(data, dict) and "distribution" in data and "regions" not in data:
+        if data["distribution"] is None:
+            raise ConfigError(str(path), "distribution", "the distribution section is empty")
         return load_distribution(data["distribution"], str(path), "distribution")
+    if isinstance(data, dict) and "regions" not in data and _looks_like_recipe(data):
+        # A recipe without `distribution:` would otherwise fail with one "unknown field"
+        # line per recipe key, none of which says what is actually missing.
+        raise ConfigError(
+            str(path),
+            None,
+            "has no distribution section (it looks like a recipe)",
+            hint="add a `distribution:` section with `regions:` to the recipe, "
+            "or pass a distribution file to --config",
+        )
     return load_distribution(data, str(path), "")
+
+
+def _looks_like_recipe(data: dict[Any, Any]) -> bool:
+    from vmbuild.config.recipe import Recipe
+
+    recipe_keys = set(Recipe.model_fields) - {"distribution"}
+    return bool(recipe_keys & {str(k) for k in data})
 
 
 def _resolve(args: argparse.Namespace) -> Path:
@@ -135,7 +154,24 @@ def _summary(result: Any) -> str:
             detail += f" {r.error}"
         lines.append(f"  {r.region:16} {r.status:9} {r.name}  {detail}".rstrip())
     up = result.upload
-    if up.method:
+    if up.method and up.status == "failed":
+        lines.append(f"upload: failed ({up.method}); nothing was kept")
+    elif up.method == "ebs-direct" and up.status == "done":
+        lines.append(
+            f"upload: {up.blocks_sent} of {up.blocks_total} blocks sent "
+            f"({up.bytes_sent / 2**20:.1f} MiB; a full upload of this disk sends "
+            f"{up.blocks_selected} blocks), upload_blocks: {up.upload_blocks}, "
+            f"{up.seconds:.1f}s"
+            + (
+                f", {up.blocks_unchanged} unchanged since the parent"
+                if up.parent_snapshot_id
+                else ""
+            )
+            + (f", {up.blocks_resumed} sent by an earlier run" if up.blocks_resumed else "")
+            + (f", {up.throttled_retries} throttled retries" if up.throttled_retries else "")
+        )
+        lines.append(f"  {up.lineage}")
+    elif up.method and up.status != "failed":
         lines.append(
             f"upload: {up.bytes_sent / 2**20:.1f} MiB sent for {up.bytes_allocated / 2**20:.1f} "
             f"MiB allocated of a {up.disk_size / 2**30:.1f} GiB disk in {up.seconds:.1f}s"

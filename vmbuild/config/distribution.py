@@ -7,6 +7,8 @@ and errors name the file and the field: `recipe.yaml: distribution.regions[1].km
 ```yaml
 import:
   method: ebs-direct            # ebs-direct | import-snapshot | import-image
+  upload_blocks: used           # ebs-direct: used (file systems' blocks, zero or not) | all
+  incremental: true             # ebs-direct: only what changed since the previous version
   s3_bucket: my-bucket          # import-snapshot / import-image only
 image:
   boot_mode: legacy-bios
@@ -229,6 +231,11 @@ class ImportSettings(_Model):
     format: Literal["vmdk", "vhd", "raw"] = "vmdk"
     timeout: Annotated[float, Field(gt=0)] = 7200.0
     workers: Annotated[int, Field(ge=1, le=64)] = 16
+    # ebs-direct: `used` sends every block a file system uses (zero or not) and the data
+    # outside them; `all` sends every block of the disk (coldsnap's default).
+    upload_blocks: Literal["used", "all"] = "used"
+    # ebs-direct: build on the previous version's snapshot (ParentSnapshotId) when one exists.
+    incremental: bool = True
 
     @field_validator("s3_bucket")
     @classmethod

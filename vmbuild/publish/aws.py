@@ -187,6 +187,16 @@ class Clients:
                 self._clients[key] = client
             return client
 
+    def probe(self, service: str, region: str) -> Any:
+        """A client for the first call of a run: few attempts and a short connect timeout, so
+        an unreachable endpoint is reported in seconds instead of after a minute of retries."""
+        config = self.config.merge(
+            botocore.config.Config(
+                retries={"mode": "standard", "total_max_attempts": 2}, connect_timeout=5
+            )
+        )
+        return self.session.client(service, region_name=region, config=config)
+
     def prepare(self, service: str, *regions: str) -> None:
         """Create clients now, in this thread, for later use from worker threads."""
         for region in regions:
@@ -201,7 +211,19 @@ def describe_error(exc: BaseException) -> str:
         return f"{op}: {err.get('Code', '?')}: {err.get('Message', '')}".strip()
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return "no AWS credentials found"
+    if isinstance(
+        exc, botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError
+    ):
+        return f"cannot reach AWS endpoint URL {exc.kwargs.get('endpoint_url', '?')}"
     return str(exc) or type(exc).__name__
+
+
+def endpoint_hint() -> str:
+    """The hint of an unreachable endpoint: where boto3 took the URL from."""
+    return (
+        "check the network, the region, and AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_<SERVICE> "
+        "or `endpoint_url` in the AWS config (a local endpoint must be running)"
+    )
 
 
 def credentials_hint() -> str:

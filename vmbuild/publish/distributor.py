@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from vmbuild.config.distribution import DistributionConfig
+from vmbuild.diskfs.allocation import AllocationMap, BlockClass, allocation_map
 from vmbuild.diskfs.lint import LintReport, lint_disk
 from vmbuild.errors import VmbuildError
 from vmbuild.paths import cache_dir
-from vmbuild.publish import ebs_direct, regions, vm_import
+from vmbuild.publish import ebs_direct, lineage, regions, vm_import
 from vmbuild.publish.artifact import Artifact, Disks, load_artifact, workdir
 from vmbuild.publish.aws import Backoff, Clients, RetryStats, describe_error
 from vmbuild.publish.events import DistributionEvent, EventCallback
@@ -87,9 +88,17 @@ class UploadStats:
     bytes_sent: int = 0
     bytes_allocated: int = 0
     disk_size: int = 0
-    blocks_sent: int = 0
-    blocks_zero_skipped: int = 0
-    blocks_resumed: int = 0
+    status: str = ""  # done | failed
+    blocks_total: int = 0  # blocks of the volume
+    blocks_selected: int = 0  # what the snapshot must hold: a full upload sends these
+    blocks_sent: int = 0  # sent by this run
+    blocks_resumed: int = 0  # sent by an interrupted earlier run of the same upload
+    blocks_unchanged: int = 0  # incremental: same digest as the parent's block
+    blocks_zeroed: int = 0  # incremental: overwritten with zeros (outside the file systems)
+    blocks_free: int = 0  # file-system free space: never sent
+    upload_blocks: str = ""
+    parent_snapshot_id: str | None = None
+    lineage: str = ""  # why the upload is (or is not) incremental
     throttled_retries: int = 0
     transient_retries: int = 0
     seconds: float = 0.0
@@ -219,6 +228,7 @@ class _Runner:
         self.artifact: Artifact = plan.artifact
         self.retry_stats = RetryStats()
         self._source_snapshot: str | None = None
+        self._snapshot_record: lineage.SnapshotRecord | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.results = {
@@ -335,11 +345,20 @@ class _Runner:
         method = self.cfg.import_.method
         started = time.monotonic()
         self.result.upload.method = method
-        if method == "ebs-direct":
-            snapshot_id = self._ebs_direct(rp)
-            image_id = self._register(rp, snapshot_id)
-        else:
-            image_id = self._vm_import(rp)
+        try:
+            if method == "ebs-direct":
+                snapshot_id = self._ebs_direct(rp)
+                image_id = self._register(rp, snapshot_id)
+            else:
+                image_id = self._vm_import(rp)
+        except KeyboardInterrupt:
+            if self.result.upload.status != "done":
+                self.result.upload.status = "interrupted"
+            raise
+        except Exception:
+            if self.result.upload.status != "done":
+                self.result.upload.status = "failed"
+            raise
         self.result.upload.seconds = round(time.monotonic() - started, 3)
         return image_id, "created"
 
@@ -360,34 +379,89 @@ class _Runner:
 
     def _ebs_direct(self, rp: RegionPlan) -> str:
         raw = self.disks.raw()
-        journal_path, key = self._state_path(rp, "ebs-direct")
-        upload = ebs_direct.upload_snapshot(
-            self.clients.get("ebs", rp.region),
-            ebs_direct.UploadRequest(
-                raw=raw,
+        imp = self.cfg.import_
+        stats = self.result.upload
+        stats.upload_blocks = imp.upload_blocks
+        if imp.upload_blocks == "all":
+            amap = AllocationMap.uniform(raw.stat().st_size, BlockClass.USED)
+        else:
+            self.emit(
+                DistributionEvent(
+                    "allocation", rp.region, message="reading the file systems' bitmaps"
+                )
+            )
+            amap = allocation_map(raw)
+            for note in amap.notes:
+                log.info("%s", note)
+        ec2 = self.clients.get("ec2", rp.region)
+        parent = None
+        if imp.incremental:
+            parent, stats.lineage = lineage.find_parent(
+                ec2,
+                self.artifact.build_dir,
+                account=self.plan.account,
                 region=rp.region,
-                volume_gib=self.artifact.volume_gib,
-                description=f"{self.artifact.ref} ({rp.description})"[:255],
-                tags=rp.tags,
                 encrypted=rp.encrypted,
                 kms_key_arn=rp.kms_key_arn,
-                journal_path=journal_path,
-                journal_key=key,
-                workers=self.cfg.import_.workers,
-            ),
-            backoff=Backoff(),
-            retry_stats=self.retry_stats,
-            on_progress=self.emit,
-        )
-        stats = self.result.upload
+                volume_gib=self.artifact.volume_gib,
+            )
+        else:
+            stats.lineage = "incremental: false: full upload"
+        self.emit(DistributionEvent("upload", rp.region, message=stats.lineage))
+        journal_path, key = self._state_path(rp, f"ebs-direct:{imp.upload_blocks}")
+        try:
+            upload = ebs_direct.upload_snapshot(
+                self.clients.get("ebs", rp.region),
+                ec2,
+                ebs_direct.UploadRequest(
+                    raw=raw,
+                    region=rp.region,
+                    volume_gib=self.artifact.volume_gib,
+                    description=f"{self.artifact.ref} ({rp.description})"[:255],
+                    tags=rp.tags,
+                    encrypted=rp.encrypted,
+                    kms_key_arn=rp.kms_key_arn,
+                    journal_path=journal_path,
+                    journal_key=key,
+                    amap=amap,
+                    parent=parent,
+                    workers=imp.workers,
+                ),
+                backoff=Backoff(),
+                retry_stats=self.retry_stats,
+                on_progress=self.emit,
+            )
+        except ebs_direct.UploadFailed:
+            stats.status = "failed"
+            raise
+        sel = upload.select
+        stats.status = "done"
         stats.bytes_sent = upload.bytes_sent
         stats.blocks_sent = upload.blocks_sent
         stats.blocks_resumed = upload.blocks_already
-        stats.blocks_zero_skipped = upload.scan.blocks_zero
-        stats.bytes_allocated = upload.scan.allocated
-        stats.disk_size = upload.scan.size
+        stats.blocks_unchanged = upload.blocks_unchanged
+        stats.blocks_zeroed = upload.blocks_zeroed
+        stats.blocks_total = amap.blocks_total
+        stats.blocks_free = sel.blocks_free
+        stats.blocks_selected = sel.blocks_used + sel.blocks_outside
+        stats.bytes_allocated = sel.allocated
+        stats.disk_size = amap.disk_size
+        stats.parent_snapshot_id = upload.parent_snapshot_id
         self._source_snapshot = upload.snapshot_id
-        ec2 = self.clients.get("ec2", rp.region)
+        self._snapshot_record = lineage.SnapshotRecord(
+            account=self.plan.account,
+            region=rp.region,
+            snapshot_id=upload.snapshot_id,
+            encrypted=rp.encrypted,
+            kms_key_arn=rp.kms_key_arn,
+            volume_gib=self.artifact.volume_gib,
+            upload_blocks=imp.upload_blocks,
+            blocks=len(upload.digests),
+            blocks_written=upload.blocks_written,
+            digests=ebs_direct.encode_digests(upload.digests),
+            parent_snapshot_id=upload.parent_snapshot_id,
+            uploaded=lineage.now(),
+        )
         regions.wait_snapshot(
             ec2,
             upload.snapshot_id,
@@ -412,7 +486,7 @@ class _Runner:
         # Tag at once: the tag is how a re-run finds this AMI (and some endpoints ignore
         # TagSpecifications on RegisterImage).
         regions.tag_resources(ec2, [image_id, snapshot_id], rp.tags)
-        for kind in ("ebs-direct", "import-snapshot"):
+        for kind in ("ebs-direct:used", "ebs-direct:all", "import-snapshot"):
             self._state_path(rp, kind)[0].unlink(missing_ok=True)
         return image_id
 
@@ -454,6 +528,7 @@ class _Runner:
             self.emit,
             sleep=self._sleep,
         )
+        self.result.upload.status = "done"
         self.result.upload.bytes_sent = outcome.bytes_uploaded
         self.result.upload.disk_size = self.artifact.virtual_size
         ec2 = self.clients.get("ec2", rp.region)
@@ -528,4 +603,6 @@ class _Runner:
                     "regions": recorded,
                 }
             )
+            if self._snapshot_record is not None:
+                aws[lineage.RECORD_KEY] = self._snapshot_record.to_json()
             update_manifest(self.artifact.build_dir, MANIFEST_KEY, {**previous, "aws": aws})

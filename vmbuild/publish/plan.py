@@ -22,7 +22,13 @@ from vmbuild.config.distribution import (
 from vmbuild.diskfs.lint import LintReport
 from vmbuild.errors import VmbuildError
 from vmbuild.publish.artifact import Artifact
-from vmbuild.publish.aws import Clients, credentials_hint, describe_error, error_code
+from vmbuild.publish.aws import (
+    Clients,
+    credentials_hint,
+    describe_error,
+    endpoint_hint,
+    error_code,
+)
 from vmbuild.publish.regions import ARTIFACT_TAG, DIGEST_TAG, find_by_name, find_image
 
 log = logging.getLogger("vmbuild.publish")
@@ -196,7 +202,13 @@ def preflight(plan: Plan, clients: Clients) -> Plan:
     cfg = plan.config
     source = plan.source.region
     try:
-        identity = clients.get("sts", source).get_caller_identity()
+        identity = clients.probe("sts", source).get_caller_identity()
+    except (
+        botocore.exceptions.EndpointConnectionError,
+        botocore.exceptions.ConnectTimeoutError,
+    ) as exc:
+        # Not a credentials problem: nothing answered at all.
+        raise VmbuildError(describe_error(exc), hint=endpoint_hint()) from None
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
         raise VmbuildError(
             f"AWS credentials: {describe_error(exc)}", hint=credentials_hint()

@@ -135,7 +135,7 @@ def delete_object(s3: Any, bucket: str, key: str) -> None:
     """Remove the temporary upload (best effort: a leftover costs storage, not correctness)."""
     try:
         s3.delete_object(Bucket=bucket, Key=key)
-    except botocore.exceptions.ClientError as exc:
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
         log.warning("could not delete s3://%s/%s: %s", bucket, key, describe_error(exc))
 
 
@@ -291,6 +291,11 @@ def run_import(
         except botocore.exceptions.ClientError as exc:
             delete_object(s3, req.bucket, req.key)
             raise VmbuildError(f"{req.method} in {req.region}: {describe_error(exc)}") from None
+        except BaseException:
+            # No task id to resume with (endpoint gone, Ctrl-C): a task that did start fails
+            # without its object, which is better than an object nobody will ever delete.
+            delete_object(s3, req.bucket, req.key)
+            raise
         _save_state(req, task_id)
     try:
         task = wait_for_task(ec2, req, task_id, on_progress, sleep)

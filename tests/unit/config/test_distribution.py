@@ -183,3 +183,35 @@ def test_cli_reads_its_own_file_a_wrapped_one_or_a_recipe(tmp_path: Path) -> Non
     broken.write_text("regions: [\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         read_config(broken)
+
+
+def test_a_recipe_without_distribution_says_so_in_one_line(tmp_path: Path) -> None:
+    from vmbuild.cli.distribute import read_config
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "name: web\nversion: 1.0.0\nbase: debian-12\ncomponents:\n  - name: update-linux\n"
+        "outputs: [qcow2]\nvm: {memory: 2G}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        read_config(recipe)
+    assert str(info.value) == f"{recipe}: has no distribution section (it looks like a recipe)"
+    assert "distribution:" in str(info.value.hint)
+    empty = tmp_path / "empty-section.yaml"
+    empty.write_text("name: web\ndistribution:\n")
+    with pytest.raises(ConfigError, match="distribution: the distribution section is empty"):
+        read_config(empty)
+    # A distribution file with a typo still gets the field-level message.
+    typo = tmp_path / "dist.yaml"
+    typo.write_text("regoins: [{region: us-east-1}]\n")
+    with pytest.raises(ConfigError, match="regoins: unknown field"):
+        read_config(typo)
+
+
+def test_upload_blocks_and_incremental_are_validated() -> None:
+    cfg = load_distribution({"regions": [{"region": "us-east-1"}]}, "d.yaml", "")
+    assert (cfg.import_.upload_blocks, cfg.import_.incremental) == ("used", True)
+    data = {"import": {"upload_blocks": "nonzero"}, "regions": [{"region": "us-east-1"}]}
+    assert error_of(data, "") == (
+        "recipe.yaml: import.upload_blocks: got 'nonzero'; expected 'used' or 'all'"
+    )
