@@ -1,23 +1,24 @@
-"""Benchmark distribution against the local AWS endpoint (moto + vmbuild's import extension).
+"""Benchmark EBS direct upload against the local AWS endpoint: blocks and bytes per mode.
 
-For a sparse multi-GiB disk it prints, as a table: bytes allocated versus bytes sent, the
-EBS-direct and import-snapshot methods end to end, and vmbuild's peak RSS while uploading.
-Each method runs in a child process so its peak RSS is its own (`ru_maxrss`).
+For a representative disk it prints what each mode sends: `upload_blocks: used` (every block
+the file systems use, zero or not, plus data outside them), `all` (every block), and an
+incremental upload of version 2 after version 1 where v2 differs by one component (files
+written into the file system offline, standing in for a component's install). Then vmbuild's
+peak RSS while uploading an 8 GiB disk. Each upload runs in a child process, so its peak RSS
+is its own (VmHWM).
 
-Endpoints use boto3's per-service variables: AWS_ENDPOINT_URL points at moto itself (S3, STS,
-...), AWS_ENDPOINT_URL_EC2 and AWS_ENDPOINT_URL_EBS at the test front server, which adds
-ImportSnapshot/ImportImage to moto and corrects moto's StartSnapshot BlockSize (so EBS-direct
-pays the front's Python proxying and S3 does not: the comparison leans against EBS-direct). The
-import task's own work (S3 read, conversion, snapshot) is simulated locally, so that column
-measures vmbuild plus a local stand-in for AWS, not AWS's import speed (often an hour).
+The disk: vmbuild's cached offline Debian 12 base (~/.cache/vmbuild/bases) when there is one,
+grown to --size-gib like a build's `disk_size` (partition and ext4 grown offline, as
+cloud-init's growpart does in the builder VM); else a synthetic ext4 disk with --data-mib of
+random data. Endpoints: AWS_ENDPOINT_URL at moto, EC2 and EBS through the test front server,
+which models ParentSnapshotId lineage and corrects moto's StartSnapshot BlockSize.
 
-Usage: python bench/bench_publish.py [--size-gib 4] [--data-mib 384]
+Usage: python bench/bench_publish.py [--size-gib 4] [--rss-size-gib 8] [--data-mib 384]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import resource
@@ -34,15 +35,15 @@ MIB = 1024 * 1024
 BLOCK = 512 * 1024
 
 
-def child(method: str, build_dir: Path, bucket: str) -> None:
+def child(build_dir: Path, upload_blocks: str) -> None:
     """Run one distribution in this process and print its numbers as JSON."""
     from vmbuild.config.distribution import load_distribution
     from vmbuild.publish.distributor import distribute
-    from vmbuild.publish.events import DistributionEvent
 
     config = load_distribution(
         {
-            "import": {"method": method, "s3_bucket": bucket},
+            "lint": False,
+            "import": {"upload_blocks": upload_blocks},
             "wait": {"poll_interval": 0.2},
             "regions": [{"region": "us-east-1"}],
         },
@@ -50,64 +51,28 @@ def child(method: str, build_dir: Path, bucket: str) -> None:
         "",
     )
     started = time.monotonic()
-    phases: dict[str, float] = {}
-    last = [""]
-
-    def record(event: DistributionEvent) -> None:
-        # A change of stage starts a new phase; conversions are told apart by what they make.
-        label = f"{event.stage} {event.message}" if event.stage == "convert" else event.stage
-        if label != last[0]:
-            last[0] = label
-            phases.setdefault(label, time.monotonic() - started)
-
-    result = distribute(build_dir, config, on_progress=record, allow_unsigned=True)
-    seconds = time.monotonic() - started
+    result = distribute(build_dir, config)
     if not result.ok:
         raise SystemExit(json.dumps(result.to_json(), default=str))
-    marks = [*sorted(phases.items(), key=lambda kv: kv[1]), ("end", seconds)]
-    marks.insert(0, ("preflight", 0.0))
-    durations = {a: round(t2 - t1, 1) for (a, t1), (_b, t2) in itertools.pairwise(marks)}
+    up = result.upload
     print(
         json.dumps(
             {
-                "method": method,
-                "seconds": seconds,
-                "upload_seconds": result.upload.seconds,
-                "bytes_sent": result.upload.bytes_sent,
-                "bytes_allocated": result.upload.bytes_allocated,
-                "blocks_sent": result.upload.blocks_sent,
-                "blocks_selected": result.upload.blocks_selected,
+                "seconds": round(time.monotonic() - started, 1),
+                "upload_seconds": up.seconds,
+                "blocks_total": up.blocks_total,
+                "blocks_selected": up.blocks_selected,
+                "blocks_sent": up.blocks_sent,
+                "blocks_unchanged": up.blocks_unchanged,
+                "blocks_free": up.blocks_free,
+                "bytes_sent": up.bytes_sent,
+                "parent": up.parent_snapshot_id,
+                "lineage": up.lineage,
                 # VmHWM, not ru_maxrss: the latter keeps the parent's high-water mark across exec.
-                "maxrss_mib": peak_rss_kib() / 1024,
-                "phases": durations,
-                "image": result.regions[0].image_id,
+                "maxrss_mib": round(peak_rss_kib() / 1024, 1),
             }
         )
     )
-
-
-def warm_up(url: str) -> None:
-    """moto imports each service's code on its first request: pay that before measuring."""
-    import boto3
-
-    def client(service: str) -> Any:
-        return boto3.client(
-            service,
-            region_name="us-east-1",
-            endpoint_url=url,
-            aws_access_key_id="x",
-            aws_secret_access_key="x",
-        )
-
-    client("sts").get_caller_identity()
-    client("ec2").describe_regions()
-    client("ec2").describe_images(Owners=["self"])
-    client("s3").list_buckets()
-    client("iam").list_roles()
-    client("kms").list_keys()
-    client("ssm").describe_parameters()
-    snap = client("ebs").start_snapshot(VolumeSize=1)
-    client("ebs").complete_snapshot(SnapshotId=snap["SnapshotId"], ChangedBlocksCount=0)
 
 
 def peak_rss_kib() -> int:
@@ -117,180 +82,190 @@ def peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def cached_base() -> Path | None:
+    bases = Path(os.environ.get("VMBUILD_CACHE_DIR", Path.home() / ".cache/vmbuild")) / "bases"
+    found = sorted(bases.glob("debian-12-*/disk.qcow2"))
+    return found[-1] if found else None
+
+
+def grown_disk(base: Path, work: Path, size_gib: int) -> Path:
+    """The base as a raw disk of `size_gib`, its first partition and ext4 grown to fill it."""
+    from vmbuild.run import run
+
+    raw = work / "disk.raw"
+    run(["qemu-img", "convert", "-O", "raw", base, raw])
+    run(["qemu-img", "resize", "-f", "raw", raw, f"{size_gib}G"])
+    run(["sfdisk", "-q", "-N", "1", "--no-reread", raw], input=b", +\n")
+    part = work / "part.raw"
+    # resize2fs cannot open `file?offset=`: grow a sparse copy of the partition, put it back.
+    run(["dd", f"if={raw}", f"of={part}", "bs=1M", "skip=1", "conv=sparse", "status=none"])
+    run(["e2fsck", "-fy", part], check=False)
+    run(["resize2fs", part])
+    run(["dd", f"if={part}", f"of={raw}", "bs=1M", "seek=1", "conv=sparse,notrunc", "status=none"])
+    part.unlink()
+    return raw
+
+
 def nonzero_blocks(raw: Path) -> int:
+    """Blocks with any non-zero byte: what the old zero-skipping upload sent."""
     zero = bytes(BLOCK)
     count = 0
-    with raw.open("rb") as fh:
-        while block := fh.read(BLOCK):
-            count += block.ljust(BLOCK, b"\0") != zero
+    fd = os.open(raw, os.O_RDONLY)
+    try:
+        from vmbuild.diskfs.partitions import block_indexes
+
+        size = os.fstat(fd).st_size
+        for index in block_indexes(fd, size):
+            count += os.pread(fd, BLOCK, index * BLOCK).ljust(BLOCK, b"\0") != zero
+    finally:
+        os.close(fd)
     return count
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gib", type=int, default=4)
+    parser.add_argument("--rss-size-gib", type=int, default=8)
     parser.add_argument("--data-mib", type=int, default=384)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--build-dir", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--bucket", default="vmbuild-bench", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.build_dir, args.bucket)
+        child(args.build_dir, args.child)
         return 0
 
-    import boto3
-
-    from tests.support.disks import make_artifact, make_disk, write_zero_region
+    from tests.support.disks import make_artifact, make_disk, write_guest_file
     from tests.support.motoext import aws_env, local_aws
+    from vmbuild.diskfs.allocation import BlockClass, allocation_map
     from vmbuild.run import run
 
     with tempfile.TemporaryDirectory(prefix="vmbuild-bench-") as tmp:
         work = Path(tmp)
         t0 = time.monotonic()
-        raw = make_disk(work / "disk", size_mib=args.size_gib * 1024, data_mib=args.data_mib)
+        base = cached_base()
+        if base is not None:
+            raw1 = grown_disk(base, work, args.size_gib)
+            source = (
+                f"vmbuild's offline Debian 12 base ({base.parent.name}) "
+                f"grown to {args.size_gib} GiB"
+            )
+        else:
+            raw1 = make_disk(
+                work / "synthetic", size_mib=args.size_gib * 1024, data_mib=args.data_mib
+            )
+            source = f"synthetic ext4 disk, {args.data_mib} MiB random data"
+        # Version 2: one component more (a 3 MiB program and its config, written offline).
+        raw2 = work / "v2.raw"
+        run(["cp", "--sparse=always", raw1, raw2])
+        write_guest_file(raw2, "/usr/local/bin/app", os.urandom(3 * MIB), work)
+        write_guest_file(raw2, "/etc/app.conf", b"listen 8080\n", work)
+        # The 8 GiB disk for the RSS figure: the same content, more (unpartitioned) space.
+        raw8 = work / "disk8.raw"
+        run(["cp", "--sparse=always", raw1, raw8])
+        run(["qemu-img", "resize", "-f", "raw", raw8, f"{args.rss_size_gib}G"])
         made = time.monotonic() - t0
-        artifacts = {
-            fmt: make_artifact(work / fmt, raw, formats=(fmt,), sign=False)
-            for fmt in ("qcow2", "raw")
+
+        amap = allocation_map(raw1)
+        counts = {
+            "blocks_total": amap.blocks_total,
+            "blocks_used_map": amap.count(BlockClass.USED),
+            "nonzero": nonzero_blocks(raw1),
         }
-        # Written zeros in the stored raw (after the partition; same content, same sha256):
-        # allocated on disk, so only the zero check can keep them from being sent.
-        write_zero_region(artifacts["raw"] / "disk.raw", args.size_gib * 1024 - 8, 8)
-        allocated = (artifacts["raw"] / "disk.raw").stat().st_blocks * 512
-        blocks = nonzero_blocks(raw)
-        rows: list[dict[str, Any]] = []
+        store = work / "images"
+        v1 = make_artifact(store, raw1, version="1.0.0", build="20261130T100000Z-000001")
+        v2 = make_artifact(store, raw2, version="1.1.0", build="20261130T110000Z-000002")
+        v1_all = make_artifact(work / "store-all", raw1, version="1.0.0")
+        v8 = make_artifact(work / "store-8g", raw8, version="1.0.0")
+        rows: dict[str, dict[str, Any]] = {}
         with local_aws(work) as (moto, front):
-
-            def client(service: str) -> Any:
-                return boto3.client(
-                    service,
-                    region_name="us-east-1",
-                    endpoint_url=moto.url,
-                    aws_access_key_id="x",
-                    aws_secret_access_key="x",
-                )
-
             env = {
                 **aws_env(moto.url),
                 "AWS_ENDPOINT_URL_EC2": front.url,
                 "AWS_ENDPOINT_URL_EBS": front.url,
                 "VMBUILD_CACHE_DIR": str(work / "cache"),
             }
-            warm_up(moto.url)
-            for method, fmt in (
-                ("ebs-direct", "qcow2"),
-                ("ebs-direct", "raw"),
-                ("import-snapshot", "qcow2"),
-            ):
-                moto.reset()  # each run starts from an empty account
-                client("s3").create_bucket(Bucket=args.bucket)
-                client("iam").create_role(RoleName="vmimport", AssumeRolePolicyDocument="{}")
+
+            def upload(name: str, build_dir: Path, mode: str, reset: bool) -> None:
+                if reset:
+                    moto.reset()  # an empty account (and moto's memory back)
+                    front.reset()
                 proc = run(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--child",
-                        method,
-                        "--build-dir",
-                        artifacts[fmt],
-                        "--bucket",
-                        args.bucket,
-                    ],
+                    [sys.executable, __file__, "--child", mode, "--build-dir", build_dir],
                     env=env,
-                    timeout=1800,
+                    timeout=3600,
                     cwd=ROOT,
                 )
                 line = [x for x in proc.stdout.splitlines() if x.startswith("{")][-1]
-                rows.append({**json.loads(line), "stored": fmt})
-    print_table(
-        args,
-        raw_size=args.size_gib * 1024 * MIB,
-        allocated=allocated,
-        blocks=blocks,
-        rows=rows,
-        made=made,
-    )
+                rows[name] = {**json.loads(line), "mode": mode}
+
+            upload("used", v1, "used", reset=True)
+            upload("incremental", v2, "used", reset=False)  # v1's snapshot is the parent
+            upload("all", v1_all, "all", reset=True)
+            upload("used-8g", v8, "used", reset=True)
+    print_table(args, source=source, made=made, counts=counts, rows=rows)
     return 0
-
-
-def phases(row: dict[str, Any]) -> str:
-    names = {
-        "verify": "sha256",
-        "s3-upload": "S3 upload",
-        "import": "import task (simulated)",
-        "share": "tag+share",
-        "done": "end",
-    }
-    return ", ".join(f"{names.get(k, k)} {v:.1f}s" for k, v in row["phases"].items())
 
 
 def print_table(
     args: argparse.Namespace,
     *,
-    raw_size: int,
-    allocated: int,
-    blocks: int,
-    rows: list[dict[str, Any]],
+    source: str,
     made: float,
+    counts: dict[str, int],
+    rows: dict[str, dict[str, Any]],
 ) -> None:
-    def mib(n: float) -> str:
-        return f"{n / MIB:,.1f} MiB"
+    def mib(blocks: int) -> str:
+        return f"{blocks * BLOCK / MIB:,.1f} MiB"
 
+    used = rows["used"]
     lines = [
+        ("disk", f"{args.size_gib} GiB", f"{source}; made in {made:.0f}s"),
+        ("blocks of the volume", str(counts["blocks_total"]), "512 KiB EBS blocks"),
         (
-            "disk (virtual)",
-            mib(raw_size),
-            f"sparse raw, {args.data_mib} MiB of random data in ext4, made in {made:.1f}s",
+            "non-zero blocks",
+            str(counts["nonzero"]),
+            f"{mib(counts['nonzero'])}: what the old zero-skipping upload sent",
         ),
         (
-            "allocated (st_blocks of disk.raw)",
-            mib(allocated),
-            "the stored raw, including 8 MiB of written (allocated) zeros",
-        ),
-        (
-            "non-zero data, in 512 KiB blocks",
-            mib(blocks * BLOCK),
-            f"{blocks} EBS blocks: the least any EBS upload can send",
+            "used blocks (allocation map)",
+            str(counts["blocks_used_map"]),
+            "ext4 bitmaps + MBR; zero or not",
         ),
     ]
-    for row in rows:
-        name = f"{row['method']} ({row['stored']})"
-        if row["method"] == "ebs-direct":
-            note = (
-                f"{row['blocks_sent']} PutSnapshotBlock ({row['blocks_selected']} blocks the "
-                f"file system uses or data outside it); sent/non-zero "
-                f"{row['bytes_sent'] / max(1, blocks * BLOCK):.3f}, sent/allocated "
-                f"{row['bytes_sent'] / max(1, allocated):.3f}"
-            )
-        else:
-            note = "the S3 object: VMDK streamOptimized converted from the stored qcow2"
-        lines.append((f"{name}: bytes sent", mib(row["bytes_sent"]), note))
-    for row in rows:
-        lines.append(
-            (
-                f"{row['method']} ({row['stored']}): end to end",
-                f"{row['seconds']:.1f} s",
-                phases(row),
-            )
+    for name, label in (
+        ("used", "upload_blocks: used"),
+        ("all", "upload_blocks: all"),
+        ("incremental", "incremental v2 (one component more)"),
+        ("used-8g", f"used, {args.rss_size_gib} GiB disk"),
+    ):
+        row = rows[name]
+        note = (
+            f"{mib(row['blocks_sent'])} sent; a full upload sends {row['blocks_selected']}; "
+            f"{row['blocks_free']} free-space blocks never read; {row['seconds']}s end to end, "
+            f"peak RSS {row['maxrss_mib']:.0f} MiB"
         )
-    for row in rows:
-        lines.append(
-            (
-                f"{row['method']} ({row['stored']}): peak RSS",
-                f"{row['maxrss_mib']:.0f} MiB",
-                "VmHWM of the vmbuild process; target < 200 MB",
-            )
+        if name == "incremental":
+            note += f"; {row['blocks_unchanged']} unchanged; {row['lineage']}"
+        lines.append((label, f"{row['blocks_sent']} blocks", note))
+    inc = rows["incremental"]
+    lines.append(
+        (
+            "incremental / full v2",
+            f"{inc['blocks_sent'] / max(1, inc['blocks_selected']):.3f}",
+            f"v1 full: {used['blocks_sent']} blocks",
         )
+    )
     width = max(len(a) for a, _, _ in lines)
     vwidth = max(len(b) for _, b, _ in lines)
     print(
-        f"\nvmbuild distribution benchmark ({os.cpu_count()} CPUs, local moto endpoint, "
+        f"\nvmbuild EBS direct benchmark ({os.cpu_count()} CPUs, local moto endpoint, "
         f"load average {os.getloadavg()[0]:.1f})"
     )
     print(f"{'metric'.ljust(width)}  {'value'.rjust(vwidth)}  note")
     print(f"{'-' * width}  {'-' * vwidth}  {'-' * 40}")
     for metric, value, note in lines:
         print(f"{metric.ljust(width)}  {value.rjust(vwidth)}  {note}")
+    print(json.dumps({"counts": counts, "rows": rows}, default=str))
 
 
 if __name__ == "__main__":

@@ -366,10 +366,35 @@ def test_preflight_reports_every_problem_before_upload(
     # The CLI: the dry run prints the plan and fails; the real run fails with the reasons.
     config_file = tmp_path / "dist.yaml"
     config_file.write_text(yaml.safe_dump(data))
-    assert main(["distribute", str(artifact), "--config", str(config_file), "--dry-run"]) == 1
+    assert (
+        main(
+            [
+                "distribute",
+                str(artifact),
+                "--store",
+                str(artifact.parents[2]),
+                "--config",
+                str(config_file),
+                "--dry-run",
+            ]
+        )
+        == 1
+    )
     out = capsys.readouterr()
     assert "[FAIL] bucket: s3://no-such-bucket does not exist" in out.out
-    assert main(["distribute", str(artifact), "--config", str(config_file)]) == 1
+    assert (
+        main(
+            [
+                "distribute",
+                str(artifact),
+                "--store",
+                str(artifact.parents[2]),
+                "--config",
+                str(config_file),
+            ]
+        )
+        == 1
+    )
     assert "preflight failed; nothing was uploaded" in capsys.readouterr().err
     assert not aws.requests.find("PutObject") and not aws.requests.find("ImportSnapshot")
 
@@ -445,7 +470,15 @@ def test_a_failed_region_is_reported_and_a_rerun_finishes_only_it(
             message="You are not authorized to perform this operation.",
         )
     )
-    argv = ["distribute", str(artifact), "--config", str(config_file), "--json"]
+    argv = [
+        "distribute",
+        str(artifact),
+        "--store",
+        str(artifact.parents[2]),
+        "--config",
+        str(config_file),
+        "--json",
+    ]
     assert main(argv) == 1
     first = json.loads(capsys.readouterr().out)
     status = {r["region"]: r["status"] for r in first["regions"]}

@@ -367,7 +367,19 @@ def test_an_unreachable_endpoint_is_named(
     monkeypatch.setenv("AWS_ENDPOINT_URL", url)
     dist = tmp_path / "dist.yaml"
     dist.write_text("regions: [{region: us-east-1}]\n")
-    assert main(["distribute", str(artifact), "--config", str(dist)]) != 0
+    assert (
+        main(
+            [
+                "distribute",
+                str(artifact),
+                "--store",
+                str(artifact.parents[2]),
+                "--config",
+                str(dist),
+            ]
+        )
+        != 0
+    )
     err = capsys.readouterr().err
     assert f"cannot reach AWS endpoint URL {url}" in err
     assert "credentials" not in err.lower()
