@@ -24,6 +24,7 @@ from typing import Any
 
 from vmbuild import __version__, runs
 from vmbuild.cache import aptproxy
+from vmbuild.config.distribution import DistributionConfig
 from vmbuild.config.recipe import LoadedRecipe, UrlBase
 from vmbuild.diskfs.scrub import Needle
 from vmbuild.errors import VmbuildError
@@ -248,8 +249,8 @@ def build(loaded: LoadedRecipe, opts: BuildOptions, progress: Reporter) -> Build
             _keep_failure(r, exc)
             raise
     assert r.final_dir is not None
-    if plan.distribute:
-        _distribute(r.final_dir, loaded, progress)
+    if plan.distribute and loaded.distribution is not None:
+        _distribute(r.final_dir, loaded.distribution, progress)
     return BuildResult(r.final_dir, store.load_manifest(r.final_dir))
 
 
@@ -306,12 +307,12 @@ def _save_failed_logs(logs: Path, dest: Path) -> None:
             shutil.copy(console, dest / console.name)
 
 
-def _distribute(build_dir: Path, loaded: LoadedRecipe, progress: Reporter) -> None:
+def _distribute(build_dir: Path, config: DistributionConfig, progress: Reporter) -> None:
     from vmbuild.publish import distribute
     from vmbuild.publish.events import to_reporter
 
     with progress.stage("distribute", "distribute to AWS"):
-        result = distribute(build_dir, loaded.distribution, on_progress=to_reporter(progress))
+        result = distribute(build_dir, config, on_progress=to_reporter(progress))
     if not result.ok:
         # The artifact is stored and tested; only distribution failed, and a
         # re-run of `vmbuild distribute` finishes just the missing regions.

@@ -21,7 +21,7 @@ from vmbuild.cache import aptproxy
 from vmbuild.config.recipe import LoadedRecipe, VMSettings
 from vmbuild.hypervisor.accel import Accel, AccelMode
 from vmbuild.hypervisor.guest import GuestRequest
-from vmbuild.stages import components, store
+from vmbuild.stages import store
 
 if TYPE_CHECKING:
     from vmbuild.config.pipeline import Infrastructure
@@ -102,17 +102,9 @@ class BuildPlan:
     def create(cls, loaded: LoadedRecipe, opts: BuildOptions) -> BuildPlan:
         recipe = loaded.recipe
         vm = vm_settings(recipe.vm, cpus=opts.cpus, memory=opts.memory)
-        documents = tuple(
-            components.load(
-                [
-                    (ref.name, path, dict(ref.parameters))
-                    for ref, path in zip(recipe.components, loaded.component_paths, strict=True)
-                ]
-            )
-        )
         return cls(
             loaded=loaded,
-            documents=documents,
+            documents=loaded.documents,
             store=opts.store,
             build_id=store.new_build_id(),
             started=datetime.now(UTC),

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vmbuild.config.cron import parse_cron
 from vmbuild.config.pipeline import load_pipeline
 from vmbuild.pipeline.export import oncalendar, systemd_units
-from vmbuild.pipeline.schedule import parse_cron
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(

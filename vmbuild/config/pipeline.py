@@ -40,14 +40,17 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from vmbuild.config.loader import load_model, load_yaml, parse_size
 from vmbuild.config.recipe import NAME, LoadedRecipe, load_recipe
 from vmbuild.errors import ConfigError, VmbuildError
-from vmbuild.pipeline.schedule import CronSchedule, check_timezone, parse_cron
+
+if TYPE_CHECKING:
+    from vmbuild.config.distribution import DistributionConfig
+from vmbuild.config.cron import CronSchedule, check_timezone, parse_cron
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([wdhms])")
 MAX_DURATION = 366 * 86400.0
@@ -164,7 +167,7 @@ class LoadedPipeline:
     display: str  # the name errors use: the path as the user gave it
     sha256: str
     recipe: LoadedRecipe
-    distribution: Any  # vmbuild.config.distribution.DistributionConfig | None
+    distribution: DistributionConfig | None
     schedule: CronSchedule | None
     store: Path | None  # the pipeline's own store, resolved; None: the CLI's default
 

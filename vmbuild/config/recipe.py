@@ -4,19 +4,24 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import hashlib
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, model_validator
 
 from vmbuild.config.loader import load_model, parse_size
 from vmbuild.errors import ConfigError
 from vmbuild.secrets import looks_secret
+
+if TYPE_CHECKING:
+    from vmbuild.config.distribution import DistributionConfig
+    from vmbuild.toe.model import Document
 
 OutputFormat = Literal["qcow2", "raw", "vmdk", "vhd"]
 SEMVER = re.compile(
@@ -177,9 +182,11 @@ class LoadedRecipe:
     display: str  # the name errors use: the path as the user gave it
     sha256: str
     component_paths: tuple[Path, ...]
+    # Parsed and validated once, with the recipe's parameters; the build runs these.
+    documents: tuple[Document, ...]
     test_paths: tuple[Path, ...]
     base_path: Path | None  # for a local-file base
-    distribution: Any  # vmbuild.config.distribution.DistributionConfig | None
+    distribution: DistributionConfig | None
 
     @property
     def dir(self) -> Path:
@@ -215,8 +222,8 @@ def load_recipe(path: Path, secrets: dict[str, str] | None = None) -> LoadedReci
 
     tests = [_check_test(display, i, test, base_dir) for i, test in enumerate(recipe.tests)]
 
-    components = tuple(
-        _check_component(display, i, ref, base_dir) for i, ref in enumerate(recipe.components)
+    documents = tuple(
+        _load_component(display, i, ref, base_dir) for i, ref in enumerate(recipe.components)
     )
 
     scan_data = recipe.scan.data if recipe.scan is not None else None
@@ -234,7 +241,8 @@ def load_recipe(path: Path, secrets: dict[str, str] | None = None) -> LoadedReci
         path=path.resolve(),
         display=display,
         sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
-        component_paths=components,
+        component_paths=tuple(doc.path for doc in documents),
+        documents=documents,
         test_paths=tuple(tests),
         base_path=base_path,
         distribution=distribution,
@@ -249,7 +257,7 @@ def _with_secrets(recipe: Recipe, secrets: dict[str, str], display: str, base_di
     for i, ref in enumerate(recipe.components):
         try:
             declared = toe.declared_parameters(toe.find_component(ref.name, base_dir))
-        except Exception as exc:  # reported with its field by _check_component
+        except Exception as exc:  # reported with its field by _load_component
             raise ConfigError(display, f"components[{i}].name", str(exc)) from None
         given = {k: v for k, v in secrets.items() if k in declared}
         clash = sorted(set(given) & set(ref.parameters))
@@ -339,8 +347,8 @@ def _is_builtin_base(name: str) -> bool:
     return name in BUILTIN_BASES
 
 
-def _check_component(display: str, index: int, ref: ComponentRef, base_dir: Path) -> Path:
-    """Resolve the component and validate its document with the given parameters."""
+def _load_component(display: str, index: int, ref: ComponentRef, base_dir: Path) -> Document:
+    """Resolve the component and load its document with the given parameters."""
     import vmbuild.toe as toe
 
     field = f"components[{index}]"
@@ -387,4 +395,5 @@ def _check_component(display: str, index: int, ref: ComponentRef, base_dir: Path
 
     check_phase_selection(doc, [p for p in ("build", "validate") if p in doc.phases])
     check_phase_selection(doc, ["test"])
-    return doc_path
+    # Errors above named the file; at run time the document goes by the recipe's name.
+    return dataclasses.replace(doc, display_name=ref.name)

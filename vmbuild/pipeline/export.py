@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from vmbuild import __version__
+from vmbuild.config.cron import CronSchedule
 from vmbuild.config.pipeline import LoadedPipeline
 from vmbuild.errors import VmbuildError
-from vmbuild.pipeline.schedule import CronSchedule
 
 MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
 CRON_DAYS = ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")

@@ -39,8 +39,8 @@ from vmbuild.debian import sources as aptsources
 from vmbuild.errors import VmbuildError
 from vmbuild.log import Progress, run_log
 from vmbuild.pipeline import deps, lifecycle
+from vmbuild.pipeline.clock import Clock, SystemClock
 from vmbuild.pipeline.history import History, RunRecord, Trigger
-from vmbuild.pipeline.schedule import Clock, SystemClock
 from vmbuild.plan import BuildOptions, pipeline_options, vm_settings
 from vmbuild.stages import base_image
 

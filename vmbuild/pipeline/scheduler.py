@@ -30,11 +30,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from vmbuild.config.cron import Due
 from vmbuild.config.pipeline import LoadedPipeline, load_pipeline, load_pipelines, pipeline_files
 from vmbuild.errors import VmbuildError
+from vmbuild.pipeline.clock import Clock, SystemClock
 from vmbuild.pipeline.history import History
 from vmbuild.pipeline.runner import PipelineLock
-from vmbuild.pipeline.schedule import Clock, Due, SystemClock
 
 log = logging.getLogger("vmbuild.pipeline.scheduler")
 

@@ -59,11 +59,6 @@ def keys(disk: StageKey, docs: Sequence[toe.Document], phases: Sequence[str]) ->
     return out
 
 
-def load(refs: Sequence[tuple[str, Path, dict[str, str]]]) -> list[toe.Document]:
-    """Load (already validated) documents with their parameters."""
-    return [toe.load_document(path, params, display_name=name) for name, path, params in refs]
-
-
 def apply(
     docs: Sequence[toe.Document],
     remote: Remote,

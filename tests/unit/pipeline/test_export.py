@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.pipeline import write_pipeline, write_recipe
+from vmbuild.config.cron import parse_cron
 from vmbuild.config.pipeline import load_pipeline
 from vmbuild.pipeline.export import (
     ExportError,
@@ -17,7 +18,6 @@ from vmbuild.pipeline.export import (
     systemd_quote,
     systemd_units,
 )  # fmt: skip
-from vmbuild.pipeline.schedule import parse_cron
 
 
 @pytest.mark.parametrize(

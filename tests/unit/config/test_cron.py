@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from vmbuild.pipeline.schedule import MISSED_LIMIT, check_timezone, parse_cron
+from vmbuild.config.cron import MISSED_LIMIT, check_timezone, parse_cron
 
 
 def utc(*args: int) -> datetime:

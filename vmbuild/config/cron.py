@@ -20,10 +20,8 @@ from __future__ import annotations
 import difflib
 import functools
 import re
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from croniter import CroniterBadDateError, CroniterError, croniter
@@ -39,22 +37,6 @@ FIELD_RANGES = ("0-59", "0-23", "1-31", "1-12 or JAN-DEC", "0-7 or SUN-SAT", "19
 _FIELD_CHARS = re.compile(r"^[0-9A-Za-z*?,/#\-]+$")
 # Enough to report "missed 1000+ runs"; iterating further only costs time.
 MISSED_LIMIT = 1000
-
-
-class Clock(Protocol):
-    """Time as the scheduler and the runner see it; tests inject a fake one."""
-
-    def now(self) -> datetime: ...
-
-    def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    def now(self) -> datetime:
-        return datetime.now(UTC)
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(max(0.0, seconds))
 
 
 def check_timezone(name: str) -> ZoneInfo:
