@@ -11,14 +11,17 @@ the recipe. Nothing else in vmbuild picks between these sources.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from vmbuild import paths, toe
 from vmbuild.cache import aptproxy
 from vmbuild.config.recipe import LoadedRecipe, VMSettings
+from vmbuild.config.settings import SETTINGS
 from vmbuild.hypervisor.accel import Accel, AccelMode
 from vmbuild.hypervisor.guest import GuestRequest
 from vmbuild.stages import store
@@ -26,37 +29,33 @@ from vmbuild.stages import store
 if TYPE_CHECKING:
     from vmbuild.config.pipeline import Infrastructure
 
-DEFAULT_BACKEND = "qemu"
 BUILDER_USER = "vmbuild-builder"
 TEST_USER = "vmbuild-test"
-
-T = TypeVar("T")
-
-
-def first(*values: T | None, default: T) -> T:
-    """The precedence rule: the first value given (CLI, pipeline, recipe), else the default."""
-    for value in values:
-        if value is not None:
-            return value
-    return default
 
 
 @dataclass(frozen=True)
 class BuildOptions:
     """The caller's settings on top of the recipe; None means "not given"."""
 
+    # Field names are the setting names of config/settings.py.
     store: Path
-    accel: AccelMode = "auto"
+    accelerator: AccelMode | None = None
     skip_tests: bool = False
     keep_on_failure: bool = False
     backend: str | None = None
     mirror: str | None = None
-    distribute: bool = True
-    libvirt_uri: str | None = None
-    libvirt_network: str | None = None
+    uri: str | None = None  # libvirt
+    network: str | None = None  # libvirt
     cpus: int | None = None
     memory: int | None = None  # bytes
     apt_proxy: str | None = None  # auto | off | http://127.0.0.1:PORT; None: env, else auto
+    distribute: bool = True
+    origin: str = "cli"  # which layer these options are: "cli" or "pipeline"
+
+    @property
+    def accel(self) -> AccelMode | None:
+        """The accelerator under its earlier name."""
+        return self.accelerator
 
 
 def pipeline_options(
@@ -64,10 +63,10 @@ def pipeline_options(
 ) -> BuildOptions:
     """A pipeline run's layer: its infrastructure (a pipeline run has no CLI flags)."""
     return BuildOptions(
-        store=store, accel=infra.accelerator, skip_tests=not tests_enabled,
-        keep_on_failure=infra.keep_vm_on_failure, backend=infra.backend, mirror=infra.mirror,
-        libvirt_uri=infra.uri, libvirt_network=infra.network, cpus=infra.cpus,
-        memory=infra.memory, distribute=distribute,
+        store=store, accelerator=infra.accelerator, skip_tests=not tests_enabled,
+        keep_on_failure=infra.keep_on_failure, backend=infra.backend, mirror=infra.mirror,
+        uri=infra.uri, network=infra.network, cpus=infra.cpus,
+        memory=infra.memory, distribute=distribute, origin="pipeline",
     )  # fmt: skip
 
 
@@ -97,29 +96,52 @@ class BuildPlan:
     keep_on_failure: bool
     distribute: bool
     apt_proxy: str  # auto | off | http://127.0.0.1:PORT (validated)
+    # Where each setting's value came from: cli | pipeline | recipe | environment | default.
+    sources: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def create(cls, loaded: LoadedRecipe, opts: BuildOptions) -> BuildPlan:
         recipe = loaded.recipe
-        vm = vm_settings(recipe.vm, cpus=opts.cpus, memory=opts.memory)
-        return cls(
+        in_recipe = recipe.vm.model_fields_set
+        sources: dict[str, str] = {}
+
+        def pick(name: str, given: Any, recipe_key: str | None = None) -> Any:
+            """The precedence rule, recording which layer won."""
+            if given is not None and given is not False:
+                sources[name] = opts.origin
+                return given
+            if recipe_key is not None and recipe_key in in_recipe:
+                sources[name] = "recipe"
+                return getattr(recipe.vm, recipe_key)
+            sources[name] = "default"
+            return SETTINGS[recipe_key or name].default
+
+        plan = cls(
             loaded=loaded,
             documents=loaded.documents,
             store=opts.store,
             build_id=store.new_build_id(),
             started=datetime.now(UTC),
-            backend=first(opts.backend, vm.backend, default=DEFAULT_BACKEND),
-            libvirt_uri=first(opts.libvirt_uri, vm.uri, default=None),
-            libvirt_network=first(opts.libvirt_network, vm.network, default=None),
-            accel_mode=opts.accel,
-            memory=vm.memory,
-            cpus=vm.cpus,
-            mirror=opts.mirror,
-            run_tests=not opts.skip_tests,
-            keep_on_failure=opts.keep_on_failure,
+            backend=pick("backend", opts.backend, "backend"),
+            libvirt_uri=pick("libvirt_uri", opts.uri, "uri"),
+            libvirt_network=pick("libvirt_network", opts.network, "network"),
+            accel_mode=pick("accelerator", opts.accelerator),
+            memory=pick("memory", opts.memory, "memory"),
+            cpus=pick("cpus", opts.cpus, "cpus"),
+            mirror=pick("mirror", opts.mirror),
+            run_tests=not pick("skip_tests", opts.skip_tests),
+            keep_on_failure=pick("keep_on_failure", opts.keep_on_failure),
             distribute=opts.distribute and loaded.distribution is not None,
             apt_proxy=_apt_proxy_setting(opts.apt_proxy),
+            sources=sources,
         )
+        sources["run_tests"] = sources.pop("skip_tests")
+        sources["apt_proxy"] = (
+            opts.origin if opts.apt_proxy
+            else "environment" if os.environ.get("VMBUILD_APT_PROXY") else "default"
+        )  # fmt: skip
+        sources["disk_size"] = "recipe" if "disk_size" in recipe.model_fields_set else "default"
+        return plan
 
     @property
     def run_id(self) -> str:

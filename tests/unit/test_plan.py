@@ -7,13 +7,7 @@ from pathlib import Path
 from tests.support.pipeline import write_pipeline, write_recipe
 from vmbuild.config.pipeline import load_pipeline
 from vmbuild.config.recipe import load_recipe
-from vmbuild.plan import BuildOptions, BuildPlan, first, pipeline_options
-
-
-def test_first_given_wins_else_default() -> None:
-    assert first(None, "pipeline", "recipe", default="qemu") == "pipeline"
-    assert first(None, None, default="qemu") == "qemu"
-    assert first(0, 5, default=9) == 0  # a falsy value given is still given
+from vmbuild.plan import BuildOptions, BuildPlan, pipeline_options
 
 
 def test_defaults_when_nothing_is_given(tmp_path: Path) -> None:
@@ -23,6 +17,7 @@ def test_defaults_when_nothing_is_given(tmp_path: Path) -> None:
     assert (plan.cpus, plan.memory, plan.accel_mode) == (2, 2 << 30, "auto")
     assert (plan.run_tests, plan.keep_on_failure, plan.distribute) == (True, False, False)
     assert plan.documents == () and plan.run_id == plan.build_id.rsplit("-", 1)[1]
+    assert set(plan.sources.values()) == {"default"}
 
 
 def test_recipe_values_apply_when_the_caller_gives_none(tmp_path: Path) -> None:
@@ -34,6 +29,7 @@ def test_recipe_values_apply_when_the_caller_gives_none(tmp_path: Path) -> None:
         "libvirt", "qemu:///session", "default",
     )  # fmt: skip
     assert (plan.cpus, plan.memory) == (3, 1 << 30)
+    assert plan.sources["cpus"] == "recipe" and plan.sources["accelerator"] == "default"
 
 
 def test_cli_beats_recipe(tmp_path: Path) -> None:
@@ -41,6 +37,9 @@ def test_cli_beats_recipe(tmp_path: Path) -> None:
     opts = BuildOptions(store=tmp_path, backend="qemu", cpus=1, memory=512 << 20, skip_tests=True)
     plan = BuildPlan.create(loaded, opts)
     assert (plan.backend, plan.cpus, plan.memory, plan.run_tests) == ("qemu", 1, 512 << 20, False)
+    assert [plan.sources[k] for k in ("backend", "cpus", "run_tests", "libvirt_uri")] == [
+        "cli", "cli", "cli", "default",
+    ]  # fmt: skip
 
 
 def test_pipeline_infrastructure_beats_recipe(tmp_path: Path) -> None:
@@ -54,3 +53,6 @@ def test_pipeline_infrastructure_beats_recipe(tmp_path: Path) -> None:
     plan = BuildPlan.create(p.recipe, opts)
     assert (plan.cpus, plan.memory, plan.accel_mode) == (1, 1 << 30, "tcg")
     assert (plan.backend, plan.libvirt_network, plan.run_tests) == ("libvirt", "lan", False)
+    assert [plan.sources[k] for k in ("cpus", "memory", "libvirt_network", "accelerator")] == [
+        "pipeline", "recipe", "recipe", "pipeline",
+    ]  # fmt: skip

@@ -11,6 +11,7 @@ from rich.text import Text
 
 from vmbuild import console, paths
 from vmbuild.cli.common import SubParsers, json_flag, store_flag, verb
+from vmbuild.config import settings
 
 if TYPE_CHECKING:
     from vmbuild.plan import BuildOptions
@@ -24,24 +25,9 @@ def add_parser(sub: SubParsers) -> None:
 
 
 def add_plan_flags(p: argparse.ArgumentParser) -> None:
-    """The flags that shape a build's plan (shared with `vmbuild inspect`)."""
-    p.add_argument("--skip-tests", action="store_true", help="do not boot the test VM")
-    p.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="default: auto")
-    p.add_argument(
-        "--backend", choices=["qemu", "libvirt"], help="default: the recipe's vm.backend, or qemu"
-    )
-    p.add_argument("--libvirt-uri", help="default: qemu:///system as root, else qemu:///session")
-    p.add_argument("--libvirt-network", help="attach to this libvirt network (address from DHCP)")
-    p.add_argument(
-        "--keep-on-failure", action="store_true", help="leave the failed VM running for SSH"
-    )
-    p.add_argument("--mirror", help="Debian mirror for a debian-12 base (default: the host's)")
-    p.add_argument(
-        "--apt-proxy",
-        metavar="auto|off|URL",
-        help="host package cache for the guests: auto (default; $VMBUILD_APT_PROXY) starts "
-        "apt-cacher-ng, off goes direct, http://127.0.0.1:PORT names a running one",
-    )
+    """The flags that shape a build's plan (shared with `vmbuild inspect`): every
+    setting config/settings.py allows on the command line, and --store."""
+    settings.add_flags(p)
     p.add_argument(
         "--secret", action="append", metavar="NAME=@FILE|NAME=env:VAR",
         help="a secret component parameter, read from a file or an environment variable "
@@ -53,17 +39,7 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
 def plan_options(args: argparse.Namespace) -> BuildOptions:
     from vmbuild.plan import BuildOptions
 
-    return BuildOptions(
-        store=paths.store_dir(args.store),
-        accel=args.accel or "auto",
-        skip_tests=args.skip_tests,
-        keep_on_failure=args.keep_on_failure,
-        backend=args.backend,
-        mirror=args.mirror,
-        libvirt_uri=args.libvirt_uri,
-        libvirt_network=args.libvirt_network,
-        apt_proxy=args.apt_proxy,
-    )
+    return BuildOptions(store=paths.store_dir(args.store), **settings.cli_values(args))
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from vmbuild.config import settings
 from vmbuild.errors import VmbuildError
 from vmbuild.remote.base import Remote
 from vmbuild.toe.actions import S3Config
@@ -63,7 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     target.add_argument("--host", help="ssh://user@host[:port] (commands run through sudo)")
     target.add_argument("--base", help="boot a throwaway VM from this base (debian-12 or a file)")
     run.add_argument("--identity", type=Path, help="SSH private key for --host")
-    run.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
+    settings.add_flag(run, "accelerator", default="auto")
     run.add_argument("--output", type=Path, help="write the detailed output (JSON) to this file")
     run.add_argument(
         "--working-directory",
@@ -150,7 +151,7 @@ def _remote(args: argparse.Namespace) -> Iterator[Remote]:
     if args.base:
         from vmbuild.stages.builder import scratch_vm  # boots QEMU: only when asked
 
-        with scratch_vm(args.base, base_dir=Path.cwd(), accel=args.accel) as session:
+        with scratch_vm(args.base, base_dir=Path.cwd(), accel=args.accelerator) as session:
             yield session
         return
     if args.identity is None:

@@ -9,12 +9,13 @@ from typing import Any
 
 from vmbuild import __version__, paths
 from vmbuild.cli.common import SubParsers, json_flag, out, verb
+from vmbuild.config import settings
 from vmbuild.errors import VmbuildError
 
 
 def add_parser(sub: SubParsers) -> None:
     d = verb(sub, "doctor", cmd_doctor, "check the host: QEMU, accelerator, disk, cache")
-    d.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
+    settings.add_flag(d, "accelerator", default="auto")
     d.add_argument("--libvirt-uri", help="the libvirt URI to check")
     json_flag(d)
 
@@ -63,7 +64,7 @@ def doctor_report(accel_mode: str = "auto", libvirt_uri: str | None = None) -> d
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    report = doctor_report(args.accel, args.libvirt_uri)
+    report = doctor_report(args.accelerator, args.libvirt_uri)
 
     def human() -> None:
         for tool in DOCTOR_TOOLS:

@@ -18,7 +18,7 @@ from vmbuild.cli.build import add_plan_flags, plan_options
 from vmbuild.cli.common import SubParsers, json_flag, out, verb
 
 if TYPE_CHECKING:
-    from vmbuild.plan import BuildOptions, BuildPlan
+    from vmbuild.plan import BuildPlan
 
 
 def add_parser(sub: SubParsers) -> None:
@@ -28,22 +28,12 @@ def add_parser(sub: SubParsers) -> None:
     json_flag(p)
 
 
-def _source(cli: object, recipe_fields: set[str], field: str) -> str:
-    if cli is not None:
-        return "cli"
-    return "recipe" if field in recipe_fields else "default"
-
-
-def describe(
-    plan: BuildPlan, opts: BuildOptions, *, accel_source: str, store_source: str
-) -> dict[str, Any]:
+def describe(plan: BuildPlan, *, store_source: str) -> dict[str, Any]:
     """The plan as JSON-able data (what `inspect --json` prints)."""
     from vmbuild.config.recipe import UrlBase
     from vmbuild.stages import base_image
 
     loaded, recipe = plan.loaded, plan.loaded.recipe
-    vm_set = set(recipe.vm.model_fields_set)
-    top_set = set(recipe.model_fields_set)
     spec = recipe.base
     cached = base_image.cached_for_recipe(spec, loaded.base_path, mirror=plan.mirror)
     base: dict[str, Any] = {
@@ -56,29 +46,25 @@ def describe(
         "format": cached.format if cached else None,
     }
 
-    def setting(value: object, cli: object, where: set[str], field: str) -> dict[str, Any]:
-        return {"value": value, "source": _source(cli, where, field)}
+    src = plan.sources  # precedence is decided once, in BuildPlan.create
+
+    def setting(name: str, value: object) -> dict[str, Any]:
+        return {"value": value, "source": src[name]}
 
     settings = {
-        "backend": setting(plan.backend, opts.backend, vm_set, "backend"),
-        "libvirt_uri": setting(plan.libvirt_uri, opts.libvirt_uri, vm_set, "uri"),
-        "libvirt_network": setting(plan.libvirt_network, opts.libvirt_network, vm_set, "network"),
-        "accelerator": {"value": plan.accel_mode, "source": accel_source},
-        "memory": setting(plan.memory, opts.memory, vm_set, "memory"),
-        "cpus": setting(plan.cpus, opts.cpus, vm_set, "cpus"),
-        "disk_size": setting(recipe.disk_size, None, top_set, "disk_size"),
-        "mirror": {"value": plan.mirror, "source": "cli" if plan.mirror else "default"},
-        "apt_proxy": {
-            "value": plan.apt_proxy,
-            "source": "cli" if opts.apt_proxy else
-            "environment" if os.environ.get("VMBUILD_APT_PROXY") else "default",
-        },
-        "run_tests": {"value": plan.run_tests, "source": "cli" if opts.skip_tests else "default"},
-        "keep_on_failure": {
-            "value": plan.keep_on_failure, "source": "cli" if opts.keep_on_failure else "default",
-        },
+        "backend": setting("backend", plan.backend),
+        "libvirt_uri": setting("libvirt_uri", plan.libvirt_uri),
+        "libvirt_network": setting("libvirt_network", plan.libvirt_network),
+        "accelerator": setting("accelerator", plan.accel_mode),
+        "memory": setting("memory", plan.memory),
+        "cpus": setting("cpus", plan.cpus),
+        "disk_size": setting("disk_size", recipe.disk_size),
+        "mirror": setting("mirror", plan.mirror),
+        "apt_proxy": setting("apt_proxy", plan.apt_proxy),
+        "run_tests": setting("run_tests", plan.run_tests),
+        "keep_on_failure": setting("keep_on_failure", plan.keep_on_failure),
         "store": {"value": str(plan.store), "source": store_source},
-    }  # fmt: skip
+    }
     components = [
         {
             "name": ref.name,
@@ -134,10 +120,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     store_source = (
         "cli" if args.store else "environment" if "VMBUILD_STORE" in os.environ else "default"
     )
-    data = describe(
-        BuildPlan.create(loaded, opts), opts,
-        accel_source="cli" if args.accel else "default", store_source=store_source,
-    )  # fmt: skip
+    data = describe(BuildPlan.create(loaded, opts), store_source=store_source)
 
     def human() -> None:
         r, b = data["recipe"], data["base"]

@@ -12,7 +12,7 @@ infrastructure:
   memory: 2G                      # default: the recipe's vm.memory
   accelerator: auto               # auto | kvm | tcg
   timeout: 3h                     # the whole run; the build is cancelled cleanly after it
-  keep_vm_on_failure: false       # a failed VM stays up; the log says how to SSH into it
+  keep_on_failure: false          # a failed VM stays up; the log says how to SSH into it
   mirror: http://deb.debian.org/debian   # for a debian-12 base (default: the host's)
   refresh_base: true              # rebuild a debian-12 base the mirror has moved past
 tests:
@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from vmbuild.config.loader import load_model, load_yaml, parse_size
-from vmbuild.config.recipe import NAME, LoadedRecipe, load_recipe
+from vmbuild.config.recipe import NAME, LoadedRecipe, Memory, load_recipe
+from vmbuild.config.settings import field as setting
 from vmbuild.errors import ConfigError, VmbuildError
 
 if TYPE_CHECKING:
@@ -92,16 +93,19 @@ class _Model(BaseModel):
 
 
 class Infrastructure(_Model):
-    backend: Literal["qemu", "libvirt"] | None = None  # None: the recipe's, else qemu
-    uri: str | None = None  # libvirt URI
-    network: str | None = None  # libvirt network
-    cpus: int | None = Field(default=None, ge=1, le=64)
-    memory: Size | None = None
-    accelerator: Literal["auto", "kvm", "tcg"] = "auto"
-    timeout: Duration = Field(default=3 * 3600.0, description="the whole run, build included")
-    keep_vm_on_failure: bool = False
-    mirror: str | None = Field(default=None, pattern=r"^(https?|file)://")
-    refresh_base: bool = True
+    """The pipeline's `infrastructure:`: defaults, help and bounds come from
+    config/settings.py; None means "the recipe's"."""
+
+    backend: Literal["qemu", "libvirt"] | None = setting("backend", "pipeline")
+    uri: str | None = setting("uri", "pipeline")
+    network: str | None = setting("network", "pipeline")
+    cpus: int | None = setting("cpus", "pipeline")
+    memory: Memory | None = setting("memory", "pipeline")
+    accelerator: Literal["auto", "kvm", "tcg"] = setting("accelerator", "pipeline")
+    timeout: Duration = setting("timeout", "pipeline")
+    keep_on_failure: bool = setting("keep_on_failure", "pipeline")  # was keep_vm_on_failure
+    mirror: str | None = setting("mirror", "pipeline")
+    refresh_base: bool = setting("refresh_base", "pipeline")
 
 
 class Tests(_Model):

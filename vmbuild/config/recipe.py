@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, model_validator
 
 from vmbuild.config.loader import load_model, parse_size
+from vmbuild.config.settings import field as setting
+from vmbuild.config.settings import parse_memory
 from vmbuild.errors import ConfigError
 from vmbuild.secrets import looks_secret
 
@@ -32,8 +34,6 @@ NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 DEFAULT_DISK = 4 << 30
 MIN_DISK = 1 << 30
 MAX_DISK = 16 << 40
-MIN_MEMORY = 256 << 20
-MAX_MEMORY = 1 << 40
 MAX_TEST_FILE = 4 << 20
 
 
@@ -46,17 +46,8 @@ def _disk_size(value: object) -> int:
     return size
 
 
-def _memory(value: object) -> int:
-    """Guest memory in bytes. A bare number means MiB (as Packer and EC2 read it):
-    `memory: 2048` is 2 GiB, never 2048 bytes."""
-    size = parse_size(value, bare_unit=1 << 20, maximum=MAX_MEMORY)
-    if size < MIN_MEMORY:
-        raise ValueError(f"{value!r} is less than 256 MiB (a bare number means MiB)")
-    return size
-
-
 Size = Annotated[int, BeforeValidator(_disk_size)]
-Memory = Annotated[int, BeforeValidator(_memory)]
+Memory = Annotated[int, BeforeValidator(parse_memory)]
 log = logging.getLogger("vmbuild.recipe")
 
 
@@ -117,19 +108,13 @@ class UrlBase(_Model):
 
 
 class VMSettings(_Model):
-    memory: Memory = Field(
-        default=2 << 30, description="guest memory, e.g. 2G; a bare number means MiB (2048)"
-    )
-    cpus: StrictInt = Field(default=2, ge=1, le=64)
-    backend: Literal["qemu", "libvirt"] | None = Field(
-        default=None, description="qemu (direct, the default) or libvirt"
-    )
-    uri: str | None = Field(
-        default=None, description="libvirt URI (default qemu:///system as root, else session)"
-    )
-    network: str | None = Field(
-        default=None, description="a libvirt network to attach instead of user networking"
-    )
+    """The recipe's `vm:`: defaults, help and bounds come from config/settings.py."""
+
+    memory: Memory = setting("memory", "recipe")
+    cpus: StrictInt = setting("cpus", "recipe")
+    backend: Literal["qemu", "libvirt"] = setting("backend", "recipe")
+    uri: str | None = setting("uri", "recipe")
+    network: str | None = setting("network", "recipe")
 
 
 class ScanSettings(_Model):
