@@ -22,6 +22,7 @@ class ConfigError(VmbuildError):
     def __init__(self, file: str, field: str | None, message: str, *, hint: str | None = None):
         self.file = file
         self.field = field
+        self.message = message
         where = f"{file}: {field}" if field else file
         super().__init__(f"{where}: {message}", hint=hint)
 

@@ -8,11 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vmbuild import paths
 from vmbuild.config.distribution import DistributionConfig, load_distribution
-from vmbuild.errors import ConfigError, VmbuildError
+from vmbuild.config.loader import load_yaml
 from vmbuild.publish.events import DistributionEvent
 
 
@@ -77,12 +75,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def read_config(path: Path) -> DistributionConfig:
     """Load a distribution file: top-level keys, `distribution:`, or a whole recipe."""
-    try:
-        data: Any = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise VmbuildError(f"{path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(str(path), None, f"invalid YAML: {exc}") from None
+    data: Any = load_yaml(path)  # the loader (and errors) every file kind shares
     if isinstance(data, dict) and "distribution" in data and "regions" not in data:
         if data["distribution"] is None:
             raise ConfigError(str(path), "distribution", "the distribution section is empty")

@@ -24,7 +24,6 @@ regions:
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -40,6 +39,7 @@ from pydantic import (
     model_validator,
 )
 
+from vmbuild.config.loader import FieldError, config_error
 from vmbuild.errors import ConfigError
 
 TEMPLATE_VARIABLES = ("name", "version", "build", "build_date")
@@ -188,15 +188,15 @@ class RegionDistribution(_Model):
         if self.kms_key_id:
             match = _KMS_ARN.match(self.kms_key_id)
             if match and match["region"] != self.region:
-                raise _FieldError(
+                raise FieldError(
                     "kms_key_id",
                     f"key is in {match['region']} but the AMI goes to {self.region}; "
                     "KMS keys are regional: use a key of that region",
                 )
             if self.encrypted is False:
-                raise _FieldError("encrypted", "false contradicts kms_key_id")
+                raise FieldError("encrypted", "false contradicts kms_key_id")
         if self.is_encrypted and "all" in self.launch_permission.user_groups:
-            raise _FieldError(
+            raise FieldError(
                 "launch_permission.user_groups",
                 "AWS cannot make an encrypted AMI public; drop `all` or encryption",
             )
@@ -247,7 +247,7 @@ class ImportSettings(_Model):
     @model_validator(mode="after")
     def _bucket_needed(self) -> ImportSettings:
         if self.method != "ebs-direct" and not self.s3_bucket:
-            raise _FieldError("s3_bucket", f"required by method {self.method} (the upload target)")
+            raise FieldError("s3_bucket", f"required by method {self.method} (the upload target)")
         return self
 
 
@@ -273,7 +273,7 @@ class DistributionConfig(_Model):
         seen: set[str] = set()
         for index, entry in enumerate(self.regions):
             if entry.region in seen:
-                raise _FieldError(f"regions[{index}].region", f"{entry.region} is listed twice")
+                raise FieldError(f"regions[{index}].region", f"{entry.region} is listed twice")
             seen.add(entry.region)
         return self
 
@@ -281,15 +281,6 @@ class DistributionConfig(_Model):
     def source(self) -> RegionDistribution:
         """The region the image is uploaded to; the others copy from it."""
         return self.regions[0]
-
-
-class _FieldError(ValueError):
-    """A model-level check that knows which field is wrong (pydantic only knows the model)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
 
 
 def check_template(template: str) -> None:
@@ -330,49 +321,15 @@ def load_distribution(
     try:
         return DistributionConfig.model_validate(data)
     except ValidationError as exc:
-        problems = [_describe(err, field_prefix) for err in exc.errors()]
-        field, message = problems[0]
-        if len(problems) > 1:
-            message += "".join(f"\n{file}: {f}: {m}" for f, m in problems[1:])
-        raise ConfigError(file, field, message) from None
+        raise config_error(
+            exc, file, field_prefix, model=DistributionConfig, rewrite=_wording
+        ) from None
 
 
-def _describe(error: Any, prefix: str) -> tuple[str, str]:
-    loc = list(error["loc"])
-    ctx_error = (error.get("ctx") or {}).get("error")
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if isinstance(ctx_error, _FieldError):
-        loc += ctx_error.field.replace("]", "").replace("[", ".").split(".")
-        message = ctx_error.message
-    elif error["type"] == "extra_forbidden":
-        message = "unknown field" + _suggest(str(loc[-1]))
-    elif error["type"] == "missing":
-        message = "required field is missing"
-    elif error["type"] == "too_short" and loc == ["regions"]:
-        message = "at least one region is required"
-    elif error["type"] == "literal_error":
-        message = f"got {error['input']!r}; expected {error['ctx']['expected']}"
-    field = prefix
-    for part in loc:
-        if isinstance(part, int) or (isinstance(part, str) and part.isdigit()):
-            field += f"[{part}]"
-        else:
-            field += f".{part}" if field else str(part)
-    return field, message
-
-
-def _suggest(name: str) -> str:
-    fields: set[str] = set()
-    for model in (
-        DistributionConfig,
-        RegionDistribution,
-        ImageSettings,
-        ImportSettings,
-        WaitSettings,
-        LaunchPermission,
-        SsmParameter,
-    ):
-        for field_name, info in model.model_fields.items():
-            fields.add(info.alias or field_name)
-    close = difflib.get_close_matches(name, sorted(fields), n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
+def _wording(error: Any, loc: list[int | str]) -> str | None:
+    """Distribution's own wording: the accepted values, and what a region list needs."""
+    if error["type"] == "too_short" and loc == ["regions"]:
+        return "at least one region is required"
+    if error["type"] == "literal_error":
+        return f"got {error['input']!r}; expected {error['ctx']['expected']}"
+    return None

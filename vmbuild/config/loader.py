@@ -1,57 +1,48 @@
-"""YAML loading and pydantic error mapping shared by every config file kind."""
+"""Loading config files into typed models, and the one mapper of validation errors.
+
+Every file kind (recipe, pipeline, distribution; component documents through
+vmbuild.yamlio) is parsed by the same YAML loader, and every pydantic error
+becomes `file: field.path[2]: message`, every problem listed (osbuild style).
+"""
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from vmbuild.errors import ConfigError
+from vmbuild.yamlio import load_file
 
 
 def load_yaml(path: Path, display: str | None = None) -> Any:
     """Parse a YAML file; errors name the file and the line."""
-    name = display or str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(name, None, "file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(name, None, f"cannot read: {exc}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None
-        raise ConfigError(name, where, f"invalid YAML: {problem}") from None
+    return load_file(path, display)[0]
+
+
+class FieldError(ValueError):
+    """Raised by a model-level validator about one field: the error names that field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
 
 
 def field_path(loc: Sequence[int | str], prefix: str = "") -> str:
     """('components', 1, 'parameters') -> 'components[1].parameters'."""
     out = prefix
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) or part.isdigit():
             out += f"[{part}]"
         else:
             out += f".{part}" if out else str(part)
     return out
-
-
-def _message(err: Any) -> str:
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        return "unknown field"
-    if kind == "missing":
-        return "required field is missing"
-    msg = str(err["msg"])
-    # pydantic prefixes errors raised by our validators with "Value error, ".
-    return msg.removeprefix("Value error, ")
 
 
 # "this member of a union had the wrong type" errors: noise when another member
@@ -63,6 +54,9 @@ _TYPE_MISMATCH = {
 # Field names are snake_case; pydantic tags union members with their type name.
 _UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z][A-Za-z]*)$")
 
+# A file kind's own wording for an error (None: the common wording).
+Rewrite = Callable[[Any, list[int | str]], str | None]
+
 
 def _clean_loc(loc: Sequence[int | str]) -> list[int | str]:
     return [
@@ -71,23 +65,68 @@ def _clean_loc(loc: Sequence[int | str]) -> list[int | str]:
     ]  # fmt: skip
 
 
-def config_error(exc: ValidationError, file: str, prefix: str = "") -> ConfigError:
-    """The first validation error as a ConfigError (a count of the others follows)."""
+def _field_names(model: type[BaseModel]) -> Iterator[str]:
+    """Every field name (and alias) in `model` and the models nested in it."""
+    seen: set[type[BaseModel]] = set()
+    todo = [model]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for name, info in current.model_fields.items():
+            yield info.alias or name
+            stack = [info.annotation]
+            while stack:
+                tp = stack.pop()
+                if isinstance(tp, type) and issubclass(tp, BaseModel):
+                    todo.append(tp)
+                stack.extend(get_args(tp))
+
+
+def _describe(
+    error: Any, prefix: str, model: type[BaseModel] | None, rewrite: Rewrite | None
+) -> tuple[str, str]:
+    loc = _clean_loc(error["loc"])
+    ctx_error = (error.get("ctx") or {}).get("error")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if isinstance(ctx_error, FieldError):
+        loc += ctx_error.field.replace("]", "").replace("[", ".").split(".")
+        message = ctx_error.message
+    elif (own := rewrite(error, loc) if rewrite else None) is not None:
+        message = own
+    elif error["type"] == "extra_forbidden":
+        known = sorted(set(_field_names(model))) if model is not None else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        message = "unknown field" + (f" (did you mean {close[0]}?)" if close else "")
+    elif error["type"] == "missing":
+        message = "required field is missing"
+    elif not loc and not prefix:
+        # A model-level check that names its own field: "version: not semver".
+        field, _, rest = message.partition(": ")
+        if rest and " " not in field:
+            loc, message = [field], rest
+    return field_path(loc, prefix), message
+
+
+def config_error(
+    exc: ValidationError,
+    file: str,
+    prefix: str = "",
+    *,
+    model: type[BaseModel] | None = None,
+    rewrite: Rewrite | None = None,
+) -> ConfigError:
+    """Every validation problem, the first as the error's field and message and the
+    others on lines of their own: `file: field: message`."""
     errors = list(exc.errors())
     meaningful = [e for e in errors if e["type"] not in _TYPE_MISMATCH]
     if meaningful and len(meaningful) < len(errors):
         errors = meaningful
-    first = errors[0]
-    loc = _clean_loc(first["loc"])
-    message = _message(first)
-    if not loc and prefix == "":
-        # A model-level check names its own field: "version: not semver".
-        field, _, rest = message.partition(": ")
-        if rest and " " not in field:
-            loc, message = [field], rest
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
-    return ConfigError(file, field_path(loc, prefix) or None, message)
+    problems = [_describe(e, prefix, model, rewrite) for e in errors]
+    field, message = problems[0]
+    message += "".join(f"\n{file}: {f}: {m}" if f else f"\n{file}: {m}" for f, m in problems[1:])
+    return ConfigError(file, field or None, message)
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -102,7 +141,7 @@ def load_model(path: Path, model: type[M], expected: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise config_error(exc, display) from None
+        raise config_error(exc, display, model=model) from None
 
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

@@ -22,7 +22,7 @@ from typing import Any
 
 from vmbuild.remote.base import RemoteResult
 from vmbuild.toe.expressions import has_references
-from vmbuild.toe.yamlio import scalar_text
+from vmbuild.yamlio import scalar_text
 
 STRING_BINARY = {
     "stringEquals",

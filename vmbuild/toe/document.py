@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vmbuild.errors import ConfigError
 from vmbuild.toe.actions import ACTIONS
 from vmbuild.toe.actions.base import Shape, typed_items
@@ -51,7 +49,7 @@ from vmbuild.toe.model import (
 )
 from vmbuild.toe.windows import MESSAGE as WINDOWS_MESSAGE
 from vmbuild.toe.windows import windows_evidence
-from vmbuild.toe.yamlio import DuplicateKeyError, load_yaml, scalar_text
+from vmbuild.yamlio import parse_bytes, scalar_text
 
 log = logging.getLogger("vmbuild.toe")
 
@@ -209,17 +207,9 @@ class _Parser:
             self.add(None, f"cannot read the document: {exc.strerror or exc}")
             return None
         try:
-            raw = load_yaml(data.decode("utf-8"))
-        except UnicodeDecodeError:
-            self.add(None, "not UTF-8 text")
-            return None
-        except DuplicateKeyError as exc:
-            self.add(None, str(exc))
-            return None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"line {mark.line + 1}: " if mark is not None else ""
-            self.add(None, f"{where}invalid YAML: {getattr(exc, 'problem', None) or exc}")
+            raw = parse_bytes(data, self.display)  # the loader every file kind shares
+        except ConfigError as exc:
+            self.problems.append(Problem(exc.file, exc.field, exc.message))
             return None
         if not isinstance(raw, dict):
             self.add(None, "expected a YAML map with schemaVersion and phases")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vmbuild.toe.model import DelimitedLoop, ForEachLoop, ForLoop, Loop
-from vmbuild.toe.yamlio import scalar_text
+from vmbuild.yamlio import scalar_text
 
 Report = Callable[[str | None, str], None]
 _LOOP_NAME = re.compile(r"^[A-Za-z0-9_-]+$")

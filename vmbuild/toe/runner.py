@@ -55,7 +55,7 @@ from vmbuild.toe.expressions import (
 )
 from vmbuild.toe.model import DelimitedLoop, Document, ForEachLoop, ForLoop, OnFailure, Step
 from vmbuild.toe.results import DocumentResult, PhaseResult, Status, StepResult, now, overall
-from vmbuild.toe.yamlio import scalar_text
+from vmbuild.yamlio import scalar_text
 
 MAX_REBOOTS = 10
 REBOOT_EXIT_CODE = 194

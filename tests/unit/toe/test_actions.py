@@ -59,7 +59,7 @@ def test_defaults_are_filled_and_single_maps_accepted_for_list_modules() -> None
 
 
 def test_yaml_numbers_reach_inputs_as_written() -> None:
-    from vmbuild.toe.yamlio import load_yaml
+    from vmbuild.yamlio import load_yaml
 
     raw = load_yaml("[{path: /a, permissions: 0755, owner: 1000}]")
     items, _ = typed_items(ACTIONS["CreateFile"], raw, final=True)

@@ -15,7 +15,7 @@ from vmbuild.toe.conditions import (
     parse_if,
     probe_script,
 )
-from vmbuild.toe.yamlio import load_yaml
+from vmbuild.yamlio import load_yaml
 
 
 def no_guest(script: str) -> RemoteResult:

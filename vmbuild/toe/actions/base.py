@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from vmbuild.remote.base import Remote, RemoteResult
 from vmbuild.toe.expressions import has_references
-from vmbuild.toe.yamlio import scalar_text
+from vmbuild.yamlio import scalar_text
 
 if TYPE_CHECKING:
     from vmbuild.toe.actions.s3 import S3Config

@@ -1,24 +1,31 @@
-"""YAML loading for component documents.
+"""The one YAML loader, for every file vmbuild reads: recipes, component documents,
+pipelines, distribution files.
 
-AWSTOE documents are YAML 1.1 (what the AWS examples are written in), so PyYAML's
-safe loader reads them as AWS does, with two additions that matter for a faithful
-runner:
+They are YAML 1.1 (what the AWSTOE examples are written in), so PyYAML's safe
+loader reads them as AWS does, with additions that matter for a faithful runner
+and for clear errors:
 
 * numbers keep the text they were written with: `permissions: 0777` is octal 511
   to YAML but must reach chmod as "0777", and a parameter default `1.10` must stay
   "1.10", not become "1.1";
 * a key written twice in one mapping is an error instead of silently keeping the
-  last value (a classic copy-paste bug in long documents).
+  last value (a classic copy-paste bug in long documents: a recipe with two
+  `outputs:` would otherwise build only the second list);
+* `load_file` turns unreadable, binary, non-UTF-8 and malformed input into one
+  ConfigError naming the file and the line.
 """
 
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 from typing import Any
 
 import yaml
 from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.nodes import MappingNode, ScalarNode
+
+from vmbuild.errors import ConfigError
 
 
 class SourceInt(int):
@@ -79,6 +86,38 @@ _Loader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
 def load_yaml(text: str) -> Any:
     """Parse one YAML document; raises yaml.YAMLError (with a line) on bad syntax."""
     return yaml.load(text, Loader=_Loader)
+
+
+def load_file(path: Path, display: str | None = None) -> tuple[Any, bytes]:
+    """Parse a YAML file: (its data, its bytes). Errors are one ConfigError naming the
+    file (as `display`, default the path) and, for syntax errors, the line."""
+    name = display or str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(name, None, "file not found") from None
+    except OSError as exc:
+        raise ConfigError(name, None, f"cannot read: {exc.strerror or exc}") from None
+    return parse_bytes(data, name), data
+
+
+def parse_bytes(data: bytes, name: str) -> Any:
+    """Parse YAML bytes read from `name` (see load_file)."""
+    if b"\0" in data:
+        raise ConfigError(name, None, "a binary file, not YAML text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(name, None, f"not UTF-8 text (byte {exc.start})") from None
+    try:
+        return load_yaml(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(name, None, str(exc)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None
+        raise ConfigError(name, where, f"invalid YAML: {problem}") from None
 
 
 def scalar_text(value: object) -> str | None:
