@@ -4,8 +4,8 @@ Every command is logged with its quoted argv, gets stdin from /dev/null (so a
 prompt can never hang a build), a pinned `LC_ALL=C` environment and an optional
 timeout, and raises `CommandError(argv, rc, output_tail)` on failure. Long-lived
 processes (QEMU) go through `spawn()`, so they are logged the same way.
-qemu-img is driven through the `sh` library, as the project decided, but still
-behind this module so there is one place that logs and maps errors.
+qemu-img goes through `run()` too (an earlier second path through the `sh`
+library had no process-group kill and leaked its child on SIGTERM).
 
 No orphans: every child is started with PR_SET_PDEATHSIG=SIGKILL, so the
 kernel kills it the moment vmbuild dies, even by SIGKILL (a signal handler or
@@ -35,8 +35,6 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
-
-import sh
 
 from vmbuild import runs
 from vmbuild.errors import CommandError, CommandTimeout
@@ -242,32 +240,15 @@ def which(name: str) -> str | None:
 
 
 def qemu_img(*args: str | os.PathLike[str], timeout: float | None = None) -> str:
-    """Run `qemu-img ARGS` through `sh`; returns stdout, raises CommandError."""
-    argv = ["qemu-img", *(str(a) for a in args)]
-    log.info("$ %s", quote_argv(argv))
+    """Run `qemu-img ARGS` like every other command; returns its stdout (JSON for
+    `info --output=json` stays parseable: stderr is kept apart and goes into errors)."""
     try:
-        cmd = sh.Command("qemu-img")
-    except sh.CommandNotFound as exc:
-        raise CommandError(argv, 127, "qemu-img: not found (apt-get install qemu-utils)") from exc
-    try:
-        out = cmd(
-            *argv[1:],
-            _timeout=timeout,
-            _env=_env(None),
-            _in=b"",  # never a prompt: empty stdin
-            _err_to_out=True,
-            _tty_out=False,
-        )
-    except sh.ErrorReturnCode as exc:
-        tail = exc.stdout.decode("utf-8", "replace")
-        raise CommandError(argv, exc.exit_code, _tail(tail)) from None
-    except sh.TimeoutException:
-        raise CommandTimeout(argv, timeout or 0) from None
-    return str(out)
-
-
-def _tail(text: str, n: int = TAIL_LINES) -> str:
-    return "\n".join(text.splitlines()[-n:])
+        return run(["qemu-img", *args], timeout=timeout, merge_stderr=False).stdout
+    except CommandError as exc:
+        if exc.returncode == 127:
+            hint = "qemu-img: not found (apt-get install qemu-utils)"
+            raise CommandError(exc.argv, 127, hint) from None
+        raise
 
 
 def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:
