@@ -104,11 +104,11 @@ def load_file(path: Path, display: str | None = None) -> tuple[Any, bytes]:
 def parse_bytes(data: bytes, name: str) -> Any:
     """Parse YAML bytes read from `name` (see load_file)."""
     if b"\0" in data:
-        raise ConfigError(name, None, "a binary file, not YAML text")
+        raise ConfigError(name, None, "cannot read: a binary file, not YAML text")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(name, None, f"not UTF-8 text (byte {exc.start})") from None
+        raise ConfigError(name, None, f"cannot read: not UTF-8 text (byte {exc.start})") from None
     try:
         return load_yaml(text)
     except DuplicateKeyError as exc:

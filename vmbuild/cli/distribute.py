@@ -11,6 +11,7 @@ from typing import Any
 from vmbuild import paths
 from vmbuild.config.distribution import DistributionConfig, load_distribution
 from vmbuild.config.loader import load_yaml
+from vmbuild.errors import ConfigError
 from vmbuild.publish.events import DistributionEvent
 
 

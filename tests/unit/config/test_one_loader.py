@@ -51,8 +51,8 @@ def test_a_recipe_with_two_outputs_lists_is_rejected(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (b"\x7fELF\x02\x01\x01\x00\x00\x00", "a binary file, not YAML text"),
-        (b"name: caf\xe9\n", "not UTF-8 text (byte 9)"),
+        (b"\x7fELF\x02\x01\x01\x00\x00\x00", "cannot read: a binary file, not YAML text"),
+        (b"name: caf\xe9\n", "cannot read: not UTF-8 text (byte 9)"),
     ],
 )
 def test_binary_and_non_utf8_input_is_a_clean_error(
