@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmbuild import __version__, runs
+from vmbuild import __version__, preflight, runs
 from vmbuild.cache import aptproxy
 from vmbuild.config.distribution import DistributionConfig
 from vmbuild.config.recipe import LoadedRecipe, UrlBase
@@ -225,6 +225,7 @@ STEPS: tuple[Step, ...] = (
 
 def build(loaded: LoadedRecipe, opts: BuildOptions, progress: Reporter) -> BuildResult:
     plan = BuildPlan.create(loaded, opts)
+    preflight.check_plan(plan)  # every tool and module it needs, before any side effect
     plan.check_backend()
     recipe = loaded.recipe
     with contextlib.ExitStack() as stack:

@@ -30,7 +30,7 @@ def test_the_example_plan_with_precedence_and_nothing_created(tmp_path: Path) ->
         ("update-linux", {"RebootIfRequired": "true"}),
         ("nginx-app", {"Content": "<h1>Built by vmbuild</h1>", "Port": "80"}),
     ]
-    nginx = REPO / "components" / "nginx-app.yaml"
+    nginx = REPO / "vmbuild" / "components" / "nginx-app.yaml"
     assert plan["components"][1]["sha256"] == hashlib.sha256(nginx.read_bytes()).hexdigest()
     s = plan["settings"]
     assert s["backend"] == {"value": "libvirt", "source": "cli"}

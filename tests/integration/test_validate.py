@@ -19,7 +19,7 @@ def test_the_example_files_are_valid_and_their_kind_detected(tmp_path: Path) -> 
     env = isolated_env(tmp_path)
     files = [
         str(EXAMPLE / "recipe.yaml"), str(EXAMPLE / "pipeline.yaml"),
-        str(EXAMPLE / "distribution.yaml"), str(REPO / "components" / "nginx-app.yaml"),
+        str(EXAMPLE / "distribution.yaml"), str(REPO / "vmbuild" / "components" / "nginx-app.yaml"),
     ]  # fmt: skip
     proc = vmbuild(env, "validate", *files)
     assert proc.returncode == 0, proc.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import signal
 import sys
 import traceback
@@ -17,6 +18,13 @@ from vmbuild import __version__, console
 from vmbuild.cli.common import Handler
 from vmbuild.errors import VmbuildError
 from vmbuild.secrets import mask
+
+# Exit status: 0 success; 1 an error vmbuild reports (one line + hint); 2 a usage
+# error (argparse) or an internal error (a bug; --debug shows the traceback);
+# 130 interrupted (Ctrl-C, SIGTERM), after cleanup; 141 stdout closed by its reader.
+# Verbs with their own meanings: `pipeline check` 0 changed / 1 unchanged / 2 could
+# not check; `pipeline run` 75 when the pipeline is already running.
+EXIT_BROKEN_PIPE = 141
 
 # The verb modules, in `vmbuild --help` order. A new verb is a new module here.
 VERB_MODULES = (
@@ -54,7 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for module in _extension_modules():
         module.add_parser(sub)
+    _debug_everywhere(parser)
     return parser
+
+
+def _debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept --debug after the verb too (`vmbuild build r.yaml --debug`).
+
+    SUPPRESS: a sub-parser's default must not reset a --debug given before the verb.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                if "--debug" not in child._option_string_actions:
+                    child.add_argument(
+                        "--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and debug logs",
+                    )  # fmt: skip
+                _debug_everywhere(child)
 
 
 def _extension_modules() -> list[Any]:
@@ -97,6 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print(console.styled("interrupted", "bold red", ": cleaned up"))
         return 130
+    except BrokenPipeError:
+        # The reader went away (`vmbuild images list | head`): not an error to
+        # report. Point stdout at /dev/null so the final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # a bug: say so, with the traceback in --debug
         if args.debug:
             traceback.print_exc()
@@ -104,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         err.print(console.styled("hint:", "yellow", " rerun with --debug for the traceback"))
         return 2
     finally:
-        sys.stdout.flush()
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":

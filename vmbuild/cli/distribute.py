@@ -117,6 +117,9 @@ def _printer(quiet: bool) -> Any:
 
 def cmd_distribute(args: argparse.Namespace) -> int:
     """Handler of `vmbuild distribute`."""
+    from vmbuild import preflight
+
+    preflight.require("boto3")  # an extra: `pip install 'vmbuild[aws]'`
     from vmbuild.publish.distributor import distribute
     from vmbuild.supply.signing import trusted_keys
 

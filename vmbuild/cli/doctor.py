@@ -1,41 +1,71 @@
-"""`vmbuild doctor`: can this host build images? QEMU, accelerator, libvirt, disk, cache."""
+"""`vmbuild doctor`: can this host build images? One ✓/✗ line per check, a verdict, and
+a non-zero exit when a build cannot work here. The tool and module checks are the
+ones a build runs at its start (vmbuild/preflight.py)."""
 
 from __future__ import annotations
 
 import argparse
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vmbuild import __version__, paths
+from vmbuild import __version__, console, paths, preflight
 from vmbuild.cli.common import SubParsers, json_flag, out, verb
 from vmbuild.config import settings
 from vmbuild.errors import VmbuildError
 
+MIN_FREE = 2 << 30  # below this a build's disks and outputs do not fit
+NEED_LABEL = {
+    "build": "every build",
+    "debian-base": "debian-12 base builds",
+    "libvirt": "--backend libvirt",
+    "tests": "testinfra tests",
+    "aws": "distribution to AWS",
+}
+
 
 def add_parser(sub: SubParsers) -> None:
-    d = verb(sub, "doctor", cmd_doctor, "check the host: QEMU, accelerator, disk, cache")
+    d = verb(sub, "doctor", cmd_doctor, "check the host: tools, accelerator, libvirt, disk space")
     settings.add_flag(d, "accelerator", default="auto")
     d.add_argument("--libvirt-uri", help="the libvirt URI to check")
     json_flag(d)
 
 
-DOCTOR_TOOLS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "sfdisk", "mke2fs", "debugfs")
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    required: bool  # a failure means no build can work here
+    detail: str  # what was found, or what is wrong and how to fix it
+    needed_for: str
 
 
-def doctor_report(accel_mode: str = "auto", libvirt_uri: str | None = None) -> dict[str, Any]:
+def _tool_version(path: str) -> str | None:
+    from vmbuild.run import run
+
+    try:
+        lines = run([path, "--version"], timeout=30).stdout.splitlines()
+    except VmbuildError:
+        return None
+    return lines[0] if lines else None
+
+
+def checks(accel_mode: str = "auto", libvirt_uri: str | None = None) -> list[Check]:
     import tempfile
 
     from vmbuild.hypervisor import accel
-    from vmbuild.run import run, which
 
-    report: dict[str, Any] = {"vmbuild": __version__}
-    for tool in DOCTOR_TOOLS:
-        path = which(tool)
-        version = None
-        if path and tool in ("qemu-system-x86_64", "qemu-img"):
-            version = run([tool, "--version"], timeout=30).stdout.splitlines()[0]
-        report[tool] = {"path": path, "version": version}
+    found: list[Check] = []
+    for req in preflight.REQUIREMENTS:
+        where = req.found()
+        detail = where or req.problem() or ""
+        if where and req.name in ("qemu-system-x86_64", "qemu-img"):
+            detail = f"{where} ({_tool_version(where) or 'version unknown'})"
+        required = req.need == "build"
+        name = req.name if req.kind == "tool" else f"{req.name} (python)"
+        found.append(Check(name, where is not None, required, detail, NEED_LABEL[req.need]))
+
     probe = None
     try:
         from vmbuild.stages import base_image
@@ -48,44 +78,60 @@ def doctor_report(accel_mode: str = "auto", libvirt_uri: str | None = None) -> d
     with tempfile.TemporaryDirectory(prefix="vmbuild-doctor-") as tmp:
         try:
             chosen = accel.choose(accel_mode, probe, Path(tmp))  # type: ignore[arg-type]
-            report["accelerator"] = chosen.to_json()
+            found.append(
+                Check("accelerator", True, True, f"{chosen.kind}: {chosen.reason}", "every build")
+            )
         except VmbuildError as exc:
-            report["accelerator"] = {"kind": None, "reason": str(exc)}
+            found.append(Check("accelerator", False, True, str(exc), "every build"))
+
     from vmbuild.hypervisor.libvirt import libvirt_report
 
-    report["libvirt"] = libvirt_report(libvirt_uri)
-    cache = paths.cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    store_dir = paths.store_dir()
-    report["cache_dir"] = {"path": str(cache), "free_bytes": shutil.disk_usage(cache).free}
-    existing = store_dir if store_dir.exists() else Path.cwd()
-    report["store"] = {"path": str(store_dir), "free_bytes": shutil.disk_usage(existing).free}
-    return report
+    lv = libvirt_report(libvirt_uri)
+    if lv.get("reachable"):
+        detail = f"{lv['uri']} reachable, libvirt {lv['version']}, {lv['hypervisor']}"
+    else:
+        detail = f"{lv['uri']} not reachable: {lv.get('error')}"
+        if lv.get("hint"):
+            detail += f" ({lv['hint']})"
+    found.append(Check("libvirtd", bool(lv.get("reachable")), False, detail, "--backend libvirt"))
+
+    for name, directory in (("cache", paths.cache_dir()), ("store", paths.store_dir())):
+        existing = directory
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        free = shutil.disk_usage(existing).free
+        ok = free >= MIN_FREE
+        detail = f"{directory} ({free / (1 << 30):.1f} GiB free)"
+        if not ok:
+            detail += f": needs at least {MIN_FREE >> 30} GiB"
+        found.append(Check(name, ok, True, detail, "every build"))
+    return found
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    report = doctor_report(args.accelerator, args.libvirt_uri)
+    found = checks(args.accelerator, args.libvirt_uri)
+    failed = [c for c in found if c.required and not c.ok]
+    ready = not failed
+    names = ", ".join(c.name for c in failed)
+    verdict = (
+        "ready: vmbuild can build images on this host"
+        if ready
+        else f"not ready: {len(failed)} required check(s) failed ({names})"
+    )
+    data: dict[str, Any] = {
+        "vmbuild": __version__,
+        "ready": ready,
+        "verdict": verdict,
+        "checks": [asdict(c) for c in found],
+    }
 
     def human() -> None:
-        for tool in DOCTOR_TOOLS:
-            info = report[tool]
-            state = info["version"] or info["path"] or "MISSING"
-            print(f"{tool:20} {state}")
-        a = report["accelerator"]
-        print(f"{'accelerator':20} {a['kind']}: {a['reason']}")
-        lv = report["libvirt"]
-        if lv.get("reachable"):
-            print(
-                f"{'libvirt':20} {lv['uri']} reachable, libvirt {lv['version']}, {lv['hypervisor']}"
-            )
-        else:
-            print(f"{'libvirt':20} {lv['uri']} not reachable: {lv.get('error')}")
-            if lv.get("hint"):
-                print(f"{'':20} hint: {lv['hint']}")
-        for key in ("cache_dir", "store"):
-            free = report[key]["free_bytes"] / (1 << 30)
-            print(f"{key:20} {report[key]['path']} ({free:.1f} GiB free)")
+        con = console.stdout()
+        for c in found:
+            mark, style = ("✓", "green") if c.ok else ("✗", "red" if c.required else "yellow")
+            scope = "" if c.required else f"  [for {c.needed_for}]"
+            con.print(console.styled(mark, style, f" {c.name:20} {c.detail}{scope}"))
+        con.print(console.styled(verdict, "bold green" if ready else "bold red"))
 
-    out(args, report, human)
-    missing = [t for t in ("qemu-system-x86_64", "qemu-img") if not report[t]["path"]]
-    return 1 if missing else 0
+    out(args, data, human)
+    return 0 if ready else 1

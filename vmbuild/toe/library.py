@@ -3,7 +3,7 @@
 A recipe (or an ExecuteDocument step, or `vmbuild toe run --documents`) names a
 component in one of the ways Image Builder users write them:
 
-* `update-linux`: a built-in (components/*.yaml), else the newest version in
+* `update-linux`: a built-in (vmbuild/components/*.yaml, package data), else the newest version in
   the local library, else a file next to the recipe;
 * `my-app/1.2.0`, `my-app/1.x.x`, `my-app/x.x.x`: a version in the local
   library, with Image Builder's `x` wildcards (the highest matching version);
@@ -79,7 +79,7 @@ def is_arn(text: str) -> bool:
 
 
 def components_dir() -> Path:
-    return Path(vmbuild.__file__).resolve().parent.parent / "components"
+    return Path(vmbuild.__file__).resolve().parent / "components"
 
 
 def library_dir() -> Path:
