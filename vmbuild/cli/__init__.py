@@ -34,6 +34,7 @@ VERB_MODULES = (
     "base",
     "images",
     "component",
+    "toe",
     "distribute",
     "pipeline",
     "doctor",

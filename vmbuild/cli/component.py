@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from vmbuild.errors import VmbuildError
 from vmbuild.remote.base import Remote
 from vmbuild.toe.actions import S3Config
 from vmbuild.toe.document import load_document, validate_file
-from vmbuild.toe.library import find_component, list_components
+from vmbuild.toe.library import add_to_library, find_component, list_components, list_library
 from vmbuild.toe.results import DocumentResult, Status
 from vmbuild.toe.runner import check_phase_selection, run_document
 
@@ -38,9 +39,31 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     validate.add_argument("files", nargs="+", help="document files or built-in component names")
     validate.set_defaults(handler=cmd_validate)
 
-    listing = actions.add_parser("list", help="show the built-in components")
+    listing = actions.add_parser(
+        "list", help="show the built-in components and the local library's versions"
+    )
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(handler=cmd_list)
+
+    add = actions.add_parser(
+        "add",
+        help="add a document to the local component library as NAME/VERSION",
+        description="Validate a component document and store it in the local library "
+        "(versions are immutable, as in Image Builder). Recipes then name it NAME, "
+        "NAME/VERSION, NAME/1.x.x or arn:aws:imagebuilder:REGION:ACCOUNT:component/NAME/VERSION.",
+    )
+    add.add_argument("file", type=Path, help="the AWSTOE document")
+    add.add_argument("--version", required=True, help="semantic version, e.g. 1.0.0")
+    add.add_argument(
+        "--name", help="component name (default: the document's name, else the file's)"
+    )
+    add.set_defaults(handler=cmd_add)
+
+    show = actions.add_parser(
+        "show", help="print a component's document: NAME, NAME/VERSION (x.x.x allowed) or an ARN"
+    )
+    show.add_argument("ref", help="NAME[/VERSION] or a component ARN")
+    show.set_defaults(handler=cmd_show)
 
     run = actions.add_parser(
         "run",
@@ -97,11 +120,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    components = list_components()
+    components = [*list_components(), *list_library()]
     if args.json:
         data = [
             {
                 "name": c.name,
+                "version": c.version or None,
+                "source": "library" if c.version else "built-in",
                 "description": c.description,
                 "phases": list(c.phases),
                 "parameters": [
@@ -114,10 +139,35 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     for c in components:
-        print(f"{c.name}: {c.description}")
+        label = f"{c.name}/{c.version}" if c.version else c.name
+        print(f"{label}: {c.description}")
         for p in c.parameters:
             default = "required" if p.default is None else f"default {p.default!r}"
             print(f"    {p.name} ({default}): {p.description}")
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    name = args.name or _document_name(args.file)
+    stored = add_to_library(args.file, name, args.version)
+    print(f"{name}/{args.version}: added ({stored})")
+    return 0
+
+
+def _document_name(path: Path) -> str:
+    """The document's `name` when it is a usable component name, else the file stem."""
+    from vmbuild.toe.document import parse
+
+    doc, problems = parse(path, {}, display_name=str(path), require_values=False)
+    if doc is None:
+        raise problems[0].error() if problems else VmbuildError(f"{path}: invalid document")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", doc.name).strip("-.")
+    return slug or path.stem
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    path = find_component(args.ref, Path.cwd())
+    sys.stdout.write(path.read_text())
     return 0
 
 
