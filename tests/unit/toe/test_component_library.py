@@ -11,8 +11,8 @@ import pytest
 from tests.support.toe import write
 from vmbuild.cli import main
 from vmbuild.config.pipeline import load_pipeline
-from vmbuild.pipeline.deps import compare, snapshot
 from vmbuild.errors import VmbuildError
+from vmbuild.pipeline.deps import compare, snapshot
 from vmbuild.toe.library import (
     ComponentNotFound,
     add_to_library,
@@ -81,10 +81,10 @@ def test_versions_are_immutable_and_checked(tmp_path: Path) -> None:
     add(tmp_path, "1.0.0")
     with pytest.raises(VmbuildError, match="already in the library; versions are immutable"):
         add(tmp_path, "1.0.0")
-    with pytest.raises(VmbuildError, match="expected MAJOR.MINOR.PATCH"):
+    with pytest.raises(VmbuildError, match=r"expected MAJOR\.MINOR\.PATCH"):
         add(tmp_path, "1.0")
     bad = write(tmp_path, "schemaVersion: 1.0\nphases: []\n", "bad.yaml")
-    with pytest.raises(VmbuildError, match="bad.yaml: phases: expected a non-empty list"):
+    with pytest.raises(VmbuildError, match=r"bad\.yaml: phases: expected a non-empty list"):
         add_to_library(bad, "bad", "1.0.0")
     assert not (library_dir() / "bad").exists()
 
@@ -103,9 +103,12 @@ def test_component_add_list_show_from_the_cli(
 
 def test_the_pipeline_check_sees_a_new_component_version(tmp_path: Path) -> None:
     add(tmp_path, "1.0.0")
-    (tmp_path / "base.qcow2").write_bytes(b"not really a disk")
+    with (tmp_path / "base.raw").open("wb") as disk:
+        disk.truncate(1 << 20)
+        disk.seek(510)
+        disk.write(b"\x55\xaa")  # an MBR signature: a raw disk to the recipe check
     (tmp_path / "recipe.yaml").write_text(
-        "name: app\nversion: 1.0.0\nbase: ./base.qcow2\ncomponents:\n  - name: my-app/1.x.x\n"
+        "name: app\nversion: 1.0.0\nbase: ./base.raw\ncomponents:\n  - name: my-app/1.x.x\n"
     )
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text("recipe: recipe.yaml\n")
