@@ -14,6 +14,7 @@ from vmbuild.cli.common import SubParsers, json_flag, store_flag, verb
 from vmbuild.config import settings
 
 if TYPE_CHECKING:
+    from vmbuild.config.recipe import LoadedRecipe
     from vmbuild.plan import BuildOptions
 
 
@@ -33,7 +34,31 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
         help="a secret component parameter, read from a file or an environment variable "
         "(never from the command line); masked everywhere; repeatable",
     )  # fmt: skip
+    add_variable_flags(p)
     store_flag(p)
+
+
+def add_variable_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--var", action="append", default=[], metavar="KEY=VALUE",
+        help="a value for the variable KEY (`{{ var.KEY }}`); repeatable; wins over "
+        "--var-file and $VMBUILD_VAR_KEY",
+    )  # fmt: skip
+    p.add_argument(
+        "--var-file", action="append", default=[], metavar="FILE",
+        help="a YAML mapping of variable values; repeatable (later files win)",
+    )  # fmt: skip
+
+
+def load_from_args(args: argparse.Namespace) -> LoadedRecipe:
+    """The recipe named on the command line, with its --secret and --var values."""
+    from vmbuild.config.recipe import load_recipe
+    from vmbuild.config.variables import parse_cli
+    from vmbuild.secrets import parse_cli_secret
+
+    given = dict(parse_cli_secret(spec) for spec in args.secret or [])
+    variables = parse_cli(args.var, args.var_file)
+    return load_recipe(Path(args.recipe), secrets=given, variables=variables)
 
 
 def plan_options(args: argparse.Namespace) -> BuildOptions:
@@ -46,12 +71,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.json:
         return _build_json(args)
     from vmbuild.build import build
-    from vmbuild.config.recipe import load_recipe
     from vmbuild.log import Progress
-    from vmbuild.secrets import parse_cli_secret
 
-    given = dict(parse_cli_secret(spec) for spec in args.secret or [])
-    loaded = load_recipe(Path(args.recipe), secrets=given)  # validated before any side effect
+    loaded = load_from_args(args)  # validated before any side effect
     result = build(loaded, plan_options(args), Progress())
     m = result.manifest
     con = console.stdout()
@@ -71,15 +93,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 def _build_json(args: argparse.Namespace) -> int:
     """`build --json`: events on stdout as they happen (vmbuild/events.py), errors included."""
     from vmbuild.build import build
-    from vmbuild.config.recipe import load_recipe
     from vmbuild.errors import VmbuildError
     from vmbuild.events import JsonReporter
-    from vmbuild.secrets import parse_cli_secret
 
     reporter = JsonReporter()
     try:
-        given = dict(parse_cli_secret(spec) for spec in args.secret or [])
-        loaded = load_recipe(Path(args.recipe), secrets=given)
+        loaded = load_from_args(args)
         recipe = loaded.recipe
         reporter.emit("start", recipe=str(loaded.path), name=recipe.name, version=recipe.version)
         with reporter.warnings():

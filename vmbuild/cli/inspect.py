@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmbuild.cli.build import add_plan_flags, plan_options
+from vmbuild.cli.build import add_plan_flags, load_from_args, plan_options
 from vmbuild.cli.common import SubParsers, json_flag, out, verb
 
 if TYPE_CHECKING:
@@ -110,12 +110,9 @@ def describe(plan: BuildPlan, *, store_source: str) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from vmbuild.config.recipe import load_recipe
     from vmbuild.plan import BuildPlan
-    from vmbuild.secrets import parse_cli_secret
 
-    given = dict(parse_cli_secret(spec) for spec in args.secret or [])
-    loaded = load_recipe(Path(args.recipe), secrets=given)
+    loaded = load_from_args(args)
     opts = plan_options(args)
     store_source = (
         "cli" if args.store else "environment" if "VMBUILD_STORE" in os.environ else "default"

@@ -11,11 +11,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from vmbuild.cli.build import add_variable_flags
 from vmbuild.cli.common import SubParsers, json_flag, verb
 from vmbuild.config.detect import KINDS, Kind, detect_kind
 from vmbuild.errors import VmbuildError
+
+if TYPE_CHECKING:
+    from vmbuild.config.variables import Given
 
 
 def add_parser(sub: SubParsers) -> None:
@@ -27,10 +31,13 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument(
         "--kind", choices=KINDS, help="check every FILE as this kind instead of detecting it"
     )
+    add_variable_flags(p)
     json_flag(p)
 
 
-def validate_file(path: Path, kind: Kind | None = None) -> tuple[Kind | None, list[str]]:
+def validate_file(
+    path: Path, kind: Kind | None = None, variables: Given | None = None
+) -> tuple[Kind | None, list[str]]:
     """The file's kind and its problems, one line each (empty when valid)."""
     from vmbuild.config.loader import load_yaml
 
@@ -54,11 +61,11 @@ def validate_file(path: Path, kind: Kind | None = None) -> tuple[Kind | None, li
         if kind == "recipe":
             from vmbuild.config.recipe import load_recipe
 
-            load_recipe(path)
+            load_recipe(path, variables=variables)
         elif kind == "pipeline":
             from vmbuild.config.pipeline import load_pipeline
 
-            load_pipeline(path)
+            load_pipeline(path, variables=variables)
         else:
             from vmbuild.config.distribution import load_distribution
             from vmbuild.config.loader import load_yaml
@@ -70,9 +77,12 @@ def validate_file(path: Path, kind: Kind | None = None) -> tuple[Kind | None, li
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from vmbuild.config.variables import parse_cli
+
+    variables = parse_cli(args.var, args.var_file)
     results: list[dict[str, Any]] = []
     for name in args.files:
-        kind, problems = validate_file(Path(name), args.kind)
+        kind, problems = validate_file(Path(name), args.kind, variables)
         results.append({"file": name, "kind": kind, "valid": not problems, "problems": problems})
     bad = [r for r in results if not r["valid"]]
     if args.json:

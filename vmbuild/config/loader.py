@@ -12,11 +12,14 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
 from pydantic import BaseModel, ValidationError
 
 from vmbuild.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vmbuild.config.variables import Given
 from vmbuild.yamlio import load_file
 
 
@@ -132,12 +135,19 @@ def config_error(
 M = TypeVar("M", bound=BaseModel)
 
 
-def load_model(path: Path, model: type[M], expected: str) -> M:
-    """Load a YAML mapping into `model`; every error names the file and the field."""
+def load_model(path: Path, model: type[M], expected: str, variables: Given | None = None) -> M:
+    """Load a YAML mapping into `model`; every error names the file and the field.
+
+    Variables (`variables:` and `{{ var.KEY }}`, config/variables.py) are resolved on
+    the parsed data, before the model: `variables` are the values given from outside
+    (default: the environment's VMBUILD_VAR_*)."""
+    from vmbuild.config.variables import Given, resolve
+
     display = str(path)
     data = load_yaml(path, display)
     if not isinstance(data, dict):
         raise ConfigError(display, None, f"expected a mapping with {expected}")
+    data = resolve(data, display, variables or Given.from_environment())
     try:
         return model.model_validate(data)
     except ValidationError as exc:

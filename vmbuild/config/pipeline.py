@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -51,6 +51,7 @@ from vmbuild.errors import ConfigError, VmbuildError
 
 if TYPE_CHECKING:
     from vmbuild.config.distribution import DistributionConfig
+    from vmbuild.config.variables import Given
 from vmbuild.config.cron import CronSchedule, check_timezone, parse_cron
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([wdhms])")
@@ -180,10 +181,17 @@ class LoadedPipeline:
         return self.path.parent
 
 
-def load_pipeline(path: Path, *, now: datetime | None = None) -> LoadedPipeline:
-    """Parse and validate a pipeline and the recipe it names; no side effects."""
+def load_pipeline(
+    path: Path, *, now: datetime | None = None, variables: Given | None = None
+) -> LoadedPipeline:
+    """Parse and validate a pipeline and the recipe it names; no side effects.
+
+    Variables (`{{ var.KEY }}`) resolve in both files from the same given values
+    (default: VMBUILD_VAR_* in the environment); each file declares its own.
+    """
     display = str(path)
-    pipeline = load_model(path, Pipeline, "recipe, schedule, ...")
+    given = replace(variables, strict=False) if variables else None
+    pipeline = load_model(path, Pipeline, "recipe, schedule, ...", given)
     name = pipeline.name or path.stem
     if not NAME.match(name):
         raise ConfigError(
@@ -196,7 +204,7 @@ def load_pipeline(path: Path, *, now: datetime | None = None) -> LoadedPipeline:
     if not recipe_path.is_file():
         raise ConfigError(display, "recipe", f"recipe not found: {recipe_path}")
     try:
-        recipe = load_recipe(recipe_path)
+        recipe = load_recipe(recipe_path, variables=given)
     except VmbuildError as exc:
         raise ConfigError(display, "recipe", f"invalid recipe: {exc}", hint=exc.hint) from None
 

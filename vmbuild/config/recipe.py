@@ -23,6 +23,7 @@ from vmbuild.secrets import looks_secret
 
 if TYPE_CHECKING:
     from vmbuild.config.distribution import DistributionConfig
+    from vmbuild.config.variables import Given
     from vmbuild.toe.model import Document
 
 OutputFormat = Literal["qcow2", "raw", "vmdk", "vhd"]
@@ -178,14 +179,16 @@ class LoadedRecipe:
         return self.path.parent
 
 
-def load_recipe(path: Path, secrets: dict[str, str] | None = None) -> LoadedRecipe:
+def load_recipe(
+    path: Path, secrets: dict[str, str] | None = None, variables: Given | None = None
+) -> LoadedRecipe:
     """Parse and validate a recipe and everything it references; no side effects.
 
     `secrets` (from `--secret NAME=...`) give values to the parameter NAME of every
     component that declares it; such a parameter is secret whatever its name.
     """
     display = str(path)
-    recipe = load_model(path, Recipe, "name, version, base, ...")
+    recipe = load_model(path, Recipe, "name, version, base, ...", variables)
     base_dir = path.resolve().parent
     if secrets:
         recipe = _with_secrets(recipe, secrets, display, base_dir)
