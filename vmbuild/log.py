@@ -62,6 +62,9 @@ class Progress:
         """A line of guest or tool output: streamed to the terminal and the run log."""
         line = mask(line)
         log.debug("| %s", line)
+        # apt and curl redraw one line with carriage returns: show its final state,
+        # not every frame glued together.
+        line = line.rstrip("\r").rsplit("\r", 1)[-1]
         if not self.quiet:
             # Guest output is data, not markup; never re-wrap it.
             self.console.print(Text.assemble(("  │", "dim"), f" {line}"), soft_wrap=True)

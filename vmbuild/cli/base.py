@@ -31,6 +31,13 @@ def add_parser(sub: SubParsers) -> None:
     json_flag(bf)
     bl = verb(base, "list", cmd_base_list, "list cached base images")
     json_flag(bl)
+    br = verb(base, "rm", cmd_base_rm, "delete cached base images by id")
+    br.add_argument("ids", nargs="+", metavar="ID", help="base ids, as `vmbuild base list` shows")
+    json_flag(br)
+    bp = verb(base, "prune", cmd_base_prune, "delete all but the newest base of each origin")
+    bp.add_argument("--keep", type=int, default=1, help="bases kept per release or URL (default 1)")
+    bp.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    json_flag(bp)
 
 
 def cmd_base_build(args: argparse.Namespace) -> int:
@@ -97,3 +104,32 @@ def _base_json(b: Any) -> dict[str, Any]:
         "id": b.id, "path": str(b.path), "format": b.format, "sha256": b.sha256,
         "source": b.source, "virtual_size": b.virtual_size,
     }  # fmt: skip
+
+
+def cmd_base_rm(args: argparse.Namespace) -> int:
+    from vmbuild.stages import base_image
+
+    removed = [base_image.remove_base(base_id) for base_id in args.ids]
+    return out(
+        args, [_base_json(b) for b in removed],
+        lambda: print("\n".join(f"removed {b.id}" for b in removed)),
+    )  # fmt: skip
+
+
+def cmd_base_prune(args: argparse.Namespace) -> int:
+    from vmbuild.stages import base_image
+
+    if args.keep < 1:
+        raise VmbuildError("--keep must be at least 1", hint="`vmbuild base rm ID` removes one")
+    doomed = base_image.prunable_bases(args.keep)
+    if not args.dry_run:
+        doomed = [base_image.remove_base(b.id) for b in doomed]
+    verb = "would remove" if args.dry_run else "removed"
+
+    def human() -> None:
+        for b in doomed:
+            print(f"{verb} {b.id}  ({b.source})")
+        if not doomed:
+            print("nothing to prune")
+
+    return out(args, [_base_json(b) for b in doomed], human)

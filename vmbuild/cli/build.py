@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 from rich.text import Text
@@ -85,7 +85,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     con.print(table)
     for o in m.outputs:
         con.print(f"{o.format:6} {result.build_dir / o.file}  sha256:{o.sha256}")
-    con.print(f"tests: {m.tests_status}")
+    con.print(f"tests: {test_summary(m.tests or {})}")
     con.print(console.styled("artifact:", "bold green", f" {result.build_dir}"))
     return 0
 
@@ -114,3 +114,24 @@ def _build_json(args: argparse.Namespace) -> int:
 
 def _interrupted(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt)
+
+
+def test_summary(tests: dict[str, Any]) -> str:
+    """`passed: testinfra 6 passed (0 failed, 0 errors, 0 skipped); component tests 2/2 passed`."""
+    status = str(tests.get("status", "unknown"))
+    if status == "skipped":
+        return "skipped (--skip-tests)"
+    parts = []
+    ti = tests.get("testinfra") or {}
+    if ti.get("tests"):
+        failed = int(ti.get("failures", 0)) + int(ti.get("errors", 0))
+        passed = int(ti["tests"]) - failed - int(ti.get("skipped", 0))
+        parts.append(
+            f"testinfra {passed} passed ({ti.get('failures', 0)} failed, "
+            f"{ti.get('errors', 0)} errors, {ti.get('skipped', 0)} skipped)"
+        )
+    components = tests.get("components") or []
+    if components:
+        ok = sum(1 for c in components if c.get("status") != "Failed")
+        parts.append(f"component tests {ok}/{len(components)} passed")
+    return f"{status}: {'; '.join(parts)}" if parts else status

@@ -620,3 +620,41 @@ def cached_for_recipe(
     if spec.sha256:
         found = [(c, b) for c, b in found if b.sha256 == spec.sha256.lower()]
     return max(found, key=lambda pair: pair[0])[1] if found else None
+
+
+def remove_base(base_id: str) -> BaseImage:
+    """Delete one cached base by id (`vmbuild base list`). Only a directory directly in
+    the cache's bases folder is ever removed. VMs running on it are unaffected: each
+    pins its base with a hard link (hypervisor/guest.py)."""
+    bases = _bases_dir().resolve()
+    target = (bases / base_id).resolve()
+    if target.parent != bases or base_id.startswith("."):
+        raise VmbuildError(f"{base_id!r} is not a base id", hint="`vmbuild base list` shows them")
+    with _lock("debian-build"):  # not while a build installs or reuses it
+        meta = _read_meta(target)
+        if meta is None:
+            raise VmbuildError(
+                f"no cached base {base_id!r} in {bases}", hint="`vmbuild base list` shows them"
+            )
+        base = _from_meta(target, meta)
+        tomb = bases / f".rm-{base_id}"
+        os.replace(target, tomb)  # atomic: a build never sees half a base
+        shutil.rmtree(tomb)
+    return base
+
+
+def prunable_bases(keep: int = 1) -> list[BaseImage]:
+    """Bases no origin keeps: each origin (a Debian release, a downloaded URL) keeps its
+    `keep` newest; a base several URLs share stays while any of them keeps it. That
+    drops older builds of a release whose inputs changed and older downloads of a URL."""
+    groups: dict[str, list[tuple[str, BaseImage]]] = {}
+    for base, meta in _cached():
+        origins = [str(meta["release"])] if meta.get("release") else list(meta.get("urls") or ())
+        for origin in origins or [base.source]:
+            groups.setdefault(origin, []).append((str(meta.get("created", "")), base))
+    kept, seen = set(), {}
+    for members in groups.values():
+        members.sort(key=lambda pair: pair[0], reverse=True)
+        kept |= {base.id for _, base in members[:keep]}
+        seen.update({base.id: base for _, base in members})
+    return sorted((b for i, b in seen.items() if i not in kept), key=lambda b: b.id)
