@@ -196,6 +196,11 @@ def test_incremental_v2_sends_only_changed_blocks_and_reads_back_as_v2(
     subprocess.run(["cp", "--sparse=always", str(raw1), str(raw2)], check=True)
     write_guest_file(raw2, "/var/lib/app.bin", os.urandom(MIB), tmp_path)
     v2 = make_artifact(store, raw2, version="1.1.0", build="20261123T180000Z-000002")
+    planned = distribute(v2, encrypted_config(key), dry_run=True)
+    assert (
+        f"[ok  ] incremental: incremental on example-nginx/1.0.0/20261122T180000Z-000001's "
+        f"snapshot {parent}" in planned.plan
+    )
     aws.requests.clear()
     second = distribute(v2, encrypted_config(key))
     child = source_snapshot(second)

@@ -102,7 +102,8 @@ class Plan:
             + (
                 f" via s3://{cfg.import_.s3_bucket}/{cfg.import_.s3_prefix}"
                 if method != "ebs-direct"
-                else f" ({cfg.import_.workers} parallel blocks)"
+                else f" ({cfg.import_.workers} parallel blocks, upload_blocks: "
+                f"{cfg.import_.upload_blocks})"
             ),
             f"image     {cfg.image.architecture}, {cfg.image.boot_mode}, "
             f"ENA {'on' if cfg.image.ena_support else 'off'}, root {cfg.image.root_device_name} "
@@ -226,7 +227,31 @@ def preflight(plan: Plan, clients: Clients) -> Plan:
             _check_region(plan, rp, clients)
         except botocore.exceptions.ClientError as exc:
             plan.check(f"region {rp.region}", "error", describe_error(exc))
+    if (
+        cfg.import_.method == "ebs-direct"
+        and cfg.import_.incremental
+        and plan.source.action == "upload"
+        and plan.source.region not in unknown
+    ):
+        _check_lineage(plan, clients)
     return plan
+
+
+def _check_lineage(plan: Plan, clients: Clients) -> None:
+    """Say whether the upload will be incremental, and on which snapshot (or why not)."""
+    from vmbuild.publish.lineage import find_parent
+
+    rp = plan.source
+    _parent, why = find_parent(
+        clients.get("ec2", rp.region),
+        plan.artifact.build_dir,
+        account=plan.account,
+        region=rp.region,
+        encrypted=rp.encrypted,
+        kms_key_arn=rp.kms_key_arn,
+        volume_gib=plan.artifact.volume_gib,
+    )
+    plan.check("incremental", "ok", why)
 
 
 def _check_regions(plan: Plan, clients: Clients) -> set[str]:
