@@ -584,9 +584,13 @@ class _StepRunner:
         return self._scratch_file(data, uri), uri, uri
 
     def _scratch_file(self, data: bytes, origin: str) -> Path:
+        # One folder per fetched document, so it keeps its own file name (a
+        # document without `name:` is named after its file, as AWSTOE shows it).
         self.run.fetched += 1
         name = origin.rstrip("/").rsplit("/", 1)[-1] or "document.yaml"
-        path = self.run.scratch / f"{self.run.fetched:03d}-{name}"
+        folder = self.run.scratch / f"{self.run.fetched:03d}"
+        folder.mkdir()
+        path = folder / name
         path.write_bytes(data)
         return path
 

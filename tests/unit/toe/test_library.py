@@ -18,15 +18,49 @@ from vmbuild.toe import (
 from vmbuild.toe.library import components_dir
 
 BUILTINS = [
+    "amazon-cloudwatch-agent-linux",
     "aws-cli",
+    "aws-cli-version-2-linux",
+    "chrony-time-configuration-test",
     "cloud-ready",
+    "docker-ce-linux",
     "firewall",
     "java",
     "nginx-app",
+    "python-3-linux",
+    "reboot-linux",
+    "reboot-test-linux",
+    "simple-boot-test-linux",
     "ssh-hardening",
+    "stig-build-linux-medium",
     "time-sync",
     "update-linux",
 ]
+
+# Debian equivalents of AWS-managed components, under AWS's names: each says
+# which Debian package stands in and that only Debian's mirror is needed.
+MANAGED = [
+    "amazon-cloudwatch-agent-linux",
+    "aws-cli-version-2-linux",
+    "chrony-time-configuration-test",
+    "docker-ce-linux",
+    "python-3-linux",
+    "reboot-linux",
+    "reboot-test-linux",
+    "simple-boot-test-linux",
+    "stig-build-linux-medium",
+    "update-linux",
+]
+
+
+@pytest.mark.parametrize("name", MANAGED)
+def test_managed_names_resolve_by_name_and_arn(name: str) -> None:
+    arn = f"arn:aws:imagebuilder:us-east-1:aws:component/{name}/x.x.x"
+    assert (
+        find_component(arn, Path("."))
+        == find_component(name, Path("."))
+        == (components_dir() / f"{name}.yaml")
+    )
 
 
 def test_the_library_has_the_issue_s_components() -> None:
@@ -65,7 +99,7 @@ def test_find_component_by_path(tmp_path: Path) -> None:
 def test_a_missing_component_says_what_exists(tmp_path: Path) -> None:
     with pytest.raises(ComponentNotFound) as err:
         find_component("jaava", tmp_path)
-    assert "no built-in component 'jaava' (built-ins: aws-cli, cloud-ready" in str(err.value)
+    assert "no built-in component 'jaava' (built-ins: amazon-cloudwatch-agent-linux, aws-cli" in str(err.value)
     assert str(err.value).endswith(") and none of that name in the local library")
     assert err.value.hint == "vmbuild component list shows the built-in and library components"
     with pytest.raises(ComponentNotFound, match=r"component file .*nope\.yaml does not exist"):
