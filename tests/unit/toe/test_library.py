@@ -99,7 +99,10 @@ def test_find_component_by_path(tmp_path: Path) -> None:
 def test_a_missing_component_says_what_exists(tmp_path: Path) -> None:
     with pytest.raises(ComponentNotFound) as err:
         find_component("jaava", tmp_path)
-    assert "no built-in component 'jaava' (built-ins: amazon-cloudwatch-agent-linux, aws-cli" in str(err.value)
+    assert (
+        "no built-in component 'jaava' (built-ins: amazon-cloudwatch-agent-linux, aws-cli"
+        in str(err.value)
+    )
     assert str(err.value).endswith(") and none of that name in the local library")
     assert err.value.hint == "vmbuild component list shows the built-in and library components"
     with pytest.raises(ComponentNotFound, match=r"component file .*nope\.yaml does not exist"):
