@@ -12,8 +12,7 @@ from pathlib import Path
 from tests.support.cli import REPO, isolated_env
 
 EXAMPLE = REPO / "examples" / "nginx"
-BUILTINS = ["aws-cli", "cloud-ready", "firewall", "java", "nginx-app", "ssh-hardening",
-            "time-sync", "update-linux"]  # fmt: skip
+BUILTINS = sorted(p.stem for p in (REPO / "vmbuild" / "components").glob("*.yaml"))
 
 
 def run(
