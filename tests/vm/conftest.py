@@ -96,4 +96,7 @@ def no_leftover_qemu(tmp_path: Path) -> Iterator[None]:
 def cli_env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["VMBUILD_STORE"] = str(tmp_path / "store")
+    # Builds sign their provenance; the key they create stays in the test's own dir.
+    env["VMBUILD_CONFIG_DIR"] = str(tmp_path / "config")
+    env.pop("VMBUILD_KMS_KEY", None)
     return env

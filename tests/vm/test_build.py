@@ -3,14 +3,21 @@ components, generalization, conversion, a test VM and testinfra."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cyclonedx.schema import SchemaVersion
+from cyclonedx.validation.json import JsonStrictValidator
+from spdx_tools.spdx.parser.parse_anything import parse_file
+from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
 
 from tests.support.schemas import event_lines
 from tests.vm.conftest import REPO, VMBUILD, qemu_pids, vmbuild
@@ -97,6 +104,7 @@ def test_example_recipe_builds_tests_and_stores(
     assert list((logs / "components").glob("*.json"))
     assert not list(build_dir.glob("*.iso")) and not list(build_dir.glob("*id_ed25519*"))
     assert staging_leftovers(store) == []
+    assert_signed_provenance_and_sboms(build_dir, m, cli_env)
 
     # The store CLI sees it.
     listed = json.loads(vmbuild("images", "list", "--json", env=cli_env).stdout)
@@ -105,6 +113,56 @@ def test_example_recipe_builds_tests_and_stores(
     assert shown["build"] == m["build"]
     assert vmbuild("images", "rm", "example-nginx/1.0.0", "--yes", env=cli_env).returncode == 0
     assert list(store.iterdir()) == []
+
+
+def assert_signed_provenance_and_sboms(
+    build_dir: Path, m: dict[str, Any], cli_env: dict[str, str]
+) -> None:
+    """The build signed its provenance with the key it created, wrote both SBOMs, and
+    `verify` catches a one-byte change in a disk."""
+    key = Path(cli_env["VMBUILD_CONFIG_DIR"]) / "signing.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert m["provenance"]["signed_by"] == f"local:{key}"
+    assert len(m["provenance"]["keyids"]) == 1
+    envelope = json.loads((build_dir / "provenance.intoto.jsonl").read_text())
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    assert statement["predicateType"] == "https://slsa.dev/provenance/v1"
+    subjects = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
+    assert set(subjects) == {
+        "disk.qcow2", "disk.raw", "disk.vmdk", "disk.vhd", "sbom.spdx.json", "sbom.cdx.json",
+        "manifest.json",
+    }  # fmt: skip
+    for out in m["outputs"]:
+        assert subjects[out["file"]] == out["sha256"]
+    deps = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
+    assert {"name": f"base:{m['base']['id']}", "digest": {"sha256": m["base"]["sha256"]},
+            "uri": m["base"]["source"]} in deps  # fmt: skip
+
+    cdx = (build_dir / "sbom.cdx.json").read_text()
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(cdx) is None
+    bom = json.loads(cdx)
+    assert bom["metadata"]["component"]["name"] == "example-nginx"
+    nginx = next(c for c in bom["components"] if c["name"] == "nginx")
+    assert nginx["purl"].startswith("pkg:deb/debian/nginx@")
+    assert nginx["purl"].endswith("?arch=amd64&distro=debian-12")
+    libssl = next(c for c in bom["components"] if c["name"].startswith("libssl"))
+    assert libssl["properties"][0]["value"].startswith("openssl ")
+    spdx = parse_file(str(build_dir / "sbom.spdx.json"))
+    assert validate_full_spdx_document(spdx, "SPDX-2.3") == []
+    assert len(spdx.packages) == len(m["packages"]) + 1  # the image itself is the root
+
+    ok = vmbuild("verify", "example-nginx", "--json", env=cli_env)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["signed"] is True
+    disk = build_dir / "disk.vhd"
+    with disk.open("r+b") as fh:
+        fh.seek(4096)
+        byte = fh.read(1)
+        fh.seek(4096)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    bad = vmbuild("verify", "example-nginx", env=cli_env)
+    assert bad.returncode == 1
+    assert f"error: {disk}: differs from the signed provenance" in bad.stderr
 
 
 FAILING_COMPONENT = """\
