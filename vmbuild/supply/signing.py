@@ -113,20 +113,51 @@ def local_signer() -> CryptoSigner | None:
 
 def kms_public_key(key_id: str) -> SSlibKey:
     """The public half of a KMS asymmetric signing key, fetched through the KMS API."""
+    import boto3
     from securesystemslib.signer import AWSSigner
 
     try:
+        meta = boto3.client("kms").describe_key(KeyId=key_id)["KeyMetadata"]
+        # A disabled key or one pending deletion (an "expired" key) is named as such
+        # instead of surfacing as whatever the Sign call would answer.
+        if meta.get("KeyState") != "Enabled":
+            raise SigningError(f"KMS key {key_id}: the key is {meta.get('KeyState')}")
+        if meta.get("KeyUsage") != "SIGN_VERIFY":
+            raise SigningError(
+                f"KMS key {key_id}: KeyUsage is {meta.get('KeyUsage')}, not SIGN_VERIFY",
+                hint="create an asymmetric signing key (e.g. KeySpec ECC_NIST_P256)",
+            )
         _uri, key = AWSSigner.import_(key_id)
+    except SigningError:
+        raise
     except Exception as exc:  # botocore ClientError/EndpointConnectionError, ValueError
         raise SigningError(f"KMS key {key_id}: {_describe(exc)}") from None
     return key
 
 
-def kms_signer(key_id: str) -> Signer:
-    """A signer that asks KMS to sign each payload digest with `key_id`."""
-    from securesystemslib.signer import AWSSigner
+KMS_RAW_LIMIT = 4096  # the largest message KMS Sign accepts as RAW
 
-    return AWSSigner(key_id, kms_public_key(key_id))
+
+def kms_signer(key_id: str) -> Signer:
+    """A signer that asks KMS to sign each payload with `key_id` (the key never leaves KMS)."""
+    from securesystemslib.signer import AWSSigner, Signature
+
+    class _KmsSigner(AWSSigner):
+        # A payload KMS accepts whole is sent RAW and KMS hashes it; only a larger one is
+        # hashed here and sent as DIGEST. Both give the same standard signature (and
+        # emulators that do not implement DIGEST, such as moto, still sign correctly).
+        def sign(self, payload: bytes) -> Signature:
+            if len(payload) > KMS_RAW_LIMIT:
+                return super().sign(payload)
+            response = self.client.sign(
+                KeyId=self.aws_key_id,
+                Message=payload,
+                MessageType="RAW",
+                SigningAlgorithm=self.aws_algo,
+            )
+            return Signature(self.public_key.keyid, response["Signature"].hex())
+
+    return _KmsSigner(key_id, kms_public_key(key_id))
 
 
 def _describe(exc: Exception) -> str:
