@@ -128,7 +128,7 @@ def test_unsigned_artifacts_need_allow_unsigned(
 
 
 def test_a_bundle_is_imported_into_a_second_store_and_distributed_from_there(
-    aws: LocalAws, artifact: Path, tmp_path: Path
+    aws: LocalAws, artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bundle = tmp_path / "carry.tar"
     export(artifact, bundle)
@@ -146,3 +146,14 @@ def test_a_bundle_is_imported_into_a_second_store_and_distributed_from_there(
     recorded = json.loads((imported / "manifest.json").read_text())["distribution"]["aws"]
     assert recorded["regions"]["us-east-1"]["image_id"] == result.regions[0].image_id
     assert verify_build(imported, None).signed
+
+    # `distribute BUNDLE` imports into its store, verifies and distributes (the AMI exists).
+    config = tmp_path / "dist.yaml"
+    config.write_text("regions: [{region: us-east-1}]\nlint: false\n")
+    third = tmp_path / "third" / "images"
+    argv = ["distribute", str(bundle), "--store", str(third), "--config", str(config), "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["regions"][0]["status"] == "existing"
+    assert out["regions"][0]["image_id"] == result.regions[0].image_id
+    assert (third / "example-nginx" / "1.0.0" / artifact.name / "disk.qcow2").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "and an interrupted upload resumes. Endpoints and credentials follow boto3 "
         "(AWS_PROFILE, AWS_ENDPOINT_URL, ...).",
     )
-    d.add_argument("image", metavar="IMAGE_REF", help="NAME[/VERSION[/BUILD]] or a build dir")
+    d.add_argument(
+        "image",
+        metavar="IMAGE_REF|BUNDLE",
+        help="NAME[/VERSION[/BUILD]], a build dir, or a bundle .tar (imported into the store, "
+        "verified, then distributed)",
+    )
     d.add_argument(
         "--config",
         "-c",
@@ -124,8 +130,17 @@ def cmd_distribute(args: argparse.Namespace) -> int:
     from vmbuild.supply.signing import trusted_keys
 
     config = read_config(args.config)
-    build_dir = _resolve(args)
     keys = trusted_keys(args.key) if args.key else None
+    if Path(args.image).is_file() and tarfile.is_tarfile(args.image):
+        from vmbuild.stages.store import resolve
+        from vmbuild.supply.bundle import import_or_find
+
+        store = paths.store_dir(getattr(args, "store", None))
+        build_dir = resolve(
+            store, import_or_find(Path(args.image), store, keys, allow_unsigned=args.allow_unsigned)
+        )
+    else:
+        build_dir = _resolve(args)
     result = distribute(
         build_dir,
         config,

@@ -477,3 +477,21 @@ def import_bundle(
             known_digests=hashes,
         )
         return store_mod.commit(stage)
+
+
+def read_index(bundle: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> BundleIndex:
+    """The bundle's index, after the header checks (no member data is read)."""
+    members = _members(bundle, max_bytes)
+    with tarfile.open(bundle, "r:") as tar:
+        return _index(bundle, tar, members)
+
+
+def import_or_find(
+    bundle: Path, store: Path, keys: list[Key] | None, *, allow_unsigned: bool = False
+) -> str:
+    """`distribute BUNDLE`: import the bundle unless that build is already in the store
+    (a re-run, which distribute verifies again anyway). Returns the build's ref."""
+    index = read_index(bundle)
+    if not (store / index.name / index.version / index.build).exists():
+        import_bundle(bundle, store, keys, allow_unsigned=allow_unsigned)
+    return index.ref
