@@ -117,7 +117,33 @@ def input_files(manifest: Mapping[str, Any]) -> dict[str, Path]:
         if not path.is_file():
             raise VmbuildError(f"component {comp.get('name')}: {path} is no longer on this host")
         found[f"{INPUTS_DIR}/components/{path.name}"] = path
+    for deb in cached_debs(manifest):
+        found[f"{INPUTS_DIR}/packages/{deb.name}"] = deb
     return found
+
+
+def cached_debs(manifest: Mapping[str, Any], cache: Path | None = None) -> list[Path]:
+    """The image's packages (exact name, version, arch) found in the host package cache
+    (apt-cacher-ng under the user cache dir): what an offline rebuild installs again.
+    Packages the build did not download (already in the base) are not there."""
+    from vmbuild import paths
+
+    root = cache or paths.cache_dir() / "apt-cacher-ng" / "cache"
+    wanted = set()
+    for p in manifest.get("packages") or []:
+        # Debian pool names drop the epoch and encode ':' as %3a.
+        version = str(p["version"]).split(":", 1)[-1]
+        for arch in (str(p.get("arch", "")), "all"):
+            wanted.add(f"{p['name']}_{version}_{arch}.deb")
+    if not root.is_dir():
+        return []
+    found: dict[str, Path] = {}
+    for deb in root.rglob("*.deb"):
+        name = deb.name.replace("%3a", ":").replace("%3A", ":")
+        name = name if ":" not in name else name.split("_", 1)[0] + "_" + name.split(":", 1)[1]
+        if name in wanted and deb.is_file() and not deb.is_symlink():
+            found.setdefault(deb.name, deb)
+    return sorted(found.values())
 
 
 def export(build_dir: Path, output: Path, *, with_inputs: bool = False) -> BundleIndex:

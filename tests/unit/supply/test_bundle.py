@@ -208,3 +208,64 @@ def test_export_refuses_a_missing_disk(local_key: KeyPaths, store: Path, tmp_pat
         export(build_dir, tmp_path / "x.tar")
     assert not (tmp_path / "x.tar").exists()
     assert not list(tmp_path.glob(".x.tar*"))
+
+
+def test_with_inputs_carries_base_recipe_components_and_cached_packages(
+    local_key: KeyPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, other_store: Path
+) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VMBUILD_CACHE_DIR", str(cache))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "recipe.yaml").write_text("name: example-nginx\n")
+    (src / "nginx-app.yaml").write_text("name: nginx-app\n")
+    base_dir = cache / "bases" / "debian-12-abc"
+    base_dir.mkdir(parents=True)
+    (base_dir / "disk.qcow2").write_bytes(b"QFI\xfb base image")
+    import hashlib
+
+    base_sha = hashlib.sha256((base_dir / "disk.qcow2").read_bytes()).hexdigest()
+    (base_dir / "meta.json").write_text(json.dumps({
+        "disk": "disk.qcow2", "format": "qcow2", "sha256": base_sha, "source": "mmdebstrap",
+        "virtual_size": 4 << 30,
+    }))  # fmt: skip
+    pool = cache / "apt-cacher-ng" / "cache" / "debrep" / "pool" / "main"
+    (pool / "n" / "nginx").mkdir(parents=True)
+    (pool / "n" / "nginx" / "nginx_1.22.1-9_amd64.deb").write_bytes(b"!<arch>nginx")
+    (pool / "n" / "nginx" / "nginx_1.22.1-8_amd64.deb").write_bytes(b"!<arch>old")  # not installed
+    (pool / "g").mkdir()
+    (pool / "g" / "libc6_2.36-9+deb12u9_amd64.deb").write_bytes(b"!<arch>libc")
+
+    build_dir = fake_artifact(tmp_path / "images")
+    manifest = json.loads((build_dir / "manifest.json").read_text())
+    manifest["base"]["sha256"] = base_sha
+    manifest["recipe"]["path"] = str(src / "recipe.yaml")
+    manifest["components"][0]["path"] = str(src / "nginx-app.yaml")
+    (build_dir / "manifest.json").write_text(json.dumps(manifest))
+    from vmbuild.supply.attest import attest
+
+    attest(build_dir, manifest, signer=signing.local_signer(), signed_by="local")
+    out = tmp_path / "full.tar"
+    index = export(build_dir, out, with_inputs=True)
+    assert sorted(e.path for e in index.entries if e.path.startswith("inputs/")) == [
+        "inputs/base/disk.qcow2",
+        "inputs/components/nginx-app.yaml",
+        "inputs/packages/libc6_2.36-9+deb12u9_amd64.deb",
+        "inputs/packages/nginx_1.22.1-9_amd64.deb",
+        "inputs/recipe/recipe.yaml",
+    ]
+    imported = import_bundle(out, other_store, None)
+    assert (imported / "inputs" / "base" / "disk.qcow2").read_bytes() == b"QFI\xfb base image"
+    assert (
+        imported / "inputs" / "packages" / "nginx_1.22.1-9_amd64.deb"
+    ).read_bytes() == b"!<arch>nginx"
+    assert verify_build(imported, None).signed
+
+
+def test_with_inputs_needs_the_base_in_the_cache(
+    local_key: KeyPaths, store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VMBUILD_CACHE_DIR", str(tmp_path / "empty-cache"))
+    with pytest.raises(VmbuildError, match="is not in this host's cache"):
+        export(fake_artifact(store), tmp_path / "x.tar", with_inputs=True)
+    assert not (tmp_path / "x.tar").exists()
