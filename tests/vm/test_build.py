@@ -51,6 +51,7 @@ def test_example_recipe_builds_tests_and_stores(
         "convert",
         "verify",
         "test",
+        "attest",
         "store",
     ]
     assert all(e["status"] == "ok" for e in events if e["type"] == "stage-end")
