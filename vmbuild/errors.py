@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 from collections.abc import Sequence
+
+
+def quote_argv(argv: Sequence[str | os.PathLike[str]]) -> str:
+    """An argv as a shell would need it typed (logs and error messages)."""
+    return " ".join(shlex.quote(str(a)) for a in argv)
 
 
 class VmbuildError(Exception):
@@ -34,8 +41,6 @@ class CommandError(VmbuildError):
         self.argv = list(argv)
         self.returncode = returncode
         self.output_tail = output_tail
-        from vmbuild.run import quote_argv
-
         message = f"command returned {returncode}: {quote_argv(self.argv)}"
         if output_tail.strip():
             message += "\n" + _indent(output_tail.rstrip())

@@ -27,7 +27,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import shlex
 import signal
 import subprocess
 import threading
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from vmbuild import runs
-from vmbuild.errors import CommandError, CommandTimeout
+from vmbuild.errors import CommandError, CommandTimeout, quote_argv
 
 log = logging.getLogger("vmbuild.run")
 
@@ -63,10 +62,6 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
             os._exit(1)
 
     return hook
-
-
-def quote_argv(argv: Sequence[str | os.PathLike[str]]) -> str:
-    return " ".join(shlex.quote(str(a)) for a in argv)
 
 
 def _env(extra: Mapping[str, str] | None) -> dict[str, str]:

@@ -16,10 +16,10 @@ import pytest
 
 from vmbuild import paths
 from vmbuild.cache import aptproxy
+from vmbuild.cli.scratch import scratch_guest
 from vmbuild.hypervisor.guest import Guest
 from vmbuild.remote.ssh import SSHSession
 from vmbuild.stages import base_image
-from vmbuild.stages.builder import scratch_guest
 
 REPO = Path(__file__).resolve().parents[2]
 VMBUILD = [sys.executable, "-m", "vmbuild"]

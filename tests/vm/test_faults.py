@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.vm.conftest import REPO, qemu_pids
+from vmbuild.cli.scratch import scratch_guest
 from vmbuild.errors import GuestStopped, TransferError
 from vmbuild.hypervisor.guest import Guest
-from vmbuild.stages.builder import scratch_guest
 
 pytestmark = pytest.mark.vm
 

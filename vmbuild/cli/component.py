@@ -199,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _remote(args: argparse.Namespace) -> Iterator[Remote]:
     if args.base:
-        from vmbuild.stages.builder import scratch_vm  # boots QEMU: only when asked
+        from vmbuild.cli.scratch import scratch_vm  # boots QEMU: only when asked
 
         with scratch_vm(args.base, base_dir=Path.cwd(), accel=args.accelerator) as session:
             yield session

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from vmbuild import runs
-from vmbuild.errors import VMError
+from vmbuild.errors import VMError, quote_argv
 from vmbuild.hypervisor.base import MachineContext, VMSpec, read_tail
 from vmbuild.hypervisor.qmp import QMPClient
-from vmbuild.run import quote_argv, reaped, spawn
+from vmbuild.run import reaped, spawn
 
 log = logging.getLogger("vmbuild.qemu")
 

@@ -1,5 +1,6 @@
-"""A throwaway VM on a base image, for iterating on one component
-(`vmbuild component run --base BASE`) without a full build."""
+"""The throwaway VM of `vmbuild component run --base BASE`: iterate on one component
+without a full build. It lives with the command; the build's own VMs are booted by
+the stages (build.py) through the same hypervisor.guest.booted_guest."""
 
 from __future__ import annotations
 
