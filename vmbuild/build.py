@@ -139,7 +139,7 @@ def _generalize(r: Run) -> None:
     assert r.builder is not None
     generalize.generalize(r.builder, on_output=r.reporter.output)
     r.keyed("generalize", generalize.key(r.keys["components"], r.builder.user))
-    copy_console(r.builder.spec.console_log, r.logs)
+    copy_console(r.builder.spec, r.logs)
 
 
 def _convert(r: Run) -> None:
@@ -304,8 +304,9 @@ def _save_failed_logs(logs: Path, dest: Path) -> None:
             dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             shutil.copytree(logs, dest, dirs_exist_ok=True)
             dest.chmod(0o700)
-        for console in logs.parent.glob("work-*/*-console.log"):
-            shutil.copy(console, dest / console.name)
+        for pattern in ("work-*/*-console.log", "work-*/*-qemu.log"):
+            for vm_log in logs.parent.glob(pattern):
+                shutil.copy(vm_log, dest / vm_log.name)
 
 
 def _distribute(build_dir: Path, config: DistributionConfig, progress: Reporter) -> None:

@@ -79,6 +79,10 @@ class SSHError(VmbuildError):
     pass
 
 
+class SSHTimeout(SSHError):
+    """No SSH login before the deadline (a VM that boots too slowly, or not at all)."""
+
+
 class TransferError(SSHError):
     """A file could not be written to the guest intact (its disk full, the
     connection gone, or what landed differs from what was sent)."""

@@ -23,9 +23,16 @@ class VMSpec:
     console_log: Path  # serial console, kept in the run log
     workdir: Path  # sockets and pid files
 
+    @property
+    def qemu_log(self) -> Path:
+        """QEMU's own stdout and stderr (its warnings and errors), next to the console
+        log: a file, never an unread pipe that could fill up and stall QEMU."""
+        return self.console_log.parent / f"{self.name}-qemu.log"
+
 
 class Machine(Protocol):
     spec: VMSpec
+    shutdown_timeout: float  # what leaving the `with` block gives an orderly poweroff
 
     def launch(self) -> None: ...
 
@@ -65,6 +72,8 @@ class MachineContext:
     orderly shutdown, or an immediate kill when the block raised (a hung guest
     may never honour an ACPI powerdown, and its state no longer matters)."""
 
+    shutdown_timeout = 60.0
+
     def launch(self) -> None:
         raise NotImplementedError
 
@@ -87,7 +96,7 @@ class MachineContext:
         if exc_type is not None:
             self.kill()
         else:
-            self.shutdown(timeout=60)
+            self.shutdown(timeout=self.shutdown_timeout)
 
 
 def free_port() -> int:

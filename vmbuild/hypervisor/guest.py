@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmbuild.errors import VmbuildError, VMError
+from vmbuild.errors import SSHTimeout, VmbuildError, VMError
 from vmbuild.hypervisor.accel import Accel
 from vmbuild.hypervisor.base import Machine, VMSpec, free_port
 from vmbuild.hypervisor.seed import SeedConfig, write_seed
@@ -76,28 +76,46 @@ class Guest:
         )
 
 
-def copy_console(console: Path, logs: Path) -> None:
-    """Keep a VM's serial console log with the run's logs (if the VM wrote one)."""
-    if console.exists():
-        shutil.copy(console, logs / console.name)
+def copy_console(spec: VMSpec, logs: Path) -> None:
+    """Keep a VM's serial console and QEMU's own log with the run's logs (those written)."""
+    for path in (spec.console_log, spec.qemu_log):
+        if path.exists():
+            shutil.copy(path, logs / path.name)
+
+
+def _qemu(req: GuestRequest, spec: VMSpec) -> Machine:
+    from vmbuild.hypervisor.qemu import QemuMachine
+
+    return QemuMachine(spec)
+
+
+def _libvirt(req: GuestRequest, spec: VMSpec) -> Machine:
+    # Imported only when asked for: libvirt-python is an optional extra.
+    from vmbuild.hypervisor.libvirt import LibvirtMachine
+
+    # autodestroy: libvirtd removes the domain even if vmbuild is killed,
+    # except when the user asked to keep a failed VM for debugging.
+    return LibvirtMachine(
+        spec, uri=req.libvirt_uri, network=req.libvirt_network,
+        autodestroy=not req.keep_on_failure,
+    )  # fmt: skip
+
+
+# The backends, by the name recipes, pipelines and --backend use.
+BACKENDS: dict[str, Callable[[GuestRequest, VMSpec], Machine]] = {
+    "qemu": _qemu,  # direct QEMU: the embedded default
+    "libvirt": _libvirt,
+}
 
 
 def make_machine(req: GuestRequest, spec: VMSpec) -> Machine:
-    """Backends are chosen by name; the direct QEMU one is the default."""
-    if req.backend == "qemu":
-        from vmbuild.hypervisor.qemu import QemuMachine
-
-        return QemuMachine(spec)
-    if req.backend == "libvirt":
-        from vmbuild.hypervisor.libvirt import LibvirtMachine
-
-        # autodestroy: libvirtd removes the domain even if vmbuild is killed,
-        # except when the user asked to keep a failed VM for debugging.
-        return LibvirtMachine(
-            spec, uri=req.libvirt_uri, network=req.libvirt_network,
-            autodestroy=not req.keep_on_failure,
-        )  # fmt: skip
-    raise VmbuildError(f"unknown backend {req.backend!r}", hint="use qemu or libvirt")
+    """The backend registered under `req.backend`, for `spec` (not launched yet)."""
+    try:
+        factory = BACKENDS[req.backend]
+    except KeyError:
+        known = " or ".join(BACKENDS)
+        raise VmbuildError(f"unknown backend {req.backend!r}", hint=f"use {known}") from None
+    return factory(req, spec)
 
 
 def overlay_argv(base: Path, base_format: str, overlay: Path, size: int | None) -> list[str]:
@@ -181,15 +199,14 @@ def booted_guest(
             workdir=req.workdir,
         )
         machine = make_machine(req, spec)
+        machine.shutdown_timeout = req.accel.timeout(POWEROFF)
         status(f"booting the {req.role} VM ({req.accel.kind}, {req.backend})")
         guest: Guest | None = None
         try:
-            machine.launch()
-            ssh = SSHSession.connect(
-                "127.0.0.1", spec.ssh_port, req.user, key_path, host_key.public_openssh,
-                timeout=req.accel.timeout(BOOT_TO_SSH),
-                alive=Watchdog(machine, spec.console_log, from_start=True).check,
-            )  # fmt: skip
+            # The backend's own context: launched here; on leaving the stack an
+            # orderly shutdown, or a kill when an error unwinds it.
+            stack.enter_context(machine)
+            ssh = _connect(req, spec, machine, key_path, host_key)
             guest = Guest(machine, ssh, spec, client_key, key_path, host_key, req.user)
             stack.callback(ssh.close)
             status(f"waiting for cloud-init in the {req.role} VM")
@@ -202,11 +219,26 @@ def booted_guest(
                 destroy = getattr(machine, "destroy_command", None)
                 if destroy:
                     log.error("remove it afterwards with: %s", destroy)
-                raise
-            machine.kill()
             raise
-        else:
-            machine.shutdown(timeout=req.accel.timeout(POWEROFF))
+
+
+def _connect(
+    req: GuestRequest, spec: VMSpec, machine: Machine, key_path: Path, host_key: KeyPair
+) -> SSHSession:
+    """Log in once the guest has booted; a boot that never gets there raises with the
+    serial console's tail, which shows how far it got."""
+    try:
+        return SSHSession.connect(
+            "127.0.0.1", spec.ssh_port, req.user, key_path, host_key.public_openssh,
+            timeout=req.accel.timeout(BOOT_TO_SSH),
+            alive=Watchdog(machine, spec.console_log, from_start=True).check,
+        )  # fmt: skip
+    except SSHTimeout as exc:
+        raise VMError(
+            f"{spec.name} did not boot to SSH: {exc}",
+            console_tail=machine.console_tail(),
+            hint=f"the whole console is kept as {spec.console_log.name} in the run log",
+        ) from None
 
 
 def wait_cloud_init(ssh: SSHSession, timeout: float, machine: Machine) -> None:

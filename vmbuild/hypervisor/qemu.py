@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 from vmbuild import runs
 from vmbuild.errors import VMError, quote_argv
@@ -57,6 +58,7 @@ class QemuMachine(MachineContext):
     def __init__(self, spec: VMSpec) -> None:
         self.spec = spec
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
         self.argv = qemu_argv(spec)
 
     def launch(self) -> None:
@@ -64,7 +66,8 @@ class QemuMachine(MachineContext):
             raise VMError(f"{self.spec.name} already launched")
         # Removed by a later vmbuild command if this one is killed.
         runs.own(qmp_path(self.spec))
-        self._proc = spawn(self.argv, stdout=subprocess.PIPE)
+        self._log = self.spec.qemu_log.open("ab")
+        self._proc = spawn(self.argv, stdout=self._log)
         # QEMU fails fast on bad arguments or a busy port: give it a moment so
         # the error surfaces here, with its message, rather than as a boot timeout.
         deadline = time.monotonic() + 1.0
@@ -77,8 +80,8 @@ class QemuMachine(MachineContext):
 
     def _raise_exited(self, what: str) -> None:
         assert self._proc is not None
-        out = self._proc.stdout.read().decode(errors="replace") if self._proc.stdout else ""
         rc = self._proc.wait()
+        out = read_tail(self.spec.qemu_log, 20)
         raise VMError(
             f"{self.spec.name}: QEMU {what} (exit {rc}): {out.strip()}\n"
             f"    argv: {quote_argv(self.argv)}",
@@ -149,7 +152,7 @@ class QemuMachine(MachineContext):
         assert self._proc is not None
         self._proc.wait()
         reaped(self._proc)
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
+        if self._log is not None:
+            self._log.close()
         qmp_path(self.spec).unlink(missing_ok=True)
         runs.disown(qmp_path(self.spec))

@@ -38,7 +38,7 @@ from typing import Self
 
 import paramiko
 
-from vmbuild.errors import SSHError, TransferError
+from vmbuild.errors import SSHError, SSHTimeout, TransferError
 from vmbuild.remote.base import OutputCallback, RemoteResult
 
 log = logging.getLogger("vmbuild.ssh")
@@ -176,7 +176,7 @@ class SSHSession:
                     client.close()
                     last_error = f"{type(exc).__name__}: {exc}"
             if time.monotonic() >= deadline:
-                raise SSHError(
+                raise SSHTimeout(
                     f"no SSH login to {user}@{host}:{port} within {timeout:.0f}s ({last_error})"
                 )
             time.sleep(delay)

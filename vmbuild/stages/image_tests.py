@@ -171,7 +171,7 @@ def run_image_tests(
         except StepFailed as exc:
             raise TestsFailed(f"image tests failed: {exc}") from None
         finally:
-            copy_console(guest.spec.console_log, logs)
+            copy_console(guest.spec, logs)
         if inputs.testinfra:
             *nums, junit = run_testinfra(
                 guest, inputs.testinfra, logs, env=inputs.env, on_line=reporter.output
