@@ -4,7 +4,8 @@ Release file (when it changed, which indexes it lists) and its Packages indexes.
 Layout (as apt reads it): `URI/dists/SUITE/Release` lists, with their SHA256, the
 indexes `COMPONENT/binary-ARCH/Packages{.xz,.gz,}`; each index is deb822 stanzas
 (Package, Version, Architecture, ...). Indexes listed in the Release are verified
-against its SHA256 before they are read.
+against its SHA256 before they are read. deb822 parsing and version comparison are
+python-debian's.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import lzma
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+
+from debian import deb822
 
 from vmbuild import __version__
 from vmbuild.debian import version as debversion
@@ -82,34 +85,20 @@ class Release:
         }
 
 
-def _strip_clearsign(text: str) -> str:
-    """The signed text of an InRelease file (the PGP armour removed, unverified)."""
-    if not text.startswith("-----BEGIN PGP SIGNED MESSAGE-----"):
-        return text
-    body = text.split("\n\n", 1)[1] if "\n\n" in text else ""
-    return body.split("\n-----BEGIN PGP SIGNATURE-----", 1)[0]
-
-
 def parse_release(url: str, data: bytes) -> Release:
-    """Parse a Release (or InRelease) file: Date and the SHA256 list of index files."""
-    text = _strip_clearsign(data.decode("utf-8", "replace"))
+    """Parse a Release (or clearsigned InRelease) file: Date and the SHA256 list of
+    index files (python-debian's deb822; the signature is stripped, not verified)."""
+    release = deb822.Release(data, encoding="utf-8")
     date = None
+    if (text := release.get("Date")) is not None:
+        try:
+            date = email.utils.parsedate_to_datetime(text.strip()).astimezone(UTC)
+        except (TypeError, ValueError):
+            log.warning("%s: unparsable Date %r", url, text.strip())
     files: dict[str, tuple[str, int]] = {}
-    in_sha256 = False
-    for line in text.splitlines():
-        if line.startswith((" ", "\t")):
-            if in_sha256:
-                parts = line.split()
-                if len(parts) == 3 and parts[1].isdigit():
-                    files[parts[2]] = (parts[0].lower(), int(parts[1]))
-            continue
-        key, _, value = line.partition(":")
-        in_sha256 = key == "SHA256"
-        if key == "Date":
-            try:
-                date = email.utils.parsedate_to_datetime(value.strip()).astimezone(UTC)
-            except (TypeError, ValueError):
-                log.warning("%s: unparsable Date %r", url, value.strip())
+    for entry in release.get("SHA256") or []:
+        if str(entry.get("size", "")).isdigit():
+            files[entry["name"]] = (entry["sha256"].lower(), int(entry["size"]))
     return Release(url, hashlib.sha256(data).hexdigest(), date, files)
 
 
@@ -129,31 +118,25 @@ def fetch_release(uri: str, suite: str, fetch: Fetch = fetch_url) -> Release:
             raise VmbuildError(f"{base}: no Release or InRelease file") from None
 
 
-def iter_stanzas(lines: Iterable[str]) -> Iterator[dict[str, str]]:
-    """deb822 stanzas as {field: first-line value}; continuation lines are skipped."""
-    stanza: dict[str, str] = {}
-    for line in lines:
-        if not line.strip():
-            if stanza:
-                yield stanza
-                stanza = {}
-            continue
-        if line[0] in " \t":
-            continue
-        key, sep, value = line.partition(":")
-        if sep:
-            stanza[key] = value.strip()
-    if stanza:
-        yield stanza
+def iter_stanzas(
+    lines: Iterable[str], fields: Sequence[str] | None = None
+) -> Iterator[dict[str, str]]:
+    """deb822 stanzas (python-debian) as {field: first line of its value}: a
+    Description's continuation lines are not needed here. `fields`: only those."""
+    wanted = list(fields) if fields is not None else None
+    paragraphs = deb822.Deb822.iter_paragraphs(lines, fields=wanted, use_apt_pkg=False)
+    for paragraph in paragraphs:
+        yield {key: value.split("\n", 1)[0].strip() for key, value in paragraph.items()}
 
 
 PackageKey = tuple[str, str]  # (name, architecture)
+INDEX_FIELDS = ("Package", "Version", "Architecture")  # all a version check reads
 
 
 def newest_in_index(lines: Iterable[str], wanted: set[str] | None = None) -> dict[PackageKey, str]:
     """The highest version of each (package, architecture) in a Packages index."""
     newest: dict[PackageKey, str] = {}
-    for stanza in iter_stanzas(lines):
+    for stanza in iter_stanzas(lines, INDEX_FIELDS):
         name, version = stanza.get("Package"), stanza.get("Version")
         if not name or not version or (wanted is not None and name not in wanted):
             continue
