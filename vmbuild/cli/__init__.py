@@ -42,6 +42,8 @@ VERB_MODULES = (
     "verify",
     "bundle",
     "scan",
+    "init",
+    "completion",
 )
 
 
