@@ -14,7 +14,7 @@ from vmbuild.errors import VmbuildError
 
 
 def add_parser(sub: SubParsers) -> None:
-    base = sub.add_parser("base", help="base images: build, fetch, list").add_subparsers(
+    base = sub.add_parser("base", help="base images: build, fetch, list, rm, prune").add_subparsers(
         dest="base_verb", required=True, metavar="ACTION"
     )
     bb = verb(base, "build", cmd_base_build, "build a base image offline (mmdebstrap)")
