@@ -35,6 +35,7 @@ VERB_MODULES = (
     "images",
     "component",
     "toe",
+    "import_",
     "distribute",
     "pipeline",
     "doctor",

@@ -43,6 +43,12 @@ from vmbuild.config.loader import FieldError, config_error
 from vmbuild.errors import ConfigError
 
 TEMPLATE_VARIABLES = ("name", "version", "build", "build_date")
+# Image Builder's own names for them, accepted as they are written in AWS's
+# distribution settings (`{{ imagebuilder:buildDate }}`, `{{ imagebuilder:buildVersion }}`).
+IMAGE_BUILDER_VARIABLES = {
+    "imagebuilder:buildDate": "build_date",
+    "imagebuilder:buildVersion": "build",
+}
 DEFAULT_AMI_NAME = "{{ name }}-{{ version }}-{{ build }}"
 _TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_:]+)\s*\}\}")
 # EC2's rule for AMI names (RegisterImage/CopyImage): 3-128 of these characters.
@@ -286,14 +292,14 @@ class DistributionConfig(_Model):
 def check_template(template: str) -> None:
     """Raise ValueError when `template` uses a variable vmbuild does not provide."""
     for match in _TEMPLATE.finditer(template):
-        if match[1] not in TEMPLATE_VARIABLES:
+        if match[1] not in TEMPLATE_VARIABLES and match[1] not in IMAGE_BUILDER_VARIABLES:
             known = ", ".join("{{ " + v + " }}" for v in TEMPLATE_VARIABLES)
             raise ValueError(f"unknown variable {{{{ {match[1]} }}}} (known: {known})")
 
 
 def render_template(template: str, variables: Mapping[str, str]) -> str:
     """Substitute `{{ name }}`-style variables (validated at load time)."""
-    return _TEMPLATE.sub(lambda m: variables[m[1]], template)
+    return _TEMPLATE.sub(lambda m: variables[IMAGE_BUILDER_VARIABLES.get(m[1], m[1])], template)
 
 
 def ami_name_problem(name: str) -> str | None:
