@@ -4,7 +4,8 @@ Messages carry user and guest text (paths, image refs like `NAME[/VERSION]`, con
 component output), so rich markup is switched off on every console: a `[` in a message can
 neither crash the printer (MarkupError) nor make `[name]` vanish. Colour is applied with
 explicit `Text` styles instead. When output is not a terminal, lines are never wrapped or
-cut to 80 columns: paths and sha256 digests stay whole and copy-pasteable.
+cut to 80 columns, and on a terminal long lines are left to the terminal to wrap: paths
+and sha256 digests stay whole and copy-pasteable.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def make_console(file: TextIO | None = None, *, stderr: bool = False) -> Console
         highlight=False,
         emoji=False,
         width=None if tty else PIPE_WIDTH,
-        soft_wrap=not tty,
+        # Lines are never broken by vmbuild, not even on a terminal: the terminal wraps
+        # them, so a path or digest copied from the screen stays one word.
+        soft_wrap=True,
     )
 
 
