@@ -38,6 +38,7 @@ VERB_MODULES = (
     "import_",
     "distribute",
     "pipeline",
+    "scale",
     "doctor",
     "key",
     "verify",

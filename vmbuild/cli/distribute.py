@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tarfile
 from pathlib import Path
@@ -108,9 +109,14 @@ def _looks_like_recipe(data: dict[Any, Any]) -> bool:
 
 
 def _resolve(args: argparse.Namespace) -> Path:
+    from vmbuild.scaleout.artifacts import is_s3, local_copy
     from vmbuild.stages.store import resolve
 
-    return resolve(paths.store_dir(getattr(args, "store", None)), args.image)
+    location = getattr(args, "store", None) or os.environ.get("VMBUILD_STORE")
+    if is_s3(location):
+        assert location is not None
+        return local_copy(location, args.image, paths.cache_dir())
+    return resolve(paths.store_dir(location), args.image)
 
 
 def _printer(quiet: bool) -> Any:

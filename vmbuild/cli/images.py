@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from rich.table import Table
@@ -39,6 +40,11 @@ def add_parser(sub: SubParsers) -> None:
 def cmd_images_list(args: argparse.Namespace) -> int:
     from vmbuild.stages import store
 
+    if _on_s3(args):
+        from vmbuild.cli.scale import cmd_images_s3
+
+        return cmd_images_s3(args, "list")
+
     rows = [store.summary(b) for b in store.builds(paths.store_dir(args.store))]
 
     def human() -> None:
@@ -57,6 +63,11 @@ def cmd_images_list(args: argparse.Namespace) -> int:
 
 def cmd_images_show(args: argparse.Namespace) -> int:
     from vmbuild.stages import store
+
+    if _on_s3(args):
+        from vmbuild.cli.scale import cmd_images_s3
+
+        return cmd_images_s3(args, "show")
 
     build_dir = store.resolve(paths.store_dir(args.store), args.ref)
     if args.json:
@@ -79,6 +90,11 @@ def cmd_images_show(args: argparse.Namespace) -> int:
 def cmd_images_rm(args: argparse.Namespace) -> int:
     from vmbuild.stages import store
 
+    if _on_s3(args):
+        from vmbuild.cli.scale import cmd_images_s3
+
+        return cmd_images_s3(args, "rm")
+
     store_dir = paths.store_dir(args.store)
     build_dir = store.resolve(store_dir, args.ref)
     ref = store.summary(build_dir)["ref"]
@@ -86,6 +102,13 @@ def cmd_images_rm(args: argparse.Namespace) -> int:
         raise VmbuildError(f"{ref} not removed", hint="answer y, or pass --yes")
     store.remove(store_dir, build_dir)
     return out(args, {"removed": str(build_dir), "ref": ref}, lambda: print(f"removed {ref}"))
+
+
+def _on_s3(args: argparse.Namespace) -> bool:
+    """An S3 store (`--store s3://...`, $VMBUILD_STORE) goes to the scale-out verbs."""
+    from vmbuild.scaleout.artifacts import is_s3
+
+    return is_s3(args.store or os.environ.get("VMBUILD_STORE"))
 
 
 def _confirm(question: str) -> bool:

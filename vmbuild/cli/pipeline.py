@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,15 +17,27 @@ from rich.text import Text
 
 from vmbuild import console, paths
 from vmbuild.errors import VmbuildError
+from vmbuild.pipeline.history import STATUSES
 
 Handler = Callable[[argparse.Namespace], int]
 EXIT_CHANGED, EXIT_UNCHANGED, EXIT_CHECK_FAILED = 0, 1, 2
 
 
 def _history_path(args: argparse.Namespace) -> Path:
-    from vmbuild.pipeline.history import default_path
+    """The history as a SQLite file (exports write it into units); a URL is refused."""
+    from vmbuild.pipeline.history import is_url
 
-    return Path(args.history).resolve() if args.history else default_path().resolve()
+    location = _history(args)
+    if is_url(location):
+        raise VmbuildError(f"{location}: this needs a SQLite history file, not a database URL")
+    return Path(location)
+
+
+def _history(args: argparse.Namespace) -> str:
+    """--history / $VMBUILD_HISTORY: a database URL, or a SQLite file (made absolute)."""
+    from vmbuild.cli.scale import history_location
+
+    return history_location(args.history)
 
 
 def _store(args: argparse.Namespace, loaded: Any) -> Path:
@@ -62,10 +75,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vmbuild.pipeline.runner import BUSY_REASON, EXIT_BUSY, RunContext, run_pipeline
 
     loaded = load_pipeline(Path(args.file))  # validated before anything runs
-    history_path = _history_path(args)
-    with History(history_path) as history:
+    with History(_history(args)) as history:
         ctx = RunContext(
-            history, _store(args, loaded), history_path.parent, quiet=args.quiet or args.json,
+            history, _store(args, loaded), history.state_dir, quiet=args.quiet or args.json,
             services=_services(),
         )  # fmt: skip
         record = run_pipeline(loaded, ctx, args.trigger)
@@ -99,7 +111,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     try:
         loaded = load_pipeline(Path(args.file))
-        with History(_history_path(args)) as history:
+        with History(_history(args)) as history:
             report = deps.check(loaded, history)
     except VmbuildError as exc:
         # Exit 1 means "unchanged": a check that could not even read its pipeline
@@ -198,25 +210,46 @@ def _scheduler_logging(debug: bool) -> None:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    import os
-
     from vmbuild.pipeline.history import History
-    from vmbuild.pipeline.scheduler import ProcessLauncher, Scheduler, log, scheduler_lock
+    from vmbuild.pipeline.scheduler import (
+        Launcher,
+        ProcessLauncher,
+        Scheduler,
+        log,
+        scheduler_lock,
+    )
 
     _scheduler_logging(args.debug)
-    history_path = _history_path(args)
     directory = Path(args.pipelines).resolve()
     # Resolved now: runs must not depend on the daemon's working directory.
     store = paths.store_dir(args.store).resolve()
-    with History(history_path) as history:
-        lock = scheduler_lock(history_path.parent)
+    with History(_history(args)) as history:
+        lock = scheduler_lock(history.state_dir)
         if not lock.acquire():
             raise VmbuildError(
-                f"another scheduler (pid {lock.holder()}) is using {history_path}",
+                f"another scheduler (pid {lock.holder()}) is using {history.label}",
                 hint="stop it first; two schedulers would fire every slot twice",
             )
         with lock:
-            launcher = ProcessLauncher(history_path, store, debug=args.debug)
+            launcher: Launcher
+            if args.broker:
+                from vmbuild.cli.scale import store_location
+                from vmbuild.scaleout import events
+                from vmbuild.scaleout.app import broker_url, make_app
+                from vmbuild.scaleout.submit import BrokerLauncher
+
+                broker = broker_url(args.broker)
+                launcher = BrokerLauncher(
+                    make_app(broker), history, events.connect(broker), args.queue,
+                    store_location(args.store) if args.store else None,
+                )  # fmt: skip
+            else:
+                if history.path is None:
+                    raise VmbuildError(
+                        "local runs need a SQLite history file",
+                        hint="with a shared database, give --broker: workers run the pipelines",
+                    )
+                launcher = ProcessLauncher(history.path, store, debug=args.debug)
             scheduler = Scheduler(
                 directory, history, launcher, max_parallel=args.max_parallel,
                 stop_timeout=args.stop_timeout,
@@ -224,9 +257,10 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
             scheduler.start()  # refuses to start with a broken pipeline, naming it
             looping = False
             try:
+                where = f"enqueued on {args.queue}" if args.broker else "run here"
                 log.info(
-                    "started (pid %d): %d pipeline(s) in %s, history %s",
-                    os.getpid(), len(scheduler.pipelines), directory, history_path,
+                    "started (pid %d): %d pipeline(s) in %s, history %s, runs %s",
+                    os.getpid(), len(scheduler.pipelines), directory, history.label, where,
                 )  # fmt: skip
                 looping = True
                 scheduler.run_forever()  # stops itself (cancels runs) when interrupted
@@ -241,16 +275,18 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 def cmd_runs_list(args: argparse.Namespace) -> int:
     from vmbuild.pipeline.history import History
 
-    with History(_history_path(args)) as history:
+    with History(_history(args)) as history:
         runs = history.list_runs(args.pipeline, limit=args.limit, status=args.status)
     if args.json:
         _print_json([r.to_json() for r in runs])
         return 0
     table = Table(show_edge=False)
-    columns = ("id", "pipeline", "trigger", "status", "started (UTC)", "duration", "image", "note")
+    columns = ("id", "pipeline", "trigger", "status", "started (UTC)", "duration", "worker",
+               "image", "note")  # fmt: skip
     for col in columns:
         table.add_column(col, no_wrap=col != "note")
-    style = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "skipped": "dim"}
+    style = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "skipped": "dim",
+             "queued": "cyan"}  # fmt: skip
     for r in runs:
         note = (r.error if r.status in ("failed", "cancelled") else r.reason) or ""
         note = note.splitlines()[0][:70] if note else ""
@@ -258,7 +294,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
         table.add_row(
             str(r.id), r.pipeline, r.trigger, status, _when(r),
             _duration(r.duration) if r.status != "skipped" else "-",
-            r.image or "", note,
+            r.worker or (r.queue and f"({r.queue})") or "local", r.image or "", note,
         )  # fmt: skip
     # Piped (a log, grep): wide rows rather than wrapped cells, as ps does.
     console.stdout().print(table)
@@ -268,7 +304,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
 def cmd_runs_show(args: argparse.Namespace) -> int:
     from vmbuild.pipeline.history import History
 
-    with History(_history_path(args)) as history:
+    with History(_history(args)) as history:
         r = history.get(args.id)
     if args.json:
         _print_json(r.to_json())
@@ -287,6 +323,9 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
         print(f"stage     {stage:14} {secs:8.1f}s")
     for d in r.pruned:
         print(f"pruned    {d['image']} ({d['reason']})")
+    if r.task_id:
+        print(f"queue:    {r.queue}\nworker:   {r.worker or '- (not started)'}"
+              f"\nattempts: {r.attempts}\ntask:     {r.task_id}")  # fmt: skip
     print(f"log:      {r.log_path or '-'}  (host {r.host}, pid {r.pid})")
     if r.error:
         print(f"error:    {r.error}")
@@ -298,7 +337,7 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
 def cmd_runs_logs(args: argparse.Namespace) -> int:
     from vmbuild.pipeline.history import History
 
-    with History(_history_path(args)) as history:
+    with History(_history(args)) as history:
         r = history.get(args.id)
     path = Path(r.log_path) if r.log_path else None
     if path is None or not path.is_file():
@@ -312,6 +351,23 @@ def cmd_runs_logs(args: argparse.Namespace) -> int:
         text = "\n".join(text.splitlines()[-args.tail :]) + "\n"
     sys.stdout.write(text)
     return 0
+
+
+def cmd_runs_cancel(args: argparse.Namespace) -> int:
+    from vmbuild.pipeline.history import History
+    from vmbuild.scaleout import events
+    from vmbuild.scaleout import submit as sub
+    from vmbuild.scaleout.app import broker_url, make_app
+
+    broker = broker_url(args.broker)
+    client = events.connect(broker)
+    with History(_history(args)) as history:
+        print(sub.cancel(make_app(broker), history, client, args.id), flush=True)
+        if not args.wait:
+            return 0
+        record = sub.wait(history, client, args.id, timeout=args.timeout)
+    print(f"run {record.id} {record.status}")
+    return 0 if record.status == "cancelled" else 1
 
 
 # -- parser ------------------------------------------------------------------
@@ -386,13 +442,19 @@ def add_parser(subparsers: Any) -> None:
         help="on SIGTERM, seconds to wait for cancelled builds to clean up (default 300)",
     )  # fmt: skip
     store_flag(sched)
+    sched.add_argument(
+        "--broker", help="Redis broker URL: enqueue due pipelines for workers instead of "
+        "running them here (default: $VMBUILD_BROKER when set)",
+        default=os.environ.get("VMBUILD_BROKER"),
+    )  # fmt: skip
+    sched.add_argument("--queue", default="tcg", help="queue for enqueued runs (default: tcg)")
 
     runs = subparsers.add_parser(
-        "runs", help="pipeline run history: list, show, logs"
+        "runs", help="run history (pipelines, worker runs): list, show, logs, cancel"
     ).add_subparsers(dest="runs_verb", required=True, metavar="ACTION")
     rl = verb(runs, "list", cmd_runs_list, "list pipeline runs, newest first")
     rl.add_argument("--pipeline", help="only this pipeline's runs")
-    rl.add_argument("--status", choices=["running", "succeeded", "failed", "cancelled", "skipped"])
+    rl.add_argument("--status", choices=list(STATUSES))
     rl.add_argument("--limit", type=int, default=50)
     json_flag(rl)
     rs = verb(runs, "show", cmd_runs_show, "one run: timings, artifact, AMIs, error, log tail")
@@ -401,3 +463,9 @@ def add_parser(subparsers: Any) -> None:
     rlog = verb(runs, "logs", cmd_runs_logs, "print a run's log")
     rlog.add_argument("id", type=int)
     rlog.add_argument("--tail", type=int, help="only the last N lines")
+    rc = verb(runs, "cancel", cmd_runs_cancel,
+              "cancel a queued or running worker run (from any host)")  # fmt: skip
+    rc.add_argument("id", type=int)
+    rc.add_argument("--broker", help="Redis broker URL (default: $VMBUILD_BROKER)")
+    rc.add_argument("--wait", action="store_true", help="wait until the run has stopped")
+    rc.add_argument("--timeout", type=float, default=600.0, help="for --wait (default 600 s)")

@@ -33,7 +33,7 @@ from vmbuild.debian import sources as aptsources
 from vmbuild.digest import sha256_file as _sha256_file
 from vmbuild.errors import VmbuildError
 from vmbuild.pipeline.history import History
-from vmbuild.stages import base_image, store
+from vmbuild.stages import base_image
 
 log = logging.getLogger("vmbuild.pipeline.deps")
 
@@ -250,7 +250,12 @@ def check(
     try:
         if last.artifact is None:
             raise VmbuildError("the last successful run recorded no artifact")
-        packages = [p.to_json() for p in store.load_manifest(Path(last.artifact)).packages]
+        from vmbuild.manifest import Manifest
+        from vmbuild.scaleout.artifacts import read_manifest_at
+
+        # A local build dir, or the s3:// URL a worker committed it to.
+        manifest = Manifest.from_json(read_manifest_at(last.artifact), last.artifact)
+        packages = [p.to_json() for p in manifest.packages]
     except VmbuildError as exc:
         changes.append(Change("artifact", f"the last artifact is gone: {exc}"))
     if not current["apt_sources"]:

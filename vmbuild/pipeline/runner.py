@@ -276,6 +276,25 @@ class RunContext:
     quiet: bool = False
     services: Services = field(default_factory=Services)
     use_alarm: bool = True  # SIGALRM timeouts (main thread only)
+    run_id: int | None = None  # a run already recorded (queued for a worker): reuse its row
+
+
+def _start(
+    ctx: RunContext, loaded: LoadedPipeline, trigger: str, when: datetime,
+    *, status: str = "running", reason: str | None = None,
+) -> int:  # fmt: skip
+    if ctx.run_id is None:
+        return ctx.history.start_run(
+            loaded.name, str(loaded.path), trigger, when, status=status, reason=reason
+        )
+    ctx.history.update_run(ctx.run_id, trigger=trigger, status=status, reason=reason)
+    return ctx.run_id
+
+
+def _skip(ctx: RunContext, loaded: LoadedPipeline, trigger: str, when: datetime, why: str) -> int:
+    run_id = _start(ctx, loaded, trigger, when, status="skipped", reason=why)
+    ctx.history.update_run(run_id, ended=when)
+    return run_id
 
 
 def lock_for(state_dir: Path, pipeline: str) -> PipelineLock:
@@ -295,7 +314,7 @@ def run_pipeline(loaded: LoadedPipeline, ctx: RunContext, trigger: Trigger = "ma
         busy = f"{BUSY_REASON} ({who}): this trigger is skipped"
         log.info("pipeline %s: %s", loaded.name, busy)
         now = ctx.clock.now()
-        run_id = history.record_skipped(loaded.name, str(loaded.path), trigger, now, busy)
+        run_id = _skip(ctx, loaded, trigger, now, busy)
         return history.get(run_id)
     with lock:
         stale = history.abandon_stale(
@@ -310,7 +329,7 @@ def run_pipeline(loaded: LoadedPipeline, ctx: RunContext, trigger: Trigger = "ma
             if report.changed:
                 trigger, reason = "dependency", report.summary()
             elif report.errors:
-                run_id = history.start_run(loaded.name, str(loaded.path), trigger, ctx.clock.now())
+                run_id = _start(ctx, loaded, trigger, ctx.clock.now())
                 history.update_run(
                     run_id, status="failed", ended=ctx.clock.now(),
                     error="dependency check failed: " + "; ".join(report.errors),
@@ -318,10 +337,9 @@ def run_pipeline(loaded: LoadedPipeline, ctx: RunContext, trigger: Trigger = "ma
                 return history.get(run_id)
             else:
                 since = f" since run {report.last_run}" if report.last_run else ""
-                run_id = history.record_skipped(
-                    loaded.name, str(loaded.path), trigger, ctx.clock.now(),
-                    f"no dependency changed{since}",
-                )  # fmt: skip
+                run_id = _skip(
+                    ctx, loaded, trigger, ctx.clock.now(), f"no dependency changed{since}"
+                )
                 log.info("pipeline %s: no dependency changed%s; not building", loaded.name, since)
                 return history.get(run_id)
         return _run_locked(loaded, ctx, trigger, reason)
@@ -332,7 +350,7 @@ def _run_locked(
 ) -> RunRecord:
     history = ctx.history
     started = ctx.clock.now()
-    run_id = history.start_run(loaded.name, str(loaded.path), trigger, started, reason=reason)
+    run_id = _start(ctx, loaded, trigger, started, reason=reason)
     log_path = ctx.state_dir / "logs" / loaded.name / f"run-{run_id:06d}.log"
     history.update_run(run_id, log_path=str(log_path))
     tests = loaded.pipeline.tests

@@ -245,7 +245,11 @@ class Scheduler:
             self.history.update_run(run_id, status="failed", ended=now, error=error)
             return
         self.running[p.name] = handle
-        log.info("%s: started a run (pid %d): %s", p.name, handle.pid, why)
+        remote = getattr(handle, "run_id", None)
+        started = (
+            f"queued run {remote}" if remote is not None else f"started a run (pid {handle.pid})"
+        )
+        log.info("%s: %s: %s", p.name, started, why)
 
     def _reap(self) -> None:
         for name, handle in list(self.running.items()):
@@ -254,7 +258,10 @@ class Scheduler:
                 continue
             del self.running[name]
             # The run this process recorded (a manual run may have been recorded since).
-            mine = [r for r in self.history.list_runs(name, limit=20) if r.pid == handle.pid]
+            # (A run on a worker is known by its run id.)
+            run_id = getattr(handle, "run_id", None)
+            mine = [r for r in self.history.list_runs(name, limit=20)
+                    if r.id == run_id or (run_id is None and r.pid == handle.pid)]  # fmt: skip
             outcome = f"run {mine[0].id} {mine[0].status}" if mine else "no run recorded"
             if mine and mine[0].error:
                 outcome += f": {mine[0].error.splitlines()[0]}"

@@ -169,3 +169,60 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
         assert len(runs) == 4 * per_writer
         assert all(r.status == "succeeded" for r in runs)
         assert h.schedule_state("p3") == ("k", T0 + timedelta(minutes=per_writer - 1))
+
+
+V1_SCHEMA = """
+CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, pipeline TEXT NOT NULL,
+  pipeline_file TEXT, trigger TEXT NOT NULL, status TEXT NOT NULL, reason TEXT,
+  started TEXT NOT NULL, ended TEXT, timings TEXT, artifact TEXT, image TEXT, ami_ids TEXT,
+  log_path TEXT, error TEXT, log_tail TEXT, deps TEXT, pruned TEXT, pid INTEGER, host TEXT);
+CREATE TABLE scheduler_state (pipeline TEXT PRIMARY KEY, schedule TEXT NOT NULL,
+  last_slot TEXT NOT NULL, updated TEXT NOT NULL);
+INSERT INTO runs (pipeline, trigger, status, started, timings)
+  VALUES ('old', 'manual', 'succeeded', '2026-06-01T12:00:00.000000Z', '{"build": 1.5}');
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(V1_SCHEMA)
+    db.close()
+    with History(path) as h:
+        [old] = h.list_runs()
+        assert (old.pipeline, old.timings, old.worker, old.attempts) == (
+            "old",
+            {"build": 1.5},
+            None,
+            0,
+        )
+        new = h.start_run("p", None, "manual", T0, status="queued", kind="build", queue="tcg")
+        assert (h.get(new).kind, h.get(new).queue) == ("build", "tcg")
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+
+
+def test_transition_applies_only_from_the_given_states(history: History) -> None:
+    run_id = history.start_run("p", None, "manual", T0, status="queued")
+    claimed = history.transition(run_id, ("queued",), status="running", worker="w1", heartbeat=T0)
+    assert claimed is not None and (claimed.status, claimed.worker, claimed.heartbeat) == (
+        "running",
+        "w1",
+        T0,
+    )
+    assert history.transition(run_id, ("queued",), status="running", worker="w2") is None
+    # A takeover only when the lease is the one that was seen (compare-and-set).
+    stale = T0 + timedelta(seconds=1)
+    assert (
+        history.transition(run_id, ("running",), expect={"heartbeat": stale}, worker="w2") is None
+    )
+    taken = history.transition(run_id, ("running",), expect={"heartbeat": T0}, worker="w2")
+    assert taken is not None and taken.worker == "w2"
+    assert history.get(run_id).worker == "w2"
+
+
+def test_abandon_stale_leaves_worker_runs_to_their_lease(history: History) -> None:
+    local = history.start_run("p", None, "manual", T0)
+    remote = history.start_run("p", None, "manual", T0, task_id="t-1", kind="build")
+    assert history.abandon_stale("p", T0, "died") == [local]
+    assert history.get(remote).status == "running"
