@@ -42,6 +42,7 @@ format: venv
 bench: setup
 	$(BIN)/python bench/bench_build.py
 	@if [ -f bench/bench_publish.py ]; then $(BIN)/python bench/bench_publish.py; fi
+	$(BIN)/python bench/bench_scaleout.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -120,7 +120,7 @@ def _run(record: RunRecord, history: History, publish: Any, parent: int, log_pat
         elif record.kind == "build":
             fields = _build(record, progress)
         elif record.kind == "pipeline":
-            return _pipeline(record, history, progress)
+            return _pipeline(record, history, parent)
         else:
             raise VmbuildError(f"run {record.id}: unknown kind {record.kind!r}")
         status = "succeeded"
@@ -205,7 +205,7 @@ def _build(record: RunRecord, progress: Progress) -> dict[str, Any]:
     return {"artifact": location, "image": m.ref}
 
 
-def _pipeline(record: RunRecord, history: History, progress: Progress) -> int:
+def _pipeline(record: RunRecord, history: History, parent: int) -> int:
     from vmbuild.config.pipeline import load_pipeline
     from vmbuild.pipeline.runner import RunContext, run_pipeline
 
@@ -216,7 +216,15 @@ def _pipeline(record: RunRecord, history: History, progress: Progress) -> int:
                            "workers; S3 stores take `vmbuild submit RECIPE` builds")  # fmt: skip
     store = Path(options.get("store") or loaded.store or paths.store_dir())
     ctx = RunContext(history, store, history.state_dir, quiet=True, run_id=record.id)
-    result = run_pipeline(loaded, ctx, record.trigger)  # type: ignore[arg-type]
+    try:
+        result = run_pipeline(loaded, ctx, record.trigger)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        if os.getppid() != parent:
+            # The runner recorded `cancelled`; the worker is gone, so the run is not
+            # over: back to `running` with a lapsing lease, for the redelivery.
+            history.transition(record.id, ("cancelled",), status="running", ended=None,
+                               error=None)  # fmt: skip
+        raise
     return 0 if result.status in ("succeeded", "skipped") else 1
 
 
