@@ -129,7 +129,9 @@ def test_a_build_survives_the_loss_of_its_worker(
             s3 = boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1",
                               aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
             keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]]
-            assert [k for k in keys if k.endswith("manifest.json")] == [f"team/{done.image}/manifest.json"]
+            assert [k for k in keys if k.endswith("manifest.json")] == [
+                f"team/{done.image}/manifest.json"
+            ]
             assert not qemu_pids(a.cache) and not qemu_pids(b.cache)
             assert not list((b.cache / "store-staging").rglob("*.qcow2"))
             shown = vmbuild("runs", "show", str(run_id), env=env, timeout=120)
