@@ -163,6 +163,20 @@ def test_a_failing_task_is_recorded_with_its_error(cluster: Cluster) -> None:
     run_id = int(proc.stdout.split()[1])
     assert f"error: run {run_id} failed: disk full (ENOSPC)" in proc.stderr
     assert f"run {run_id} failed on w2@test" in proc.stdout
+    # Seen from a host without the worker's files: the log comes from the run's events.
+    with History(cluster.history) as h:
+        log_path = Path(h.get(run_id).log_path or "")
+    assert log_path.is_relative_to(cluster.root / "w2" / "cache")
+    log_path.unlink()
+    logs = cluster.vmbuild("runs", "logs", str(run_id))
+    assert logs.returncode == 0, logs.stderr
+    assert f"the log is on w2@test ({log_path})" in logs.stderr
+    lines = [line.split(" ", 2)[2] for line in logs.stdout.splitlines()]
+    assert lines == ["start  started on w2@test (attempt 1)",
+                     "stage  stage noop started: no-VM task (0.0s)",
+                     "status on w2@test",
+                     "stage  stage noop failed: no-VM task (0.0s) (0.0s)",
+                     "end    failed: disk full (ENOSPC)"]  # fmt: skip
 
 
 def test_the_scheduler_enqueues_a_due_pipeline(cluster: Cluster, tmp_path: Path) -> None:

@@ -62,8 +62,14 @@ def load_from_args(args: argparse.Namespace) -> LoadedRecipe:
 
 
 def plan_options(args: argparse.Namespace) -> BuildOptions:
+    from vmbuild.errors import VmbuildError
     from vmbuild.plan import BuildOptions
 
+    if (args.store or "").startswith("s3://"):
+        raise VmbuildError(
+            f"--store {args.store}: a local build writes to a directory",
+            hint="workers build to S3: vmbuild submit RECIPE --store " + args.store,
+        )
     return BuildOptions(store=paths.store_dir(args.store), **settings.cli_values(args))
 
 

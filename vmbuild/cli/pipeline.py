@@ -340,7 +340,15 @@ def cmd_runs_logs(args: argparse.Namespace) -> int:
     with History(_history(args)) as history:
         r = history.get(args.id)
     path = Path(r.log_path) if r.log_path else None
-    if path is None or not path.is_file():
+    broker = os.environ.get("VMBUILD_BROKER")
+    if (path is None or not path.is_file()) and r.task_id and broker:
+        # A worker's run: its log is on that host; its events are in the broker.
+        from vmbuild.scaleout import events
+
+        print(f"# the log is on {r.worker or r.host} ({path}); the run's events:",
+              file=sys.stderr)  # fmt: skip
+        text = "".join(events.render(e) for e in events.history(events.connect(broker), r.id))
+    elif path is None or not path.is_file():
         if not r.log_tail:
             raise VmbuildError(f"run {r.id} has no log ({r.status}: {r.reason or r.error or '-'})")
         print(f"# {path or 'the log'} is gone; the tail recorded with the run:", file=sys.stderr)

@@ -74,6 +74,30 @@ def follow(client: Any, run_id: int, *, block_ms: int = 5000) -> Iterator[dict[s
                 return
 
 
+def history(client: Any, run_id: int) -> list[dict[str, Any]]:
+    """The events a run has published so far (oldest first)."""
+    return [json.loads(data["event"]) for _id, data in client.xrange(events_key(run_id))]
+
+
+def render(event: dict[str, Any]) -> str:
+    """One event as a log line (time, kind, what it says)."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(event["time"]))
+    kind = event["kind"]
+    if kind == "stage":
+        secs = event.get("seconds")
+        took = f" ({secs:.1f}s)" if isinstance(secs, int | float) else ""
+        what = f"stage {event['stage']} {event['state']}: {event['title']}{took}"
+    elif kind in ("status", "output"):
+        what = str(event["text"])
+    elif kind == "start":
+        what = f"started on {event['worker']} (attempt {event['attempt']})"
+    elif kind == "end":
+        what = f"{event['status']}" + (f": {event['error']}" if event.get("error") else "")
+    else:
+        what = json.dumps(event)
+    return f"{when} {kind:6} {what}\n"
+
+
 def request_cancel(client: Any, run_id: int) -> None:
     pipe = client.pipeline()
     pipe.rpush(cancel_key(run_id), "cancel")
