@@ -34,7 +34,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from vmbuild.errors import VmbuildError
 from vmbuild.secrets import mask, mask_json
-from vmbuild.secrets import mask, mask_json
 
 Trigger = Literal["manual", "schedule", "dependency"]
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled", "skipped"]
