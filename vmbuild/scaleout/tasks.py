@@ -124,7 +124,7 @@ def _finish_cancelled(history: History, run_id: int, publish: Any, why: str) -> 
 def _run_child(cfg: dict[str, Any], history: History, client: Any, run_id: int) -> tuple[int, bool]:
     """Run the child to its end, refreshing the lease; relay a cancel as SIGTERM to its
     process group (then SIGKILL after STOP_TIMEOUT). Its exit code and whether cancelled."""
-    from vmbuild.run import spawn
+    from vmbuild.run import reaped, spawn
 
     cache = Path(cfg["cache_dir"])
     log_dir = cache / "worker-logs"
@@ -170,7 +170,9 @@ def _run_child(cfg: dict[str, Any], history: History, client: Any, run_id: int) 
         raise
     finally:
         client.delete(wake)
-    return proc.wait(), cancelled
+    code = proc.wait()
+    reaped(proc)
+    return code, cancelled
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
