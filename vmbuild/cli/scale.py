@@ -109,7 +109,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             raise VmbuildError("submit what?", hint="vmbuild submit RECIPE|PIPELINE")
         file = Path(args.file)
         kind, name, queue = _what(file, args.queue)
-        options.update(accel=args.accel, skip_tests=args.skip_tests)
+        options.update(accelerator=args.accelerator, skip_tests=args.skip_tests)
     app, client = _app(args)
     with History(history_location(args.history)) as history:
         sent = sub.submit(app, history, kind=kind, name=name, queue=queue, file=file,
@@ -247,7 +247,8 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--queue", help="default: tcg (kvm for a pipeline asking for KVM)")
     s.add_argument("--wait", action="store_true", help="follow the run's progress to its end")
     s.add_argument("--store", help="artifact store: a directory or s3://BUCKET/PREFIX")
-    s.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
+    s.add_argument("--accelerator", "--accel", choices=["auto", "kvm", "tcg"],
+                   help="default: the recipe's, else auto")  # fmt: skip
     s.add_argument("--skip-tests", action="store_true", help="do not boot the test VM")
     s.add_argument(
         "--noop",

@@ -191,7 +191,7 @@ def _build(record: RunRecord, progress: Progress) -> dict[str, Any]:
     remote = artifacts.is_s3(options["store"])
     local_root = artifacts.staging_dir(paths.cache_dir()) if remote else Path(options["store"])
     opts = BuildOptions(
-        store=local_root, accel=options.get("accel", "auto"),
+        store=local_root, accelerator=options.get("accelerator"),
         skip_tests=bool(options.get("skip_tests")), distribute=False,
     )  # fmt: skip
     result = build(loaded, opts, progress)
