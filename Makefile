@@ -40,7 +40,8 @@ format: venv
 	$(BIN)/ruff check --fix vmbuild tests bench
 
 bench: setup
-	$(BIN)/python bench/bench_build.py
+	$(BIN)/python bench/bench_build.py --rounds 2
+	$(BIN)/python bench/bench_rebuild.py
 	@if [ -f bench/bench_publish.py ]; then $(BIN)/python bench/bench_publish.py; fi
 	$(BIN)/python bench/bench_scaleout.py
 

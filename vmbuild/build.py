@@ -14,28 +14,39 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from vmbuild import __version__, preflight, runs
-from vmbuild.cache import aptproxy
+from vmbuild.cache import aptproxy, checkpoints
 from vmbuild.config.distribution import DistributionConfig
 from vmbuild.config.recipe import LoadedRecipe, UrlBase
 from vmbuild.diskfs.scrub import Needle
-from vmbuild.errors import VmbuildError
+from vmbuild.errors import StepFailed, VmbuildError
 from vmbuild.hypervisor import accel as accel_mod
 from vmbuild.hypervisor.guest import Guest, booted_guest, copy_console
 from vmbuild.log import run_log
-from vmbuild.manifest import BaseRecord, Manifest, RecipeRecord
+from vmbuild.manifest import BaseRecord, Manifest, Package, RecipeRecord
 from vmbuild.plan import BUILDER_USER, TEST_USER, BuildOptions, BuildPlan
 from vmbuild.progress import Reporter
-from vmbuild.stages import base_image, components, convert, generalize, image_tests, sbom, store
-from vmbuild.stages.key import StageKey
+from vmbuild.stages import (
+    base_image,
+    components,
+    convert,
+    generalize,
+    image_tests,
+    resume,
+    sbom,
+    store,
+)
+from vmbuild.stages.key import StageKey, stage_key
 from vmbuild.stages.verify import builder_needles, check_generalized, register_secrets
 from vmbuild.supply.stage import attest_stage
 
@@ -71,6 +82,10 @@ class Run:
     manifest: dict[str, Any] | None = None  # manifest.json as written, provenance included
     final_dir: Path | None = None
     guest_proxy: str | None = None  # the host package cache as guests reach it
+    ck: resume.Checkpointing | None = None  # None: --no-cache, or a backend without layers
+    top: Path | None = None  # the builder disk's current top file (layers are cut below it)
+    builder_pubkey: str = ""  # checked gone from the image (from the cache when resumed)
+    rest: Future[convert.Converted] | None = None  # the formats converted in the background
     timings: dict[str, float] = field(default_factory=dict)  # seconds per finished stage
     # What each stage's output is a function of (stages/key.py): a checkpoint
     # cache keys on these; the run log records them.
@@ -96,6 +111,43 @@ def _base(r: Run) -> None:
     r.keyed("base", base_image.key(r.base, loaded.recipe.disk_size))
     r.accel = accel_mod.choose(r.plan.accel_mode, (r.base.path, r.base.format), r.work)
     r.reporter.status(f"accelerator: {r.accel.kind} ({r.accel.reason})")
+    _open_checkpoints(r)
+
+
+def _open_checkpoints(r: Run) -> None:
+    assert r.base is not None
+    plan = r.plan
+    if not plan.use_checkpoints:
+        r.reporter.status("checkpoints: off (--no-cache)")
+        return
+    if plan.backend != "qemu":
+        r.reporter.status(f"checkpoints: not available on the {plan.backend} backend")
+        return
+    store = r.stack.enter_context(checkpoints.CheckpointStore(warn=r.reporter.status))
+    spec = plan.loaded.recipe.base
+    release = base_image.RELEASES.get(spec) if isinstance(spec, str) else None
+    root = resume.root_key(
+        r.keys["base"], memory=plan.memory, cpus=plan.cpus,
+        mirror=resume.mirror_state(plan.mirror, release),
+    )  # fmt: skip
+    chain = resume.chain(root, plan.documents)
+    final = stage_key(
+        "checkpoint-generalize", disk=(chain[-1] if chain else root).digest,
+        script=generalize.generalize_script(BUILDER_USER),
+    )  # fmt: skip
+    r.ck = resume.Checkpointing(
+        store, base_path=r.base.path, base_sha256=r.base.sha256, base_format=r.base.format,
+        root=root, chain=chain, names=[d.name for d in plan.documents], final_key=final,
+    )  # fmt: skip
+    if r.ck.generalized is not None:
+        r.reporter.status("checkpoints: the generalized disk is cached; no builder VM needed")
+    elif r.ck.resumed:
+        r.reporter.status(
+            f"checkpoints: resuming after component {r.ck.resumed[-1].label} "
+            "(booting from its disk layer; the running VM is not restored)"
+        )
+    else:
+        r.reporter.status("checkpoints: none match; saving one after each component")
 
 
 def _package_cache(r: Run) -> None:
@@ -111,54 +163,154 @@ def _package_cache(r: Run) -> None:
 def _builder(r: Run) -> None:
     assert r.base is not None and r.accel is not None
     _package_cache(r)
+    if r.ck is not None and r.ck.generalized is not None:
+        r.builder_pubkey = str(r.ck.generalized.meta["data"]["builder_pubkey"])
+        return
+    disk, fmt = r.base.path, r.base.format
+    start = r.ck.start_disk() if r.ck is not None else None
+    if start is not None:
+        disk, fmt = start, "qcow2"
     req = r.plan.guest(
-        "builder", r.base.path, r.base.format, r.plan.loaded.recipe.disk_size, r.accel, r.work,
+        "builder", disk, fmt, r.plan.loaded.recipe.disk_size, r.accel, r.work,
         apt_proxy=r.guest_proxy,
     )  # fmt: skip
     r.builder = r.stack.enter_context(booted_guest(req, on_status=r.reporter.status))
+    r.top = r.builder.spec.disk
+    r.builder_pubkey = r.builder.client_key.public_openssh
 
 
 def _components(r: Run) -> None:
-    assert r.builder is not None
-    r.applied = components.apply(
-        r.plan.documents, r.builder.ssh, phases=["build", "validate"],
-        results_dir=r.logs / "components", on_output=r.reporter.output,
-        working_directory=r.plan.loaded.recipe.working_directory,
-    )  # fmt: skip
+    done = r.ck.resumed if r.ck is not None else []
+    r.applied = [components.Applied.from_json(cp.meta["data"]["applied"]) for cp in done]
+    if r.ck is None or r.ck.generalized is None:
+        assert r.builder is not None
+        for index, doc in enumerate(r.plan.documents):
+            if index < len(done):
+                r.reporter.status(f"{doc.name}: from checkpoint {done[index].label}")
+                continue
+            while True:
+                try:
+                    applied = components.apply(
+                        [doc], r.builder.ssh, phases=["build", "validate"], first_index=index,
+                        results_dir=r.logs / "components", on_output=r.reporter.output,
+                        working_directory=r.plan.loaded.recipe.working_directory,
+                    )  # fmt: skip
+                    break
+                except StepFailed as exc:
+                    if r.plan.on_error != "ask" or not _ask_retry(r, exc):
+                        raise
+            r.applied.extend(applied)
+            _checkpoint(r, index, applied[0].to_json() if applied else {})
     chain = components.keys(r.keys["base"], r.plan.documents, ["build", "validate"])
     r.keyed("components", chain[-1] if chain else r.keys["base"])
 
 
+def _ask_retry(r: Run, exc: StepFailed) -> bool:
+    """--on-error=ask: True to run the failed component again, False to abort.
+
+    The checkpoints saved so far stay either way: a rebuild after fixing the
+    component starts from the last good one.
+    """
+    assert r.builder is not None
+    if not sys.stdin.isatty():
+        r.reporter.status("--on-error=ask: no terminal to ask on; aborting")
+        return False
+    while True:
+        r.reporter.status(f"failed: {exc}")
+        answer = input("[r]etry the component, open a [s]hell, or [a]bort? ").strip().lower()
+        if answer.startswith("r"):
+            return True
+        if answer.startswith("a") or not answer:
+            return False
+        if answer.startswith("s"):
+            print(f"the builder VM: {r.builder.ssh_hint()}", flush=True)
+            input("press Enter when done ")
+
+
+def _checkpoint(r: Run, index: int, applied: dict[str, Any]) -> None:
+    """Cut the builder's disk below a new top file and keep the cut layer."""
+    if r.ck is None or not r.ck.usable or r.builder is None or r.top is None:
+        return
+    cut = getattr(r.builder.machine, "cut_layer", None)
+    if cut is None:
+        return
+    start = time.monotonic()
+    layer, new_top = r.top, r.work / f"builder-{index + 1}.qcow2"
+    try:
+        with r.builder.ssh.frozen():
+            cut(new_top)
+    except (VmbuildError, OSError) as exc:
+        # A checkpoint is an optimisation: the build goes on without them.
+        r.ck.store.disable(f"cannot cut a checkpoint layer ({exc}); building on without them")
+        return
+    r.top = new_top
+    saved = r.ck.save_component(index, layer, applied)
+    if saved is not None:
+        took = time.monotonic() - start
+        r.reporter.status(f"checkpoint saved: {saved.label} ({took:.1f}s)")
+
+
 def _sbom(r: Run) -> None:
-    assert r.builder is not None and r.accel is not None
-    r.packages = sbom.collect(r.builder.ssh, timeout=r.accel.timeout(sbom.TIMEOUT))
+    assert r.accel is not None
+    if r.ck is not None and r.ck.generalized is not None:
+        data = r.ck.generalized.meta["data"]
+        r.packages = sbom.Sbom(
+            tuple(Package(**p) for p in data["packages"]), str(data["machine_id"])
+        )
+    else:
+        assert r.builder is not None
+        r.packages = sbom.collect(r.builder.ssh, timeout=r.accel.timeout(sbom.TIMEOUT))
     r.keyed("sbom", sbom.key(r.keys["components"]))
 
 
 def _generalize(r: Run) -> None:
-    assert r.builder is not None
+    r.keyed("generalize", generalize.key(r.keys["components"], BUILDER_USER))
+    if r.ck is not None and r.ck.generalized is not None:
+        r.reporter.status("generalized disk from checkpoint")
+        return
+    assert r.builder is not None and r.packages is not None and r.top is not None
     generalize.generalize(r.builder, on_output=r.reporter.output)
-    r.keyed("generalize", generalize.key(r.keys["components"], r.builder.user))
     copy_console(r.builder.spec, r.logs)
+    if r.ck is not None:
+        r.ck.save_generalized(
+            r.top,
+            {"packages": [p.to_json() for p in r.packages.packages],
+             "machine_id": r.packages.machine_id, "builder_pubkey": r.builder_pubkey},
+        )  # fmt: skip
 
 
 def _convert(r: Run) -> None:
-    assert r.builder is not None
-    r.converted = convert.convert_all(
-        r.builder.spec.disk, r.plan.loaded.recipe.outputs, r.staging.path, r.work
-    )
-    r.keyed("convert", convert.key(r.keys["generalize"], r.plan.loaded.recipe.outputs))
+    formats = r.plan.loaded.recipe.outputs
+    if r.top is not None:
+        r.converted = convert.flatten_final(r.top, formats, r.staging.path, r.work)
+    else:  # the generalized disk is a cached layer: read, never deleted
+        assert r.ck is not None and r.ck.generalized is not None
+        assert r.ck.generalized.disk is not None
+        r.converted = convert.flatten_final(
+            r.ck.generalized.disk, formats, r.staging.path, r.work, keep_source=True
+        )
+    r.keyed("convert", convert.key(r.keys["generalize"], formats))
+    # The other formats are written while the offline check and the test VM
+    # run: the test VM needs only the qcow2. One thread, one qemu-img at a time.
+    pool = r.stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="convert"))
+    r.rest = pool.submit(convert.convert_rest, r.converted, formats, r.staging.path)
+
+
+def _outputs(r: Run) -> None:
+    assert r.rest is not None
+    r.converted = r.rest.result()
 
 
 def _verify(r: Run) -> None:
-    assert r.converted is not None and r.builder is not None
-    pubkey = r.builder.client_key.public_openssh
-    needles = [*builder_needles(r.builder), *r.secrets]
-    check_generalized(r.converted.final, r.work, BUILDER_USER, pubkey, needles)
+    assert r.converted is not None
+    # A generalized disk from a checkpoint was searched for its builder's keys
+    # when it was made; this build's own secrets are searched for either way.
+    needles = [*(builder_needles(r.builder) if r.builder else []), *r.secrets]
+    check_generalized(r.converted.final, r.work, BUILDER_USER, r.builder_pubkey, needles)
 
 
 def _test(r: Run) -> None:
-    assert r.converted is not None and r.builder is not None and r.accel is not None
+    assert r.converted is not None and r.accel is not None
     assert r.packages is not None
     recipe = r.plan.loaded.recipe
     inputs = image_tests.TestInputs(
@@ -167,17 +319,38 @@ def _test(r: Run) -> None:
         testinfra=r.plan.loaded.test_paths,
         env={
             "VMBUILD_BUILDER_USER": BUILDER_USER,
-            "VMBUILD_BUILDER_PUBKEY": r.builder.client_key.public_openssh,
+            "VMBUILD_BUILDER_PUBKEY": r.builder_pubkey,
             "VMBUILD_BUILDER_MACHINE_ID": r.packages.machine_id,
             "VMBUILD_IMAGE_NAME": recipe.name,
             "VMBUILD_IMAGE_VERSION": recipe.version,
         },
     )
     r.keyed("test", inputs.key(r.keys["convert"]))
+    cached_key = None
+    if r.ck is not None:
+        # The same image (by its full checkpoint key) and the same tests: the
+        # same result. Kept with its JUnit file and log.
+        cached_key = stage_key(
+            "checkpoint-test", image=r.ck.final_key.digest, test=r.keys["test"].digest
+        ).digest
+        cached = r.ck.store.find(cached_key)
+        if cached is not None:
+            r.tests = image_tests.TestSummary.from_json(cached.meta["data"]["summary"])
+            for name in cached.meta["data"].get("files", []):
+                shutil.copyfile(cached.path / name, r.logs / name)
+            r.reporter.status("tests: passed on this very image and tests before (checkpoint)")
+            r.ck.tests_cached = True
+            return
     req = r.plan.guest(
         "test", r.converted.final, "qcow2", None, r.accel, r.work, apt_proxy=r.guest_proxy
     )
     r.tests = image_tests.run_image_tests(req, inputs, r.logs, r.reporter)
+    if r.ck is not None and cached_key is not None:
+        files = {n: r.logs / n for n in ("junit.xml", "testinfra.log") if (r.logs / n).exists()}
+        r.ck.store.save(
+            cached_key, stage="test", label="test result",
+            data={"summary": r.tests.to_json(), "files": sorted(files)}, files=files,
+        )  # fmt: skip
 
 
 def _attest(r: Run) -> None:
@@ -215,9 +388,10 @@ STEPS: tuple[Step, ...] = (
     Step("components", lambda p: f"components: build + validate ({len(p.documents)})", _components),
     Step("sbom", lambda p: "package list (SBOM)", _sbom),
     Step("generalize", lambda p: "generalize and power off", _generalize),
-    Step("convert", lambda p: f"convert to {', '.join(p.loaded.recipe.outputs)}", _convert),
+    Step("convert", lambda p: "flatten the disk (qcow2)", _convert),
     Step("verify", lambda p: "verify generalization offline", _verify),
     Step("test", lambda p: "test VM: component tests + testinfra", _test, lambda p: p.run_tests),
+    Step("outputs", lambda p: "finish the other formats (converted during the tests)", _outputs),
     Step("attest", lambda p: "SBOMs (SPDX, CycloneDX) and signed provenance", _attest),
     Step("store", lambda p: "store the artifact", _store),
 )
@@ -279,6 +453,8 @@ def _manifest(r: Run) -> Manifest:
         accelerator=r.accel.to_json(),
         backend=plan.backend,
         vmbuild_version=__version__,
+        # Which steps came from the checkpoint cache (and which were saved).
+        extra={"checkpoints": r.ck.to_json()} if r.ck is not None else {},
     )
 
 

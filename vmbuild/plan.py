@@ -49,6 +49,8 @@ class BuildOptions:
     cpus: int | None = None
     memory: int | None = None  # bytes
     apt_proxy: str | None = None  # auto | off | http://127.0.0.1:PORT; None: env, else auto
+    no_cache: bool = False  # neither resume from nor save checkpoints
+    on_error: str | None = None  # abort (default) | keep (the VM stays up) | ask
     distribute: bool = True
     origin: str = "cli"  # which layer these options are: "cli" or "pipeline"
 
@@ -98,6 +100,8 @@ class BuildPlan:
     apt_proxy: str  # auto | off | http://127.0.0.1:PORT (validated)
     # Where each setting's value came from: cli | pipeline | recipe | environment | default.
     sources: Mapping[str, str] = field(default_factory=dict)
+    use_checkpoints: bool = True
+    on_error: str = "abort"  # abort | keep | ask
 
     @classmethod
     def create(cls, loaded: LoadedRecipe, opts: BuildOptions) -> BuildPlan:
@@ -130,10 +134,13 @@ class BuildPlan:
             cpus=pick("cpus", opts.cpus, "cpus"),
             mirror=pick("mirror", opts.mirror),
             run_tests=not pick("skip_tests", opts.skip_tests),
-            keep_on_failure=pick("keep_on_failure", opts.keep_on_failure),
+            keep_on_failure=pick("keep_on_failure", opts.keep_on_failure)
+            or opts.on_error == "keep",
             distribute=opts.distribute and loaded.distribution is not None,
             apt_proxy=_apt_proxy_setting(opts.apt_proxy),
             sources=sources,
+            use_checkpoints=not pick("no_cache", opts.no_cache),
+            on_error=pick("on_error", opts.on_error),
         )
         sources["run_tests"] = sources.pop("skip_tests")
         sources["apt_proxy"] = (
@@ -182,6 +189,9 @@ class BuildPlan:
             user=BUILDER_USER if role == "builder" else TEST_USER, backend=self.backend,
             keep_on_failure=self.keep_on_failure, libvirt_uri=self.libvirt_uri,
             libvirt_network=self.libvirt_network, apt_proxy=apt_proxy,
+            # The test VM is the image's real first boot, and disposable.
+            first_boot="full" if role == "test" else "minimal",
+            dispose="kill" if role == "test" else "shutdown",
         )  # fmt: skip
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.support.pipeline import write_pipeline, write_recipe
 from vmbuild.config.pipeline import load_pipeline
 from vmbuild.config.recipe import load_recipe
+from vmbuild.errors import VmbuildError
 from vmbuild.plan import BuildOptions, BuildPlan, pipeline_options
 
 
@@ -56,3 +59,31 @@ def test_pipeline_infrastructure_beats_recipe(tmp_path: Path) -> None:
     assert [plan.sources[k] for k in ("cpus", "memory", "libvirt_network", "accelerator")] == [
         "pipeline", "recipe", "recipe", "pipeline",
     ]  # fmt: skip
+
+
+def test_builder_boots_minimal_and_the_test_vm_is_a_real_first_boot(tmp_path: Path) -> None:
+    from vmbuild.hypervisor.accel import Accel
+
+    plan = BuildPlan.create(load_recipe(write_recipe(tmp_path)), BuildOptions(store=tmp_path))
+    accel = Accel("tcg", "test", 10.0)
+    builder = plan.guest("builder", tmp_path / "b", "qcow2", None, accel, tmp_path)
+    test = plan.guest("test", tmp_path / "t", "qcow2", None, accel, tmp_path, apt_proxy="p")
+    assert (builder.first_boot, builder.dispose, builder.apt_proxy) == (
+        "minimal", "shutdown", None,
+    )  # fmt: skip
+    assert (test.first_boot, test.dispose, test.apt_proxy) == ("full", "kill", "p")
+
+
+def test_apt_proxy_setting_is_validated_by_the_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VMBUILD_APT_PROXY", raising=False)
+    loaded = load_recipe(write_recipe(tmp_path))
+    assert BuildPlan.create(loaded, BuildOptions(store=tmp_path)).apt_proxy == "auto"
+    named = BuildOptions(store=tmp_path, apt_proxy="http://localhost:3142")
+    assert BuildPlan.create(loaded, named).apt_proxy == "http://127.0.0.1:3142"
+    with pytest.raises(VmbuildError) as err:
+        BuildPlan.create(loaded, BuildOptions(store=tmp_path, apt_proxy="http://10.0.0.1:1"))
+    assert str(err.value) == (
+        "apt proxy 'http://10.0.0.1:1': expected auto, off or http://127.0.0.1:PORT"
+    )

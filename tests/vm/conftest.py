@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from vmbuild import paths
-from vmbuild.cache import aptproxy
+from vmbuild.cache import aptproxy, checkpoints
 from vmbuild.cli.scratch import scratch_guest
 from vmbuild.hypervisor.guest import Guest
 from vmbuild.remote.ssh import SSHSession
@@ -63,6 +63,22 @@ def package_cache() -> Iterator[aptproxy.AptProxy]:
                 os.environ.pop(aptproxy.ENV, None)
             else:
                 os.environ[aptproxy.ENV] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Builds in one run may share checkpoints, never with earlier runs: a test
+    of the full build path must not be answered from yesterday's cache."""
+    path = tmp_path_factory.mktemp("checkpoints")
+    previous = os.environ.get(checkpoints.ENV_DIR)
+    os.environ[checkpoints.ENV_DIR] = str(path)
+    try:
+        yield path
+    finally:
+        if previous is None:
+            os.environ.pop(checkpoints.ENV_DIR, None)
+        else:
+            os.environ[checkpoints.ENV_DIR] = previous
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,7 @@ VERB_MODULES = (
     "scan",
     "init",
     "completion",
+    "cache",
 )
 
 

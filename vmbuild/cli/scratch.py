@@ -47,6 +47,7 @@ def scratch_guest(
             base_format=image.format, disk_size=None, memory_mib=memory_mib, cpus=cpus,
             accel=chosen, workdir=work, user=SCRATCH_USER,
             apt_proxy=proxy.guest_url if proxy else None,
+            dispose="kill",  # a throwaway VM: nothing on its disk is kept
         )  # fmt: skip
         try:
             with booted_guest(req, on_status=on_status) as guest:

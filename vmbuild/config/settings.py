@@ -145,6 +145,21 @@ SETTINGS: dict[str, Setting] = {
             frozenset({"cli"}),
             metavar="auto|off|URL",
         ),
+        Setting(
+            "no_cache",
+            False,
+            "neither resume from nor save build checkpoints (the package cache still works)",
+            frozenset({"cli"}),
+            switch=True,
+        ),
+        Setting(
+            "on_error",
+            "abort",
+            "when a component fails: abort, keep the VM running for SSH, or ask "
+            "(retry the component, open a shell in the builder, or abort)",
+            frozenset({"cli"}),
+            choices=("abort", "keep", "ask"),
+        ),
         Setting("timeout", 3 * 3600.0, "the whole run, build included", frozenset({"pipeline"})),
         Setting(
             "refresh_base",

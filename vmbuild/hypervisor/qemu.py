@@ -23,6 +23,7 @@ from vmbuild.run import reaped, spawn
 log = logging.getLogger("vmbuild.qemu")
 
 QEMU = "qemu-system-x86_64"
+DISK_ID = "disk0"  # the system disk's block device name, for QMP
 
 
 def qemu_argv(spec: VMSpec) -> list[str]:
@@ -36,7 +37,8 @@ def qemu_argv(spec: VMSpec) -> list[str]:
         # everything the guest sees is listed below.
         "-nodefaults",
         "-display", "none",
-        "-drive", f"file={spec.disk},format=qcow2,if=virtio,discard=unmap,detect-zeroes=unmap",
+        "-drive",
+        f"file={spec.disk},format=qcow2,if=virtio,id={DISK_ID},discard=unmap,detect-zeroes=unmap",
         "-drive", f"file={spec.seed},format=raw,if=virtio,readonly=on",
         "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22",
         "-device", "virtio-net-pci,netdev=net0",
@@ -127,6 +129,16 @@ class QemuMachine(MachineContext):
                 qmp.execute(command)
         except (VMError, OSError) as exc:
             log.debug("%s: QMP %s failed: %s", self.spec.name, command, exc)
+
+    def cut_layer(self, new_top: Path) -> None:
+        """Make the disk's current top file read-only and continue on `new_top`,
+        a fresh qcow2 backed by it (QMP blockdev-snapshot-sync). The guest's
+        filesystems must be frozen for the old top to be consistent."""
+        with QMPClient(qmp_path(self.spec), timeout=60) as qmp:
+            qmp.execute(
+                "blockdev-snapshot-sync", device=DISK_ID, format="qcow2",
+                **{"snapshot-file": str(new_top), "mode": "absolute-paths"},
+            )  # fmt: skip
 
     def shutdown(self, timeout: float) -> None:
         if self._proc is None:

@@ -28,6 +28,10 @@ class SeedConfig:
     grow_root: bool = True
     # The host package cache as the guest reaches it (http://10.0.2.2:PORT), or None.
     apt_proxy: str | None = None
+    # Only cloud-init's init stage (write_files, growpart, users, ssh): no
+    # config/final modules racing the build's own apt/debconf runs, and
+    # cloud-init is done at the first login.
+    minimal_cloud_init: bool = False
 
 
 def user_data(cfg: SeedConfig) -> str:
@@ -57,6 +61,9 @@ def user_data(cfg: SeedConfig) -> str:
         "resize_rootfs": cfg.grow_root,
         "locale": "C.UTF-8",
     }
+    if cfg.minimal_cloud_init:
+        doc["cloud_config_modules"] = []
+        doc["cloud_final_modules"] = []
     if cfg.apt_proxy is not None:
         # write_files runs in the init stage, before the first SSH login works.
         doc["write_files"] = [

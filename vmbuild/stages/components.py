@@ -41,6 +41,14 @@ class Applied:
             "duration": round(self.duration, 2),
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Applied:
+        return cls(
+            name=str(data["name"]), path=Path(data["path"]), sha256=str(data["sha256"]),
+            parameters=dict(data["parameters"]), status=str(data["status"]),
+            phases=tuple(data["phases"]), duration=float(data["duration"]),
+        )  # fmt: skip
+
 
 def keys(disk: StageKey, docs: Sequence[toe.Document], phases: Sequence[str]) -> list[StageKey]:
     """The key of the disk after each document's `phases`, given the disk before it.
@@ -68,12 +76,13 @@ def apply(
     on_output: Callable[[str], None] | None = None,
     s3: Any = None,
     working_directory: str | None = None,
+    first_index: int = 0,
 ) -> list[Applied]:
     """Run `phases` of every document in order, steps in `working_directory` on
     the guest; raise StepFailed on the first failure."""
     results_dir.mkdir(parents=True, exist_ok=True)
     applied = []
-    for index, doc in enumerate(docs):
+    for index, doc in enumerate(docs, start=first_index):
         wanted = [p for p in phases if p in doc.phases]
         if not wanted:
             continue

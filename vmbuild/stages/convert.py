@@ -102,6 +102,27 @@ def key(disk: StageKey, formats: Sequence[str]) -> StageKey:
     return stage_key("convert", disk=disk.digest, formats=list(formats))
 
 
+def flatten_final(
+    overlay: Path, formats: Sequence[str], outdir: Path, work: Path, *, keep_source: bool = False
+) -> Converted:
+    """Flatten the builder's overlay into the qcow2 the test VM and the offline
+    check read; the other formats are `convert_rest`'s (run while the tests do).
+
+    The overlay is deleted once flattened (it is the largest scratch file).
+    """
+    final = outdir / output_name("qcow2") if "qcow2" in formats else work / "final.qcow2"
+    flatten(overlay, final)
+    if not keep_source:
+        overlay.unlink()
+    return Converted(final, (convert(final, "qcow2", outdir),) if "qcow2" in formats else ())
+
+
+def convert_rest(first: Converted, formats: Sequence[str], outdir: Path) -> Converted:
+    """Every format but qcow2 from the flattened disk; outputs in the recipe's order."""
+    rest = [convert(first.final, f, outdir) for f in formats if f != "qcow2"]
+    return Converted(first.final, (*first.outputs, *rest))
+
+
 def convert_all(overlay: Path, formats: Sequence[str], outdir: Path, work: Path) -> Converted:
     """Flatten the builder's overlay, then write every format into `outdir`.
 

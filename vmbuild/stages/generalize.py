@@ -8,6 +8,7 @@ converted disk offline to prove the result instead of assuming it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from shlex import quote
@@ -15,12 +16,16 @@ from shlex import quote
 from vmbuild.cache import aptproxy
 from vmbuild.diskfs.rootfs import FilesystemView, exists, read_file
 from vmbuild.errors import GuestStopped, VmbuildError
-from vmbuild.hypervisor.guest import POWEROFF, Guest
+from vmbuild.hypervisor.base import Machine, read_tail
+from vmbuild.hypervisor.guest import CLOUD_INIT, POWEROFF, Guest, wait_cloud_init
 from vmbuild.stages.key import StageKey, stage_key
 
 log = logging.getLogger("vmbuild.generalize")
 
 OutputSink = Callable[[str], None]
+
+
+FROZEN_MARKER = "vmbuild-generalize: filesystems frozen"
 
 
 def generalize_script(builder_user: str) -> str:
@@ -65,17 +70,30 @@ find /var/log -type f -exec truncate -s 0 {{}} +
 rm -rf /var/tmp/* /root/.bash_history /root/.ssh/authorized_keys
 # The builder's user goes last, from outside this SSH session (which runs as
 # that user): a transient unit kills its processes, deletes it, trims the
-# disk so the image stays small, and powers off.
+# disk so the image stays small, and stops the VM.
 cat > /run/vmbuild-finish.sh <<'FINISH'
 set -u
-sleep 1
+# The host closes its SSH session as soon as this script returns: wait for
+# that (bounded) instead of a fixed sleep, then kill whatever is left.
+for _ in $(seq 300); do pgrep -u {user} -x sshd >/dev/null || break; sleep 0.1; done
 pkill -KILL -u {user} || true
 userdel --force --remove {user} || true
 rm -f /etc/sudoers.d/90-cloud-init-users
 find /tmp -mindepth 1 -delete || true
 fstrim -av || true
 sync
-systemctl poweroff
+# Freezing a filesystem flushes it and checkpoints its journal: the disk is
+# then clean and final as it stands, and the host stops the VM on the marker
+# instead of waiting for a whole poweroff. Root last: it holds the others.
+frozen=1
+for mnt in $(findmnt -rn -o TARGET -t ext2,ext3,ext4,xfs | sort -r); do
+  fsfreeze -f "$mnt" || frozen=0
+done
+if [ "$frozen" = 1 ]; then
+  echo '{FROZEN_MARKER}' > /dev/ttyS0
+else
+  systemctl poweroff
+fi
 FINISH
 systemd-run --no-block --unit=vmbuild-finish --collect bash /run/vmbuild-finish.sh
 echo "generalize: finishing and powering off"
@@ -88,7 +106,10 @@ def key(disk: StageKey, builder_user: str) -> StageKey:
 
 
 def generalize(guest: Guest, on_output: OutputSink | None = None) -> None:
-    """Generalize and power off; escalate (QMP powerdown, then kill) if it hangs."""
+    """Generalize and stop the VM; escalate (QMP powerdown, then kill) if it hangs."""
+    # The builder's cloud-init (init stage only) is long done; `cloud-init
+    # clean` must not race it, and a failed one fails the build here.
+    wait_cloud_init(guest.ssh, guest.spec.accel.timeout(CLOUD_INIT), guest.machine)
     try:
         result = guest.ssh.run(
             generalize_script(guest.user),
@@ -96,7 +117,7 @@ def generalize(guest: Guest, on_output: OutputSink | None = None) -> None:
             on_output=(lambda _s, line: on_output(line)) if on_output else None,
         )
     except GuestStopped as exc:
-        # The finishing unit powers off a second after the script returns; on a
+        # The finishing unit stops the guest once this session is gone; on a
         # loaded host that can beat the exit status home. The offline verify
         # proves (or refutes) the result either way.
         if exc.cause != "guest powered off":
@@ -109,9 +130,26 @@ def generalize(guest: Guest, on_output: OutputSink | None = None) -> None:
         raise VmbuildError(f"generalize failed (exit {result.exit_code}):\n{tail}")
     guest.ssh.close()
     timeout = guest.spec.accel.timeout(POWEROFF * 4)
-    if not guest.machine.wait(timeout):
-        log.warning("the builder did not power off within %.0fs; forcing it", timeout)
+    if wait_for_console(guest.machine, FROZEN_MARKER, timeout):
+        # Every filesystem is frozen (flushed, journal checkpointed): the disk
+        # is final, and nothing the guest would do next matters.
+        guest.machine.kill()
+    elif guest.machine.is_running():
+        log.warning("the builder did not finish within %.0fs; forcing it", timeout)
         guest.machine.shutdown(timeout=guest.spec.accel.timeout(POWEROFF))
+
+
+def wait_for_console(machine: Machine, marker: str, timeout: float) -> bool:
+    """True once `marker` shows on the serial console; False if the VM stopped
+    first (the poweroff fallback) or the time ran out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if marker in read_tail(machine.spec.console_log, 20):
+            return True
+        if not machine.is_running():
+            return marker in read_tail(machine.spec.console_log, 20)
+        time.sleep(0.1)
+    return False
 
 
 @dataclass(frozen=True)

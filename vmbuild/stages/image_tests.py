@@ -16,7 +16,14 @@ from typing import Any
 from vmbuild import toe
 from vmbuild.digest import sha256_file
 from vmbuild.errors import CommandError, StepFailed, TestsFailed
-from vmbuild.hypervisor.guest import Guest, GuestRequest, booted_guest, copy_console
+from vmbuild.hypervisor.guest import (
+    CLOUD_INIT,
+    Guest,
+    GuestRequest,
+    booted_guest,
+    copy_console,
+    wait_cloud_init,
+)
 from vmbuild.progress import Reporter
 from vmbuild.run import run
 from vmbuild.stages import components
@@ -51,6 +58,15 @@ class TestSummary:
             },
             "components": list(self.component_tests),
         }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TestSummary:
+        ti = data.get("testinfra") or {}
+        return cls(
+            str(data["status"]), int(ti.get("tests", 0)), int(ti.get("failures", 0)),
+            int(ti.get("errors", 0)), int(ti.get("skipped", 0)), ti.get("junit"),
+            tuple(data.get("components") or ()),
+        )  # fmt: skip
 
 
 def pytest_argv(
@@ -178,6 +194,9 @@ def run_image_tests(
             )
             counts = (nums[0], nums[1], nums[2], nums[3])
             junit_name = str(junit.relative_to(logs.parent))
+        # The image's first boot must have finished cleanly too; checked last,
+        # so cloud-init's config and final stages ran while the tests did.
+        wait_cloud_init(guest.ssh, req.accel.timeout(CLOUD_INIT), guest.machine)
     summary = summarize(counts, junit_name, component_tests)
     raise_if_failed(summary, "see testinfra.log and junit.xml in the run log")
     return summary

@@ -39,7 +39,7 @@ def test_defaults_live_in_the_lowest_layer_only() -> None:
     assert cli_values(parser().parse_args([])) == {
         "backend": None, "uri": None, "network": None, "cpus": None, "memory": None,
         "accelerator": None, "keep_on_failure": False, "mirror": None, "skip_tests": False,
-        "apt_proxy": None,
+        "apt_proxy": None, "no_cache": False, "on_error": None,
     }  # fmt: skip
 
 

@@ -30,7 +30,8 @@ def test_qemu_argv_tcg_is_exact() -> None:
         "qemu-system-x86_64", "-name", "vmbuild-abc123-builder",
         "-machine", "pc", "-accel", "tcg,thread=multi", "-cpu", "qemu64", "-smp", "2",
         "-m", "2048", "-nodefaults", "-display", "none",
-        "-drive", "file=/w/builder.qcow2,format=qcow2,if=virtio,discard=unmap,detect-zeroes=unmap",
+        "-drive",
+        "file=/w/builder.qcow2,format=qcow2,if=virtio,id=disk0,discard=unmap,detect-zeroes=unmap",
         "-drive", "file=/w/seed.iso,format=raw,if=virtio,readonly=on",
         "-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22",
         "-device", "virtio-net-pci,netdev=net0",
@@ -105,6 +106,7 @@ def test_seed_pins_generated_host_key_and_user() -> None:
     # Any ssh_pwauth value makes cloud-init restart sshd mid-login.
     assert "ssh_pwauth" not in doc
     assert "write_files" not in doc  # no package cache asked for
+    assert "cloud_config_modules" not in doc  # a full first boot unless asked
     assert yaml.safe_load(meta_data(cfg)) == {"instance-id": "i-1", "local-hostname": "vm1"}
 
 
@@ -139,3 +141,11 @@ def test_seed_points_apt_at_the_host_package_cache() -> None:
             'generalized.\nAcquire::http::Proxy "http://10.0.2.2:31000";\n',
         }
     ]
+
+
+def test_minimal_seed_runs_only_the_init_stage() -> None:
+    client, host = generate_ed25519("client"), generate_ed25519("host")
+    cfg = SeedConfig("i-1", "vm1", "u", client, host, minimal_cloud_init=True)
+    doc = yaml.safe_load(user_data(cfg))
+    assert doc["cloud_config_modules"] == [] and doc["cloud_final_modules"] == []
+    assert doc["users"][0]["ssh_authorized_keys"] == [client.public_openssh]

@@ -21,9 +21,14 @@ def test_generalize_script_covers_every_step() -> None:
         "rm -f /etc/apt/apt.conf.d/00vmbuild-proxy",
         "userdel --force --remove vmbuild-builder",
         "fstrim -av",
-        "systemctl poweroff",
+        "fsfreeze -f",
+        "echo 'vmbuild-generalize: filesystems frozen' > /dev/ttyS0",
+        "systemctl poweroff",  # when a filesystem cannot be frozen
     ):
         assert needle in script
+    # No fixed sleep: the unit waits for the host to close its session.
+    assert "sleep 1\n" not in script
+    assert "pgrep -u vmbuild-builder -x sshd" in script
     # The user is removed from a transient unit, not from its own SSH session.
     assert script.index("systemd-run") > script.index("FINISH")
 

@@ -1,0 +1,185 @@
+"""The checkpoint cache with real qcow2 layers (qemu-img, qemu-io): chains,
+corruption, half-written saves, races, a full disk, LRU pruning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmbuild.cache import checkpoints
+from vmbuild.cache.checkpoints import CheckpointStore
+
+
+def qemu_img(*args: str | Path) -> str:
+    return subprocess.run(
+        ["qemu-img", *map(str, args)], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def write(disk: Path, pattern: int, offset: int, length: str = "64k") -> None:
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern} {offset} {length}", str(disk)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    """A base and two build layers on it, as a builder leaves them in its work dir."""
+    w = tmp_path / "work"
+    w.mkdir()
+    qemu_img("create", "-q", "-f", "qcow2", w / "base.qcow2", "16M")
+    write(w / "base.qcow2", 0x11, 0)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", w / "base.qcow2", "-F", "qcow2", w / "l1.qcow2")
+    write(w / "l1.qcow2", 0x22, 65536)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", w / "l1.qcow2", "-F", "qcow2", w / "l2.qcow2")
+    write(w / "l2.qcow2", 0x33, 131072)
+    return w
+
+
+def save_chain(store: CheckpointStore, w: Path) -> tuple[checkpoints.Checkpoint, ...]:
+    base = store.base_link(w / "base.qcow2", "b" * 64, "qcow2")
+    assert base is not None
+    one = store.save("k1" * 32, stage="component", label="1/2 a", layer=w / "l1.qcow2",
+                     backing=base, data={"n": 1})  # fmt: skip
+    assert one is not None
+    two = store.save("k2" * 32, stage="component", label="2/2 b", layer=w / "l2.qcow2",
+                     parent=one, data={"n": 2})  # fmt: skip
+    assert two is not None
+    return one, two
+
+
+def test_layers_are_kept_as_a_chain_inside_the_cache(tmp_path: Path, work: Path) -> None:
+    with CheckpointStore(tmp_path / "ck") as store:
+        one, two = save_chain(store, work)
+        found = store.find(two.key)
+        assert found is not None and found.disk is not None
+        assert found.meta["data"] == {"n": 2} and found.meta["parent"] == one.key
+        chain = json.loads(qemu_img("info", "--output=json", "--backing-chain", found.disk))
+        assert [Path(c["filename"]) for c in chain] == [
+            tmp_path / "ck" / two.key / "disk.qcow2",
+            tmp_path / "ck" / one.key / "disk.qcow2",
+            tmp_path / "ck" / "bases" / f"{'b' * 64}.qcow2",
+        ]
+        # The same content as the build's own chain, without the work dir.
+        for p in work.glob("l*.qcow2"):
+            p.rename(p.with_suffix(".moved"))
+        (work / "l2.moved").rename(work / "l2.qcow2")
+        qemu_img("rebase", "-u", "-b", work / "l1.moved", "-F", "qcow2", work / "l2.qcow2")
+        assert (
+            subprocess.run(["qemu-img", "compare", work / "l2.qcow2", found.disk]).returncode == 0
+        )
+
+
+def test_a_corrupt_layer_is_ignored_and_removed(tmp_path: Path, work: Path) -> None:
+    said: list[str] = []
+    with CheckpointStore(tmp_path / "ck", warn=said.append) as store:
+        one, two = save_chain(store, work)
+        assert one.disk is not None
+        with one.disk.open("r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 0xFF]))
+        # The layer on top is intact, but what it is built on is not.
+        assert store.find(two.key) is None
+        assert said == [f"ignoring checkpoint {two.key[:16]} (2/2 b): "
+                        "its disk layer does not match its checksum"]  # fmt: skip
+        assert store.find(one.key) is None
+        assert not (tmp_path / "ck" / one.key).exists()
+
+
+def test_half_written_and_foreign_checkpoints_are_never_used(tmp_path: Path, work: Path) -> None:
+    said: list[str] = []
+    root = tmp_path / "ck"
+    with CheckpointStore(root, warn=said.append) as store:
+        # Killed mid-save: only the temp dir exists; nothing under the key.
+        (root / ".tmp-killed").mkdir()
+        (root / ".tmp-killed" / "disk.qcow2").write_bytes(b"partial")
+        assert store.find("k9" * 32) is None and store.entries() == []
+        # A key dir whose meta.json is truncated.
+        (root / ("k8" * 32)).mkdir()
+        (root / ("k8" * 32) / "meta.json").write_text('{"version": 1, "ke')
+        assert store.find("k8" * 32) is None
+        assert said[0].startswith(f"ignoring checkpoint {'k8' * 8}: unreadable meta.json")
+        # A layer cut short after its meta was written (disk full, say).
+        one, _ = save_chain(store, work)
+        assert one.disk is not None
+        os.truncate(one.disk, one.disk.stat().st_size - 512)
+        assert store.find(one.key) is None
+        assert said[-1].startswith(f"ignoring checkpoint {one.key[:16]} (1/2 a): its disk layer is")
+
+
+def test_racing_saves_of_one_key_leave_one_intact_checkpoint(tmp_path: Path, work: Path) -> None:
+    root = tmp_path / "ck"
+    results: list[checkpoints.Checkpoint | None] = []
+
+    def save() -> None:
+        with CheckpointStore(root) as store:
+            base = store.base_link(work / "base.qcow2", "b" * 64, "qcow2")
+            results.append(store.save("k1" * 32, stage="component", label="1 a",
+                                      layer=work / "l1.qcow2", backing=base))  # fmt: skip
+
+    threads = [threading.Thread(target=save) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r is not None and r.key == "k1" * 32 for r in results)
+    assert sorted(p.name for p in root.iterdir()) == ["bases", "k1" * 32, "use.lock"]
+    with CheckpointStore(root) as store:
+        assert store.find("k1" * 32) is not None
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB filesystem: a checkpoint cannot fit on it."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+
+
+def test_a_full_disk_turns_checkpoints_off_with_a_warning(tiny_disk: Path, work: Path) -> None:
+    write(work / "l1.qcow2", 0x44, 1 << 20, "2M")  # the layer now holds more than 1 MiB
+    said: list[str] = []
+    with CheckpointStore(tiny_disk / "ck", warn=said.append) as store:
+        base = store.base_link(work / "base.qcow2", "b" * 64, "qcow2")
+        # The base is a hard link across filesystems: a copy, which fits.
+        assert base is not None
+        assert store.save("k1" * 32, stage="component", label="1 a", layer=work / "l1.qcow2",
+                          backing=base) is None  # fmt: skip
+        assert not store.enabled
+        assert len(said) == 1 and said[0].startswith("cannot save a checkpoint (")
+        assert "No space left on device" in said[0]
+        assert said[0].endswith("; building on without checkpoints")
+        assert store.find("k1" * 32) is None
+    assert sorted(p.name for p in (tiny_disk / "ck").iterdir()) == ["bases", "use.lock"]
+
+
+def test_prune_by_age_then_least_recently_used(tmp_path: Path, work: Path) -> None:
+    root = tmp_path / "ck"
+    with CheckpointStore(root) as store:
+        one, two = save_chain(store, work)
+        lone = store.save("k3" * 32, stage="test", label="test result", data={"x": 1})
+        assert lone is not None
+    old = 1_000_000_000
+    os.utime(root / one.key / "meta.json", (old, old))
+    # Older than 30 days: the first layer goes, and the layer built on it too.
+    pruned = checkpoints.prune(root, max_size=1 << 40, max_age_days=30)
+    assert pruned.removed == sorted([one.key, two.key]) and pruned.kept == 1
+    assert list((root / "bases").iterdir()) == []  # the base no layer is built on
+    # A size cap of 0 empties it; a build holding the cache blocks pruning.
+    with CheckpointStore(root):
+        assert checkpoints.prune(root, max_size=0).busy
+    assert checkpoints.prune(root, max_size=0).removed == [lone.key]
+    assert sorted(p.name for p in root.iterdir()) == ["bases", "use.lock"]

@@ -1,0 +1,101 @@
+"""Checkpoints end to end: a build saves a layer per component; an identical
+rebuild boots no VM; editing the last component resumes after the first."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.schemas import event_lines
+from tests.vm.conftest import vmbuild
+from vmbuild.diskfs.rootfs import read_file, root_view
+from vmbuild.stages import base_image
+
+pytestmark = pytest.mark.vm
+
+COMPONENT = """\
+name: {name}
+schemaVersion: 1.0
+phases:
+  - name: build
+    steps:
+      - name: Write
+        action: ExecuteBash
+        inputs:
+          commands: ["echo '{text}' > /etc/{name}.txt"]
+"""
+
+
+def write_recipe(d: Path, second_text: str) -> Path:
+    (d / "first.yaml").write_text(COMPONENT.format(name="first", text="one"))
+    (d / "second.yaml").write_text(COMPONENT.format(name="second", text=second_text))
+    recipe = d / "recipe.yaml"
+    recipe.write_text(
+        "name: ckpt\nversion: 1.0.0\nbase: debian-12\noutputs: [qcow2]\n"
+        "components:\n  - name: ./first.yaml\n  - name: ./second.yaml\n"
+    )
+    return recipe
+
+
+def build(recipe: Path, env: dict[str, str]) -> tuple[dict[str, Any], Path, str]:
+    proc = vmbuild("build", str(recipe), "--skip-tests", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = event_lines(proc.stdout)[-1]
+    assert result["type"] == "result"
+    build_dir = Path(result["path"])
+    return result["manifest"], build_dir, (build_dir / "logs" / "build.log").read_text()
+
+
+def etc_file(disk: Path, tmp: Path, name: str) -> bytes | None:
+    raw = tmp / "image.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(disk), str(raw)], check=True)
+    try:
+        return read_file(root_view(raw), f"/etc/{name}.txt")
+    finally:
+        raw.unlink()
+
+
+def test_rebuilds_resume_from_the_longest_matching_prefix(
+    debian_base: base_image.BaseImage, cli_env: dict[str, str], tmp_path: Path,
+    no_leftover_qemu: None,
+) -> None:  # fmt: skip
+    cli_env["VMBUILD_CHECKPOINT_DIR"] = str(tmp_path / "checkpoints")
+    recipe = write_recipe(tmp_path, "two")
+
+    first, first_dir, _ = build(recipe, cli_env)
+    assert first["checkpoints"] == {
+        "resumed": [], "generalized": False, "tests": False, "restore": None,
+        "saved": ["1/2 first", "2/2 second", "generalized disk"],
+    }  # fmt: skip
+    assert etc_file(first_dir / "disk.qcow2", tmp_path, "second") == b"two\n"
+
+    # Identical inputs: no builder VM at all, the same image content.
+    again, again_dir, log = build(recipe, cli_env)
+    assert again["checkpoints"]["generalized"] is True
+    assert again["checkpoints"]["resumed"] == ["1/2 first", "2/2 second"]
+    assert "booting the builder VM" not in log
+    assert [c["name"] for c in again["components"]] == ["first", "second"]
+    assert again["packages"] == first["packages"]
+    cmp = subprocess.run(
+        ["qemu-img", "compare", str(first_dir / "disk.qcow2"), str(again_dir / "disk.qcow2")]
+    )
+    assert cmp.returncode == 0
+
+    # The last component edited: the builder boots from the first one's layer.
+    write_recipe(tmp_path, "changed")
+    edited, edited_dir, log = build(recipe, cli_env)
+    assert edited["checkpoints"]["resumed"] == ["1/2 first"]
+    assert edited["checkpoints"]["restore"] == "disk"
+    assert edited["checkpoints"]["saved"] == ["2/2 second", "generalized disk"]
+    assert "resuming after component 1/2 first (booting from its disk layer" in log
+    assert etc_file(edited_dir / "disk.qcow2", tmp_path, "first") == b"one\n"
+    assert etc_file(edited_dir / "disk.qcow2", tmp_path, "second") == b"changed\n"
+
+    listed = vmbuild("cache", "list", "--json", env=cli_env)
+    labels = sorted(row["label"] for row in json.loads(listed.stdout))
+    assert labels == ["1/2 first", "2/2 second", "2/2 second", "generalized disk",
+                      "generalized disk"]  # fmt: skip

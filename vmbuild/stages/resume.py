@@ -1,0 +1,190 @@
+"""What a build checkpoint is keyed on, beyond the stage keys themselves.
+
+The disk after component N depends on: the base image (digest and disk size),
+the VM settings a component can observe (memory, CPUs), the checkpoint format
+version, the package index state of the configured Debian mirror (its Release
+digests: a new security update must never be silently missed), and for each
+component so far its document tree (ExecuteDocument children included), its
+parameters and the phases run, in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vmbuild import toe
+from vmbuild.cache import checkpoints
+from vmbuild.debian import index, sources
+from vmbuild.errors import VmbuildError
+from vmbuild.stages.key import StageKey, stage_key
+
+log = logging.getLogger("vmbuild.resume")
+
+MAX_CHILD_DEPTH = 4  # AWSTOE nests ExecuteDocument 3 levels deep at most
+BUILD_PHASES = ("build", "validate")
+
+
+def document_digest(doc: toe.Document) -> str:
+    """sha256 over the document and every document it runs through ExecuteDocument."""
+    h = hashlib.sha256(doc.sha256.encode())
+    _children(doc.path, h, 0)
+    return h.hexdigest()
+
+
+def _children(path: Path, h: Any, depth: int) -> None:
+    if depth >= MAX_CHILD_DEPTH:
+        return
+    try:
+        raw = yaml.safe_load(path.read_bytes())
+    except (OSError, yaml.YAMLError):
+        return
+    for phase in (raw or {}).get("phases") or [] if isinstance(raw, dict) else []:
+        for step in (phase or {}).get("steps") or [] if isinstance(phase, dict) else []:
+            if not isinstance(step, dict) or step.get("action") != "ExecuteDocument":
+                continue
+            inputs = step.get("inputs")
+            target = str(inputs.get("document", "")) if isinstance(inputs, dict) else ""
+            if "{{" in target or not target:
+                # Chosen at run time: every document beside the parent counts.
+                for sibling in sorted(path.parent.rglob("*.y*ml")):
+                    h.update(f"{sibling}:".encode() + _file_digest(sibling).encode())
+                continue
+            child = Path(target) if Path(target).is_absolute() else path.parent / target
+            h.update(f"{target}:".encode() + _file_digest(child).encode())
+            _children(child, h, depth + 1)
+
+
+def _file_digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return "missing"
+
+
+def mirror_state(mirror: str | None, release: str | None) -> dict[str, str]:
+    """The configured mirror's Release digests per suite (what `apt-get update`
+    in the guest would see). Unreachable mirrors are recorded as such."""
+    if release is None:
+        return {}
+    try:
+        mirrors = sources.mirrors_for(mirror, release)
+    except VmbuildError as exc:
+        return {"error": str(exc)}
+    state = {}
+    for line in sources.apt_source_lines(mirrors, release):
+        _, uri, suite, _component = line.split()[:4]
+        try:
+            state[f"{uri} {suite}"] = index.fetch_release(uri, suite).sha256
+        except VmbuildError as exc:
+            log.warning("mirror state unknown for %s %s: %s", uri, suite, exc)
+            state[f"{uri} {suite}"] = "unreachable"
+    return state
+
+
+def root_key(base: StageKey, *, memory: int, cpus: int, mirror: dict[str, str]) -> StageKey:
+    """The disk before the first component: the base plus everything a component sees."""
+    return stage_key(
+        "checkpoint-root", base=base.digest, memory=memory, cpus=cpus,
+        version=checkpoints.VERSION, mirror=mirror,
+    )  # fmt: skip
+
+
+def chain(root: StageKey, docs: Sequence[toe.Document]) -> list[StageKey]:
+    """The key of the disk after each document's build (+validate) phases."""
+    out = []
+    disk = root
+    for doc in docs:
+        disk = stage_key(
+            "component", disk=disk.digest, document=document_digest(doc),
+            parameters=dict(doc.parameters), phases=[p for p in BUILD_PHASES if p in doc.phases],
+        )  # fmt: skip
+        out.append(disk)
+    return out
+
+
+class Checkpointing:
+    """One build's use of the checkpoint cache: what it resumes from, what it saves.
+
+    Disk-only: a resumed build boots its builder from the newest matching layer
+    (a new instance: cloud-init installs this build's keys, pinned as always).
+    Restoring the running VM (RAM state) is not done.
+    """
+
+    def __init__(
+        self,
+        store: checkpoints.CheckpointStore,
+        *,
+        base_path: Path,
+        base_sha256: str,
+        base_format: str,
+        root: StageKey,
+        chain: list[StageKey],
+        names: Sequence[str],
+        final_key: StageKey,
+    ) -> None:
+        self.store = store
+        self.root = root
+        self.chain = chain
+        self.names = list(names)
+        self.final_key = final_key
+        self.base_link = store.base_link(base_path, base_sha256, base_format)
+        self.resumed: list[checkpoints.Checkpoint] = []
+        for key in chain:
+            found = store.find(key.digest)
+            if found is None or found.disk is None:
+                break
+            self.resumed.append(found)
+        self.last = self.resumed[-1] if self.resumed else None
+        self.generalized = store.find(final_key.digest) if len(self.resumed) == len(chain) else None
+        self.saved: list[str] = []
+        self.tests_cached = False
+
+    @property
+    def usable(self) -> bool:
+        return self.store.enabled and self.base_link is not None
+
+    def start_disk(self) -> Path | None:
+        """The layer the builder boots from, or None for the base."""
+        return self.last.disk if self.last is not None else None
+
+    def save_component(
+        self, index: int, layer: Path, applied: dict[str, Any]
+    ) -> checkpoints.Checkpoint | None:
+        if not self.usable or (index > 0 and self.last is None):
+            return None
+        saved = self.store.save(
+            self.chain[index].digest, stage="component",
+            label=f"{index + 1}/{len(self.chain)} {self.names[index]}", layer=layer,
+            parent=self.last, backing=None if self.last else self.base_link,
+            data={"applied": applied},
+        )  # fmt: skip
+        self.last = saved
+        if saved is not None:
+            self.saved.append(saved.label)
+        return saved
+
+    def save_generalized(self, layer: Path, data: dict[str, Any]) -> None:
+        if not self.usable or (self.chain and self.last is None):
+            return
+        saved = self.store.save(
+            self.final_key.digest, stage="generalize", label="generalized disk", layer=layer,
+            parent=self.last, backing=None if self.last else self.base_link, data=data,
+        )  # fmt: skip
+        if saved is not None:
+            self.saved.append(saved.label)
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's record of what came from the cache."""
+        return {
+            "resumed": [cp.label for cp in self.resumed],
+            "generalized": self.generalized is not None,
+            "saved": self.saved,
+            "tests": self.tests_cached,
+            "restore": "disk" if self.resumed and self.generalized is None else None,
+        }
