@@ -231,6 +231,8 @@ def _checkpoint(r: Run, index: int, applied: dict[str, Any]) -> None:
     """Cut the builder's disk below a new top file and keep the cut layer."""
     if r.ck is None or not r.ck.usable or r.builder is None or r.top is None:
         return
+    if not resume.CUT_LAYERS:
+        return
     cut = getattr(r.builder.machine, "cut_layer", None)
     if cut is None:
         return
