@@ -47,7 +47,9 @@ def test_commit_uploads_verified_parts_and_the_manifest_last(s3: LocalAws, store
     prefix = f"weekly/example-nginx/1.0.0/{build.name}"
     # The 64 MiB raw disk went in 8 MiB parts; the manifest after every disk; then the marker.
     assert keys[-2:] == [f"{prefix}/manifest.json", "weekly/.runs/task-1.json"]
-    assert set(keys[:-2]) == {f"{prefix}/disk.qcow2", f"{prefix}/disk.raw"}
+    files = {p.relative_to(build).as_posix() for p in build.rglob("*") if p.is_file()}
+    assert {"disk.qcow2", "disk.raw"} <= files
+    assert set(keys[:-2]) == {f"{prefix}/{f}" for f in files - {"manifest.json"}}
     parts = s3.requests.find("UploadPart", "s3")
     assert len(parts) == 8
     # Every part carried a SHA-256 checksum for the server to verify.
@@ -100,6 +102,12 @@ def test_images_list_show_rm_on_s3(s3: LocalAws, store: Path, good_disk: Path, t
     # A verified download for what reads disks (distribute, lint).
     copy = artifacts.local_copy(STORE, "example-nginx/1.0.0", tmp_path / "cache")
     assert (copy / "disk.qcow2").read_bytes() == (old / "disk.qcow2").read_bytes()
+    # verify downloads the build (checked against its manifest) and checks its signature.
+    verified = cli("verify", "example-nginx/1.0.0", "--store", STORE)
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.endswith(
+        "/s3-fetch/example-nginx/1.0.0/20260101T000000Z-aaaaaa: OK, signed, 4 subjects verified\n"
+    )
     rm = cli("images", "rm", "example-nginx/1.0.0", "--store", STORE, "--yes")
     assert rm.returncode == 0, rm.stderr
     assert rm.stdout.strip() == f"removed {STORE}/example-nginx/1.0.0/20260101T000000Z-aaaaaa"

@@ -60,7 +60,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
         data = verify_bundle(target, keys, allow_unsigned=args.allow_unsigned)
     else:
-        build_dir = resolve(paths.store_dir(args.store), args.ref)
+        import os
+
+        from vmbuild.scaleout.artifacts import is_s3, local_copy
+
+        location: str = args.store or os.environ.get("VMBUILD_STORE") or ""
+        if is_s3(location):  # a verified download of the build, then the same checks
+            build_dir = local_copy(location, args.ref, paths.cache_dir())
+        else:
+            build_dir = resolve(paths.store_dir(args.store), args.ref)
         data = verify_build(build_dir, keys, allow_unsigned=args.allow_unsigned).to_json()
     if args.json:
         print(json.dumps(data, indent=2))
