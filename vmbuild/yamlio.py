@@ -12,7 +12,9 @@ and for clear errors:
   last value (a classic copy-paste bug in long documents: a recipe with two
   `outputs:` would otherwise build only the second list);
 * `load_file` turns unreadable, binary, non-UTF-8 and malformed input into one
-  ConfigError naming the file and the line.
+  ConfigError naming the file and the line;
+* only regular files of bounded size are read, and a document's depth and size
+  with aliases expanded are bounded before it is built (vmbuild/yamllimits.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import yaml
 from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.nodes import MappingNode, ScalarNode
 
+from vmbuild import yamllimits as limits
 from vmbuild.errors import ConfigError
 
 
@@ -93,9 +96,11 @@ def load_file(path: Path, display: str | None = None) -> tuple[Any, bytes]:
     file (as `display`, default the path) and, for syntax errors, the line."""
     name = display or str(path)
     try:
-        data = path.read_bytes()
+        data = limits.read_bytes(path)
     except FileNotFoundError:
         raise ConfigError(name, None, "file not found") from None
+    except limits.UnsafeInput as exc:
+        raise ConfigError(name, None, f"cannot read: {exc}") from None
     except OSError as exc:
         raise ConfigError(name, None, f"cannot read: {exc.strerror or exc}") from None
     return parse_bytes(data, name), data
@@ -110,7 +115,13 @@ def parse_bytes(data: bytes, name: str) -> Any:
     except UnicodeDecodeError as exc:
         raise ConfigError(name, None, f"cannot read: not UTF-8 text (byte {exc.start})") from None
     try:
+        limits.check_yaml(text)  # depth, alias expansion, size: before any object exists
         return load_yaml(text)
+    except limits.UnsafeInput as exc:
+        raise ConfigError(name, None, str(exc)) from None
+    except (ValueError, OverflowError, RecursionError) as exc:
+        # Past the limits these should not happen; never a traceback if they do.
+        raise ConfigError(name, None, f"invalid YAML: {exc}") from None
     except DuplicateKeyError as exc:
         raise ConfigError(name, None, str(exc)) from None
     except yaml.YAMLError as exc:

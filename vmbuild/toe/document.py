@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmbuild import yamllimits as limits
 from vmbuild.errors import ConfigError
 from vmbuild.toe.actions import ACTIONS
 from vmbuild.toe.actions.base import Shape, typed_items
@@ -53,6 +54,7 @@ from vmbuild.yamlio import parse_bytes, scalar_text
 
 log = logging.getLogger("vmbuild.toe")
 
+MAX_STEPS = 1000  # per phase: a bound for validation time, far above real documents
 MAX_NESTING = 3  # ExecuteDocument levels below the top document (AWSTOE's limit)
 STANDARD_PHASES = ("build", "validate", "test")
 _VARIABLE_NAME = re.compile(r"^[A-Za-z0-9_-]{3,128}$")
@@ -202,7 +204,10 @@ class _Parser:
 
     def parse(self, given: Mapping[str, Any], require_values: bool) -> Document | None:
         try:
-            data = self.path.read_bytes()
+            data = limits.read_bytes(self.path)
+        except limits.UnsafeInput as exc:
+            self.add(None, f"cannot read the document: {exc}")
+            return None
         except OSError as exc:
             self.add(None, f"cannot read the document: {exc.strerror or exc}")
             return None
@@ -423,6 +428,10 @@ class _Parser:
     def _steps(self, phase: str, raw: Any) -> list[_StepDraft]:
         if not isinstance(raw, list) or not raw:
             self.add(f"{phase}.steps", "expected a non-empty list of steps")
+            return []
+        if len(raw) > MAX_STEPS:
+            # Bounded before anything walks them (later checks compare steps pairwise).
+            self.add(f"{phase}.steps", f"{len(raw)} steps; at most {MAX_STEPS} in a phase")
             return []
         drafts: list[_StepDraft] = []
         names: set[str] = set()

@@ -11,6 +11,10 @@ from vmbuild.toe.model import DelimitedLoop, ForEachLoop, ForLoop, Loop
 from vmbuild.yamlio import scalar_text
 
 Report = Callable[[str | None, str], None]
+# Iterations of one loop, checked at validate time (a delimited list, known
+# only once rendered, is checked by the runner): every iteration is a remote
+# command, so 10**12 of them is a mistake, never a plan.
+MAX_ITERATIONS = 10_000
 _LOOP_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 # The one-character delimiters AWSTOE accepts for `forEach: {list, delimiter}`.
 DELIMITERS = (".", ",", ";", ":", "\n", "\t", " ", "-", "_")
@@ -67,11 +71,17 @@ def _for_loop(where: str, name: str | None, raw: Any, add: Report) -> Loop | Non
     if by == 0 or (end - start) * by < 0:
         add(where, f"from {start} to {end} by {by} never reaches the end")
         return None
+    if (end - start) // by + 1 > MAX_ITERATIONS:
+        add(where, f"from {start} to {end} by {by} is more than {MAX_ITERATIONS} iterations")
+        return None
     return ForLoop(name, start, end, by)
 
 
 def _for_each(where: str, name: str | None, raw: Any, add: Report) -> Loop | None:
     if isinstance(raw, list):
+        if len(raw) > MAX_ITERATIONS:
+            add(where, f"{len(raw)} items; at most {MAX_ITERATIONS}")
+            return None
         items = [scalar_text(v) for v in raw]
         if not items or any(v is None for v in items):
             add(where, "expected a non-empty list of strings")

@@ -53,6 +53,7 @@ from vmbuild.toe.expressions import (
     render,
     render_value,
 )
+from vmbuild.toe.loops import MAX_ITERATIONS
 from vmbuild.toe.model import DelimitedLoop, Document, ForEachLoop, ForLoop, OnFailure, Step
 from vmbuild.toe.results import DocumentResult, PhaseResult, Status, StepResult, now, overall
 from vmbuild.yamlio import scalar_text
@@ -392,6 +393,10 @@ class _StepRunner:
             values = [render(v, scope) for v in loop.items]
         else:
             values = render(loop.text, scope).split(loop.delimiter)
+            if len(values) > MAX_ITERATIONS:
+                raise StepError(
+                    f"the list splits into {len(values)} items; at most {MAX_ITERATIONS}"
+                )
         self.result.loop = {"name": loop.name or "", "iterations": len(values)}
         for i, value in enumerate(values):
             yield LoopVars(loop.name, i, str(value))
