@@ -625,14 +625,15 @@ def test_execute_document_in_a_huge_loop_is_rejected_without_expanding_it(
     write(tmp_path, leaf(), "child.yaml")
     text = step_doc(
         "- name: Each\n  action: ExecuteDocument\n  loop:\n"
-        "    for: {start: 1, end: 1000000000, updateBy: 1}\n"
+        # Within the loop bound (toe/loops.py), past the nested-document bound.
+        "    for: {start: 1, end: 5000, updateBy: 1}\n"
         "  inputs:\n    document: child.yaml\n"
     )
     started = time.monotonic()
     found = problems(tmp_path, text)
     assert time.monotonic() - started < 2
     assert found == [
-        f"{tmp_path / 'doc.yaml'}: build.Each.loop: runs ExecuteDocument 1000000000 times; "
+        f"{tmp_path / 'doc.yaml'}: build.Each.loop: runs ExecuteDocument 5000 times; "
         "vmbuild allows at most 1000 nested documents per step"
     ]
 
