@@ -99,6 +99,9 @@ def _describe(
     elif (own := rewrite(error, loc) if rewrite else None) is not None:
         message = own
     elif error["type"] == "extra_forbidden":
+        if error["loc"] and (not loc or loc[-1] != error["loc"][-1]):
+            # An unknown key that looks like a union tag ("A", "Str") was cleaned away.
+            loc.append(error["loc"][-1])
         known = sorted(set(_field_names(model))) if model is not None else []
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         message = "unknown field" + (f" (did you mean {close[0]}?)" if close else "")
