@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import REPO, qemu_pids
+from tests.vm.conftest import REPO, VMBUILD, qemu_pids, vmbuild
 from vmbuild.cli.scratch import scratch_guest
 from vmbuild.errors import GuestStopped, TransferError
 from vmbuild.hypervisor.guest import Guest
@@ -166,3 +168,79 @@ def test_a_dying_guest_ends_the_step_at_once(case: str) -> None:
     assert not work.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+# -- the CLI killed mid-build -------------------------------------------------
+
+FAULT_COMPONENT = """\
+name: fault-point
+schemaVersion: 1.0
+phases:
+  - name: build
+    steps:
+      - name: Wait
+        action: ExecuteBash
+        inputs:
+          commands: ["echo fault-here", "sleep 600"]
+"""
+
+
+def start_build(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    (tmp_path / "fault.yaml").write_text(FAULT_COMPONENT)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "name: fault\nversion: 1.0.0\nbase: debian-12\ncomponents:\n  - name: ./fault.yaml\n"
+    )
+    return subprocess.Popen(
+        [*VMBUILD, "build", str(recipe), "--skip-tests", "--apt-proxy", "off"],
+        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_for_marker(proc: subprocess.Popen[str], marker: str = "fault-here") -> None:
+    assert proc.stderr is not None
+    for line in proc.stderr:  # guest output is streamed as it comes: an event, not a guess
+        if line.rstrip().endswith(marker):
+            return
+    raise AssertionError(f"the build ended (exit {proc.wait()}) before printing {marker}")
+
+
+def leftovers(tmp_path: Path) -> list[Path]:
+    store = tmp_path / "store"
+    return list(store.rglob(".staging-*")) if store.exists() else []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_vmbuild_killed_in_a_step_leaves_nothing(
+    tmp_path: Path, cli_env: dict[str, str], sig: signal.Signals
+) -> None:
+    env = {**cli_env, "VMBUILD_STATE_DIR": str(tmp_path / "state")}
+    proc = start_build(tmp_path, env)
+    wait_for_marker(proc)
+    assert qemu_pids(tmp_path)  # the builder VM is running
+    killed_at = time.monotonic()
+    proc.send_signal(sig)
+    code = proc.wait(120)
+    # SIGKILL: the kernel kills QEMU with vmbuild (PR_SET_PDEATHSIG). SIGTERM:
+    # vmbuild unwinds itself (exit 130).
+    deadline = time.monotonic() + 30
+    while qemu_pids(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not qemu_pids(tmp_path)
+    record(f"vmbuild {sig.name} in a step: QEMU gone", time.monotonic() - killed_at)
+    if sig == signal.SIGTERM:
+        assert code == 130
+        assert not leftovers(tmp_path)
+        return
+    assert code == -signal.SIGKILL
+    assert leftovers(tmp_path)  # nobody cleaned up yet: the next command does
+    started = time.monotonic()
+    listing = vmbuild("images", "list", env=env, timeout=120)
+    record("vmbuild SIGKILL: next command cleans up", time.monotonic() - started)
+    assert listing.returncode == 0, listing.stderr
+    assert "an earlier vmbuild run (" in listing.stderr
+    assert not leftovers(tmp_path)
+    (failed,) = (tmp_path / "state" / "failed-runs").iterdir()
+    data = json.loads(failed.read_text())
+    assert data["status"] == "failed"
+    assert "fault-here" in data["log_tail"]
