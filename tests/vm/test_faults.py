@@ -95,7 +95,8 @@ def test_full_guest_tmpfs_fails_the_upload_at_once(guest_vm: Guest) -> None:
     try:
         started = time.monotonic()
         with pytest.raises(TransferError) as info:
-            guest_vm.ssh.run("echo must-not-run", timeout=60)
+            # Larger than the pages the fill script itself frees when it is removed.
+            guest_vm.ssh.run("echo must-not-run\n" + "#" * (256 << 10), timeout=60)
         record("full tmpfs: script upload", time.monotonic() - started)
         message = str(info.value)
         assert message.startswith("cannot upload /dev/shm/vmbuild-")
