@@ -17,7 +17,7 @@ REF_HELP = "NAME[/VERSION[/BUILD]] (latest match), or the path of a build inside
 
 
 def add_parser(sub: SubParsers) -> None:
-    images = sub.add_parser("images", help="stored artifacts: list, show, rm").add_subparsers(
+    images = sub.add_parser("images", help="stored artifacts: list, show, rm, diff").add_subparsers(
         dest="images_verb", required=True, metavar="ACTION"
     )
     p = verb(images, "list", cmd_images_list, "list stored images")
