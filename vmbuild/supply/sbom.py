@@ -71,7 +71,11 @@ def packages_of(manifest: Mapping[str, Any]) -> list[Package]:
 
 def distro_of(manifest: Mapping[str, Any]) -> str | None:
     base_id = str((manifest.get("base") or {}).get("id", ""))
-    return base_id if base_id in DEBIAN_CODENAMES else None
+    # A built base's id carries its cache key: debian-12-<hash>.
+    for distro in DEBIAN_CODENAMES:
+        if base_id == distro or base_id.startswith(f"{distro}-"):
+            return distro
+    return None
 
 
 def _created(manifest: Mapping[str, Any]) -> datetime:

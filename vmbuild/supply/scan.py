@@ -185,9 +185,12 @@ def scan(
 
 
 def release_of(manifest: Mapping[str, Any]) -> str:
+    from vmbuild.supply.sbom import distro_of
+
     base_id = str((manifest.get("base") or {}).get("id", ""))
-    if base_id in DEBIAN_CODENAMES:
-        return DEBIAN_CODENAMES[base_id]
+    distro = distro_of(manifest)
+    if distro is not None:
+        return DEBIAN_CODENAMES[distro]
     raise ScanError(
         f"the base {base_id!r} is not a Debian release the tracker knows",
         hint="the scan covers debian-11, debian-12 and debian-13 bases",
