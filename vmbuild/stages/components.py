@@ -77,9 +77,11 @@ def apply(
     s3: Any = None,
     working_directory: str | None = None,
     first_index: int = 0,
+    on_result: Callable[[toe.DocumentResult], None] | None = None,
 ) -> list[Applied]:
     """Run `phases` of every document in order, steps in `working_directory` on
-    the guest; raise StepFailed on the first failure."""
+    the guest; raise StepFailed on the first failure. `on_result` sees each
+    document's result first, the failed one included (the test stage's JUnit)."""
     results_dir.mkdir(parents=True, exist_ok=True)
     applied = []
     for index, doc in enumerate(docs, start=first_index):
@@ -91,6 +93,8 @@ def apply(
             doc, remote, phases=wanted, on_output=on_output, s3=s3,
             working_directory=working_directory,
         )  # fmt: skip
+        if on_result is not None:
+            on_result(result)
         detail = result.to_detailed_output()
         out = results_dir / f"{index:02d}-{_slug(doc.name)}-{'-'.join(wanted)}.json"
         # Rendered commands and outputs may hold a secret parameter value.

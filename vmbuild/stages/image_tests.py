@@ -1,5 +1,6 @@
 """Test the converted image in a fresh VM: the components' test phases, then the
-recipe's testinfra files (pytest, JUnit XML kept with the artifact).
+recipe's testinfra files (pytest, JUnit XML kept with the artifact: junit.xml for
+testinfra, components-junit.xml with one testcase per component test phase).
 
 `run_image_tests` is the stage; the rest are its pure parts (unit-tested)."""
 
@@ -26,11 +27,14 @@ from vmbuild.hypervisor.guest import (
 )
 from vmbuild.progress import Reporter
 from vmbuild.run import run
+from vmbuild.secrets import mask
 from vmbuild.stages import components
 from vmbuild.stages.key import StageKey, stage_key
+from vmbuild.toe.junit import write_component_junit
 
 log = logging.getLogger("vmbuild.test_vm")
 
+COMPONENTS_JUNIT = "components-junit.xml"  # beside testinfra's junit.xml
 TESTINFRA_TIMEOUT = 120.0  # KVM seconds, scaled for TCG
 
 
@@ -177,17 +181,21 @@ def run_image_tests(
     counts = None
     component_tests: list[dict[str, Any]] = []
     junit_name = None
+    results: list[toe.DocumentResult] = []
     with booted_guest(req, on_status=reporter.status) as guest:
         try:
             applied = components.apply(
                 inputs.documents, guest.ssh, phases=["test"], results_dir=logs / "components",
                 on_output=reporter.output, working_directory=inputs.working_directory,
+                on_result=results.append,
             )  # fmt: skip
             component_tests = [{"name": a.name, "status": a.status} for a in applied]
         except StepFailed as exc:
             raise TestsFailed(f"image tests failed: {exc}") from None
         finally:
             copy_console(guest.spec, logs)
+            if results:  # the failed one too: CI shows which component's test failed
+                write_component_junit(results, logs / COMPONENTS_JUNIT, mask=mask)
         if inputs.testinfra:
             *nums, junit = run_testinfra(
                 guest, inputs.testinfra, logs, env=inputs.env, on_line=reporter.output
