@@ -108,3 +108,57 @@ def test_pipelines_take_variables_from_the_environment(tmp_path: Path) -> None:
     env["VMBUILD_VAR_timezone"] = "Europe/Paris"
     proc = vmbuild(env, "validate", str(pipeline))
     assert (proc.returncode, proc.stdout) == (0, f"{pipeline}: valid pipeline\n"), proc.stderr
+
+
+PIPELINE = (
+    "variables:\n  timezone: {default: UTC}\nrecipe: recipe.yaml\n"
+    "schedule: {cron: '0 3 * * 1', timezone: '{{ var.timezone }}'}\n"
+)
+
+
+def test_pipeline_check_and_run_take_var_and_var_file(tmp_path: Path) -> None:
+    write(tmp_path, "recipe.yaml", RECIPE)
+    pipeline = write(tmp_path, "pipeline.yaml", PIPELINE)
+    env = isolated_env(tmp_path, VMBUILD_VAR_timezone="Europe/Paris")
+    # --var wins over the environment, in the pipeline and in the recipe it names.
+    proc = vmbuild(env, "pipeline", "check", str(pipeline), "--var", "timezone=Mars/Base",
+                   "--var", "greeting=hi")  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[0] == (
+        f"error: {pipeline}: schedule.timezone: unknown time zone 'Mars/Base' "
+        "(use an IANA name such as Europe/Paris)"
+    )
+    # The recipe's required `greeting` comes from a var file: no run yet, so "changed".
+    var_file = write(tmp_path, "vars.yaml", "greeting: hello\n")
+    proc = vmbuild(env, "pipeline", "check", str(pipeline), "--var-file", str(var_file), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["exit_code"] == 0
+    # Without it the recipe's variable has no value: the run stops before anything runs.
+    proc = vmbuild(env, "pipeline", "run", str(pipeline))
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[0].startswith(f"error: {pipeline}: recipe: invalid recipe: ")
+    assert "greeting" in proc.stderr.splitlines()[0]
+    proc = vmbuild(env, "pipeline", "run", str(pipeline), "--var", "timezone=Mars/Base",
+                   "--var", "greeting=hi")  # fmt: skip
+    assert proc.returncode == 1
+    assert "unknown time zone 'Mars/Base'" in proc.stderr.splitlines()[0]
+    # A typo is caught: neither the pipeline nor its recipe declares it.
+    proc = vmbuild(env, "pipeline", "check", str(pipeline), "--var", "greeting=hi",
+                   "--var", "timezon=UTC")  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[0] == (
+        f"error: {pipeline}: variables: --var gives 'timezon', which neither this pipeline "
+        "nor its recipe declares (declared: greeting, port, size, tests, timezone)"
+    )
+
+
+def test_the_scheduler_loads_pipelines_with_its_var_values(tmp_path: Path) -> None:
+    write(tmp_path, "recipe.yaml", RECIPE)
+    pipeline = write(tmp_path, "pipeline.yaml", PIPELINE)
+    env = isolated_env(tmp_path)
+    # One value may serve several pipelines: an undeclared one is no error for the daemon.
+    proc = vmbuild(env, "scheduler", "--pipelines", str(tmp_path), "--var", "greeting=hi",
+                   "--var", "other_pipelines_key=1", "--var", "timezone=Mars/Base")  # fmt: skip
+    assert proc.returncode == 1
+    assert "unknown time zone 'Mars/Base'" in proc.stderr
+    assert str(pipeline) in proc.stderr

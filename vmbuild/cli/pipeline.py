@@ -69,12 +69,20 @@ def _services() -> Any:
     return Services()
 
 
+def _variables(args: argparse.Namespace) -> Any:
+    """The --var / --var-file values (plus VMBUILD_VAR_*), for the pipeline and its recipe."""
+    from vmbuild.config.variables import parse_cli
+
+    return parse_cli(args.var, args.var_file)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from vmbuild.config.pipeline import load_pipeline
     from vmbuild.pipeline.history import History
     from vmbuild.pipeline.runner import BUSY_REASON, EXIT_BUSY, RunContext, run_pipeline
 
-    loaded = load_pipeline(Path(args.file))  # validated before anything runs
+    # Validated (variables substituted) before anything runs.
+    loaded = load_pipeline(Path(args.file), variables=_variables(args))
     with History(_history(args)) as history:
         ctx = RunContext(
             history, _store(args, loaded), history.state_dir, quiet=args.quiet or args.json,
@@ -110,7 +118,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from vmbuild.pipeline.history import History
 
     try:
-        loaded = load_pipeline(Path(args.file))
+        loaded = load_pipeline(Path(args.file), variables=_variables(args))
         with History(_history(args)) as history:
             report = deps.check(loaded, history)
     except VmbuildError as exc:
@@ -210,6 +218,9 @@ def _scheduler_logging(debug: bool) -> None:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from vmbuild.config.variables import as_environment
     from vmbuild.pipeline.history import History
     from vmbuild.pipeline.scheduler import (
         Launcher,
@@ -223,6 +234,14 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     directory = Path(args.pipelines).resolve()
     # Resolved now: runs must not depend on the daemon's working directory.
     store = paths.store_dir(args.store).resolve()
+    # A bad --var-file stops the daemon before it starts. One value may serve several
+    # pipelines: a pipeline that does not declare it is not an error here.
+    variables = replace(_variables(args), strict=False)
+    if args.broker and (args.var or args.var_file):
+        raise VmbuildError(
+            "--var/--var-file with --broker: the values do not reach the workers yet",
+            hint="set VMBUILD_VAR_KEY in the workers' environment instead",
+        )
     with History(_history(args)) as history:
         lock = scheduler_lock(history.state_dir)
         if not lock.acquire():
@@ -249,10 +268,13 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
                         "local runs need a SQLite history file",
                         hint="with a shared database, give --broker: workers run the pipelines",
                     )
-                launcher = ProcessLauncher(history.path, store, debug=args.debug)
+                launcher = ProcessLauncher(
+                    history.path, store, debug=args.debug,
+                    var_env=as_environment(variables),
+                )  # fmt: skip
             scheduler = Scheduler(
                 directory, history, launcher, max_parallel=args.max_parallel,
-                stop_timeout=args.stop_timeout,
+                stop_timeout=args.stop_timeout, variables=variables,
             )  # fmt: skip
             scheduler.start()  # refuses to start with a broken pipeline, naming it
             looping = False
@@ -381,6 +403,7 @@ def cmd_runs_cancel(args: argparse.Namespace) -> int:
 # -- parser ------------------------------------------------------------------
 def add_parser(subparsers: Any) -> None:
     """Add the `pipeline`, `scheduler` and `runs` verbs to vmbuild's parser."""
+    from vmbuild.cli.build import add_variable_flags
 
     def verb(parent: Any, name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
@@ -411,6 +434,7 @@ def add_parser(subparsers: Any) -> None:
         help="schedule: as a timer would (honours schedule.start_condition)",
     )  # fmt: skip
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    add_variable_flags(run)
     store_flag(run)
     json_flag(run)
     check = verb(
@@ -420,6 +444,7 @@ def add_parser(subparsers: Any) -> None:
     )  # fmt: skip
     check.add_argument("file", help="pipeline YAML file")
     check.add_argument("--max-details", type=int, default=20, help="lines per change (default 20)")
+    add_variable_flags(check)
     json_flag(check)
     prune = verb(pipeline, "prune", cmd_prune, "apply the pipeline's lifecycle rules now")
     prune.add_argument("file", help="pipeline YAML file")
@@ -449,6 +474,7 @@ def add_parser(subparsers: Any) -> None:
         "--stop-timeout", type=float, default=300.0,
         help="on SIGTERM, seconds to wait for cancelled builds to clean up (default 300)",
     )  # fmt: skip
+    add_variable_flags(sched)
     store_flag(sched)
     sched.add_argument(
         "--broker", help="Redis broker URL: enqueue due pipelines for workers instead of "

@@ -207,6 +207,8 @@ def load_pipeline(
         recipe = load_recipe(recipe_path, variables=given)
     except VmbuildError as exc:
         raise ConfigError(display, "recipe", f"invalid recipe: {exc}", hint=exc.hint) from None
+    if variables is not None and variables.strict:
+        _check_given(variables, display, path, recipe_path)
 
     schedule = None
     if pipeline.schedule is not None:
@@ -234,6 +236,25 @@ def load_pipeline(
         schedule=schedule,
         store=store,
     )
+
+
+def _check_given(given: Given, display: str, path: Path, recipe_path: Path) -> None:
+    """A --var/--var-file key neither the pipeline nor its recipe declares is a typo
+    (each file alone cannot tell: the other may declare it)."""
+    declared: set[str] = set()
+    for file in (path, recipe_path):
+        data = load_yaml(file)
+        section = data.get("variables") if isinstance(data, dict) else None
+        declared |= set(section) if isinstance(section, dict) else set()
+    for source, keys in (("--var", given.cli), ("--var-file", given.files)):
+        for key in keys:
+            if key not in declared:
+                known = ", ".join(sorted(declared)) or "none"
+                raise ConfigError(
+                    display, "variables",
+                    f"{source} gives {key!r}, which neither this pipeline nor its recipe "
+                    f"declares (declared: {known})",
+                )  # fmt: skip
 
 
 def _load_distribution(data: dict[str, Any], display: str) -> Any:
@@ -272,14 +293,16 @@ def pipeline_files(directory: Path) -> list[Path]:
     return found
 
 
-def load_pipelines(directory: Path, *, now: datetime | None = None) -> list[LoadedPipeline]:
+def load_pipelines(
+    directory: Path, *, now: datetime | None = None, variables: Given | None = None
+) -> list[LoadedPipeline]:
     """Every pipeline in `directory`; one error lists every broken file and duplicate name."""
     if not directory.is_dir():
         raise VmbuildError(f"{directory}: not a directory of pipelines")
     loaded, problems = [], []
     for path in pipeline_files(directory):
         try:
-            loaded.append(load_pipeline(path, now=now))
+            loaded.append(load_pipeline(path, now=now, variables=variables))
         except VmbuildError as exc:
             problems.append(str(exc))
     seen: dict[str, LoadedPipeline] = {}

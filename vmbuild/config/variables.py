@@ -60,6 +60,18 @@ class Given:
         return None
 
 
+def as_environment(given: Given) -> dict[str, str]:
+    """The given --var and var-file values as VMBUILD_VAR_* entries, for a child process
+    (the scheduler's runs), keeping the order of precedence: a --var wins over the
+    environment, which wins over a var file."""
+    out: dict[str, str] = {}
+    for key, value in given.files.items():
+        if ENV_PREFIX + key not in given.env:
+            out[ENV_PREFIX + key] = str(value).lower() if isinstance(value, bool) else str(value)
+    out.update({ENV_PREFIX + key: value for key, value in given.cli.items()})
+    return out
+
+
 def parse_cli(pairs: Sequence[str], var_files: Sequence[str]) -> Given:
     """`--var KEY=VALUE` pairs and `--var-file FILE`s, plus the environment."""
     from vmbuild.yamlio import load_file

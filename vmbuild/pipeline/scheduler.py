@@ -19,16 +19,17 @@ version kept), reap finished runs, fire what is due, then sleep until the next s
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from vmbuild.config.cron import Due
 from vmbuild.config.pipeline import LoadedPipeline, load_pipeline, load_pipelines, pipeline_files
@@ -36,6 +37,9 @@ from vmbuild.errors import VmbuildError
 from vmbuild.pipeline.clock import Clock, SystemClock
 from vmbuild.pipeline.history import History
 from vmbuild.pipeline.runner import PipelineLock
+
+if TYPE_CHECKING:
+    from vmbuild.config.variables import Given
 
 log = logging.getLogger("vmbuild.pipeline.scheduler")
 
@@ -88,10 +92,17 @@ class ProcessHandle:
 class ProcessLauncher:
     """Runs go to `python -m vmbuild pipeline run` children, output to our stdout."""
 
-    def __init__(self, history: Path, store: Path | None = None, *, debug: bool = False) -> None:
+    def __init__(
+        self, history: Path, store: Path | None = None, *, debug: bool = False,
+        var_env: Mapping[str, str] | None = None,
+    ) -> None:  # fmt: skip
         self.history = history
         self.store = store
         self.debug = debug
+        # The scheduler's --var/--var-file values reach each run as VMBUILD_VAR_*: one
+        # value may serve several pipelines, so a run must not reject the ones its own
+        # pipeline does not declare (a --var on its command line would).
+        self.var_env = dict(var_env or {})
 
     def argv(self, pipeline: LoadedPipeline, trigger: str) -> list[str]:
         argv = [sys.executable, "-m", "vmbuild", *(["--debug"] if self.debug else [])]
@@ -106,14 +117,17 @@ class ProcessLauncher:
 
         # Its own session: a terminal's Ctrl-C reaches the scheduler only, which
         # then stops each run in order; stdout is inherited (journald, a log file).
-        return ProcessHandle(spawn(self.argv(pipeline, trigger), stdout=None, new_session=True))
+        env = {**os.environ, **self.var_env}
+        return ProcessHandle(
+            spawn(self.argv(pipeline, trigger), stdout=None, env=env, new_session=True)
+        )
 
 
 class Scheduler:
     def __init__(
         self, directory: Path, history: History, launcher: Launcher, *,
         clock: Clock | None = None, max_parallel: int = 1, stop_timeout: float = STOP_TIMEOUT,
-        load: Callable[[Path], LoadedPipeline] = load_pipeline,
+        load: Callable[[Path], LoadedPipeline] | None = None, variables: Given | None = None,
     ) -> None:  # fmt: skip
         self.directory = directory
         self.history = history
@@ -121,7 +135,9 @@ class Scheduler:
         self.clock = clock or SystemClock()
         self.max_parallel = max(1, max_parallel)
         self.stop_timeout = stop_timeout
-        self._load = load
+        # --var/--var-file values: every (re)load of a pipeline substitutes the same ones.
+        self.variables = variables
+        self._load = load or functools.partial(load_pipeline, variables=variables)
         self.pipelines: dict[str, LoadedPipeline] = {}
         self._files: dict[Path, int] = {}  # path -> mtime_ns last read (good or bad)
         self.running: dict[str, RunHandle] = {}
@@ -131,7 +147,7 @@ class Scheduler:
     def start(self) -> None:
         """Load every pipeline (refusing to start if any is broken) and their state."""
         now = self.clock.now()
-        for p in load_pipelines(self.directory, now=now):
+        for p in load_pipelines(self.directory, now=now, variables=self.variables):
             self.pipelines[p.name] = p
             self._files[p.path] = _mtime(p.path)
         for path in pipeline_files(self.directory):

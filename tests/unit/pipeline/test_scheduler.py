@@ -328,3 +328,16 @@ def test_the_process_launcher_runs_the_pipeline_as_a_scheduled_run(world: World)
         "-m", "vmbuild", "pipeline", "run", str(path.resolve()), "--trigger", "schedule",
         "--quiet", "--history", str(world.db), "--store", "/srv/images",
     ]  # fmt: skip
+
+
+def test_the_schedulers_variables_reach_its_runs_in_order_of_precedence() -> None:
+    from vmbuild.config.variables import Given, as_environment
+
+    given = Given(
+        cli={"a": "cli"}, files={"a": "file", "b": "file", "c": True, "d": 3},
+        env={"VMBUILD_VAR_b": "env", "VMBUILD_VAR_a": "env"},
+    )  # fmt: skip
+    # b stays the environment's (it wins over a var file); a is the --var.
+    assert as_environment(given) == {
+        "VMBUILD_VAR_a": "cli", "VMBUILD_VAR_c": "true", "VMBUILD_VAR_d": "3",
+    }  # fmt: skip
