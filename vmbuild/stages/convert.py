@@ -55,11 +55,6 @@ def output_name(fmt: str) -> str:
     return f"disk.{FORMATS[fmt][2]}"
 
 
-def flatten(overlay: Path, dst: Path) -> None:
-    """Collapse the overlay and its backing chain into one standalone qcow2."""
-    qemu_img(*convert_argv(overlay, "qcow2", dst, "qcow2"))
-
-
 def flatten_raw(overlay: Path, dst: Path) -> None:
     """Collapse the overlay and its backing chain into a sparse raw disk (to scrub it)."""
     qemu_img("convert", "-f", "qcow2", "-O", "raw", str(overlay), str(dst))
@@ -108,12 +103,22 @@ def flatten_final(
     """Flatten the builder's overlay into the qcow2 the test VM and the offline
     check read; the other formats are `convert_rest`'s (run while the tests do).
 
-    The overlay is deleted once flattened (it is the largest scratch file).
+    Flattened to raw, the free space of its ext file systems zeroed, then stored
+    with zero detection: nothing the guest deleted survives into any output
+    (every other format is converted from this one), which also shrinks it.
+    The overlay is deleted once flattened (it is the largest scratch file)
+    unless `keep_source` (a checkpoint still owns it).
     """
     final = outdir / output_name("qcow2") if "qcow2" in formats else work / "final.qcow2"
-    flatten(overlay, final)
-    if not keep_source:
-        overlay.unlink()
+    scrubbed = work / "scrubbed.raw"
+    try:
+        flatten_raw(overlay, scrubbed)
+        if not keep_source:
+            overlay.unlink()
+        zero_free_space(scrubbed)
+        from_raw(scrubbed, final)
+    finally:
+        scrubbed.unlink(missing_ok=True)
     return Converted(final, (convert(final, "qcow2", outdir),) if "qcow2" in formats else ())
 
 
@@ -121,27 +126,3 @@ def convert_rest(first: Converted, formats: Sequence[str], outdir: Path) -> Conv
     """Every format but qcow2 from the flattened disk; outputs in the recipe's order."""
     rest = [convert(first.final, f, outdir) for f in formats if f != "qcow2"]
     return Converted(first.final, (*first.outputs, *rest))
-
-
-def convert_all(overlay: Path, formats: Sequence[str], outdir: Path, work: Path) -> Converted:
-    """Flatten the builder's overlay, then write every format into `outdir`.
-
-    The overlay is deleted once flattened (it is the largest scratch file), and
-    the free space of its ext file systems is zeroed before any output is written. The
-    flattened qcow2 is an output itself when qcow2 is listed, else kept in `work`.
-    """
-    final = outdir / output_name("qcow2") if "qcow2" in formats else work / "final.qcow2"
-    # Flattened to raw, its free space zeroed, then stored with zero detection:
-    # nothing the guest deleted survives into any output, which also shrinks.
-    scrubbed = work / "scrubbed.raw"
-    try:
-        flatten_raw(overlay, scrubbed)
-        overlay.unlink()
-        zero_free_space(scrubbed)
-        from_raw(scrubbed, final)
-    finally:
-        scrubbed.unlink(missing_ok=True)
-    outputs = [convert(final, f, outdir) for f in formats if f != "qcow2"]
-    if "qcow2" in formats:
-        outputs.insert(0, convert(final, "qcow2", outdir))
-    return Converted(final, tuple(outputs))

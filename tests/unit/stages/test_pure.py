@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import pytest
+
 from vmbuild.diskfs.rootfs import read_partition_table
 from vmbuild.stages.generalize import generalize_script
 from vmbuild.stages.image_tests import parse_junit, pytest_argv, summarize
@@ -92,3 +94,24 @@ def test_no_partition_table(tmp_path: Path) -> None:
     img = tmp_path / "d.raw"
     img.write_bytes(bytes(1024))
     assert read_partition_table(img) is None
+
+
+def test_the_final_disk_is_scrubbed_before_any_output_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The build flattens once (flatten_final) and converts every other format
+    # from that disk: the free-space scrub must sit between the raw flatten and
+    # the qcow2 written from it, or deleted keys reach every output.
+    from vmbuild.stages import convert
+
+    calls: list[str] = []
+    monkeypatch.setattr(convert, "flatten_raw", lambda src, dst: calls.append(f"raw {dst.name}"))
+    monkeypatch.setattr(convert, "zero_free_space", lambda raw: calls.append(f"zero {raw.name}"))
+    monkeypatch.setattr(convert, "from_raw", lambda raw, dst: calls.append(f"qcow2 {dst.name}"))
+    overlay = tmp_path / "overlay.qcow2"
+    overlay.write_bytes(b"")
+    done = convert.flatten_final(overlay, ["raw"], tmp_path / "out", tmp_path)
+    assert calls == ["raw scrubbed.raw", "zero scrubbed.raw", "qcow2 final.qcow2"]
+    assert done.final == tmp_path / "final.qcow2"
+    assert done.outputs == ()
+    assert not overlay.exists()
