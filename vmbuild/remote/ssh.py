@@ -125,8 +125,11 @@ def run_command(script: str, *, timeout: float | None, env: dict[str, str] | Non
     marker = f"vmbuild-upload-mismatch-{uuid.uuid4().hex[:8]}"
     # Rounded up: `timeout 0` would mean no limit at all.
     wrapper = f"timeout -k {KILL_GRACE} {math.ceil(timeout)} " if timeout else ""
+    # The private umask covers only the staged script (a subshell): the step
+    # itself runs with the guest's own umask, or every directory a component
+    # creates would be 0700 (nginx answering 403 for its own site root).
     line = (
-        f"umask 077; cat > {path} && echo '{digest}  {path}' | sha256sum -c --status 2>/dev/null"
+        f"(umask 077; cat > {path}) && echo '{digest}  {path}' | sha256sum -c --status 2>/dev/null"
         f" || {{ echo {marker} >&2; rm -f {path}; exit {MISMATCH_EXIT}; }}; "
         f"sudo -n {wrapper}bash {path} </dev/null; rc=$?; rm -f {path}; exit $rc"
     )

@@ -15,7 +15,7 @@ def test_one_sudo_and_the_script_on_stdin() -> None:
     assert re.fullmatch(r"vmbuild-upload-mismatch-[0-9a-f]{8}", command.marker)
     p, digest = command.path, hashlib.sha256(command.stdin).hexdigest()
     assert command.line == (
-        f"umask 077; cat > {p} && echo '{digest}  {p}' | sha256sum -c --status 2>/dev/null"
+        f"(umask 077; cat > {p}) && echo '{digest}  {p}' | sha256sum -c --status 2>/dev/null"
         f" || {{ echo {command.marker} >&2; rm -f {p}; exit 250; }}; "
         f"sudo -n bash {p} </dev/null; rc=$?; rm -f {p}; exit $rc"
     )
