@@ -66,15 +66,9 @@ def checks(accel_mode: str = "auto", libvirt_uri: str | None = None) -> list[Che
         name = req.name if req.kind == "tool" else f"{req.name} (python)"
         found.append(Check(name, where is not None, required, detail, NEED_LABEL[req.need]))
 
-    probe = None
-    try:
-        from vmbuild.stages import base_image
+    from vmbuild.stages import base_image
 
-        bases = base_image.list_bases()
-        if bases:
-            probe = (bases[0].path, bases[0].format)
-    except VmbuildError:
-        pass
+    probe = base_image.probe_disk()
     with tempfile.TemporaryDirectory(prefix="vmbuild-doctor-") as tmp:
         try:
             chosen = accel.choose(accel_mode, probe, Path(tmp))  # type: ignore[arg-type]

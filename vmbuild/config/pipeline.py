@@ -47,11 +47,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from vmbuild.config.loader import load_model, load_yaml, parse_size
 from vmbuild.config.recipe import NAME, LoadedRecipe, Memory, load_recipe
 from vmbuild.config.settings import field as setting
+from vmbuild.config.variables import Given, reject_undeclared
 from vmbuild.errors import ConfigError, VmbuildError
 
 if TYPE_CHECKING:
     from vmbuild.config.distribution import DistributionConfig
-    from vmbuild.config.variables import Given
 from vmbuild.config.cron import CronSchedule, check_timezone, parse_cron
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([wdhms])")
@@ -246,15 +246,7 @@ def _check_given(given: Given, display: str, path: Path, recipe_path: Path) -> N
         data = load_yaml(file)
         section = data.get("variables") if isinstance(data, dict) else None
         declared |= set(section) if isinstance(section, dict) else set()
-    for source, keys in (("--var", given.cli), ("--var-file", given.files)):
-        for key in keys:
-            if key not in declared:
-                known = ", ".join(sorted(declared)) or "none"
-                raise ConfigError(
-                    display, "variables",
-                    f"{source} gives {key!r}, which neither this pipeline nor its recipe "
-                    f"declares (declared: {known})",
-                )  # fmt: skip
+    reject_undeclared(given, declared, display, "neither this pipeline nor its recipe declares")
 
 
 def _load_distribution(data: dict[str, Any], display: str) -> Any:

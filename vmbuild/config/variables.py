@@ -132,6 +132,18 @@ def _declarations(raw: object, display: str) -> dict[str, Declared]:
     return out
 
 
+def reject_undeclared(given: Given, declared: set[str], display: str, whose: str) -> None:
+    """A --var/--var-file key that nothing declares is a typo: one error naming it."""
+    for source, keys in (("--var", given.cli), ("--var-file", given.files)):
+        for key in keys:
+            if key not in declared:
+                known = ", ".join(sorted(declared)) or "none"
+                raise ConfigError(
+                    display, "variables",
+                    f"{source} gives {key!r}, which {whose} (declared: {known})",
+                )  # fmt: skip
+
+
 def _convert(value: Any, kind: VarType, display: str, where: str, source: str) -> Any:
     try:
         if kind == "string":
@@ -162,15 +174,7 @@ def resolve(data: dict[str, Any], display: str, given: Given) -> dict[str, Any]:
     `{{ var.KEY }}` replaced by its value."""
     declared = _declarations(data.get("variables"), display)
     if given.strict:
-        for source, keys in (("--var", given.cli), ("--var-file", given.files)):
-            for key in keys:
-                if key not in declared:
-                    known = ", ".join(sorted(declared)) or "none"
-                    raise ConfigError(
-                        display, "variables",
-                        f"{source} gives {key!r}, which this file does not declare "
-                        f"(declared: {known})",
-                    )  # fmt: skip
+        reject_undeclared(given, set(declared), display, "this file does not declare")
     values: dict[str, Any] = {}
 
     def value_of(name: str, where: str) -> Any:

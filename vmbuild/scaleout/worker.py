@@ -56,18 +56,10 @@ class WorkerInfo:
 def probe_accelerator(mode: str) -> tuple[str, str]:
     """The existing KVM probe (hypervisor/accel.py): KVM only when a guest kernel is
     proved to run, cached per host boot."""
-    from vmbuild.errors import VmbuildError
     from vmbuild.hypervisor import accel
+    from vmbuild.stages import base_image
 
-    probe = None
-    try:
-        from vmbuild.stages import base_image
-
-        bases = base_image.list_bases()
-        if bases:
-            probe = (bases[0].path, bases[0].format)
-    except VmbuildError:
-        pass
+    probe = base_image.probe_disk()
     with tempfile.TemporaryDirectory(prefix="vmbuild-worker-probe-") as tmp:
         chosen = accel.choose(mode, probe, Path(tmp))  # type: ignore[arg-type]
     return chosen.kind, chosen.reason

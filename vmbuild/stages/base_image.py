@@ -152,6 +152,15 @@ def _cached() -> Iterator[tuple[BaseImage, dict[str, Any]]]:
             yield _from_meta(directory, meta), meta
 
 
+def probe_disk() -> tuple[Path, str] | None:
+    """A cached base for the accelerator probe to boot (doctor, workers), if any."""
+    try:
+        bases = list_bases()
+    except VmbuildError:
+        return None
+    return (bases[0].path, bases[0].format) if bases else None
+
+
 def list_bases() -> list[BaseImage]:
     """The bases in the cache (built and fetched), sorted by id."""
     return [base for base, _ in _cached()]
