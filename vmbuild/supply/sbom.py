@@ -12,7 +12,6 @@ import json
 import re
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from packageurl import PackageURL
 
 from vmbuild import __version__
 from vmbuild.errors import VmbuildError
+from vmbuild.manifest import Package
 from vmbuild.run import write_atomic
 from vmbuild.supply import CYCLONEDX, SPDX
 
@@ -31,29 +31,20 @@ SOURCE_PROPERTY = "vmbuild:deb:source"  # "SOURCE SOURCE_VERSION" of a binary pa
 _NAMESPACE = uuid.UUID("8f6f3c8e-2f55-4f0e-9d1e-6f7c2b1a9e55")
 
 
-@dataclass(frozen=True)
-class Package:
-    """One installed package: binary name/version/arch, and its source package when known."""
-
-    name: str
-    version: str
-    arch: str
-    source: str = ""
-    source_version: str = ""
-
-    def purl(self, distro: str | None) -> str:
-        qualifiers = {"arch": self.arch}
-        if distro:
-            qualifiers["distro"] = distro
-        return str(
-            PackageURL(
-                type="deb",
-                namespace="debian",
-                name=self.name,
-                version=self.version,
-                qualifiers=qualifiers,
-            ).to_string()
-        )
+def package_url(pkg: Package, distro: str | None) -> str:
+    """The package URL of an installed Debian package (pkg:deb/debian/NAME@VERSION?...)."""
+    qualifiers = {"arch": pkg.arch}
+    if distro:
+        qualifiers["distro"] = distro
+    return str(
+        PackageURL(
+            type="deb",
+            namespace="debian",
+            name=pkg.name,
+            version=pkg.version,
+            qualifiers=qualifiers,
+        ).to_string()
+    )
 
 
 def packages_of(manifest: Mapping[str, Any]) -> list[Package]:
@@ -156,7 +147,7 @@ def spdx_document(manifest: Mapping[str, Any]) -> Any:
                 else None,
                 external_references=[
                     ExternalPackageRef(
-                        ExternalPackageRefCategory.PACKAGE_MANAGER, "purl", pkg.purl(distro)
+                        ExternalPackageRefCategory.PACKAGE_MANAGER, "purl", package_url(pkg, distro)
                     )
                 ],
                 primary_package_purpose=PackagePurpose.LIBRARY,
@@ -203,7 +194,7 @@ def cyclonedx_json(manifest: Mapping[str, Any]) -> str:
     bom.metadata.component = root
     components = []
     for pkg in packages_of(manifest):
-        purl = PackageURL.from_string(pkg.purl(distro))
+        purl = PackageURL.from_string(package_url(pkg, distro))
         # The security tracker is keyed by source package: keep it with the binary.
         props = (
             [Property(name=SOURCE_PROPERTY, value=f"{pkg.source} {pkg.source_version}".strip())]

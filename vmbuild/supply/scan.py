@@ -23,8 +23,9 @@ from debian.debian_support import version_compare
 
 from vmbuild import paths
 from vmbuild.errors import VmbuildError
+from vmbuild.manifest import Package
 from vmbuild.run import write_atomic
-from vmbuild.supply.sbom import DEBIAN_CODENAMES, Package
+from vmbuild.supply.sbom import DEBIAN_CODENAMES
 
 log = logging.getLogger("vmbuild.supply.scan")
 TRACKER_URL = "https://security-tracker.debian.org/tracker/data/json"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.supply import fake_artifact
-from vmbuild.supply.sbom import Package
+from vmbuild.manifest import Package
 from vmbuild.supply.scan import (
     ScanError,
     ScanFailed,
