@@ -147,7 +147,8 @@ def _open_checkpoints(r: Run) -> None:
             "(booting from its disk layer; the running VM is not restored)"
         )
     else:
-        r.reporter.status("checkpoints: none match; saving one after each component")
+        saving = "one after each component and" if resume.CUT_LAYERS else "only"
+        r.reporter.status(f"checkpoints: none match; saving {saving} the generalized disk")
 
 
 def _package_cache(r: Run) -> None:

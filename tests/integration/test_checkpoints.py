@@ -14,6 +14,8 @@ import pytest
 
 from vmbuild.cache import checkpoints
 from vmbuild.cache.checkpoints import CheckpointStore
+from vmbuild.stages import resume
+from vmbuild.stages.key import stage_key
 
 
 def qemu_img(*args: str | Path) -> str:
@@ -183,3 +185,29 @@ def test_prune_by_age_then_least_recently_used(tmp_path: Path, work: Path) -> No
         assert checkpoints.prune(root, max_size=0).busy
     assert checkpoints.prune(root, max_size=0).removed == [lone.key]
     assert sorted(p.name for p in root.iterdir()) == ["bases", "use.lock"]
+
+
+def test_a_generalized_disk_saved_without_component_layers_is_found(
+    tmp_path: Path, work: Path
+) -> None:
+    """Without per-component layers the generalized disk sits right on the base;
+    an identical rebuild must find it (the final key covers every component)."""
+    root = stage_key("checkpoint-root", base="b" * 64)
+    docs_chain = [stage_key("component", disk=root.digest, n=i) for i in range(2)]
+    final = stage_key("checkpoint-generalize", disk=docs_chain[-1].digest)
+
+    def checkpointing(store: CheckpointStore) -> resume.Checkpointing:
+        return resume.Checkpointing(
+            store, base_path=work / "base.qcow2", base_sha256="b" * 64, base_format="qcow2",
+            root=root, chain=docs_chain, names=["a", "b"], final_key=final,
+        )  # fmt: skip
+
+    with CheckpointStore(tmp_path / "ck") as store:
+        first = checkpointing(store)
+        assert (first.generalized, first.resumed) == (None, [])
+        first.save_generalized(work / "l1.qcow2", {"ok": True})
+        assert first.saved == ["generalized disk"]
+        again = checkpointing(store)
+        assert again.resumed == []
+        assert again.generalized is not None and again.generalized.key == final.digest
+        assert again.to_json()["generalized"] is True

@@ -74,8 +74,11 @@ phases:
 
 
 def test_reboots_retries_and_timeouts_in_a_real_guest(guest: SSHSession, tmp_path: Path) -> None:
+    # AWSTOE resolves a child path on the instance or next to the parent
+    # document, never on the machine that launched it: the child sits beside it.
+    (tmp_path / "exit-code-194.yaml").write_bytes((CORPUS / "exit-code-194.yaml").read_bytes())
     doc_path = tmp_path / "engine.yaml"
-    doc_path.write_text(ENGINE.format(exit194=CORPUS / "exit-code-194.yaml"))
+    doc_path.write_text(ENGINE.format(exit194="exit-code-194.yaml"))
     lines: list[str] = []
     result = run_document(load_document(doc_path), guest, phases=["build"], on_output=lines.append)
     log = "\n".join(lines)

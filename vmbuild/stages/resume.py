@@ -149,7 +149,10 @@ class Checkpointing:
                 break
             self.resumed.append(found)
         self.last = self.resumed[-1] if self.resumed else None
-        self.generalized = store.find(final_key.digest) if len(self.resumed) == len(chain) else None
+        # The final key already covers every component: its checkpoint stands on
+        # its own (find() checks its whole backing chain), whether or not the
+        # component layers below it were cut or are still cached.
+        self.generalized = store.find(final_key.digest)
         self.saved: list[str] = []
         self.tests_cached = False
 
