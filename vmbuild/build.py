@@ -147,8 +147,7 @@ def _open_checkpoints(r: Run) -> None:
             "(booting from its disk layer; the running VM is not restored)"
         )
     else:
-        saving = "one after each component and" if resume.CUT_LAYERS else "only"
-        r.reporter.status(f"checkpoints: none match; saving {saving} the generalized disk")
+        r.reporter.status("checkpoints: none match; saving one after each component")
 
 
 def _package_cache(r: Run) -> None:
@@ -232,8 +231,6 @@ def _checkpoint(r: Run, index: int, applied: dict[str, Any]) -> None:
     """Cut the builder's disk below a new top file and keep the cut layer."""
     if r.ck is None or not r.ck.usable or r.builder is None or r.top is None:
         return
-    if not resume.CUT_LAYERS:
-        return
     cut = getattr(r.builder.machine, "cut_layer", None)
     if cut is None:
         return
@@ -241,7 +238,7 @@ def _checkpoint(r: Run, index: int, applied: dict[str, Any]) -> None:
     layer, new_top = r.top, r.work / f"builder-{index + 1}.qcow2"
     try:
         with r.builder.ssh.frozen():
-            cut(new_top)
+            cut(layer, new_top)
     except (VmbuildError, OSError) as exc:
         # A checkpoint is an optimisation: the build goes on without them.
         r.ck.store.disable(f"cannot cut a checkpoint layer ({exc}); building on without them")

@@ -14,6 +14,10 @@ import pytest
 
 from vmbuild.cache import checkpoints
 from vmbuild.cache.checkpoints import CheckpointStore
+from vmbuild.hypervisor import accel
+from vmbuild.hypervisor.base import VMSpec, free_port
+from vmbuild.hypervisor.qemu import QemuMachine, qmp_path
+from vmbuild.hypervisor.qmp import QMPClient
 from vmbuild.stages import resume
 from vmbuild.stages.key import stage_key
 
@@ -211,3 +215,42 @@ def test_a_generalized_disk_saved_without_component_layers_is_found(
         assert again.resumed == []
         assert again.generalized is not None and again.generalized.key == final.digest
         assert again.to_json()["generalized"] is True
+
+
+def test_a_cut_layer_passes_the_guests_discards_down(tmp_path: Path) -> None:
+    """A real QEMU (paused: the disk is attached, no guest is needed): after a
+    cut, a discard on the drive writes a zero cluster in the new top, so data in
+    the layer below is no longer readable through the chain (what generalize
+    deletes must not survive in a lower layer), and the new top node keeps the
+    drive's detect-zeroes=unmap."""
+    lower, new_top = tmp_path / "lower.qcow2", tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", lower, "16M")
+    write(lower, 0x5A, 0)  # a secret the guest later deletes
+    seed = tmp_path / "seed.raw"
+    seed.write_bytes(b"\0" * 4096)
+    spec = VMSpec(
+        name=f"vmbuild-cut-{os.getpid()}", disk=lower, seed=seed, memory_mib=64, cpus=1,
+        accel=accel.tcg("test"), ssh_port=free_port(), console_log=tmp_path / "console.log",
+        workdir=tmp_path,
+    )  # fmt: skip
+    machine = QemuMachine(spec)
+    machine.argv.append("-S")  # never start the CPU
+    with machine:
+        machine.cut_layer(lower, new_top)
+        with QMPClient(qmp_path(spec)) as qmp:
+            [top] = [n for n in qmp.execute("query-block") if n["device"] == "disk0"]
+            assert top["inserted"]["file"] == str(new_top)
+            assert top["inserted"]["detect_zeroes"] == "unmap"
+            said = qmp.execute(
+                "human-monitor-command", **{"command-line": 'qemu-io disk0 "discard 0 64k"'}
+            )
+        machine.shutdown(0.1)  # paused, so no ACPI poweroff: QMP quit, metadata flushed
+    # qemu-io's report goes to QEMU's stdout (no HMP monitor), kept in its log.
+    assert said == "" and "discard 65536/65536 bytes at offset 0" in spec.qemu_log.read_text()
+    chain = json.loads(qemu_img("info", "--output=json", "--backing-chain", new_top))
+    assert [Path(c["filename"]) for c in chain] == [new_top, lower]
+    read = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0 0 64k", str(new_top)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert read.returncode == 0 and "Pattern verification failed" not in read.stdout, read.stdout

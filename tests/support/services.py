@@ -134,6 +134,8 @@ def postgres_server() -> Iterator[str]:
             _stop(proc, signal.SIGINT)  # "fast" shutdown
     finally:
         shutil.rmtree(data, ignore_errors=True)
+        for log in (data.with_suffix(".initdb.log"), data.with_suffix(".log")):
+            log.unlink(missing_ok=True)
 
 
 @dataclass

@@ -210,7 +210,9 @@ def test_sigterm_mid_build_leaves_nothing(
 ) -> None:
     store = Path(cli_env["VMBUILD_STORE"])
     proc = subprocess.Popen(
-        [*VMBUILD, "build", "examples/nginx/recipe.yaml"], env=cli_env, cwd=REPO,
+        # --no-cache: the example's generalized disk may be cached by now, and
+        # then no builder VM would boot to be interrupted.
+        [*VMBUILD, "build", "examples/nginx/recipe.yaml", "--no-cache"], env=cli_env, cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 300

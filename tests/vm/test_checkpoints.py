@@ -67,16 +67,16 @@ def test_rebuilds_resume_from_the_longest_matching_prefix(
     recipe = write_recipe(tmp_path, "two")
 
     first, first_dir, _ = build(recipe, cli_env)
-    # Per-component layers are off (resume.CUT_LAYERS): the generalized disk only.
     assert first["checkpoints"] == {
         "resumed": [], "generalized": False, "tests": False, "restore": None,
-        "saved": ["generalized disk"],
+        "saved": ["1/2 first", "2/2 second", "generalized disk"],
     }  # fmt: skip
     assert etc_file(first_dir / "disk.qcow2", tmp_path, "second") == b"two\n"
 
     # Identical inputs: no builder VM at all, the same image content.
     again, again_dir, log = build(recipe, cli_env)
     assert again["checkpoints"]["generalized"] is True
+    assert again["checkpoints"]["resumed"] == ["1/2 first", "2/2 second"]
     assert "booting the builder VM" not in log
     assert [c["name"] for c in again["components"]] == ["first", "second"]
     assert again["packages"] == first["packages"]
@@ -85,14 +85,17 @@ def test_rebuilds_resume_from_the_longest_matching_prefix(
     )
     assert cmp.returncode == 0
 
-    # The last component edited: a new key, built in full (no component layers).
+    # The last component edited: the builder boots from the first one's layer.
     write_recipe(tmp_path, "changed")
     edited, edited_dir, log = build(recipe, cli_env)
-    assert edited["checkpoints"]["generalized"] is False
-    assert edited["checkpoints"]["saved"] == ["generalized disk"]
+    assert edited["checkpoints"]["resumed"] == ["1/2 first"]
+    assert edited["checkpoints"]["restore"] == "disk"
+    assert edited["checkpoints"]["saved"] == ["2/2 second", "generalized disk"]
+    assert "resuming after component 1/2 first (booting from its disk layer" in log
     assert etc_file(edited_dir / "disk.qcow2", tmp_path, "first") == b"one\n"
     assert etc_file(edited_dir / "disk.qcow2", tmp_path, "second") == b"changed\n"
 
     listed = vmbuild("cache", "list", "--json", env=cli_env)
     labels = sorted(row["label"] for row in json.loads(listed.stdout))
-    assert labels == ["generalized disk", "generalized disk"]
+    assert labels == ["1/2 first", "2/2 second", "2/2 second", "generalized disk",
+                      "generalized disk"]  # fmt: skip

@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from tests.vm.conftest import REPO
+from vmbuild.cache import checkpoints
 from vmbuild.pipeline.history import History, RunRecord
 from vmbuild.stages import base_image, store
 
@@ -211,6 +212,9 @@ def test_sigterm_mid_run_cancels_the_build_and_leaves_nothing(
     tmp_path: Path, short_tmp: Path, debian_base: base_image.BaseImage
 ) -> None:
     d = Daemon(tmp_path, short_tmp, "* * * * *")
+    # An empty checkpoint cache of its own: the session's may hold this very
+    # image's generalized disk, and then no builder VM would boot to be cancelled.
+    d.env[checkpoints.ENV_DIR] = str(tmp_path / "checkpoints")
     d.seed_missed_slots("* * * * * @ UTC", minutes_ago=3)
     d.start()
     try:

@@ -18,7 +18,7 @@ from vmbuild import runs
 from vmbuild.errors import VMError, quote_argv
 from vmbuild.hypervisor.base import MachineContext, VMSpec, read_tail
 from vmbuild.hypervisor.qmp import QMPClient
-from vmbuild.run import reaped, spawn
+from vmbuild.run import qemu_img, reaped, spawn
 
 log = logging.getLogger("vmbuild.qemu")
 
@@ -130,15 +130,31 @@ class QemuMachine(MachineContext):
         except (VMError, OSError) as exc:
             log.debug("%s: QMP %s failed: %s", self.spec.name, command, exc)
 
-    def cut_layer(self, new_top: Path) -> None:
-        """Make the disk's current top file read-only and continue on `new_top`,
-        a fresh qcow2 backed by it (QMP blockdev-snapshot-sync). The guest's
-        filesystems must be frozen for the old top to be consistent."""
+    def cut_layer(self, top: Path, new_top: Path) -> None:
+        """Make the disk's current top file `top` read-only and continue on `new_top`,
+        a fresh qcow2 backed by it. The guest's filesystems must be frozen for
+        the old top to be consistent.
+
+        The new top is created here and added with blockdev-add, stating
+        the drive's discard=unmap and detect-zeroes=unmap itself (a discard in
+        a qcow2 with a backing file writes a zero cluster, hiding what the
+        layers below hold: what generalize deletes stays deleted), then made
+        the top with `blockdev-snapshot`. `blockdev-snapshot-sync` would keep
+        the discard flag but leave detect-zeroes off on the new node (measured
+        with QEMU 7.2), so zero writes would allocate space in every layer.
+        """
         with QMPClient(qmp_path(self.spec), timeout=60) as qmp:
+            qemu_img("create", "-q", "-f", "qcow2", "-b", top, "-F", "qcow2", new_top, timeout=60)
+            node = f"layer-{new_top.stem}"
             qmp.execute(
-                "blockdev-snapshot-sync", device=DISK_ID, format="qcow2",
-                **{"snapshot-file": str(new_top), "mode": "absolute-paths"},
+                "blockdev-add", driver="qcow2", **{"node-name": node}, discard="unmap",
+                **{"detect-zeroes": "unmap"},
+                file={"driver": "file", "filename": str(new_top), "discard": "unmap"},
+                # The backing is attached by blockdev-snapshot (it refuses an
+                # overlay that already has one); the file's header names it.
+                backing=None,
             )  # fmt: skip
+            qmp.execute("blockdev-snapshot", node=DISK_ID, overlay=node)
 
     def shutdown(self, timeout: float) -> None:
         if self._proc is None:

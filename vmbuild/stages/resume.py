@@ -26,14 +26,6 @@ from vmbuild.stages.key import StageKey, stage_key
 
 log = logging.getLogger("vmbuild.resume")
 
-# Per-component layers are cut with QMP blockdev-snapshot-sync, whose new top
-# node does not get the drive's discard=unmap: the guest's fstrim then frees
-# nothing in the top, and blocks deleted by generalize (host keys written at
-# first boot) stay readable through the lower layers: the offline secret scan
-# rightly refuses such an image. Until the top node is added with
-# blockdev-add (discard=unmap) and blockdev-snapshot, no layers are cut; the
-# generalized disk (one overlay on the base) is still cached whole.
-CUT_LAYERS = False
 MAX_CHILD_DEPTH = 4  # AWSTOE nests ExecuteDocument 3 levels deep at most
 BUILD_PHASES = ("build", "validate")
 
