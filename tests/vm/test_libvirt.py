@@ -7,7 +7,6 @@ or defined), no QEMU started by libvirt for vmbuild, no staged files.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import threading
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.support.libvirtd import Libvirtd, running_libvirtd
+from tests.support.schemas import event_lines
 from tests.vm.conftest import REPO, VMBUILD, vmbuild
 from vmbuild.stages import base_image
 
@@ -126,7 +126,8 @@ def test_example_recipe_builds_and_passes_on_libvirt(
             env=libvirt_env,
         )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-6000:]
-    result = json.loads(proc.stdout)
+    result = event_lines(proc.stdout)[-1]  # --json streams events; the last is the result
+    assert result["type"] == "result"
     m = result["manifest"]
     assert m["backend"] == "libvirt"
     assert m["tests"]["status"] == "passed"
