@@ -30,6 +30,8 @@ from typing import Any, TextIO
 
 from vmbuild.secrets import mask
 
+log = logging.getLogger("vmbuild")
+
 SCHEMA = "vmbuild.event/1"
 BYTES_INTERVAL = 0.5  # seconds between two `bytes` events of one transfer
 
@@ -57,6 +59,9 @@ class JsonReporter:
 
     @contextlib.contextmanager
     def stage(self, name: str, title: str) -> Iterator[None]:
+        # The run log reads the same whichever reporter the build has: stage
+        # markers, status lines and output go to it here as in log.Reporter.
+        log.info("== stage %s: %s", name, title)
         self.emit("stage-start", stage=name, title=title)
         self._stages.append(name)
         start = time.monotonic()
@@ -70,12 +75,15 @@ class JsonReporter:
         finally:
             self._stages.pop()
             seconds = round(time.monotonic() - start, 2)
+            log.info("== stage %s %s after %.1fs", name, status, seconds)
             self.emit("stage-end", stage=name, title=title, status=status, seconds=seconds)
 
     def status(self, text: str) -> None:
+        log.info("%s", mask(text))
         self.emit("status", text=text)
 
     def output(self, line: str) -> None:
+        log.debug("| %s", mask(line))
         self.emit("output", line=line)
 
     def bytes(self, done: int, total: int | None) -> None:

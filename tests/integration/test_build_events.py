@@ -31,6 +31,10 @@ def test_a_failing_stage_streams_events_then_an_error(tmp_path: Path) -> None:
     # The human line still goes to stderr; stdout holds only events.
     assert proc.stderr.startswith("error: ")
     assert not list((tmp_path / "store").rglob("*.qcow2"))
+    # The run log has the stage markers whichever reporter the build used.
+    assert error["hint"].startswith("run log: ")
+    text = Path(error["hint"].removeprefix("run log: ")).read_text()
+    assert "== stage base: " in text and "== stage base failed after " in text
 
 
 def test_an_invalid_recipe_is_one_error_event(tmp_path: Path) -> None:

@@ -114,5 +114,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     env["VMBUILD_STORE"] = str(tmp_path / "store")
     # Builds sign their provenance; the key they create stays in the test's own dir.
     env["VMBUILD_CONFIG_DIR"] = str(tmp_path / "config")
+    # The run registry and failed runs' logs, per test.
+    env["VMBUILD_STATE_DIR"] = str(tmp_path / "state")
     env.pop("VMBUILD_KMS_KEY", None)
     return env
