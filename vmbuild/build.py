@@ -282,13 +282,16 @@ def _generalize(r: Run) -> None:
 def _convert(r: Run) -> None:
     formats = r.plan.loaded.recipe.outputs
     if r.top is not None:
-        r.converted = convert.flatten_final(r.top, formats, r.staging.path, r.work)
+        r.converted = convert.flatten_final(
+            r.top, formats, r.staging.path, r.work, reporter=r.reporter
+        )
     else:  # the generalized disk is a cached layer: read, never deleted
         assert r.ck is not None and r.ck.generalized is not None
         assert r.ck.generalized.disk is not None
         r.converted = convert.flatten_final(
-            r.ck.generalized.disk, formats, r.staging.path, r.work, keep_source=True
-        )
+            r.ck.generalized.disk, formats, r.staging.path, r.work, keep_source=True,
+            reporter=r.reporter,
+        )  # fmt: skip
     r.keyed("convert", convert.key(r.keys["generalize"], formats))
     # The other formats are written while the offline check and the test VM
     # run: the test VM needs only the qcow2. One thread, one qemu-img at a time.

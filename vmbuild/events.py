@@ -9,7 +9,7 @@ a new required field or event type is a new version). Event types:
     stage-end    it ended: status ok | failed | interrupted, seconds
     status       a human line about what is happening
     output       a line of guest or tool output, literally
-    bytes        transfer progress (throttled)
+    bytes        transfer or conversion progress (throttled): done, total, percent
     warning      a warning vmbuild logged
     result       the stored artifact: path and manifest (schemas/manifest.schema.json)
     error        the build failed: message, hint, error kind, exit code
@@ -91,7 +91,10 @@ class JsonReporter:
         if done != total and now - self._last_bytes < BYTES_INTERVAL:
             return
         self._last_bytes = now
-        self.emit("bytes", done=done, total=total)
+        if total:
+            self.emit("bytes", done=done, total=total, percent=round(100 * done / total, 2))
+        else:
+            self.emit("bytes", done=done, total=total)
 
     @contextlib.contextmanager
     def warnings(self) -> Iterator[None]:

@@ -82,13 +82,17 @@ def run(
     input: bytes | None = None,
     check: bool = True,
     on_line: Callable[[str], None] | None = None,
+    on_frame: Callable[[str], None] | None = None,
     merge_stderr: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command to completion; stdout and stderr are merged into `.stdout`
     unless `merge_stderr` is False (for commands whose stdout is data).
 
     `on_line` receives each output line as it arrives (progress and run log);
-    otherwise output is captured and logged at debug level.
+    otherwise output is captured and logged at debug level. A line a tool
+    redraws with carriage returns (`qemu-img convert -p`, apt) reaches
+    `on_frame` frame by frame as it is drawn; `on_line` and the log get only
+    its last frame (see FrameSplitter).
     """
     args = [str(a) for a in argv]
     log.info("$ %s", quote_argv(args))
@@ -110,9 +114,95 @@ def run(
         raise CommandError(args, 127, f"{args[0]}: not found (is it installed?)") from exc
     runs.track(proc.pid)
     try:
-        return _wait(proc, args, timeout, input, check, on_line, merge_stderr)
+        return _wait(proc, args, timeout, input, check, on_line, on_frame, merge_stderr)
     finally:
         runs.untrack(proc.pid)
+
+
+class FrameSplitter:
+    """Cuts a byte stream into lines (ended by `\\n` or `\\r\\n`) and frames (ended by a
+    lone `\\r`: the tool will redraw the same line).
+
+    Each frame goes to `on_frame` the moment its `\\r` arrives, so a progress
+    display moves while the tool draws (reading by lines, it would arrive in one
+    piece at the next `\\n`, i.e. at the end). Only the last frame of a redraw
+    becomes a line (`on_line`, hence the log and the error tail): a convert of
+    10 000 frames logs one line, and apt's frames are not glued into one.
+    Blank frames (a tool clearing its line) are dropped. Bytes are cut before
+    decoding: `\\r` and `\\n` never occur inside a UTF-8 sequence.
+    """
+
+    def __init__(
+        self, on_line: Callable[[str], None], on_frame: Callable[[str], None] | None = None
+    ) -> None:
+        self.on_line = on_line
+        self.on_frame = on_frame
+        self._buf = b""
+        self._frame: str | None = None  # the last frame not yet handed over as a line
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+        while True:
+            cut = min((i for i in (self._buf.find(b"\r"), self._buf.find(b"\n")) if i >= 0),
+                      default=-1)  # fmt: skip
+            if cut < 0:
+                return
+            if self._buf[cut] == ord("\n"):
+                self._line(self._buf[:cut])
+                self._buf = self._buf[cut + 1 :]
+                continue
+            # A frame: handed over now, even when its `\\n` (a `\\r\\n` ending) is
+            # still on its way; `_line(b"")` then makes the frame the line.
+            self._frame_done(self._buf[:cut])
+            if self._buf[cut + 1 : cut + 2] == b"\n":
+                self._line(b"")
+                self._buf = self._buf[cut + 2 :]
+            else:
+                self._buf = self._buf[cut + 1 :]
+
+    def close(self) -> None:
+        """End of stream: an unterminated rest is a line, else a pending frame is."""
+        if self._buf:
+            self._line(self._buf)
+        else:
+            self._flush_frame()
+        self._buf = b""
+
+    def _frame_done(self, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace")
+        if not text.strip():
+            return
+        self._frame = text
+        if self.on_frame is not None:
+            self.on_frame(text)
+
+    def _line(self, raw: bytes) -> None:
+        if not raw and self._frame is not None:
+            # `frame\\r\\n` (qemu-img's last frame): the frame is the line.
+            self._flush_frame()
+            return
+        # Text after frames with no newline between redraws the same terminal
+        # line: it is the final state, the frames before it are not lines.
+        self._frame = None
+        self.on_line(raw.decode("utf-8", "replace"))
+
+    def _flush_frame(self) -> None:
+        if self._frame is not None:
+            text, self._frame = self._frame, None
+            self.on_line(text)
+
+
+def read_frames(
+    stream: IO[bytes], splitter: FrameSplitter, raw: Callable[[bytes], None] | None = None
+) -> None:
+    """Feed `splitter` from `stream` until EOF, handing over whatever has arrived
+    (not waiting for a newline); `raw` gets the bytes as read."""
+    fd = stream.fileno()
+    while chunk := os.read(fd, 65536):
+        if raw is not None:
+            raw(chunk)
+        splitter.feed(chunk)
+    splitter.close()
 
 
 def _wait(
@@ -122,21 +212,26 @@ def _wait(
     input: bytes | None,
     check: bool,
     on_line: Callable[[str], None] | None,
+    on_frame: Callable[[str], None] | None,
     merge_stderr: bool,
 ) -> subprocess.CompletedProcess[str]:
     lines: deque[str] = deque(maxlen=TAIL_LINES)
-    chunks: list[str] = []
+    chunks: list[bytes] = []
+
+    def line(text: str) -> None:
+        lines.append(text + "\n")
+        if on_line is not None:
+            on_line(text)
+        else:
+            log.debug("  %s", text)
+
+    splitter = FrameSplitter(line, on_frame)
 
     def pump() -> None:
         assert proc.stdout is not None
-        for raw in iter(proc.stdout.readline, b""):
-            line = raw.decode("utf-8", "replace")
-            chunks.append(line)
-            lines.append(line)
-            if on_line is not None:
-                on_line(line.rstrip("\n"))
-            else:
-                log.debug("  %s", line.rstrip("\n"))
+        # `.stdout` keeps the bytes as written; only the callbacks, the log and
+        # the error tail see lines and frames.
+        read_frames(proc.stdout, splitter, chunks.append)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -166,7 +261,7 @@ def _wait(
     if err_reader is not None:
         err_reader.join()
         stderr = b"".join(err_chunks).decode("utf-8", "replace")
-    output = "".join(chunks)
+    output = b"".join(chunks).decode("utf-8", "replace")
     if check and rc != 0:
         raise CommandError(args, rc, stderr[-2000:] + "".join(lines))
     return subprocess.CompletedProcess(args, rc, output, stderr)
@@ -234,11 +329,18 @@ def which(name: str) -> str | None:
     return _which(name)
 
 
-def qemu_img(*args: str | os.PathLike[str], timeout: float | None = None) -> str:
+def qemu_img(
+    *args: str | os.PathLike[str],
+    timeout: float | None = None,
+    on_frame: Callable[[str], None] | None = None,
+) -> str:
     """Run `qemu-img ARGS` like every other command; returns its stdout (JSON for
-    `info --output=json` stays parseable: stderr is kept apart and goes into errors)."""
+    `info --output=json` stays parseable: stderr is kept apart and goes into errors).
+    `on_frame` gets the `-p` progress frames as they are drawn."""
     try:
-        return run(["qemu-img", *args], timeout=timeout, merge_stderr=False).stdout
+        return run(
+            ["qemu-img", *args], timeout=timeout, merge_stderr=False, on_frame=on_frame
+        ).stdout
     except CommandError as exc:
         if exc.returncode == 127:
             hint = "qemu-img: not found (apt-get install qemu-utils)"

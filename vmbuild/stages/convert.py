@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmbuild.digest import sha256_file
 from vmbuild.diskfs.scrub import zero_free_space
 from vmbuild.manifest import OutputRecord
+from vmbuild.progress import Reporter, reporter_or_null
 from vmbuild.run import qemu_img
 from vmbuild.stages.key import StageKey, stage_key
 
@@ -48,21 +50,53 @@ class Output:
 
 def convert_argv(src: Path, src_format: str, dst: Path, fmt: str) -> list[str]:
     driver, options, _ = FORMATS[fmt]
-    return ["convert", "-f", src_format, "-O", driver, *options, str(src), str(dst)]
+    # -p: progress frames on stdout ("    (12.34/100%)\r"), read frame by frame
+    # by run(); only the last one reaches the log.
+    return ["convert", "-p", "-f", src_format, "-O", driver, *options, str(src), str(dst)]
 
 
 def output_name(fmt: str) -> str:
     return f"disk.{FORMATS[fmt][2]}"
 
 
-def flatten_raw(overlay: Path, dst: Path) -> None:
+PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def progress_bytes(frame: str, total: int) -> int | None:
+    """The bytes done that a `qemu-img convert -p` frame stands for (None: not a frame).
+
+    qemu-img counts percent of the work over the source's virtual size, so the
+    virtual size is the total (the same for every format).
+    """
+    found = PROGRESS.search(frame)
+    if found is None:
+        return None
+    return min(total, round(float(found.group(1)) * total / 100))
+
+
+def _progress(reporter: Reporter | None, total: int) -> Callable[[str], None] | None:
+    if reporter is None:
+        return None
+    report = reporter
+
+    def on_frame(frame: str) -> None:
+        done = progress_bytes(frame, total)
+        if done is not None:
+            report.bytes(done, total)
+
+    return on_frame
+
+
+def flatten_raw(overlay: Path, dst: Path, reporter: Reporter | None = None) -> None:
     """Collapse the overlay and its backing chain into a sparse raw disk (to scrub it)."""
-    qemu_img("convert", "-f", "qcow2", "-O", "raw", str(overlay), str(dst))
+    total = virtual_size(overlay, "qcow2") if reporter is not None else 0
+    qemu_img(*convert_argv(overlay, "qcow2", dst, "raw"), on_frame=_progress(reporter, total))
 
 
-def from_raw(raw: Path, dst: Path) -> None:
+def from_raw(raw: Path, dst: Path, reporter: Reporter | None = None) -> None:
     """Store a raw disk as qcow2; zero ranges (the scrubbed free space) take no clusters."""
-    qemu_img(*convert_argv(raw, "raw", dst, "qcow2"))
+    on_frame = _progress(reporter, raw.stat().st_size)
+    qemu_img(*convert_argv(raw, "raw", dst, "qcow2"), on_frame=on_frame)
 
 
 def virtual_size(path: Path, fmt: str) -> int:
@@ -98,7 +132,13 @@ def key(disk: StageKey, formats: Sequence[str]) -> StageKey:
 
 
 def flatten_final(
-    overlay: Path, formats: Sequence[str], outdir: Path, work: Path, *, keep_source: bool = False
+    overlay: Path,
+    formats: Sequence[str],
+    outdir: Path,
+    work: Path,
+    *,
+    keep_source: bool = False,
+    reporter: Reporter | None = None,
 ) -> Converted:
     """Flatten the builder's overlay into the qcow2 the test VM and the offline
     check read; the other formats are `convert_rest`'s (run while the tests do).
@@ -107,16 +147,21 @@ def flatten_final(
     with zero detection: nothing the guest deleted survives into any output
     (every other format is converted from this one), which also shrinks it.
     The overlay is deleted once flattened (it is the largest scratch file)
-    unless `keep_source` (a checkpoint still owns it).
+    unless `keep_source` (a checkpoint still owns it). `reporter` gets a status
+    per step and qemu-img's progress as bytes of the virtual size.
     """
     final = outdir / output_name("qcow2") if "qcow2" in formats else work / "final.qcow2"
     scrubbed = work / "scrubbed.raw"
+    report = reporter_or_null(reporter)
     try:
-        flatten_raw(overlay, scrubbed)
+        report.status("flattening the disk")
+        flatten_raw(overlay, scrubbed, reporter)
         if not keep_source:
             overlay.unlink()
+        report.status("zeroing free space")
         zero_free_space(scrubbed)
-        from_raw(scrubbed, final)
+        report.status("writing the qcow2")
+        from_raw(scrubbed, final, reporter)
     finally:
         scrubbed.unlink(missing_ok=True)
     return Converted(final, (convert(final, "qcow2", outdir),) if "qcow2" in formats else ())

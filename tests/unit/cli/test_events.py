@@ -77,3 +77,17 @@ def test_the_manifest_schema_accepts_what_the_build_writes() -> None:
     assert list(validator("manifest.schema.json").iter_errors(data)) == []
     data["outputs"][0]["sha256"] = "not-a-digest"
     assert list(validator("manifest.schema.json").iter_errors(data))
+
+
+def test_bytes_with_a_known_total_carry_the_percent() -> None:
+    def sizes(*reports: tuple[int, int | None]) -> list[tuple[int, float | None]]:
+        buf = io.StringIO()
+        r = JsonReporter(buf)
+        for done, total in reports:
+            r.bytes(done, total)
+        events = event_lines(buf.getvalue())
+        return [(e["done"], e.get("percent")) for e in events if e["type"] == "bytes"]
+
+    assert sizes((1 << 30, 4 << 30), (4 << 30, 4 << 30)) == [(1 << 30, 25.0), (4 << 30, 100.0)]
+    assert sizes((7, None)) == [(7, None)]
+    assert sizes((0, 0)) == [(0, None)]  # an empty transfer: no percent to give

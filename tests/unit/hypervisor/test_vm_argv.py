@@ -68,15 +68,16 @@ def test_overlay_argv_never_writes_the_base() -> None:
 def test_convert_argv_per_format() -> None:
     src, dst = Path("/a/final.qcow2"), Path("/b/out")
     assert convert_argv(src, "qcow2", dst, "vmdk") == [
-        "convert", "-f", "qcow2", "-O", "vmdk", "-o", "subformat=streamOptimized", "/a/final.qcow2", "/b/out",
+        "convert", "-p", "-f", "qcow2", "-O", "vmdk", "-o", "subformat=streamOptimized", "/a/final.qcow2", "/b/out",
     ]  # fmt: skip
-    assert convert_argv(src, "qcow2", dst, "vhd")[4:7] == [
+    assert convert_argv(src, "qcow2", dst, "vhd")[5:8] == [
         "vpc",
         "-o",
         "subformat=dynamic,force_size=on",
     ]
     assert convert_argv(src, "qcow2", dst, "raw") == [
         "convert",
+        "-p",
         "-f",
         "qcow2",
         "-O",

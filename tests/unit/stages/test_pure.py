@@ -105,9 +105,11 @@ def test_the_final_disk_is_scrubbed_before_any_output_is_written(
     from vmbuild.stages import convert
 
     calls: list[str] = []
-    monkeypatch.setattr(convert, "flatten_raw", lambda src, dst: calls.append(f"raw {dst.name}"))
+    monkeypatch.setattr(
+        convert, "flatten_raw", lambda src, dst, _r: calls.append(f"raw {dst.name}")
+    )
     monkeypatch.setattr(convert, "zero_free_space", lambda raw: calls.append(f"zero {raw.name}"))
-    monkeypatch.setattr(convert, "from_raw", lambda raw, dst: calls.append(f"qcow2 {dst.name}"))
+    monkeypatch.setattr(convert, "from_raw", lambda raw, dst, _r: calls.append(f"qcow2 {dst.name}"))
     overlay = tmp_path / "overlay.qcow2"
     overlay.write_bytes(b"")
     done = convert.flatten_final(overlay, ["raw"], tmp_path / "out", tmp_path)
