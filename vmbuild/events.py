@@ -7,7 +7,8 @@ a new required field or event type is a new version). Event types:
     start        the build begins: recipe path, image name and version
     stage-start  a stage begins (name, title)
     stage-end    it ended: status ok | failed | interrupted, seconds
-    status       a human line about what is happening
+    status       a human line about what is happening; a heartbeat (`elapsed` set)
+                 after HEARTBEAT seconds without any event during a stage
     output       a line of guest or tool output, literally
     bytes        transfer or conversion progress (throttled): done, total, percent
     warning      a warning vmbuild logged
@@ -23,6 +24,7 @@ import contextlib
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -34,15 +36,25 @@ log = logging.getLogger("vmbuild")
 
 SCHEMA = "vmbuild.event/1"
 BYTES_INTERVAL = 0.5  # seconds between two `bytes` events of one transfer
+# Seconds without an event, during a stage, before a heartbeat `status`. Long
+# silent waits are normal (a TCG boot, cloud-init, a convert without -p): a
+# wrapper or CI log needs to tell them from a hang. 10 s lets a watcher time
+# out at 30 s (three missed beats) without false alarms, far inside CI
+# no-output limits (minutes), and costs at most 6 lines a minute of silence.
+HEARTBEAT = 10.0
 
 
 class JsonReporter:
     """A Reporter writing events to `stream` (stdout): one JSON object per line."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, *, heartbeat: float = HEARTBEAT) -> None:
         self.stream = stream or sys.stdout
-        self._stages: list[str] = []
+        self.heartbeat = heartbeat
+        self._stages: list[tuple[str, str, float]] = []  # name, title, monotonic start
         self._last_bytes = 0.0
+        # The heartbeat thread writes too: one event at a time, whole lines.
+        self._lock = threading.Lock()
+        self._last_event = time.monotonic()
 
     def emit(self, event_type: str, /, **fields: Any) -> None:
         event = {
@@ -50,12 +62,14 @@ class JsonReporter:
             "type": event_type,
             "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         }
-        if self._stages and "stage" not in fields:
-            event["stage"] = self._stages[-1]
-        event.update(fields)
-        # Guest output, errors and the manifest may quote a secret parameter value.
-        self.stream.write(mask(json.dumps(event, default=str)) + "\n")
-        self.stream.flush()
+        with self._lock:
+            if self._stages and "stage" not in fields:
+                event["stage"] = self._stages[-1][0]
+            event.update(fields)
+            # Guest output, errors and the manifest may quote a secret parameter value.
+            self.stream.write(mask(json.dumps(event, default=str)) + "\n")
+            self.stream.flush()
+            self._last_event = time.monotonic()
 
     @contextlib.contextmanager
     def stage(self, name: str, title: str) -> Iterator[None]:
@@ -63,20 +77,58 @@ class JsonReporter:
         # markers, status lines and output go to it here as in log.Reporter.
         log.info("== stage %s: %s", name, title)
         self.emit("stage-start", stage=name, title=title)
-        self._stages.append(name)
         start = time.monotonic()
+        with self._lock:
+            self._stages.append((name, title, start))
         status = "failed"
         try:
-            yield
+            with self._heartbeats() if len(self._stages) == 1 else contextlib.nullcontext():
+                yield
             status = "ok"
         except KeyboardInterrupt:
             status = "interrupted"
             raise
         finally:
-            self._stages.pop()
+            with self._lock:
+                self._stages.pop()
             seconds = round(time.monotonic() - start, 2)
             log.info("== stage %s %s after %.1fs", name, status, seconds)
             self.emit("stage-end", stage=name, title=title, status=status, seconds=seconds)
+
+    @contextlib.contextmanager
+    def _heartbeats(self) -> Iterator[None]:
+        """While the outermost stage runs: a `status` heartbeat after each
+        `heartbeat` seconds in which nothing else was emitted."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while True:
+                with self._lock:
+                    due = self._last_event + self.heartbeat
+                if stop.wait(max(0.0, due - time.monotonic())):
+                    return
+                with self._lock:
+                    silent = time.monotonic() - self._last_event >= self.heartbeat
+                    current = self._stages[-1] if self._stages else None
+                if current is None or not silent:
+                    continue
+                name, title, start = current
+                elapsed = round(time.monotonic() - start, 1)
+                try:
+                    self.emit(
+                        "status", stage=name, text=f"{title}: running for {elapsed:.0f}s",
+                        elapsed=elapsed,
+                    )  # fmt: skip
+                except (OSError, ValueError):
+                    return  # stdout went away (a closed pipe): the build reports that
+
+        thread = threading.Thread(target=beat, name="json-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def status(self, text: str) -> None:
         log.info("%s", mask(text))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 
 import pytest
 
@@ -91,3 +92,34 @@ def test_bytes_with_a_known_total_carry_the_percent() -> None:
     assert sizes((1 << 30, 4 << 30), (4 << 30, 4 << 30)) == [(1 << 30, 25.0), (4 << 30, 100.0)]
     assert sizes((7, None)) == [(7, None)]
     assert sizes((0, 0)) == [(0, None)]  # an empty transfer: no percent to give
+
+
+class _Lines(io.StringIO):
+    """A stream that tells a waiting test when a heartbeat was written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.beat = threading.Event()
+
+    def write(self, s: str) -> int:
+        n = super().write(s)
+        if '"elapsed"' in s:
+            self.beat.set()
+        return n
+
+
+def test_a_silent_stage_gets_heartbeats_and_they_stop_with_it() -> None:
+    buf = _Lines()
+    r = JsonReporter(buf, heartbeat=0.2)
+    with r.stage("base", "base image debian-12"), r.stage("fetch", "download"):
+        assert buf.beat.wait(10), "no heartbeat during a silent stage"
+    after = buf.getvalue()
+    events = event_lines(after)
+    beats = [e for e in events if "elapsed" in e]
+    assert beats and all(e["type"] == "status" for e in beats)
+    assert beats[0]["stage"] == "fetch" and beats[0]["elapsed"] >= 0.2
+    assert beats[0]["text"].startswith("download: running for ")
+    assert [e["type"] for e in events][-2:] == ["stage-end", "stage-end"]
+    # The thread was joined when the outermost stage ended: nothing more comes.
+    assert buf.getvalue() == after
+    assert all(t.name != "json-heartbeat" for t in threading.enumerate())
