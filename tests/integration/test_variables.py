@@ -162,3 +162,79 @@ def test_the_scheduler_loads_pipelines_with_its_var_values(tmp_path: Path) -> No
     assert proc.returncode == 1
     assert "unknown time zone 'Mars/Base'" in proc.stderr
     assert str(pipeline) in proc.stderr
+
+
+SCHEDULED = (
+    "variables:\n  timezone: {default: UTC}\n  keep: {type: int}\nrecipe: recipe.yaml\n"
+    "schedule: {cron: '0 3 * * 1', timezone: '{{ var.timezone }}'}\n"
+    "lifecycle: {keep_last: '{{ var.keep }}'}\n"
+)
+
+
+def test_exports_carry_the_variables_into_the_scheduled_command(tmp_path: Path) -> None:
+    write(tmp_path, "recipe.yaml", RECIPE)
+    pipeline = write(tmp_path, "pipeline.yaml", SCHEDULED)
+    var_file = write(tmp_path, "vars.yaml", "greeting: hello\n")
+    env = isolated_env(tmp_path)
+    given = ("--var", "timezone=Europe/Paris", "--var", "keep=3", "--var-file", "vars.yaml")
+    proc = vmbuild(env, "pipeline", "export-cron", str(pipeline), *given, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[3] == "CRON_TZ=Europe/Paris"
+    assert lines[4].endswith(f" --var timezone=Europe/Paris --var keep=3 --var-file {var_file}"), (
+        lines[4]
+    )
+    out = tmp_path / "units"
+    proc = vmbuild(env, "pipeline", "export-systemd", str(pipeline), *given,
+                   "--output-dir", str(out), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    service = (out / "vmbuild-pipeline-pipeline.service").read_text()
+    [exec_start] = [x for x in service.splitlines() if x.startswith("ExecStart=")]
+    assert exec_start.endswith(
+        f" --var timezone=Europe/Paris --var keep=3 --var-file {var_file}"
+    ), exec_start
+    timer = (out / "vmbuild-pipeline-pipeline.timer").read_text()
+    assert "OnCalendar=Mon *-*-* 03:00:00 Europe/Paris" in timer
+
+
+def test_exports_refuse_what_run_refuses_and_ignore_this_shells_environment(
+    tmp_path: Path,
+) -> None:
+    write(tmp_path, "recipe.yaml", RECIPE)
+    pipeline = write(tmp_path, "pipeline.yaml", SCHEDULED)
+    env = isolated_env(tmp_path, VMBUILD_VAR_keep="3", VMBUILD_VAR_greeting="hi")
+    for verb in ("export-cron", "export-systemd"):
+        extra = ("--output-dir", str(tmp_path / "units")) if verb == "export-systemd" else ()
+        # An undeclared --var is a typo, refused as `pipeline run` refuses it.
+        proc = vmbuild(env, "pipeline", verb, str(pipeline), "--var", "keep=3",
+                       "--var", "greeting=hi", "--var", "colour=red", *extra)  # fmt: skip
+        assert proc.returncode == 1
+        assert proc.stderr.splitlines()[0] == (
+            f"error: {pipeline}: variables: --var gives 'colour', which neither this pipeline "
+            "nor its recipe declares (declared: greeting, keep, port, size, tests, timezone)"
+        ), proc.stderr
+        # A value only in this shell's environment would be missing when the timer fires.
+        proc = vmbuild(env, "pipeline", verb, str(pipeline), "--var", "greeting=hi", *extra)
+        assert (proc.returncode, proc.stderr) == (1, (
+            f"error: {pipeline}: variables.keep: no value given\n"
+            "hint: pass --var keep=VALUE, a --var-file with keep:, not VMBUILD_VAR_keep "
+            "(an exported schedule does not run in this shell)\n"
+        ))  # fmt: skip
+    assert not (tmp_path / "units").exists()
+
+
+def test_prune_takes_variables_like_run(tmp_path: Path) -> None:
+    write(tmp_path, "recipe.yaml", RECIPE)
+    pipeline = write(tmp_path, "pipeline.yaml", SCHEDULED)
+    env = isolated_env(tmp_path)
+    proc = vmbuild(env, "pipeline", "prune", str(pipeline), "--dry-run", "--json",
+                   "--var", "keep=1", "--var", "greeting=hi")  # fmt: skip
+    assert (proc.returncode, json.loads(proc.stdout)) == (0, []), proc.stderr
+    proc = vmbuild(env, "pipeline", "prune", str(pipeline), "--dry-run",
+                   "--var", "keep=one", "--var", "greeting=hi")  # fmt: skip
+    assert (proc.returncode, proc.stderr.splitlines()[0]) == (
+        1, f"error: {pipeline}: variables.keep: --var keep 'one' is not an int",
+    )  # fmt: skip
+    proc = vmbuild(env, "pipeline", "prune", str(pipeline), "--var", "keep=1",
+                   "--var", "greeting=hi", "--var", "colour=red")  # fmt: skip
+    assert proc.returncode == 1 and "--var gives 'colour'" in proc.stderr

@@ -76,6 +76,21 @@ def _variables(args: argparse.Namespace) -> Any:
     return parse_cli(args.var, args.var_file)
 
 
+def _export_variables(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    """The values an exported unit or crontab line will run with, and its arguments.
+
+    Checked now exactly as the scheduled `pipeline run` will see them: --var and
+    --var-file only, because a timer or cron job does not have this shell's
+    VMBUILD_VAR_* environment (a value given only there would be missing then).
+    """
+    from dataclasses import replace
+
+    from vmbuild.config.variables import as_arguments
+
+    given = replace(_variables(args), environment=False)
+    return given, as_arguments(given)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from vmbuild.config.pipeline import load_pipeline
     from vmbuild.pipeline.history import History
@@ -161,7 +176,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from vmbuild.config.pipeline import load_pipeline
     from vmbuild.pipeline import lifecycle
 
-    loaded = load_pipeline(Path(args.file))
+    loaded = load_pipeline(Path(args.file), variables=_variables(args))
     policy = loaded.pipeline.lifecycle
     deleted = lifecycle.prune(
         _store(args, loaded), loaded.recipe.recipe.name, policy, datetime.now(UTC),
@@ -182,8 +197,9 @@ def cmd_export_systemd(args: argparse.Namespace) -> int:
     from vmbuild.config.pipeline import load_pipeline
     from vmbuild.pipeline.export import systemd_units, unit_name
 
-    loaded = load_pipeline(Path(args.file))
-    units = systemd_units(loaded, _history_path(args), _store(args, loaded))
+    given, variables = _export_variables(args)
+    loaded = load_pipeline(Path(args.file), variables=given)
+    units = systemd_units(loaded, _history_path(args), _store(args, loaded), variables=variables)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in units.items():
@@ -202,8 +218,10 @@ def cmd_export_cron(args: argparse.Namespace) -> int:
     from vmbuild.config.pipeline import load_pipeline
     from vmbuild.pipeline.export import crontab_line
 
-    loaded = load_pipeline(Path(args.file))
-    print(crontab_line(loaded, _history_path(args), _store(args, loaded)), end="")
+    given, variables = _export_variables(args)
+    loaded = load_pipeline(Path(args.file), variables=given)
+    line = crontab_line(loaded, _history_path(args), _store(args, loaded), variables=variables)
+    print(line, end="")
     return 0
 
 
@@ -449,14 +467,17 @@ def add_parser(subparsers: Any) -> None:
     prune = verb(pipeline, "prune", cmd_prune, "apply the pipeline's lifecycle rules now")
     prune.add_argument("file", help="pipeline YAML file")
     prune.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    add_variable_flags(prune)
     store_flag(prune)
     json_flag(prune)
     sd = verb(pipeline, "export-systemd", cmd_export_systemd, "write a .service and .timer pair")
     sd.add_argument("file", help="pipeline YAML file")
     sd.add_argument("--output-dir", default=".", help="where to write the units (default: .)")
+    add_variable_flags(sd)
     store_flag(sd)
     cron = verb(pipeline, "export-cron", cmd_export_cron, "print a crontab line for the pipeline")
     cron.add_argument("file", help="pipeline YAML file")
+    add_variable_flags(cron)
     store_flag(cron)
 
     sched = verb(

@@ -44,6 +44,9 @@ class Given:
     file_names: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     strict: bool = True  # a --var or var-file key the file does not declare is an error
+    # False for an exported schedule: the timer or cron job that runs it later does not
+    # have this shell's VMBUILD_VAR_*, so they must not make the check pass now.
+    environment: bool = True
 
     @classmethod
     def from_environment(cls) -> Given:
@@ -55,7 +58,7 @@ class Given:
             return self.cli[name], f"--var {name}"
         if name in self.files:
             return self.files[name], "--var-file"
-        if ENV_PREFIX + name in self.env:
+        if self.environment and ENV_PREFIX + name in self.env:
             return self.env[ENV_PREFIX + name], f"${ENV_PREFIX}{name}"
         return None
 
@@ -69,6 +72,18 @@ def as_environment(given: Given) -> dict[str, str]:
         if ENV_PREFIX + key not in given.env:
             out[ENV_PREFIX + key] = str(value).lower() if isinstance(value, bool) else str(value)
     out.update({ENV_PREFIX + key: value for key, value in given.cli.items()})
+    return out
+
+
+def as_arguments(given: Given) -> list[str]:
+    """The given --var and --var-file values as `pipeline run` arguments, for a command
+    that runs later (an exported systemd unit or crontab line). Var files by absolute
+    path, read when the run starts; the environment is not carried (a timer has none)."""
+    out: list[str] = []
+    for key, value in given.cli.items():
+        out += ["--var", f"{key}={value}"]
+    for name in given.file_names:
+        out += ["--var-file", str(Path(name).resolve())]
     return out
 
 
@@ -193,11 +208,12 @@ def resolve(data: dict[str, Any], display: str, given: Given) -> dict[str, Any]:
         elif not decl.required:
             value = decl.default
         else:
-            raise ConfigError(
-                display, f"variables.{name}", "no value given",
-                hint=f"pass --var {name}=VALUE, a --var-file with {name}:, "
-                f"or set {ENV_PREFIX}{name}",
+            hint = f"pass --var {name}=VALUE, a --var-file with {name}:, "
+            hint += (
+                f"or set {ENV_PREFIX}{name}" if given.environment
+                else f"not {ENV_PREFIX}{name} (an exported schedule does not run in this shell)"
             )  # fmt: skip
+            raise ConfigError(display, f"variables.{name}", "no value given", hint=hint)
         values[name] = value
         return value
 
