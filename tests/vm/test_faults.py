@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -87,10 +88,6 @@ def test_full_guest_disk_fails_the_step_and_names_it(guest_vm: Guest, full_disk:
     assert "the guest's disk is full (/: 0 KiB free)" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="failed in the final verification run on 08b8e1b (18:10), not diagnosed this session; issue 10 stays open",
-)
 def test_full_guest_tmpfs_fails_the_upload_at_once(guest_vm: Guest) -> None:
     guest_vm.ssh.run(
         "fallocate -l $(( $(df -k --output=avail /dev/shm | tail -1) * 1024 )) /dev/shm/fill",
@@ -104,7 +101,13 @@ def test_full_guest_tmpfs_fails_the_upload_at_once(guest_vm: Guest) -> None:
         record("full tmpfs: script upload", time.monotonic() - started)
         message = str(info.value)
         assert message.startswith("cannot upload /dev/shm/vmbuild-")
-        assert "the guest's memory (tmpfs) is full (/dev/shm: 0 KiB free)" in message
+        # What is free by the time the probe runs: the failed upload's own
+        # pages are released when its partial file is removed.
+        free = re.search(
+            r"the guest's memory \(tmpfs\) is full \(/dev/shm: (\d+) KiB free\)", message
+        )
+        assert free is not None, message
+        assert int(free.group(1)) < 64, message
     finally:
         guest_vm.ssh.run("rm -f /dev/shm/fill", timeout=60)
     assert guest_vm.ssh.run("echo ok", timeout=60).stdout == "ok\n"
@@ -145,10 +148,6 @@ DESTRUCTIVE = {
 }
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="failed in the final verification run on 08b8e1b (18:10), not diagnosed this session; issue 10 stays open",
-)
 @pytest.mark.parametrize("case", list(DESTRUCTIVE))
 def test_a_dying_guest_ends_the_step_at_once(case: str) -> None:
     command, host_signal, cause = DESTRUCTIVE[case]
