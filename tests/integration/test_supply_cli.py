@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.disks import make_artifact, make_disk
+from tests.support.disks import make_artifact, make_disk, sha256
 from tests.support.supply import flip_byte
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,18 +120,30 @@ def test_scan_flags_what_the_tracker_marks_vulnerable(
     one_error(vmbuild(keyed, "scan", "example-nginx", "--data", str(bad)), f"{bad}: not JSON")
 
 
-def test_images_diff_packages_files_and_layout(
+def test_images_diff_packages_files_contents_and_layout(
     keyed: dict[str, str], disk: Path, tmp_path: Path
 ) -> None:
     store = Path(keyed["VMBUILD_STORE"])
+    payload = "/var/lib/payload.bin"  # 3 MiB of random bytes in the first disk
 
     def edit(root: Path) -> None:
+        # Start from the first disk's tree (guest_tree writes random bytes), then change it.
+        shutil.rmtree(root)
+        shutil.copytree(disk.parent / "tree", root, symlinks=True)
         (root / "etc" / "motd").write_text("welcome\n")
         (root / "etc" / "fstab").write_text((root / "etc" / "fstab").read_text() + "# more\n")
         (root / "usr" / "sbin" / "sshd").unlink()
         (root / "etc" / "cloud" / "cloud.cfg").chmod(0o600)
+        # Same size, owner and mode: only the bytes or the link target tell.
+        cfg = root / "etc" / "cloud" / "cloud.cfg.d" / "90-vmbuild.cfg"
+        cfg.write_text(cfg.read_text().replace("Ec2", "Gce"))
+        (root / "usr" / "sbin" / "init").unlink()
+        (root / "usr" / "sbin" / "init").symlink_to("../lib/systemd/systemX")
+        flip_byte(root / payload.lstrip("/"), 1 << 20)
 
+    a_tree = disk.parent / "tree"
     other = make_disk(tmp_path / "other", edit=edit, size_mib=80)
+    b_tree = other.parent / "tree"
     make_artifact(store, disk, version="1.0.0", packages=[
         {"name": "nginx", "version": "1.22.1-9", "arch": "amd64"},
         {"name": "openssl", "version": "3.0.11-1~deb12u2", "arch": "amd64"},
@@ -141,10 +154,14 @@ def test_images_diff_packages_files_and_layout(
         {"name": "openssl", "version": "3.0.11-1~deb12u1", "arch": "amd64"},
         {"name": "curl", "version": "7.88.1-10", "arch": "amd64"},
     ])  # fmt: skip
+
+    def digest(tree: Path, path: str) -> str:
+        return sha256(tree / path.lstrip("/"))
+
     proc = vmbuild(keyed, "images", "diff", "example-nginx/1.0.0", "example-nginx/1.1.0", "--json")
     assert proc.returncode == 1, proc.stderr
     d = json.loads(proc.stdout)
-    assert d["differ"] is True
+    assert (d["differ"], d["complete"]) == (True, True)
     assert d["packages"] == {
         "added": [{"name": "curl", "arch": "amd64", "version": "7.88.1-10"}],
         "removed": [{"name": "vim-tiny", "arch": "amd64", "version": "2:9.0.1378-2"}],
@@ -152,26 +169,62 @@ def test_images_diff_packages_files_and_layout(
         "downgraded": [{"name": "openssl", "arch": "amd64", "from": "3.0.11-1~deb12u2",
                         "to": "3.0.11-1~deb12u1"}],
     }  # fmt: skip
-    assert d["files"]["added"] == ["/etc/motd"]
-    assert d["files"]["removed"] == ["/usr/sbin/sshd"]
-    changed = {c["path"]: c for c in d["files"]["changed"]}
-    assert set(changed) == {"/etc/fstab", "/etc/cloud/cloud.cfg"}
-    assert changed["/etc/cloud/cloud.cfg"]["mode"] == ["644", "600"]
-    assert changed["/etc/fstab"]["size"][1] == changed["/etc/fstab"]["size"][0] + len("# more\n")
+    files = d["files"]
+    assert files["added"] == [{"path": "/etc/motd", "kind": "file", "mode": "644", "uid": os.getuid(),
+                               "gid": os.getgid(), "size": 8, "sha256": digest(b_tree, "/etc/motd")}]  # fmt: skip
+    sshd = a_tree / "usr" / "sbin" / "sshd"
+    assert files["removed"] == [{"path": "/usr/sbin/sshd", "kind": "file", "mode": "755",
+                                 "uid": os.getuid(), "gid": os.getgid(), "size": sshd.stat().st_size,
+                                 "sha256": sha256(sshd)}]  # fmt: skip
+    fstab, cfg = "/etc/fstab", "/etc/cloud/cloud.cfg.d/90-vmbuild.cfg"
+    fstab_size = (a_tree / "etc" / "fstab").stat().st_size
+    assert files["changed"] == [
+        {"path": "/etc/cloud/cloud.cfg", "kind": "file", "mode": ["644", "600"]},
+        {"path": cfg, "kind": "file", "sha256": [digest(a_tree, cfg), digest(b_tree, cfg)]},
+        {"path": fstab, "kind": "file", "size": [fstab_size, fstab_size + len("# more\n")],
+         "sha256": [digest(a_tree, fstab), digest(b_tree, fstab)]},
+        {"path": "/usr/sbin/init", "kind": "symlink",
+         "target": ["../lib/systemd/systemd", "../lib/systemd/systemX"]},
+        {"path": payload, "kind": "file",
+         "sha256": [digest(a_tree, payload), digest(b_tree, payload)]},
+    ]  # fmt: skip
+    assert files["unchecked"] == {"files": 0, "bytes": 0, "paths": []}
     layout = d["partitions"]
     assert layout["changed"] is True
     assert (layout["a"]["disk_size"], layout["b"]["disk_size"]) == (64 << 20, 80 << 20)
     assert layout["a"]["partitions"][0]["size"] == 55 << 20
     assert layout["b"]["partitions"][0]["size"] == 71 << 20
 
-    human = vmbuild(keyed, "images", "diff", "example-nginx/1.0.0", "example-nginx/1.1.0")
-    assert human.returncode == 1
-    assert "~ package nginx:amd64 1.22.1-9 -> 1.22.1-9+deb12u1" in human.stdout
-    assert "- file /usr/sbin/sshd" in human.stdout
+    # A content budget smaller than the payload: every small file is still compared, the
+    # payload is reported as not compared (never as identical).
+    limited = vmbuild(keyed, "images", "diff", "example-nginx/1.0.0", "example-nginx/1.1.0",
+                      "--content-limit", "1M")  # fmt: skip
+    assert limited.returncode == 1, limited.stderr
+    lines = limited.stdout.splitlines()
+    assert "~ package nginx:amd64 1.22.1-9 -> 1.22.1-9+deb12u1" in lines
+    assert (
+        f"- file /usr/sbin/sshd (file, mode 755, {os.getuid()}:{os.getgid()}, {sshd.stat().st_size} bytes, sha256 "
+        f"{sha256(sshd)[:12]})" in lines
+    )
+    assert (
+        f"~ file {cfg} (sha256 {digest(a_tree, cfg)[:12]} -> {digest(b_tree, cfg)[:12]})" in lines
+    )
+    assert (
+        "~ file /usr/sbin/init (target ../lib/systemd/systemd -> ../lib/systemd/systemX)" in lines
+    )
+    assert not any(payload in line for line in lines)
+    assert lines[-1] == (f"? 1 file(s), {3 << 20} bytes, with equal metadata were not compared "
+                         "byte for byte (--content-limit; --json lists them)")  # fmt: skip
 
     same = vmbuild(keyed, "images", "diff", "example-nginx/1.0.0", "example-nginx/1.0.0")
     assert same.returncode == 0, same.stderr
     assert same.stdout.splitlines()[-1] == "identical"
+    metadata_only = vmbuild(keyed, "images", "diff", "example-nginx/1.0.0", "example-nginx/1.0.0",
+                            "--no-content", "--json")  # fmt: skip
+    assert metadata_only.returncode == 0, metadata_only.stderr
+    report = json.loads(metadata_only.stdout)
+    assert (report["differ"], report["complete"]) == (False, False)
+    assert payload in report["files"]["unchecked"]["paths"]
 
 
 # The child's peak RSS as its parent sees it (getrusage of children). Measured from a small
