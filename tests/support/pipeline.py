@@ -96,6 +96,9 @@ class FakeBuild:
     stage_sleep: dict[str, float] = field(default_factory=dict)
     calls: list[tuple[LoadedRecipe, BuildOptions]] = field(default_factory=list)
     clock: FakeClock | None = None
+    # Run the real attest stage (SBOMs, the CVE scan with the recipe's `scan:`, signed
+    # provenance) over the stored artifact, as vmbuild.build's attest step does.
+    attest: bool = False
 
     def __call__(self, loaded: LoadedRecipe, opts: BuildOptions, progress: Progress) -> BuildResult:
         self.calls.append((loaded, opts))
@@ -113,6 +116,15 @@ class FakeBuild:
             packages=self.packages, tests="skipped" if opts.skip_tests else "passed",
             suffix=f"{len(self.calls):06x}",
         )  # fmt: skip
+        if self.attest:
+            from vmbuild.supply.stage import attest_stage
+
+            manifest = json.loads((build_dir / "manifest.json").read_text())
+            manifest["base"] = {"id": "debian-12", "sha256": "cd" * 32, "source": "test"}
+            with progress.stage("attest", "SBOMs, CVE scan, provenance"):
+                attest_stage(build_dir, manifest, scan_settings=loaded.recipe.scan,
+                             recipe_dir=loaded.dir)  # fmt: skip
+            store.write_manifest(build_dir, manifest)
         return BuildResult(build_dir, store.load_manifest(build_dir))
 
 

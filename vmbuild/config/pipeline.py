@@ -29,6 +29,9 @@ dependencies:
 lifecycle:
   keep_last: 5                    # per version
   max_age: 30d                    # never the newest passing build
+scan:                             # the recipe's scan: format; each key given here wins
+  fail_on: high                   # fail the run at or above (null: report only)
+  data: tracker.json              # relative to this file (default: the recipe's, else cache)
 ```
 """
 
@@ -45,7 +48,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from vmbuild.config.loader import load_model, load_yaml, parse_size
-from vmbuild.config.recipe import NAME, LoadedRecipe, Memory, load_recipe
+from vmbuild.config.recipe import NAME, LoadedRecipe, Memory, ScanSettings, load_recipe
 from vmbuild.config.settings import field as setting
 from vmbuild.config.variables import Given, reject_undeclared
 from vmbuild.errors import ConfigError, VmbuildError
@@ -160,6 +163,7 @@ class Pipeline(_Model):
     schedule: ScheduleSpec | None = None
     dependencies: Dependencies = Dependencies()
     lifecycle: Lifecycle = Lifecycle()
+    scan: ScanSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,9 @@ class LoadedPipeline:
     distribution: DistributionConfig | None
     schedule: CronSchedule | None
     store: Path | None  # the pipeline's own store, resolved; None: the CLI's default
+    # The CVE scan the run's build does: the recipe's `scan:` with the pipeline's keys over
+    # it, `data` made absolute (None: no scan).
+    scan: ScanSettings | None = None
 
     @property
     def dir(self) -> Path:
@@ -226,6 +233,7 @@ def load_pipeline(
         store = Path(pipeline.store).expanduser()
         store = store if store.is_absolute() else base_dir / store
     return LoadedPipeline(
+        scan=_scan(pipeline.scan, recipe, display, base_dir),
         pipeline=pipeline,
         name=name,
         path=path.resolve(),
@@ -236,6 +244,25 @@ def load_pipeline(
         schedule=schedule,
         store=store,
     )
+
+
+def _scan(
+    given: ScanSettings | None, recipe: LoadedRecipe, display: str, base_dir: Path
+) -> ScanSettings | None:
+    """The effective scan settings; a missing tracker file fails here, before any run."""
+    own = recipe.recipe.scan
+    if own is not None and own.data is not None:
+        own = own.model_copy(update={"data": str(recipe.dir / own.data)})
+    if given is None:
+        return own
+    update = {k: getattr(given, k) for k in given.model_fields_set}
+    if given.data is not None:
+        data = Path(given.data).expanduser()
+        data = data if data.is_absolute() else base_dir / data
+        if not data.is_file():
+            raise ConfigError(display, "scan.data", f"file not found: {given.data}")
+        update["data"] = str(data)
+    return (own or ScanSettings()).model_copy(update=update)
 
 
 def _check_given(given: Given, display: str, path: Path, recipe_path: Path) -> None:

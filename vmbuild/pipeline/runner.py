@@ -389,11 +389,11 @@ def _run_locked(
 
 
 def with_overrides(loaded: LoadedPipeline) -> LoadedRecipe:
-    """The recipe with the pipeline's infrastructure (CPUs, memory) applied."""
+    """The recipe with the pipeline's infrastructure (CPUs, memory) and scan applied."""
     infra = loaded.pipeline.infrastructure
     recipe = loaded.recipe.recipe
     vm = vm_settings(recipe.vm, cpus=infra.cpus, memory=infra.memory)
-    recipe = recipe.model_copy(update={"vm": vm})
+    recipe = recipe.model_copy(update={"vm": vm, "scan": loaded.scan})
     return dataclasses.replace(loaded.recipe, recipe=recipe, distribution=loaded.distribution)
 
 

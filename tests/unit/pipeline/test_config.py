@@ -79,6 +79,11 @@ def test_overrides_keep_recipe_values_not_given(tmp_path: Path) -> None:
          "dependencies.apt_sources[0]", "expected 'deb URI SUITE COMPONENT...'"),
         ({"recipe": "r.yaml", "shedule": {}}, "shedule", "unknown field"),
         ({"schedule": {"cron": "0 3 * * *"}}, "recipe", "required field is missing"),
+        ({"recipe": "r.yaml", "scan": {"fail_on": "critical"}}, "scan.fail_on",
+         "'unimportant', 'low', 'medium' or 'high'"),
+        ({"recipe": "r.yaml", "scan": {"data": "nope.json"}}, "scan.data",
+         "file not found: nope.json"),
+        ({"recipe": "r.yaml", "scan": {"fail_ob": "high"}}, "scan.fail_ob", "unknown field"),
     ],
 )  # fmt: skip
 def test_load_errors_name_file_and_field(
@@ -173,3 +178,37 @@ def test_load_pipelines_skips_recipes_and_distribution_files_beside_them(tmp_pat
     assert "broken.yaml: line 2, column 1: invalid YAML" in str(info.value)
     (tmp_path / "broken.yaml").unlink()
     assert [p.name for p in load_pipelines(tmp_path)] == ["weekly"]
+
+
+def test_scan_threshold_from_the_pipeline_over_the_recipes(tmp_path: Path) -> None:
+    recipes, pipelines = tmp_path / "recipes", tmp_path / "pipelines"
+    write_recipe(recipes, "web", scan={"fail_on": "low", "data": "tracker.json"})
+    (recipes / "tracker.json").write_text("{}")
+    (pipelines / "data").mkdir(parents=True)
+    (pipelines / "data" / "newer.json").write_text("{}")
+
+    def effective(scan: object) -> object:
+        body = {"recipe": "../recipes/web-recipe.yaml"} | ({"scan": scan} if scan else {})
+        loaded = load_pipeline(write_pipeline(pipelines, body))
+        recipe_scan = with_overrides(loaded).recipe.scan
+        assert recipe_scan == loaded.scan  # what the run's build (its attest stage) is given
+        return None if recipe_scan is None else (recipe_scan.fail_on, recipe_scan.data)
+
+    tracker = str(recipes.resolve() / "tracker.json")
+    # Not given: the recipe's (its data relative to the recipe, made absolute).
+    assert effective(None) == ("low", tracker)
+    # Each key given wins; the others stay the recipe's.
+    assert effective({"fail_on": "high"}) == ("high", tracker)
+    assert effective({"data": "data/newer.json"}) == ("low", str(pipelines / "data/newer.json"))
+    # An explicit null turns the threshold off: the scan still runs and reports.
+    assert effective({"fail_on": None}) == (None, tracker)
+    # A recipe without `scan:` gets the pipeline's.
+    write_recipe(recipes, "plain")
+    loaded = load_pipeline(write_pipeline(pipelines, {"recipe": "../recipes/plain-recipe.yaml",
+                                                      "scan": {"fail_on": "medium"}}))  # fmt: skip
+    assert loaded.scan is not None
+    assert (loaded.scan.fail_on, loaded.scan.data) == ("medium", None)
+    assert (
+        load_pipeline(write_pipeline(pipelines, {"recipe": "../recipes/plain-recipe.yaml"})).scan
+        is None
+    )

@@ -129,6 +129,50 @@ def test_cancellation_is_recorded_then_propagates(tmp_path: Path) -> None:
     assert "cancelled" in (r.error or "")
 
 
+def test_the_pipelines_scan_threshold_fails_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VMBUILD_CONFIG_DIR", str(tmp_path / "config"))  # the signing key
+    monkeypatch.delenv("VMBUILD_KMS_KEY", raising=False)
+    tracker = {
+        "openssl": {
+            "CVE-2024-0727": {
+                "releases": {
+                    "bookworm": {
+                        "status": "resolved",
+                        "fixed_version": "3.0.13-1~deb12u1",
+                        "urgency": "medium",
+                    }
+                }
+            }
+        }
+    }
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "tracker.json").write_text(json.dumps(tracker))  # fmt: skip
+    env = Env(tmp_path, scan={"fail_on": "medium", "data": "tracker.json"})
+    env.build.attest = True
+    r = env.run()
+    assert r.status == "failed"
+    assert r.error == (
+        "CVE scan: 1 finding(s) at or above medium, e.g. CVE-2024-0727 in openssl "
+        "3.0.11-1~deb12u2 (medium, fixed in 3.0.13-1~deb12u1)\n"
+        "hint: `vmbuild scan REF --json` lists them; update the packages or raise the threshold"
+    )
+    # Below the threshold the same run passes, with the finding in the manifest.
+    env2 = Env(
+        tmp_path / "again",
+        scan={"fail_on": "high", "data": str(tmp_path / "pipelines" / "tracker.json")},
+    )
+    env2.build.attest = True
+    ok = env2.run()
+    assert ok.status == "succeeded", ok.error
+    manifest = json.loads((Path(ok.artifact) / "manifest.json").read_text())
+    assert manifest["scan"]["fail_on"] == "high"
+    assert [(f["cve"], f["package"]) for f in manifest["scan"]["findings"]] == [
+        ("CVE-2024-0727", "openssl")
+    ]
+
+
 def test_a_second_trigger_while_running_is_skipped(tmp_path: Path) -> None:
     env = Env(tmp_path)
     held = lock_for(env.state, "p")
