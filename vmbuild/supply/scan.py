@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from debian.debian_support import version_compare
 
@@ -29,6 +29,8 @@ from vmbuild.supply.sbom import DEBIAN_CODENAMES
 
 log = logging.getLogger("vmbuild.supply.scan")
 TRACKER_URL = "https://security-tracker.debian.org/tracker/data/json"
+# An internal copy of the export (a mirror inside a restricted network) instead of Debian's.
+ENV_TRACKER_URL = "VMBUILD_TRACKER_URL"
 CACHE_MAX_AGE = 24 * 3600
 # Tracker urgencies, lowest first; "unknown" covers "not yet assigned" and "end-of-life".
 SEVERITIES = ("unknown", "unimportant", "low", "medium", "high")
@@ -111,9 +113,18 @@ def load_tracker(path: Path) -> dict[str, Any]:
             f"{path}: not JSON ({exc})",
             hint="expected the Debian security tracker export (tracker/data/json)",
         ) from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+    if not _is_tracker(data):
         raise ScanError(f"{path}: not tracker data (expected {{package: {{CVE: {{...}}}}}})")
     return data
+
+
+def _is_tracker(data: object) -> TypeGuard[dict[str, Any]]:
+    return isinstance(data, dict) and all(isinstance(v, dict) for v in data.values())
+
+
+def tracker_url() -> str:
+    """Where the daily download comes from: `$VMBUILD_TRACKER_URL`, else Debian's tracker."""
+    return os.environ.get(ENV_TRACKER_URL) or TRACKER_URL
 
 
 def tracker_file(data: Path | None, *, offline: bool = False) -> Path:
@@ -127,9 +138,11 @@ def tracker_file(data: Path | None, *, offline: bool = False) -> Path:
             raise ScanError("no tracker data", hint="pass --data FILE (tracker/data/json)")
         return cached
     try:
-        with urllib.request.urlopen(TRACKER_URL, timeout=120) as resp:
+        with urllib.request.urlopen(tracker_url(), timeout=120) as resp:
             body = resp.read(MAX_TRACKER_BYTES)
-        json.loads(body)  # never cache a truncated or error page
+        # Never cache a truncated download, an error page or some other JSON document.
+        if not _is_tracker(json.loads(body)):
+            raise ValueError(f"{tracker_url()} did not answer with tracker data")
         cached.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(cached, body.decode())
     except (OSError, ValueError) as exc:

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.support.pipeline import http_mirror
 from tests.support.supply import fake_artifact
 from vmbuild.manifest import Package
 from vmbuild.supply.scan import (
+    CACHE_MAX_AGE,
+    ENV_TRACKER_URL,
     ScanError,
     ScanFailed,
     load_tracker,
     raise_if_failed,
     scan,
     scan_build,
+    tracker_file,
 )
 from vmbuild.supply.signing import KeyPaths
 
@@ -138,3 +145,52 @@ def test_a_bad_tracker_file_is_one_clear_error(tmp_path: Path, content: str, mes
 def test_a_missing_tracker_file(tmp_path: Path) -> None:
     with pytest.raises(ScanError, match="cannot read the tracker data"):
         load_tracker(tmp_path / "nope.json")
+
+
+def test_the_tracker_is_downloaded_once_a_day_and_never_cached_broken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    served = tmp_path / "served"
+    served.mkdir()
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VMBUILD_CACHE_DIR", str(cache))
+    cached = cache / "security-tracker.json"
+    export = served / "json"
+    with http_mirror(served) as url:
+        monkeypatch.setenv(ENV_TRACKER_URL, f"{url}/json")
+        # Nothing served and nothing cached: one clear error, nothing written.
+        with pytest.raises(ScanError, match="cannot download the Debian security tracker data"):
+            tracker_file(None)
+        assert not cached.exists()
+        # JSON that is not the tracker's shape (an API error document) is not cached either.
+        export.write_text('{"error": "rate limited"}')
+        with pytest.raises(ScanError, match=f"{url}/json did not answer with tracker data"):
+            tracker_file(None)
+        assert not cached.exists()
+        export.write_text(json.dumps(TRACKER))
+        assert tracker_file(None) == cached
+        assert load_tracker(cached) == TRACKER
+        # Within a day the cached copy is used without asking: the server no longer has it.
+        export.unlink()
+        assert tracker_file(None) == cached
+        # A day later the download is tried again; when it fails the older copy is used.
+        day_old = time.time() - CACHE_MAX_AGE - 60
+        os.utime(cached, (day_old, day_old))
+        export.write_text("<html>maintenance</html>")
+        with caplog.at_level(logging.WARNING, logger="vmbuild.supply.scan"):
+            assert tracker_file(None) == cached
+        assert "tracker download failed" in caplog.text
+        assert load_tracker(cached) == TRACKER
+        assert cached.stat().st_mtime == pytest.approx(day_old)
+        # A good download replaces it.
+        newer = {"nginx": TRACKER["nginx"]}
+        export.write_text(json.dumps(newer))
+        assert tracker_file(None) == cached
+        assert load_tracker(cached) == newer
+    # Offline (VMBUILD_OFFLINE=1): the cache whatever its age, never the network.
+    os.utime(cached, (day_old, day_old))
+    monkeypatch.setenv(ENV_TRACKER_URL, "http://127.0.0.1:9/unreachable")
+    assert tracker_file(None, offline=True) == cached
+    cached.unlink()
+    with pytest.raises(ScanError, match="no tracker data"):
+        tracker_file(None, offline=True)
