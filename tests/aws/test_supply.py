@@ -55,6 +55,21 @@ def test_kms_signs_and_verifies_through_the_kms_api(aws: LocalAws, artifact: Pat
     assert main(argv) == 0
 
 
+def test_a_kms_public_key_exported_as_pem_verifies_without_kms(
+    aws: LocalAws, artifact: Path, tmp_path: Path
+) -> None:
+    arn = kms_signing_key(aws)
+    store = str(artifact.parents[2])
+    assert main(["sign", str(artifact), "--store", store, "--kms-key", arn]) == 0
+    pem = tmp_path / "kms.pem"
+    assert main(["key", "export", "--kms-key", arn, "-o", str(pem)]) == 0
+    assert pem.read_text().startswith("-----BEGIN PUBLIC KEY-----\n")
+    assert signing.load_public_key(pem).keyid == signing.kms_public_key(arn).keyid
+    before = len(aws.requests.find("GetPublicKey", "kms"))
+    assert main(["verify", str(artifact), "--store", store, "--key", str(pem)]) == 0
+    assert len(aws.requests.find("GetPublicKey", "kms")) == before  # KMS not asked
+
+
 def test_a_disabled_or_deleted_kms_key_is_one_clear_error(
     aws: LocalAws, artifact: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -77,6 +77,30 @@ def test_verify_cli_catches_a_one_byte_change(keyed: dict[str, str], disk: Path)
               f"{build_dir / 'disk.raw'}: differs from the signed provenance")  # fmt: skip
 
 
+def test_the_exported_public_key_verifies_on_another_host(
+    keyed: dict[str, str], disk: Path, tmp_path: Path
+) -> None:
+    make_artifact(Path(keyed["VMBUILD_STORE"]), disk)
+    pem = tmp_path / "builder.pem"
+    assert vmbuild(keyed, "key", "export", "-o", str(pem)).returncode == 0
+    shown = vmbuild(keyed, "key", "export")
+    assert shown.stdout == pem.read_text()
+    assert shown.stdout.startswith("-----BEGIN PUBLIC KEY-----\n")
+    # The other host has its own (empty) config dir: no key of its own.
+    other = {**keyed, "VMBUILD_CONFIG_DIR": str(tmp_path / "other-config")}
+    one_error(vmbuild(other, "verify", "example-nginx"), "no key to verify the signature with")
+    one_error(vmbuild(other, "key", "export"), f"no signing key in {tmp_path / 'other-config'}")
+    ok = vmbuild(other, "verify", "example-nginx", "--key", str(pem), "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["signed"] is True
+    # A different key does not verify it.
+    assert vmbuild(other, "key", "generate").returncode == 0
+    wrong = tmp_path / "wrong.pem"
+    assert vmbuild(other, "key", "export", "-o", str(wrong)).returncode == 0
+    one_error(vmbuild(other, "verify", "example-nginx", "--key", str(wrong)),
+              "does not verify with the trusted key")  # fmt: skip
+
+
 def test_key_generate_twice_is_one_clear_error(keyed: dict[str, str]) -> None:
     one_error(vmbuild(keyed, "key", "generate"), "signing.key: a signing key already exists")
 

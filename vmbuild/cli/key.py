@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from vmbuild.errors import VmbuildError
 
@@ -25,6 +26,18 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     show = actions.add_parser("show", help="where the key is and its key id")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(handler=cmd_show)
+    export = actions.add_parser(
+        "export",
+        help="the public key as PEM, to verify on another (air-gapped) host with --key",
+        description="Writes the local public key, or with --kms-key the public half of an AWS "
+        "KMS signing key (fetched through the KMS API), as PEM. `vmbuild verify REF|BUNDLE "
+        "--key FILE` then needs no AWS access.",
+    )
+    export.add_argument("--kms-key", metavar="ARN", help="an AWS KMS asymmetric signing key")
+    export.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="write here (default: stdout)"
+    )
+    export.set_defaults(handler=cmd_export)
 
 
 def _describe() -> dict[str, str]:
@@ -56,4 +69,16 @@ def cmd_show(args: argparse.Namespace) -> int:
     else:
         print(f"private key: {info['private']}\npublic key:  {info['public']}")
         print(f"key id:      {info['keyid']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vmbuild.run import write_atomic
+    from vmbuild.supply.signing import public_key_pem
+
+    pem = public_key_pem(args.kms_key)
+    if args.output is None:
+        print(pem.decode(), end="")
+    else:
+        write_atomic(args.output, pem)
     return 0

@@ -135,6 +135,31 @@ def kms_public_key(key_id: str) -> SSlibKey:
     return key
 
 
+def public_key_pem(kms_key: str | None = None) -> bytes:
+    """The verification key as PEM (SubjectPublicKeyInfo): the local public key, or the
+    public half of a KMS key (checked as kms_public_key checks it). An air-gapped host
+    verifies with it (`verify --key FILE`) without reaching KMS."""
+    if kms_key is None:
+        where = local_key_paths().public
+        if not where.exists():
+            raise SigningError(
+                f"no signing key in {where.parent}", hint="create one: vmbuild key generate"
+            )
+        load_public_key(where)  # a PEM public key, or one clear error naming the file
+        return where.read_bytes()
+    import boto3
+
+    kms_public_key(kms_key)
+    try:
+        der = boto3.client("kms").get_public_key(KeyId=kms_key)["PublicKey"]
+        public = serialization.load_der_public_key(der)
+    except Exception as exc:  # botocore ClientError, a malformed answer
+        raise SigningError(f"KMS key {kms_key}: {_describe(exc)}") from None
+    return public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 KMS_RAW_LIMIT = 4096  # the largest message KMS Sign accepts as RAW
 
 
