@@ -410,6 +410,11 @@ class SSHSession:
         while self._alive is not None and time.monotonic() < end:
             self._alive()  # raises GuestStopped once the VM has stopped
             time.sleep(0.5)
+        if self._transport_alive():
+            raise SSHError(
+                f"the guest ended the SSH session without an exit status while {doing}"
+                " (its shell was killed in the guest)"
+            )
         raise SSHError(f"the SSH connection to {self.host}:{self.port} was lost while {doing}")
 
     def _open(
@@ -473,6 +478,12 @@ class SSHSession:
                     got = True
                 if not got and chan.exit_status_ready():
                     rc = chan.recv_exit_status()
+                    # paramiko also reports "ready" when the channel merely
+                    # closed, with -1 (a real exit status is 0-255): the
+                    # session ended without a result because sshd or the whole
+                    # VM went away (QEMU killed, the guest powering off). The
+                    # caller lets the watchdog name the cause.
+                    lost = rc == -1
                     break
                 if not got and (chan.closed or not self._transport_alive()):
                     lost = True
