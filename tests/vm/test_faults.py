@@ -161,7 +161,7 @@ def test_a_dying_guest_ends_the_step_at_once(case: str) -> None:
         trigger = Trigger("fault", fault)
         script = f"echo fault; {command}; sleep 600"
         try:
-            guest.ssh.run(script, timeout=900, on_output=trigger)
+            guest.ssh.run(script, timeout=300, on_output=trigger)
         finally:
             failed_at = time.monotonic()
     assert trigger.fired_at is not None
