@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
@@ -32,3 +33,13 @@ def json_flag(p: argparse.ArgumentParser) -> None:
 
 def store_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="artifact store (default: $VMBUILD_STORE or ./images)")
+
+
+def confirm(question: str) -> bool:
+    """Ask on stderr, read one line from stdin; no answer (EOF) is a no."""
+    sys.stderr.write(question)
+    sys.stderr.flush()
+    answer = sys.stdin.readline()
+    if not answer.endswith("\n"):
+        sys.stderr.write("\n")
+    return answer.strip().lower() in ("y", "yes")

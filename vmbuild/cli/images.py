@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from rich.table import Table
 
 from vmbuild import console, paths
-from vmbuild.cli.common import SubParsers, json_flag, out, store_flag, verb
+from vmbuild.cli.common import SubParsers, confirm, json_flag, out, store_flag, verb
 from vmbuild.errors import VmbuildError
 
 REF_HELP = "NAME[/VERSION[/BUILD]] (latest match), or the path of a build inside the store"
@@ -98,7 +97,7 @@ def cmd_images_rm(args: argparse.Namespace) -> int:
     store_dir = paths.store_dir(args.store)
     build_dir = store.resolve(store_dir, args.ref)
     ref = store.summary(build_dir)["ref"]
-    if not args.yes and not _confirm(f"remove {ref} ({build_dir})? [y/N] "):
+    if not args.yes and not confirm(f"remove {ref} ({build_dir})? [y/N] "):
         raise VmbuildError(f"{ref} not removed", hint="answer y, or pass --yes")
     store.remove(store_dir, build_dir)
     return out(args, {"removed": str(build_dir), "ref": ref}, lambda: print(f"removed {ref}"))
@@ -109,13 +108,3 @@ def _on_s3(args: argparse.Namespace) -> bool:
     from vmbuild.scaleout.artifacts import is_s3
 
     return is_s3(args.store or os.environ.get("VMBUILD_STORE"))
-
-
-def _confirm(question: str) -> bool:
-    """Ask on stderr, read one line from stdin; no answer (EOF) is a no."""
-    sys.stderr.write(question)
-    sys.stderr.flush()
-    answer = sys.stdin.readline()
-    if not answer.endswith("\n"):
-        sys.stderr.write("\n")
-    return answer.strip().lower() in ("y", "yes")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vmbuild import paths
+from vmbuild.cli.common import confirm
 from vmbuild.errors import VmbuildError
 
 
@@ -190,10 +191,8 @@ def cmd_images_s3(args: argparse.Namespace, action: str) -> int:
         for o in manifest.get("outputs") or []:
             print(f"output    {o.get('format', '?'):6} {o.get('file')} sha256:{o.get('sha256')}")
         return 0
-    from vmbuild.cli.images import _confirm
-
     where, _ = store.manifest(args.ref)
-    if not args.yes and not _confirm(f"remove {where}? [y/N] "):
+    if not args.yes and not confirm(f"remove {where}? [y/N] "):
         raise VmbuildError(f"{args.ref} not removed", hint="answer y, or pass --yes")
     removed = store.remove(args.ref)
     print(json.dumps({"removed": removed}) if args.json else f"removed {removed}")
