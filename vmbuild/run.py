@@ -318,6 +318,37 @@ def spawn(
     return proc
 
 
+def interactive(argv: Sequence[str | os.PathLike[str]]) -> int:
+    """Run a command on vmbuild's own terminal (an SSH session a user types into) and
+    return its exit status.
+
+    Logged and tracked like every command and killed with vmbuild (PDEATHSIG), but
+    in vmbuild's process group with the terminal as stdin: the terminal has to treat
+    it as the foreground job. Ctrl-C reaches it through the terminal (ssh passes it
+    to the guest); if vmbuild itself is interrupted, the command is stopped first.
+    """
+    args = [str(a) for a in argv]
+    log.info("$ %s", quote_argv(args))
+    try:
+        proc = subprocess.Popen(args, env=_env(None), preexec_fn=_die_with_parent(os.getpid()))
+    except FileNotFoundError as exc:
+        raise CommandError(args, 127, f"{args[0]}: not found (is it installed?)") from exc
+    runs.track(proc.pid)
+    try:
+        return proc.wait()
+    except BaseException:
+        # Not a group leader (it shares the terminal's job): signal it alone.
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        runs.untrack(proc.pid)
+
+
 def reaped(proc: subprocess.Popen[Any]) -> None:
     """A spawned process was waited for: forget it in the run registry."""
     runs.untrack(proc.pid)

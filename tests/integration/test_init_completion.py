@@ -60,7 +60,7 @@ def test_bash_completion_from_the_parser(tmp_path: Path) -> None:
     env = isolated_env(tmp_path)
     script = vmbuild(env, "completion", "bash").stdout
     assert complete(script, ["vmbuild", "ima"]) == ["images"]
-    assert complete(script, ["vmbuild", "images", "r"]) == ["rm"]
+    assert complete(script, ["vmbuild", "images", "r"]) == ["rm", "run"]
     assert complete(script, ["vmbuild", "images", "rm", "--y"]) == ["--yes"]
     assert complete(script, ["vmbuild", "build", "r.yaml", "--var-"]) == ["--var-file"]
     assert "--skip-tests" in complete(script, ["vmbuild", "--debug", "build", "--s"])

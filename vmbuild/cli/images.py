@@ -16,9 +16,9 @@ REF_HELP = "NAME[/VERSION[/BUILD]] (latest match), or the path of a build inside
 
 
 def add_parser(sub: SubParsers) -> None:
-    images = sub.add_parser("images", help="stored artifacts: list, show, rm, diff").add_subparsers(
-        dest="images_verb", required=True, metavar="ACTION"
-    )
+    images = sub.add_parser(
+        "images", help="stored artifacts: list, show, rm, diff, run"
+    ).add_subparsers(dest="images_verb", required=True, metavar="ACTION")
     p = verb(images, "list", cmd_images_list, "list stored images")
     store_flag(p)
     json_flag(p)
@@ -32,8 +32,10 @@ def add_parser(sub: SubParsers) -> None:
     store_flag(p)
     json_flag(p)
     from vmbuild.cli.images_diff import add_images_verb
+    from vmbuild.cli.images_run import add_run_verb
 
     add_images_verb(images)
+    add_run_verb(images)
 
 
 def cmd_images_list(args: argparse.Namespace) -> int:

@@ -30,6 +30,8 @@ def scratch_guest(
     cpus: int = 2,
     on_status: Callable[[str], None] | None = None,
     apt_proxy: str | None = None,
+    user: str = SCRATCH_USER,
+    first_boot: str = "minimal",
 ) -> Iterator[Guest]:
     # debian-12, a cached URL base, or a local qcow2/raw file.
     image = base_image.resolve_base(base, recipe_dir=base_dir)
@@ -45,7 +47,7 @@ def scratch_guest(
         req = GuestRequest(
             run_id=secrets.token_hex(3), role="scratch", base=image.path,
             base_format=image.format, disk_size=None, memory_mib=memory_mib, cpus=cpus,
-            accel=chosen, workdir=work, user=SCRATCH_USER,
+            accel=chosen, workdir=work, user=user, first_boot=first_boot,
             apt_proxy=proxy.guest_url if proxy else None,
             dispose="kill",  # a throwaway VM: nothing on its disk is kept
         )  # fmt: skip
