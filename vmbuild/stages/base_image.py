@@ -431,7 +431,10 @@ def _refresh_deb_cache(fresh: Path) -> None:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    # Microseconds: prune keeps the newest base per origin by this stamp, and two
+    # fetches of one URL within a second tied at seconds (the test saw it). An
+    # older seconds-only stamp still sorts first (`+` < `.`).
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 # --- fetched and local bases -------------------------------------------------------
