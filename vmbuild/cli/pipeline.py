@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from rich.text import Text
 
 from vmbuild import console, paths
 from vmbuild.errors import VmbuildError
-from vmbuild.pipeline.history import STATUSES
+from vmbuild.pipeline.history import STATUSES, History
 
 Handler = Callable[[argparse.Namespace], int]
 EXIT_CHANGED, EXIT_UNCHANGED, EXIT_CHECK_FAILED = 0, 1, 2
@@ -312,10 +313,21 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 
 # -- runs --------------------------------------------------------------------
-def cmd_runs_list(args: argparse.Namespace) -> int:
-    from vmbuild.pipeline.history import History
+@contextlib.contextmanager
+def _history_reaped(args: argparse.Namespace) -> Iterator[History]:
+    """The run history, after this host's runs whose process died (SIGKILL) are
+    recorded as failed with their log tail: what is shown is never a ghost `running`."""
+    from datetime import UTC, datetime
+
+    from vmbuild.pipeline.reaper import reap_dead_runs
 
     with History(_history(args)) as history:
+        reap_dead_runs(history, datetime.now(UTC))
+        yield history
+
+
+def cmd_runs_list(args: argparse.Namespace) -> int:
+    with _history_reaped(args) as history:
         runs = history.list_runs(args.pipeline, limit=args.limit, status=args.status)
     if args.json:
         _print_json([r.to_json() for r in runs])
@@ -342,9 +354,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
 
 
 def cmd_runs_show(args: argparse.Namespace) -> int:
-    from vmbuild.pipeline.history import History
-
-    with History(_history(args)) as history:
+    with _history_reaped(args) as history:
         r = history.get(args.id)
     if args.json:
         _print_json(r.to_json())
@@ -375,9 +385,7 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
 
 
 def cmd_runs_logs(args: argparse.Namespace) -> int:
-    from vmbuild.pipeline.history import History
-
-    with History(_history(args)) as history:
+    with _history_reaped(args) as history:
         r = history.get(args.id)
     path = Path(r.log_path) if r.log_path else None
     broker = os.environ.get("VMBUILD_BROKER")

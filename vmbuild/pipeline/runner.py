@@ -38,7 +38,7 @@ from vmbuild.debian import index as apt
 from vmbuild.debian import sources as aptsources
 from vmbuild.errors import VmbuildError
 from vmbuild.log import Progress, run_log
-from vmbuild.pipeline import deps, lifecycle
+from vmbuild.pipeline import deps, lifecycle, reaper
 from vmbuild.pipeline.clock import Clock, SystemClock
 from vmbuild.pipeline.history import History, RunRecord, Trigger
 from vmbuild.plan import BuildOptions, pipeline_options, vm_settings
@@ -317,9 +317,8 @@ def run_pipeline(loaded: LoadedPipeline, ctx: RunContext, trigger: Trigger = "ma
         run_id = _skip(ctx, loaded, trigger, now, busy)
         return history.get(run_id)
     with lock:
-        stale = history.abandon_stale(
-            loaded.name, ctx.clock.now(), "the run's process died (killed?) before it finished"
-        )
+        stale = history.abandon_stale(loaded.name, ctx.clock.now(), reaper.DIED)
+        reaper.add_tails(history, stale)
         if stale:
             log.warning("pipeline %s: runs %s had died; marked failed", loaded.name, stale)
         reason: str | None = None
