@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shlex
 import signal
 import stat
 import subprocess
@@ -97,6 +98,8 @@ def test_example_recipe_builds_tests_and_stores(
     assert staging_leftovers(store) == []
     assert_signed_provenance_and_sboms(build_dir, m, cli_env)
 
+    assert_images_run_boots_it_untouched(build_dir, cli_env)
+
     # The store CLI sees it.
     listed = json.loads(vmbuild("images", "list", "--json", env=cli_env).stdout)
     assert [r["ref"] for r in listed] == [f"example-nginx/1.0.0/{m['build']}"]
@@ -104,6 +107,41 @@ def test_example_recipe_builds_tests_and_stores(
     assert shown["build"] == m["build"]
     assert vmbuild("images", "rm", "example-nginx/1.0.0", "--yes", env=cli_env).returncode == 0
     assert list(store.iterdir()) == []
+
+
+def assert_images_run_boots_it_untouched(build_dir: Path, cli_env: dict[str, str]) -> None:
+    """`images run` boots the stored image (its first boot, as a user would) on a
+    throwaway overlay: the printed ssh command logs in, nginx runs, SIGTERM stops
+    it and removes what it wrote, and the stored disk is byte for byte unchanged."""
+    disk = build_dir / "disk.qcow2"
+    before = hashlib.sha256(disk.read_bytes()).hexdigest()
+    scratch_before = set(paths.cache_dir().glob("scratch-*"))
+    proc = subprocess.Popen(
+        [*VMBUILD, "images", "run", "example-nginx/1.0.0"], env=cli_env, cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        login: list[str] = []
+        for line in proc.stdout:  # the ssh command is printed once the VM answers
+            if line.startswith("  ssh "):
+                login = shlex.split(line)
+                break
+        assert login, f"no ssh command (exit {proc.wait()})"
+        *options, destination = login
+        nginx = subprocess.run(
+            [*options, "-o", "BatchMode=yes", destination, "systemctl is-active nginx"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert nginx.stdout.strip() == "active", nginx.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert hashlib.sha256(disk.read_bytes()).hexdigest() == before
+    assert set(paths.cache_dir().glob("scratch-*")) == scratch_before
 
 
 def assert_signed_provenance_and_sboms(
