@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from vmbuild.log import logged_stage
 from vmbuild.secrets import mask
 
 log = logging.getLogger("vmbuild")
@@ -75,7 +76,10 @@ class JsonReporter:
     def stage(self, name: str, title: str) -> Iterator[None]:
         # The run log reads the same whichever reporter the build has: stage
         # markers, status lines and output go to it here as in log.Reporter.
-        log.info("== stage %s: %s", name, title)
+        with logged_stage(name, title):
+            yield from self._emitted_stage(name, title)
+
+    def _emitted_stage(self, name: str, title: str) -> Iterator[None]:
         self.emit("stage-start", stage=name, title=title)
         start = time.monotonic()
         with self._lock:
@@ -92,7 +96,6 @@ class JsonReporter:
             with self._lock:
                 self._stages.pop()
             seconds = round(time.monotonic() - start, 2)
-            log.info("== stage %s %s after %.1fs", name, status, seconds)
             self.emit("stage-end", stage=name, title=title, status=status, seconds=seconds)
 
     @contextlib.contextmanager

@@ -132,8 +132,11 @@ class Progress:
 
     @contextlib.contextmanager
     def stage(self, name: str, title: str) -> Iterator[None]:
+        with logged_stage(name, title):
+            yield from self._shown_stage(name, title)
+
+    def _shown_stage(self, name: str, title: str) -> Iterator[None]:
         start = time.monotonic()
-        log.info("== stage %s: %s", name, title)
         if not self.quiet:
             self.console.print(Text.assemble(("▶", "bold cyan"), f" {title}"))
         if self.live and not self._running:
@@ -145,7 +148,6 @@ class Progress:
             self._end_running()
             took = time.monotonic() - start
             self.timings[name] = round(took, 2)
-            log.info("== stage %s failed after %.1fs", name, took)
             if not self.quiet:
                 self.console.print(
                     Text.assemble(("✗", "bold red"), f" {title} ", (f"({took:.1f}s)", "dim"))
@@ -154,7 +156,6 @@ class Progress:
         self._end_running()
         took = time.monotonic() - start
         self.timings[name] = round(took, 2)
-        log.info("== stage %s done in %.1fs", name, took)
         if not self.quiet:
             self.console.print(
                 Text.assemble(("✓", "bold green"), f" {title} ", (f"({took:.1f}s)", "dim"))
@@ -187,6 +188,20 @@ class Progress:
         self._running.pop()
         if not self._running and self.live:
             self._stop_live()
+
+
+@contextlib.contextmanager
+def logged_stage(name: str, title: str) -> Iterator[None]:
+    """A stage's markers in the run log, the same whichever reporter shows the
+    stage (the console, `--json` events)."""
+    start = time.monotonic()
+    log.info("== stage %s: %s", name, title)
+    try:
+        yield
+    except BaseException:
+        log.info("== stage %s failed after %.1fs", name, time.monotonic() - start)
+        raise
+    log.info("== stage %s done in %.1fs", name, time.monotonic() - start)
 
 
 def setup_console_logging(debug: bool) -> None:
