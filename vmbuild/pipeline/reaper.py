@@ -24,7 +24,8 @@ log = logging.getLogger("vmbuild.pipeline")
 DIED = "the run's process died (killed?) before it finished"
 
 
-def log_tail(log_path: str | None) -> str | None:
+def log_tail(log_path: str | Path | None) -> str | None:
+    """The last lines of a run's log (None when it has none or it is unreadable)."""
     if not log_path:
         return None
     try:

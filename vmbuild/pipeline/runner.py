@@ -46,7 +46,6 @@ from vmbuild.stages import base_image
 
 log = logging.getLogger("vmbuild.pipeline.runner")
 
-LOG_TAIL_LINES = 40
 ERROR_MAX_CHARS = 4000
 EXIT_BUSY = 75  # EX_TEMPFAIL: the pipeline was already running; the trigger was recorded
 BUSY_REASON = "already running"
@@ -382,7 +381,7 @@ def _run_locked(
                 history.update_run(
                     run_id, status=status, ended=ctx.clock.now(), timings=progress.timings,
                     error=error[:ERROR_MAX_CHARS] if error else None,
-                    log_tail=_tail(log_path) if status != "succeeded" else None, **result,
+                    log_tail=reaper.log_tail(log_path) if status != "succeeded" else None, **result,
                 )  # fmt: skip
     return history.get(run_id)
 
@@ -445,13 +444,3 @@ def _signals_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str | None:
-    try:
-        with path.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return None
-    return "\n".join(text.splitlines()[-lines:])
