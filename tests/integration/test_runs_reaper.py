@@ -19,7 +19,7 @@ T0 = datetime(2026, 6, 1, tzinfo=UTC)
 
 # A run as the runner records one: its own pid and host, a log it writes to.
 RUN = textwrap.dedent("""
-    import sys, time
+    import signal, sys
     from datetime import UTC, datetime
     from pathlib import Path
     from vmbuild.pipeline.history import History
@@ -29,7 +29,7 @@ RUN = textwrap.dedent("""
         h.update_run(run_id, log_path=str(log))
     log.write_text("".join(f"line {i}\\n" for i in range(100)) + "== stage components\\n")
     print(run_id, flush=True)
-    time.sleep(600)
+    signal.pause()  # until the test SIGKILLs it
 """)
 
 
