@@ -105,3 +105,50 @@ def test_a_needle_across_chunk_boundaries_is_found(tmp_path: Path) -> None:
     raw.write_bytes(b"\x01" * (boundary - 5) + value + b"\x01" * 100)
     (hit,) = scan_for_secrets(raw, [Needle("v", value)])
     assert hit.offset == boundary - 5
+
+
+def test_short_values_are_found_as_whole_words_in_text_files(tmp_path: Path) -> None:
+    """A secret too short for the raw-disk scan is still found where configuration
+    puts values (a 0600 file in a 0555 dir, cloud-init's instance data), as a whole
+    word in text; not inside a longer word, not in a binary, not outside the
+    scanned dirs, and a value under MIN_TOKEN bytes is not searched for at all."""
+    from vmbuild.diskfs.rootfs import root_view
+    from vmbuild.diskfs.scrub import scan_text_files
+
+    root = tmp_path / "root"
+    files = {
+        "etc/app/db.conf": b"[db]\npassword = hunt3r\n",
+        "etc/app/other.conf": b"user=hunt3rs\nx_hunt3r\n",  # inside longer words
+        "etc/app/blob.bin": b"\0\x01hunt3r\0",  # binary: not text
+        "var/lib/cloud/instance/user-data.txt": b"#cloud-config\npin: 4711x\n",
+        "usr/share/doc/readme": b"hunt3r 4711x\n",  # outside the scanned dirs
+        "etc/motd": b"on\n",
+    }
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    (root / "etc/app/db.conf").chmod(0o000)
+    (root / "etc/app").chmod(0o555)
+    disk = tmp_path / "disk.raw"
+    subprocess.run(["truncate", "-s", str(16 << 20), disk], check=True)
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", root, disk], check=True)
+    (root / "etc/app").chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+
+    hits = scan_text_files(
+        root_view(disk),
+        [
+            Needle("DbPassword", b"hunt3r"),
+            Needle("Pin", b"4711x"),
+            Needle("Tiny", b"on"),
+            Needle("Long enough for the raw scan", b"long-value-1"),
+        ],
+        work,
+    )
+
+    assert [(h.label, h.path) for h in hits] == [
+        ("DbPassword", "/etc/app/db.conf"),
+        ("Pin", "/var/lib/cloud/instance/user-data.txt"),
+    ]
+    assert list(work.iterdir()) == []  # the copy of the guest's files is gone

@@ -148,3 +148,27 @@ def test_a_build_registers_secret_values_and_the_manifest_masks_them(
         "components": [{"parameters": {"DbPassword": "***"}}]
     }
     assert oct(manifest.stat().st_mode & 0o777) == "0o600"
+
+
+def test_short_secret_values_are_flagged_with_how_far_the_image_is_checked(
+    project: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from vmbuild.stages.verify import register_secrets
+
+    path = write(
+        project, recipe("", "target: w, DbPassword: pw1, ApiToken: tok-123, SecretKey: k-12345678")
+    )
+    loaded = load_recipe(path)
+    with caplog.at_level(logging.WARNING, logger="vmbuild.verify"):
+        needles = register_secrets(loaded.recipe)
+    assert len(needles) == 3
+    field = "secret parameter components[0].parameters."
+    assert [r.getMessage() for r in caplog.records if r.name == "vmbuild.verify"] == [
+        f"{field}ApiToken is shorter than 8 bytes: the image is checked for it only as a "
+        "whole word in the text files under /etc, /root, /home, /srv, /var/lib/cloud, /var/log",
+        f"{field}DbPassword is 3 bytes long: it is masked, but too short to be told apart "
+        "from other text, so the image cannot be checked for it",
+    ]
+    assert all(
+        "pw1" not in r.getMessage() and "tok-123" not in r.getMessage() for r in caplog.records
+    )

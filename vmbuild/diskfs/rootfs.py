@@ -11,7 +11,7 @@ import re
 import struct
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -288,6 +288,11 @@ class DebugfsView:
             out = Path(tmp) / "file"
             self._debugfs(f"dump {self._quote(path)} {self._quote(str(out))}")
             return out.read_bytes() if out.exists() else None
+
+    def rdump(self, paths: Sequence[str], dest: Path) -> None:
+        """Copy the trees `paths` into `dest` in one debugfs run (a missing one is skipped)."""
+        quoted = " ".join(self._quote(p) for p in (*paths, str(dest)))
+        self._debugfs(f"rdump {quoted}")
 
     def read(self, path: str) -> bytes | None:
         if kind_of(self, path) != "file":

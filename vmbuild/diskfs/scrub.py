@@ -20,13 +20,15 @@ import errno
 import logging
 import os
 import re
+import stat
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmbuild.diskfs.allocation import EXT_KINDS, ext_allocation
 from vmbuild.diskfs.partitions import data_extents
-from vmbuild.diskfs.rootfs import detect_filesystem, read_partition_table
+from vmbuild.diskfs.rootfs import DebugfsView, detect_filesystem, read_partition_table
 from vmbuild.run import run
 
 log = logging.getLogger("vmbuild.diskfs.scrub")
@@ -34,9 +36,22 @@ log = logging.getLogger("vmbuild.diskfs.scrub")
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 CHUNK = 8 << 20
-# A needle shorter than this is not searched for: a short value occurs by
-# chance in a disk of binaries, and a "found" nobody can act on is noise.
+# A needle shorter than this is not searched for in the raw disk: a short value
+# occurs by chance in a disk of binaries, and a "found" nobody can act on is
+# noise. Shorter secret values get `scan_text_files()` instead.
 MIN_NEEDLE = 8
+# Short values (MIN_TOKEN..MIN_NEEDLE-1 bytes) are searched for as whole words
+# in the text files where configuration writes values: a component that puts a
+# password into a config file, a user's dotfile, cloud-init's instance data or a
+# log. Free space needs no such scan, it is zeroed before (zero_free_space).
+# Whole words, so `hunter2` is found in `password = hunter2` but a 5-byte value
+# is not "found" inside a longer identifier; text files only, because binaries
+# hold every short byte string somewhere. Below MIN_TOKEN even a whole word
+# matches by chance (`on`, `yes`, `1`), so such values are reported as not
+# verifiable (a warning at build start) rather than failing builds at random.
+MIN_TOKEN = 4
+TEXT_DIRS = ("/etc", "/root", "/home", "/srv", "/var/lib/cloud", "/var/log")
+MAX_TEXT_FILE = 16 << 20  # bigger files are not configuration
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
@@ -159,3 +174,74 @@ def scan_for_secrets(raw: Path, needles: Iterable[Needle]) -> list[Hit]:
     finally:
         os.close(fd)
     return sorted((Hit(by_value[v], off) for v, off in found.items()), key=lambda h: h.offset)
+
+
+@dataclass(frozen=True)
+class FileHit:
+    label: str
+    path: str  # the guest path of the text file that holds the value
+
+
+def _word(value: bytes) -> bytes:
+    return rb"(?<![A-Za-z0-9_])" + re.escape(value) + rb"(?![A-Za-z0-9_])"
+
+
+def scan_text_files(
+    fs: DebugfsView, needles: Iterable[Needle], workdir: Path, dirs: Iterable[str] = TEXT_DIRS
+) -> list[FileHit]:
+    """Short needles (MIN_TOKEN..MIN_NEEDLE-1 bytes) found as whole words in the
+    text files under `dirs` of the file system `fs` (see MIN_TOKEN for why)."""
+    wanted: dict[bytes, str] = {}
+    for n in needles:
+        if MIN_TOKEN <= len(n.value) < MIN_NEEDLE:
+            wanted.setdefault(n.value, n.label)
+    if not wanted:
+        return []
+    patterns = {v: re.compile(_word(v)) for v in wanted}
+    hits: dict[tuple[str, str], None] = {}
+    # The copy holds the guest's /etc (shadow included): a private dir, gone on return.
+    with tempfile.TemporaryDirectory(prefix="secret-scan-", dir=workdir) as tmp:
+        try:
+            for i, guest_dir in enumerate(dirs):
+                top = Path(tmp) / str(i)
+                top.mkdir()
+                fs.rdump([guest_dir], top)  # a missing dir leaves `top` empty
+                for path in _text_files(top):
+                    data = path.read_bytes()
+                    # rdump puts /var/lib/cloud at top/cloud: its last component.
+                    rel = path.relative_to(top).parts[1:]
+                    guest = "/".join((guest_dir.rstrip("/"), *rel))
+                    for value, pattern in patterns.items():
+                        if pattern.search(data):
+                            hits.setdefault((wanted[value], guest), None)
+        finally:
+            _make_removable(Path(tmp))
+    return sorted((FileHit(label, path) for label, path in hits), key=lambda h: (h.path, h.label))
+
+
+def _text_files(top: Path) -> Iterable[Path]:
+    """Regular files under `top` that look like text (no NUL in their first 8 KiB)."""
+    _make_removable(top)  # rdump keeps the guest's modes; a 0700 or 0000 dir is unreadable
+    for dirpath, _dirs, files in os.walk(top):
+        for name in files:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_TEXT_FILE:
+                continue
+            # rdump keeps the guest's modes: a 0000 or 0600 file may not be
+            # readable by a non-root owner until given back its read bit.
+            os.chmod(path, stat.S_IMODE(st.st_mode) | stat.S_IRUSR)
+            with path.open("rb") as fh:
+                if b"\0" in fh.read(8192):
+                    continue
+            yield path
+
+
+def _make_removable(top: Path) -> None:
+    """Give every copied dir its owner's rwx back (a guest's 0555 dir blocks removal,
+    a 0000 one reading); top-down, so each is opened after its mode is fixed."""
+    for dirpath, dirs, _files in os.walk(top):
+        for name in dirs:
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                os.chmod(path, 0o700)
