@@ -124,6 +124,8 @@ class Run:
 
 
 _current: Run | None = None
+_depth = 0
+_register_lock = threading.Lock()
 
 
 def current() -> Run | None:
@@ -157,11 +159,45 @@ def note(**fields: Any) -> None:
 
 @contextlib.contextmanager
 def registered(argv: list[str], state: Path | None = None) -> Iterator[Run]:
-    """Register this process for the duration of the block (nested calls reuse it)."""
-    global _current
-    if _current is not None:
-        yield _current
-        return
+    """Register this process for the duration of the block.
+
+    Nested and concurrent calls (threads of one library caller) share one
+    registration, closed when the last block ends."""
+    global _current, _depth
+    with _register_lock:
+        if _current is None:
+            _current = _open(argv, state)
+        _depth += 1
+        run = _current
+    try:
+        yield run
+    finally:
+        with _register_lock:
+            _depth -= 1
+            if _depth == 0:
+                _current = None
+                run.close()
+
+
+@contextlib.contextmanager
+def owning(path: Path) -> Iterator[None]:
+    """Own `path` for the block: the next vmbuild command deletes it if this
+    process dies first (SIGKILL, OOM) before the block's own cleanup ran.
+
+    The process is registered for the block if it is not already. The CLI
+    registers every command; this covers library callers (`build()` from a
+    script, the test suite's scratch VMs), whose staging and scratch dirs
+    hold keys and overlays and were left behind by a SIGKILL. Their run is
+    named by their own argv in the failed-run record."""
+    with registered(list(sys.argv)):
+        own(path)
+        try:
+            yield
+        finally:
+            disown(path)
+
+
+def _open(argv: list[str], state: Path | None) -> Run:
     root = (state or paths.state_dir()) / RUNS
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     pid = os.getpid()
@@ -181,13 +217,7 @@ def registered(argv: list[str], state: Path | None = None) -> Iterator[Run]:
     final = root / name
     shutil.rmtree(final, ignore_errors=True)  # our pid+start is unique: a leftover of ours
     os.rename(tmp, final)
-    run = Run(final, fd, info)
-    _current = run
-    try:
-        yield run
-    finally:
-        _current = None
-        run.close()
+    return Run(final, fd, info)
 
 
 @dataclass(frozen=True)

@@ -145,3 +145,52 @@ def test_a_live_run_is_never_reaped(tmp_path: Path, env: dict[str, str]) -> None
         victim.wait(30)
         if group is not None:
             os.killpg(group, signal.SIGKILL)
+
+
+# A library caller, not the CLI: a script (or pytest) that opens a build's
+# staging dir through the library API and is then SIGKILLed.
+LIBRARY_USER = textwrap.dedent(
+    """
+    import signal
+    import sys
+    from pathlib import Path
+    from vmbuild.stages import store
+
+    with store.staging(Path(sys.argv[1]), "img", "1.0.0", "lib") as stage:
+        (stage.path / "builder-id_ed25519").write_text("PRIVATE KEY")
+        print(stage.path, flush=True)
+        signal.pause()
+    """
+)
+
+
+def test_a_sigkilled_library_caller_is_reaped_by_the_next_command(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    store = Path(env["VMBUILD_STORE"])
+    argv = [sys.executable, "-c", LIBRARY_USER, str(store)]
+    user = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert user.stdout is not None
+    staging = Path(user.stdout.readline().strip())  # the dir exists and is owned: registered
+    assert staging == store / "img" / "1.0.0" / ".staging-lib"
+    (entry,) = (Path(env["VMBUILD_STATE_DIR"]) / "runs").iterdir()
+    assert entry.name == f"{user.pid}-{proc_start_time(user.pid)}"
+
+    user.send_signal(signal.SIGKILL)
+    assert user.wait(30) == -signal.SIGKILL
+    assert (staging / "builder-id_ed25519").read_text() == "PRIVATE KEY"  # left behind
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmbuild", "images", "list"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "an earlier vmbuild run (" in proc.stderr
+    assert not staging.exists()
+    assert not (store / "img").exists()  # nor the empty name/version dirs
+    assert list((Path(env["VMBUILD_STATE_DIR"]) / "runs").iterdir()) == []
+    (record,) = (Path(env["VMBUILD_STATE_DIR"]) / "failed-runs").iterdir()
+    failed = json.loads(record.read_text())
+    assert failed["argv"] == ["-c", str(store)]  # the caller's own sys.argv
+    assert failed["pid"] == user.pid
+    assert failed["removed"] == [str(staging)]

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
+
+import pytest
 
 from vmbuild import runs
 
@@ -76,3 +79,25 @@ def test_old_failed_runs_are_pruned(tmp_path: Path) -> None:
     (tmp_path / "runs").mkdir()
     runs.reap(tmp_path)
     assert not old.exists() and young.exists()
+
+
+def test_registrations_overlap_in_one_entry_closed_by_the_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A library caller's blocks (nested, or in two threads) share one entry;
+    it goes when the last block ends, not the first."""
+    monkeypatch.setenv("VMBUILD_STATE_DIR", str(tmp_path / "state"))
+    registry = tmp_path / "state" / "runs"
+    first, second = tmp_path / "staging-1", tmp_path / "staging-2"
+    outer = runs.owning(first)
+    outer.__enter__()
+    (entry,) = registry.iterdir()
+    with runs.owning(second):
+        assert json.loads((entry / "run.json").read_text())["paths"] == [str(first), str(second)]
+        outer.__exit__(None, None, None)
+        assert list(registry.iterdir()) == [entry]  # the inner block still runs
+        info = json.loads((entry / "run.json").read_text())
+        assert info["paths"] == [str(second)]
+        assert info["argv"] == sys.argv
+    assert list(registry.iterdir()) == []
+    assert runs.current() is None

@@ -39,10 +39,10 @@ def scratch_guest(
     cache.mkdir(parents=True, exist_ok=True)
     with (
         tempfile.TemporaryDirectory(prefix="scratch-", dir=cache) as tmp,
+        runs.owning(Path(tmp)),  # removed by the next vmbuild command if this one is killed
         aptproxy.host_package_cache(apt_proxy, on_status=on_status) as proxy,
     ):
         work = Path(tmp)
-        runs.own(work)  # removed by the next vmbuild command if this one is killed
         chosen = accel_mod.choose(accel, (image.path, image.format), work)  # type: ignore[arg-type]
         req = GuestRequest(
             run_id=secrets.token_hex(3), role="scratch", base=image.path,
@@ -51,11 +51,8 @@ def scratch_guest(
             apt_proxy=proxy.guest_url if proxy else None,
             dispose="kill",  # a throwaway VM: nothing on its disk is kept
         )  # fmt: skip
-        try:
-            with booted_guest(req, on_status=on_status) as guest:
-                yield guest
-        finally:
-            runs.disown(work)
+        with booted_guest(req, on_status=on_status) as guest:
+            yield guest
 
 
 @contextlib.contextmanager

@@ -51,13 +51,15 @@ def staging(store: Path, name: str, version: str, build: str) -> Iterator[Stagin
     # Private: it holds the client key, the seed (the guest's host key) and
     # logs that may quote parameters.
     path.mkdir(mode=0o700)
-    runs.own(path)  # removed by the next vmbuild command if this one is killed
     try:
-        yield Staging(path, parent / build)
+        # Removed by the next vmbuild command if this process is killed.
+        with runs.owning(path):
+            try:
+                yield Staging(path, parent / build)
+            finally:
+                if path.exists():
+                    shutil.rmtree(path, ignore_errors=True)
     finally:
-        if path.exists():
-            shutil.rmtree(path, ignore_errors=True)
-        runs.disown(path)
         # Leave no empty name/version dirs behind a failed first build.
         for d in (parent, parent.parent):
             with contextlib.suppress(OSError):
