@@ -84,3 +84,53 @@ def test_a_silent_stage_emits_heartbeats(
         ("start", None), ("stage-start", "base"), ("stage-end", "base"), ("error", None),
     ]  # fmt: skip
     assert events[-1]["message"] == f"download of {url} truncated: 0 of {1 << 20} bytes"
+
+
+def test_pipeline_run_json_streams_the_same_events_with_heartbeats(
+    tmp_path: Path, stalled_server: tuple[str, threading.Event]
+) -> None:
+    """`pipeline run --json`: the run's build events as `build --json` writes
+    them (the same JsonReporter, heartbeat included), then one `run` event."""
+    url, release = stalled_server
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: slow\nversion: 1.0.0\nbase:\n  url: {url}\n  sha256: {'ab' * 32}\n")
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text("recipe: recipe.yaml\nschedule: {cron: '0 3 * * 1'}\n")
+    env = isolated_env(tmp_path, VMBUILD_HISTORY=str(tmp_path / "state" / "history.sqlite"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmbuild", "pipeline", "run", str(pipeline), "--json"],
+        env=env, cwd=REPO, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "elapsed" in json.loads(line):
+                break  # the heartbeat came while the server still stalls
+        release.set()
+        rest, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    events = event_lines("".join(lines) + rest)
+    assert proc.returncode == 1, stderr  # a failed run, as without --json
+    beats = [e for e in events if "elapsed" in e]
+    assert [(b["type"], b["stage"]) for b in beats][:1] == [("status", "base")]
+    assert beats[0]["elapsed"] >= HEARTBEAT
+    assert beats[0]["text"].startswith(f"base image {url}: running for ")
+    shape = [(e["type"], e.get("stage")) for e in events if "elapsed" not in e]
+    assert shape == [
+        ("start", None),
+        ("stage-start", "dependencies"), ("stage-end", "dependencies"),
+        ("stage-start", "base"), ("stage-end", "base"),
+        ("run", None),
+    ], shape  # fmt: skip
+    start, run = events[0], events[-1]
+    assert (start["name"], start["version"], start["pipeline"]) == ("slow", "1.0.0", str(pipeline))
+    record = run["record"]
+    assert (record["id"], record["pipeline"], record["status"]) == (1, "pipeline", "failed")
+    assert record["error"].splitlines()[0] == f"download of {url} truncated: 0 of {1 << 20} bytes"
+    assert set(record["timings"]) == {"dependencies", "base"}

@@ -94,19 +94,30 @@ def _export_variables(args: argparse.Namespace) -> tuple[Any, list[str]]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from vmbuild.config.pipeline import load_pipeline
+    from vmbuild.events import JsonReporter
     from vmbuild.pipeline.history import History
     from vmbuild.pipeline.runner import BUSY_REASON, EXIT_BUSY, RunContext, run_pipeline
 
     # Validated (variables substituted) before anything runs.
     loaded = load_pipeline(Path(args.file), variables=_variables(args))
+    # --json: the build's event stream (vmbuild/events.py, heartbeats included),
+    # then one `run` event with the run's record.
+    events = JsonReporter() if args.json else None
+    if events is not None:
+        recipe = loaded.recipe
+        events.emit(
+            "start", recipe=str(recipe.path), name=recipe.recipe.name,
+            version=recipe.recipe.version, pipeline=str(loaded.path),
+        )  # fmt: skip
     with History(_history(args)) as history:
         ctx = RunContext(
-            history, _store(args, loaded), history.state_dir, quiet=args.quiet or args.json,
-            services=_services(),
+            history, _store(args, loaded), history.state_dir, quiet=args.quiet,
+            reporter=events, services=_services(),
         )  # fmt: skip
-        record = run_pipeline(loaded, ctx, args.trigger)
-    if args.json:
-        _print_json(record.to_json())
+        with events.warnings() if events is not None else contextlib.nullcontext():
+            record = run_pipeline(loaded, ctx, args.trigger)
+    if events is not None:
+        events.emit("run", record=record.to_json())
     elif record.status == "skipped":
         print(f"run {record.id} skipped: {record.reason}")
     else:
@@ -462,7 +473,10 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument("--quiet", action="store_true", help="no progress output")
     add_variable_flags(run)
     store_flag(run)
-    json_flag(run)
+    run.add_argument(
+        "--json", action="store_true",
+        help="one JSON event per line as the run goes (as build --json), then a `run` event",
+    )  # fmt: skip
     check = verb(
         pipeline, "check", cmd_check,
         "which dependencies changed since the last successful run, without building "

@@ -42,6 +42,7 @@ from vmbuild.pipeline import deps, lifecycle, reaper
 from vmbuild.pipeline.clock import Clock, SystemClock
 from vmbuild.pipeline.history import History, RunRecord, Trigger
 from vmbuild.plan import BuildOptions, pipeline_options, vm_settings
+from vmbuild.progress import Reporter
 from vmbuild.stages import base_image
 
 log = logging.getLogger("vmbuild.pipeline.runner")
@@ -170,28 +171,47 @@ def _now() -> float:
     return time.monotonic()
 
 
-class RunProgress(Progress):
-    """Progress that knows the current stage and applies per-stage time limits."""
+class RunProgress:
+    """The run's Reporter plus what a pipeline run keeps: the current stage, each
+    stage's seconds, and per-stage time limits.
+
+    It wraps the reporter the caller chose, the console's (log.Progress) or the
+    `--json` event stream (events.JsonReporter), so `pipeline run --json` gets the
+    same events as `build --json`, heartbeats included, from the same code."""
 
     def __init__(
-        self, *, quiet: bool, watchdog: Watchdog | None = None,
+        self, reporter: Reporter, *, watchdog: Watchdog | None = None,
         limits: dict[str, float | None] | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(quiet=quiet)
+        self.reporter = reporter
         self.watchdog = watchdog
         self.limits = limits or {}
         self.current: str | None = None
+        self.timings: dict[str, float] = {}
 
     @contextlib.contextmanager
     def stage(self, name: str, title: str) -> Iterator[None]:
         self.current = name
         limit = self.limits.get(name)
-        with super().stage(name, title):
-            if self.watchdog is not None and limit:
-                with self.watchdog.limit(limit, f"stage {name}"):
+        start = time.monotonic()
+        try:
+            with self.reporter.stage(name, title):
+                if self.watchdog is not None and limit:
+                    with self.watchdog.limit(limit, f"stage {name}"):
+                        yield
+                else:
                     yield
-            else:
-                yield
+        finally:
+            self.timings[name] = round(time.monotonic() - start, 2)
+
+    def status(self, text: str) -> None:
+        self.reporter.status(text)
+
+    def output(self, line: str) -> None:
+        self.reporter.output(line)
+
+    def bytes(self, done: int, total: int | None) -> None:
+        self.reporter.bytes(done, total)
 
 
 @dataclass(frozen=True)
@@ -200,14 +220,14 @@ class DistributionOutcome:
     errors: list[str]
 
 
-BuildFn = Callable[[LoadedRecipe, BuildOptions, Progress], BuildResult]
-DistributeFn = Callable[[Path, Any, Progress], DistributionOutcome]
+BuildFn = Callable[[LoadedRecipe, BuildOptions, Reporter], BuildResult]
+DistributeFn = Callable[[Path, Any, Reporter], DistributionOutcome]
 CheckFn = Callable[[LoadedPipeline, History], deps.CheckReport]
 SnapshotFn = Callable[[LoadedPipeline, dict[str, Any] | None], dict[str, Any]]
-RefreshFn = Callable[[LoadedRecipe, str | None, Progress], None]
+RefreshFn = Callable[[LoadedRecipe, str | None, Reporter], None]
 
 
-def distribute_artifact(build_dir: Path, config: Any, progress: Progress) -> DistributionOutcome:
+def distribute_artifact(build_dir: Path, config: Any, progress: Reporter) -> DistributionOutcome:
     """AWS distribution through vmbuild.publish (imported only when a pipeline uses it)."""
     try:
         from vmbuild.publish import distribute
@@ -221,7 +241,7 @@ def distribute_artifact(build_dir: Path, config: Any, progress: Progress) -> Dis
 
 
 def refresh_debian_base(
-    recipe: LoadedRecipe, mirror: str | None, progress: Progress, fetch: apt.Fetch = apt.fetch_url
+    recipe: LoadedRecipe, mirror: str | None, progress: Reporter, fetch: apt.Fetch = apt.fetch_url
 ) -> None:
     """Rebuild a cached debian-12 base when its mirror changed after it was built.
 
@@ -273,6 +293,9 @@ class RunContext:
     state_dir: Path  # locks/ and logs/ live here (next to the history database)
     clock: Clock = field(default_factory=SystemClock)
     quiet: bool = False
+    # Where progress goes: the console's log.Progress (quiet or not) unless set
+    # (`pipeline run --json` sets its JsonReporter).
+    reporter: Reporter | None = None
     services: Services = field(default_factory=Services)
     use_alarm: bool = True  # SIGALRM timeouts (main thread only)
     run_id: int | None = None  # a run already recorded (queued for a worker): reuse its row
@@ -352,7 +375,8 @@ def _run_locked(
     log_path = ctx.state_dir / "logs" / loaded.name / f"run-{run_id:06d}.log"
     history.update_run(run_id, log_path=str(log_path))
     tests = loaded.pipeline.tests
-    progress = RunProgress(quiet=ctx.quiet, limits={"test": tests.timeout})
+    reporter = ctx.reporter or Progress(quiet=ctx.quiet)
+    progress = RunProgress(reporter, limits={"test": tests.timeout})
     result: dict[str, Any] = {}
     status, error = "failed", None
     with run_log(log_path):
