@@ -349,7 +349,8 @@ def _test(r: Run) -> None:
     )
     r.tests = image_tests.run_image_tests(req, inputs, r.logs, r.reporter)
     if r.ck is not None and cached_key is not None:
-        files = {n: r.logs / n for n in ("junit.xml", "testinfra.log") if (r.logs / n).exists()}
+        kept = ("junit.xml", image_tests.COMPONENTS_JUNIT, "testinfra.log")
+        files = {n: r.logs / n for n in kept if (r.logs / n).exists()}
         r.ck.store.save(
             cached_key, stage="test", label="test result",
             data={"summary": r.tests.to_json(), "files": sorted(files)}, files=files,

@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import pytest
 from cyclonedx.schema import SchemaVersion
@@ -67,6 +68,19 @@ def test_example_recipe_builds_tests_and_stores(
     ti = m["tests"]["testinfra"]
     assert ti["tests"] >= 6 and ti["failures"] == ti["errors"] == 0
     assert (build_dir / ti["junit"]).is_file()
+    # The component test phases as JUnit, named by the manifest: one passing
+    # testcase per component that ran its test phase, in order.
+    tested = [c["name"] for c in m["tests"]["components"]]
+    assert tested == ["update-linux", "nginx-app"]
+    assert m["tests"]["components_junit"] == "logs/components-junit.xml"
+    suites = ElementTree.parse(build_dir / m["tests"]["components_junit"]).getroot()
+    (suite,) = suites.findall("testsuite")
+    assert (suite.get("tests"), suite.get("failures")) == (str(len(tested)), "0")
+    cases = suite.findall("testcase")
+    assert [(c.get("classname"), c.get("name")) for c in cases] == [
+        ("vmbuild.components", name) for name in tested
+    ]
+    assert all(not list(c) for c in cases)  # no <failure>, <error> or <skipped>
 
     # Every output exists, in its format, with the recorded checksum.
     formats = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vhd": "vpc"}

@@ -49,6 +49,8 @@ class TestSummary:
     skipped: int = 0
     junit: str | None = None  # file name in the artifact
     component_tests: tuple[dict[str, Any], ...] = ()
+    # COMPONENTS_JUNIT's path in the artifact (logs/...), when a test phase ran.
+    components_junit: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -61,6 +63,7 @@ class TestSummary:
                 "junit": self.junit,
             },
             "components": list(self.component_tests),
+            "components_junit": self.components_junit,
         }
 
     @classmethod
@@ -69,7 +72,7 @@ class TestSummary:
         return cls(
             str(data["status"]), int(ti.get("tests", 0)), int(ti.get("failures", 0)),
             int(ti.get("errors", 0)), int(ti.get("skipped", 0)), ti.get("junit"),
-            tuple(data.get("components") or ()),
+            tuple(data.get("components") or ()), data.get("components_junit"),
         )  # fmt: skip
 
 
@@ -128,11 +131,15 @@ def summarize(
     counts: tuple[int, int, int, int] | None,
     junit_name: str | None,
     component_tests: Sequence[dict[str, Any]],
+    components_junit: str | None = None,
 ) -> TestSummary:
     tests, failures, errors, skipped = counts or (0, 0, 0, 0)
     comp_failed = [c for c in component_tests if c.get("status") == "Failed"]
     status = "failed" if failures or errors or comp_failed else "passed"
-    return TestSummary(status, tests, failures, errors, skipped, junit_name, tuple(component_tests))
+    return TestSummary(
+        status, tests, failures, errors, skipped, junit_name, tuple(component_tests),
+        components_junit,
+    )  # fmt: skip
 
 
 def raise_if_failed(summary: TestSummary, log_hint: str) -> None:
@@ -180,7 +187,7 @@ def run_image_tests(
     """
     counts = None
     component_tests: list[dict[str, Any]] = []
-    junit_name = None
+    junit_name = components_junit = None
     results: list[toe.DocumentResult] = []
     with booted_guest(req, on_status=reporter.status) as guest:
         try:
@@ -195,7 +202,8 @@ def run_image_tests(
         finally:
             copy_console(guest.spec, logs)
             if results:  # the failed one too: CI shows which component's test failed
-                write_component_junit(results, logs / COMPONENTS_JUNIT, mask=mask)
+                written = write_component_junit(results, logs / COMPONENTS_JUNIT, mask=mask)
+                components_junit = str(written.relative_to(logs.parent))
         if inputs.testinfra:
             *nums, junit = run_testinfra(
                 guest, inputs.testinfra, logs, env=inputs.env, on_line=reporter.output
@@ -205,6 +213,6 @@ def run_image_tests(
         # The image's first boot must have finished cleanly too; checked last,
         # so cloud-init's config and final stages ran while the tests did.
         wait_cloud_init(guest.ssh, req.accel.timeout(CLOUD_INIT), guest.machine)
-    summary = summarize(counts, junit_name, component_tests)
+    summary = summarize(counts, junit_name, component_tests, components_junit)
     raise_if_failed(summary, "see testinfra.log and junit.xml in the run log")
     return summary

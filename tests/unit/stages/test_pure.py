@@ -117,3 +117,16 @@ def test_the_final_disk_is_scrubbed_before_any_output_is_written(
     assert done.final == tmp_path / "final.qcow2"
     assert done.outputs == ()
     assert not overlay.exists()
+
+
+def test_the_test_summary_names_the_components_junit_file() -> None:
+    from vmbuild.stages.image_tests import TestSummary
+
+    summary = summarize(
+        (3, 0, 0, 0), "logs/junit.xml", [{"name": "nginx-app", "status": "Success"}],
+        "logs/components-junit.xml",
+    )  # fmt: skip
+    data = summary.to_json()
+    assert data["components_junit"] == "logs/components-junit.xml"
+    assert TestSummary.from_json(data) == summary  # a checkpoint's cached result keeps it
+    assert TestSummary.from_json({"status": "passed"}).components_junit is None  # older manifests
