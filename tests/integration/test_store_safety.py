@@ -111,6 +111,7 @@ def test_show_prints_whole_digests_and_paths_when_piped(tmp_path: Path) -> None:
     rows = [[c for c in line.split() if c != "│"] for line in listing.stdout.splitlines()]
     assert [
         f"{name}/1.0.0/{BUILD_A}",
+        "vm",
         "2026-11-01T00:00:00Z",
         "passed",
         "qcow2",

@@ -65,7 +65,8 @@ def test_problems_name_the_file_and_the_field(tmp_path: Path) -> None:
     assert lines[2].startswith(f"error: {dist}: regions[0].encrypted:"), lines[2]
     assert lines[3] == f"error: {component}: build.steps: expected a non-empty list of steps"
     assert lines[4] == (
-        f"error: {other}: not a vmbuild file: expected a recipe (base:), a pipeline (recipe:), "
+        f"error: {other}: not a vmbuild file: expected a recipe (base:), a container recipe "
+        "(parentImage:), a pipeline (recipe:), "
         "a distribution file (regions:) or a component (phases:)"
     )
     assert lines[-1] == "5 of 5 file(s) invalid"

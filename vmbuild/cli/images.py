@@ -50,11 +50,11 @@ def cmd_images_list(args: argparse.Namespace) -> int:
 
     def human() -> None:
         table = Table(show_edge=False)
-        for col in ("image", "created", "tests", "formats", "size"):
+        for col in ("image", "kind", "created", "tests", "formats", "size"):
             table.add_column(col)
         for r in rows:
             table.add_row(
-                r["ref"], r["created"] or "", r["tests"], ",".join(r["formats"]),
+                r["ref"], r["kind"], r["created"] or "", r["tests"], ",".join(r["formats"]),
                 f"{r['size'] / (1 << 20):.0f} MiB",
             )  # fmt: skip
         console.stdout().print(table)

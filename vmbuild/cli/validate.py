@@ -50,8 +50,9 @@ def validate_file(
         kind = detect_kind(data)
         if kind is None:
             return None, [
-                f"{display}: not a vmbuild file: expected a recipe (base:), a pipeline "
-                "(recipe:), a distribution file (regions:) or a component (phases:)"
+                f"{display}: not a vmbuild file: expected a recipe (base:), a container "
+                "recipe (parentImage:), a pipeline (recipe:), a distribution file (regions:) "
+                "or a component (phases:)"
             ]
     try:
         if kind == "component":
@@ -62,6 +63,10 @@ def validate_file(
             from vmbuild.config.recipe import load_recipe
 
             load_recipe(path, variables=variables)
+        elif kind == "container-recipe":
+            from vmbuild.config.container import load_container_recipe
+
+            load_container_recipe(path, variables=variables)
         elif kind == "pipeline":
             from vmbuild.config.pipeline import load_pipeline
 

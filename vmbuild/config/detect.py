@@ -3,15 +3,16 @@
 `vmbuild validate` checks files of any kind, and the scheduler skips the recipes and
 distribution files that share a directory with pipelines; both ask this one function.
 A document is classified by keys only its kind has (a pipeline names a `recipe:`, a
-recipe a `base:`, a component has `phases:`, a distribution file `regions:`).
+recipe a `base:`, a container recipe a `parentImage:`, a component has `phases:`, a
+distribution file `regions:`).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-Kind = Literal["recipe", "pipeline", "distribution", "component"]
-KINDS: tuple[Kind, ...] = ("recipe", "pipeline", "distribution", "component")
+Kind = Literal["recipe", "container-recipe", "pipeline", "distribution", "component"]
+KINDS: tuple[Kind, ...] = ("recipe", "container-recipe", "pipeline", "distribution", "component")
 
 
 def detect_kind(data: object) -> Kind | None:
@@ -23,6 +24,8 @@ def detect_kind(data: object) -> Kind | None:
         return "component"
     if "recipe" in keys:
         return "pipeline"
+    if "parentImage" in keys:
+        return "container-recipe"
     if "base" in keys:
         return "recipe"
     if keys & {"regions", "import"} or keys == {"distribution"}:

@@ -203,6 +203,7 @@ def summary(build_dir: Path) -> dict[str, Any]:
         "version": m.version,
         "build": m.build,
         "created": m.created,
+        "kind": str(m.extra.get("kind", "vm")),
         "tests": m.tests_status,
         "formats": [o.format for o in m.outputs],
         "size": sum(o.size for o in m.outputs),

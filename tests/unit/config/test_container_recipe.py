@@ -1,0 +1,106 @@
+"""Container recipes (Image Builder's containerRecipe): validated before any side
+effect, errors naming the file and the field."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import REPO
+from vmbuild.config.container import load_container_recipe
+from vmbuild.config.detect import detect_kind
+from vmbuild.config.loader import load_yaml
+from vmbuild.errors import ConfigError
+
+DATA = REPO / "tests" / "data" / "container"
+
+
+@pytest.fixture
+def recipe_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in ("hello.yaml", "harden.yaml", "recipe.yaml"):
+        shutil.copy(DATA / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def edit(path: Path, old: str, new: str) -> Path:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    return Path(path.name)
+
+
+def error(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_container_recipe(path)
+    return str(info.value)
+
+
+def test_the_example_loads_with_its_components_and_tags(recipe_dir: Path) -> None:
+    loaded = load_container_recipe(Path("recipe.yaml"))
+    recipe = loaded.recipe
+    assert (recipe.name, recipe.parent_image, recipe.layers) == (
+        "ctr-hello",
+        "debian-12",
+        "per-component",
+    )
+    assert [d.name for d in loaded.documents] == ["hello", "harden"]
+    assert loaded.documents[0].parameters == {"Greeting": "hi from vmbuild"}
+    assert recipe.image_tags == ["latest", "1.0.0"]
+    target = recipe.target_repository
+    assert target is not None
+    assert target.reference("latest") == "docker://127.0.0.1:5000/vmbuild/ctr-hello:latest"
+    assert target.tls_verify is False
+    assert detect_kind(load_yaml(DATA / "recipe.yaml")) == "container-recipe"
+
+
+def test_without_tags_the_version_is_the_tag(recipe_dir: Path) -> None:
+    path = edit(recipe_dir / "recipe.yaml", "tags: [latest, 1.0.0]\n", "")
+    path = edit(recipe_dir / "recipe.yaml", "version: 1.0.0", "version: 1.0.0+b2")
+    assert load_container_recipe(path).recipe.image_tags == ["1.0.0_b2"]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("parentImage: debian-12", "parentImage: alpine:3",
+         "recipe.yaml: parentImage: unsupported parent image 'alpine:3'"),
+        ("tags: [latest, 1.0.0]", "tags: [latest, 'bad tag']",
+         "recipe.yaml: tags[1]: 'bad tag' is not a valid image tag"),
+        ("tags: [latest, 1.0.0]", "tags: [latest, latest]", "recipe.yaml: tags: a tag is listed twice"),
+        ("layers: per-component", "layers: flat", "recipe.yaml: layers:"),
+        ("service: registry", "service: ECR",
+         "recipe.yaml: targetRepository: service ECR: pushing to ECR is not implemented yet"),
+        ("  registry: 127.0.0.1:5000\n", "",
+         "recipe.yaml: targetRepository: registry: a registry target names its HOST[:PORT]"),
+        ("repositoryName: vmbuild/ctr-hello", "repositoryName: Vmbuild/Upper",
+         "recipe.yaml: targetRepository.repositoryName:"),
+        ("  - name: harden.yaml", "  - name: missing.yaml", "recipe.yaml: components[1].name:"),
+        ("version: 1.0.0", "version: one", "recipe.yaml: version: 'one' is not a semantic version"),
+    ],
+)  # fmt: skip
+def test_errors_name_the_file_and_the_field(
+    recipe_dir: Path, old: str, new: str, message: str
+) -> None:
+    assert error(edit(recipe_dir / "recipe.yaml", old, new)).startswith(message)
+
+
+def test_a_recipe_without_components_is_refused(recipe_dir: Path) -> None:
+    text = (recipe_dir / "recipe.yaml").read_text()
+    start, end = text.index("components:"), text.index("layers:")
+    (recipe_dir / "recipe.yaml").write_text(text[:start] + "components: []\n" + text[end:])
+    assert error(Path("recipe.yaml")).startswith("recipe.yaml: components:")
+
+
+def test_a_reboot_step_cannot_run_in_a_container(recipe_dir: Path) -> None:
+    (recipe_dir / "reboot.yaml").write_text(
+        "name: reboot\nschemaVersion: 1.0\nphases:\n  - name: build\n    steps:\n"
+        "      - name: Again\n        action: Reboot\n"
+    )
+    path = edit(recipe_dir / "recipe.yaml", "  - name: harden.yaml", "  - name: reboot.yaml")
+    assert error(path) == (
+        "recipe.yaml: components[1].name: reboot.yaml: a Reboot step cannot run in a "
+        "container build"
+    )

@@ -1,0 +1,161 @@
+"""The container recipe: EC2 Image Builder's `containerRecipe`, for OCI images.
+
+The same AWSTOE components as a VM recipe, applied to a parent image's root
+filesystem instead of a disk. The vocabulary is Image Builder's
+(`parentImage`, `components`, `targetRepository: {service, repositoryName}`,
+`workingDirectory`), plus what a local build needs to say: the registry a
+`service: registry` target lives at, the image's tags and whether each
+component becomes its own layer. Everything is validated before any side
+effect; errors name the file and the field.
+
+```yaml
+name: web
+version: 1.0.0
+parentImage: debian-12         # the offline Debian root filesystem (mmdebstrap)
+components:
+  - name: ./hello.yaml
+    parameters: {Greeting: hi}
+layers: per-component          # or squash: one layer over the parent's
+tags: [latest, 1.0.0]
+targetRepository:
+  service: registry            # an OCI registry reached with skopeo
+  registry: 127.0.0.1:5000
+  repositoryName: web
+  tlsVerify: false
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from vmbuild.config.loader import load_model
+from vmbuild.config.recipe import NAME, SEMVER, ComponentRef, VMSettings, _load_component
+from vmbuild.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vmbuild.config.variables import Given
+    from vmbuild.toe.model import Document
+
+# The parents a container build can start from. Only the offline Debian root
+# filesystem for now: a local OCI layout or docker-archive parent needs its
+# layers unpacked into the builder VM, which is not written yet.
+PARENT_IMAGES = ("debian-12",)
+# distribution's reference grammar, reduced to what vmbuild sends.
+REPOSITORY = re.compile(
+    r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$"
+)
+TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+REGISTRY = re.compile(r"^[A-Za-z0-9.-]+(?::[0-9]{1,5})?$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class TargetRepository(_Model):
+    """Image Builder's `targetRepository`: where `vmbuild build` pushes the tested image."""
+
+    service: Literal["registry", "ECR"] = Field(
+        description="registry: an OCI registry (skopeo); ECR: not implemented yet"
+    )
+    repository_name: str = Field(alias="repositoryName", pattern=REPOSITORY.pattern)
+    registry: str | None = Field(
+        default=None, pattern=REGISTRY.pattern, description="HOST[:PORT] of a registry target"
+    )
+    tls_verify: bool = Field(
+        default=True, alias="tlsVerify", description="false for a plain-HTTP local registry"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TargetRepository:
+        if self.service == "ECR":
+            raise ValueError("service ECR: pushing to ECR is not implemented yet (use registry)")
+        if self.registry is None:
+            raise ValueError("registry: a registry target names its HOST[:PORT]")
+        return self
+
+    def reference(self, tag: str) -> str:
+        """The skopeo destination for one tag."""
+        return f"docker://{self.registry}/{self.repository_name}:{tag}"
+
+
+class ContainerRecipe(_Model):
+    name: str = Field(pattern=NAME.pattern)
+    version: str
+    description: str = ""
+    parent_image: str = Field(alias="parentImage", description="debian-12 (offline rootfs)")
+    container_type: Literal["DOCKER"] = Field(default="DOCKER", alias="containerType")
+    components: list[ComponentRef] = Field(min_length=1)
+    layers: Literal["per-component", "squash"] = "per-component"
+    tags: list[str] = []
+    target_repository: TargetRepository | None = Field(default=None, alias="targetRepository")
+    working_directory: str = Field(default="/tmp", alias="workingDirectory", pattern=r"^/")
+    vm: VMSettings = VMSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> ContainerRecipe:
+        if not SEMVER.match(self.version):
+            raise ValueError(f"version: {self.version!r} is not a semantic version (e.g. 1.2.3)")
+        return self
+
+    @property
+    def image_tags(self) -> list[str]:
+        """The tags the image gets: the recipe's, else its version ('+' is not allowed)."""
+        return self.tags or [self.version.replace("+", "_")]
+
+
+@dataclass(frozen=True)
+class LoadedContainerRecipe:
+    """A validated container recipe and the component documents it names."""
+
+    recipe: ContainerRecipe
+    path: Path
+    display: str
+    sha256: str
+    documents: tuple[Document, ...]
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+
+def load_container_recipe(path: Path, variables: Given | None = None) -> LoadedContainerRecipe:
+    """Parse and validate a container recipe and its components; no side effects."""
+    display = str(path)
+    recipe = load_model(path, ContainerRecipe, "name, version, parentImage, ...", variables)
+    if recipe.parent_image not in PARENT_IMAGES:
+        raise ConfigError(
+            display, "parentImage", f"unsupported parent image {recipe.parent_image!r}",
+            hint=f"supported: {', '.join(PARENT_IMAGES)} (local OCI layouts, docker-archive "
+            "files and registry references are not implemented yet)",
+        )  # fmt: skip
+    for i, tag in enumerate(recipe.tags):
+        if not TAG.match(tag):
+            raise ConfigError(display, f"tags[{i}]", f"{tag!r} is not a valid image tag")
+    if len(set(recipe.tags)) != len(recipe.tags):
+        raise ConfigError(display, "tags", "a tag is listed twice")
+    base_dir = path.resolve().parent
+    documents = []
+    for i, ref in enumerate(recipe.components):
+        doc = _load_component(display, i, ref, base_dir)
+        if any(s.action == "Reboot" for p in doc.phase_defs for s in p.steps):
+            raise ConfigError(
+                display, f"components[{i}].name",
+                f"{ref.name}: a Reboot step cannot run in a container build",
+            )  # fmt: skip
+        documents.append(dataclasses.replace(doc, display_name=ref.name))
+    return LoadedContainerRecipe(
+        recipe=recipe,
+        path=path.resolve(),
+        display=display,
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        documents=tuple(documents),
+    )

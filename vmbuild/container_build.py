@@ -1,0 +1,254 @@
+"""`vmbuild build` for a container recipe: the stage list, run in order.
+
+    parent rootfs (host, cached) -> OCI layout with the parent layer ->
+    builder VM -> components (build, validate) in chroot, one layer each ->
+    component tests in chroot -> labels, tags, docker-archive -> store -> push
+
+The same components, engine, store and manifest as a VM build; stages are in
+vmbuild/stages/rootfs.py, vmbuild/stages/container.py and vmbuild/oci/. One
+ExitStack owns the staging dir and the VM: a failure anywhere (a failing
+component or test) leaves no staging dir, no VM and no image in the store.
+A push that fails after the store keeps the tested image and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from vmbuild import __version__, paths, toe
+from vmbuild.config.container import LoadedContainerRecipe
+from vmbuild.config.settings import SETTINGS
+from vmbuild.digest import sha256_file
+from vmbuild.errors import VmbuildError
+from vmbuild.manifest import BaseRecord, Manifest, OutputRecord, RecipeRecord
+from vmbuild.oci import layout as oci_layout
+from vmbuild.oci import registry
+from vmbuild.plan import BuildOptions, _apt_proxy_setting
+from vmbuild.progress import Reporter
+from vmbuild.remote.base import Remote
+from vmbuild.run import which
+from vmbuild.stages import container, image_tests, rootfs, store
+
+log = logging.getLogger("vmbuild.container_build")
+
+WORK_TAG = "vmbuild-work"
+TOOLS = {"umoci": "umoci", "skopeo": "skopeo", "mmdebstrap": "mmdebstrap"}
+
+
+@dataclass(frozen=True)
+class ContainerResult:
+    build_dir: Path
+    manifest: dict[str, Any]
+    image: oci_layout.OciImage
+    pushed: list[registry.Pushed] = field(default_factory=list)
+
+
+def preflight() -> None:
+    """Missing host tools are reported before anything is created."""
+    missing = [tool for tool in TOOLS if which(tool) is None]
+    if missing:
+        raise VmbuildError(
+            f"container builds need {', '.join(missing)}",
+            hint=f"apt-get install {' '.join(sorted({TOOLS[t] for t in missing}))} "
+            "(or run scripts/install-host-deps)",
+        )
+
+
+def labels(
+    loaded: LoadedContainerRecipe, build_id: str, parent: rootfs.RootfsTar
+) -> dict[str, str]:
+    """The image config's labels: what built it, from what."""
+    recipe = loaded.recipe
+    return {
+        "org.opencontainers.image.title": recipe.name,
+        "org.opencontainers.image.version": recipe.version,
+        "org.opencontainers.image.description": recipe.description,
+        "io.vmbuild.recipe": recipe.name,
+        "io.vmbuild.recipe.sha256": loaded.sha256,
+        "io.vmbuild.build": build_id,
+        "io.vmbuild.parent": f"{recipe.parent_image}@sha256:{parent.sha256}",
+        "io.vmbuild.components": ",".join(f"{d.name}@sha256:{d.sha256}" for d in loaded.documents),
+    }
+
+
+@dataclass
+class _Clock:
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, reporter: Reporter, name: str, title: str) -> Iterator[None]:
+        start = time.monotonic()
+        with reporter.stage(name, title):
+            yield
+        self.timings[name] = round(time.monotonic() - start, 2)
+
+
+def build_container(
+    loaded: LoadedContainerRecipe,
+    opts: BuildOptions,
+    reporter: Reporter,
+    *,
+    builder: Remote | None = None,
+) -> ContainerResult:
+    """Build, test, store and (with a targetRepository) push a container image.
+
+    `builder` is a running Debian guest to build in (its own directory, removed
+    after); by default a throwaway builder VM is booted from the cached base.
+    """
+    preflight()
+    recipe = loaded.recipe
+    apt_proxy = _apt_proxy_setting(opts.apt_proxy)
+    memory = opts.memory or (recipe.vm.memory if "memory" in recipe.vm.model_fields_set
+                             else SETTINGS["memory"].default)  # fmt: skip
+    cpus = opts.cpus or (recipe.vm.cpus if "cpus" in recipe.vm.model_fields_set
+                         else SETTINGS["cpus"].default)  # fmt: skip
+    build_id = store.new_build_id()
+    started = datetime.now(UTC)
+    clock = _Clock()
+    tags = recipe.image_tags
+    with contextlib.ExitStack() as stack:
+        staging = stack.enter_context(
+            store.staging(opts.store, recipe.name, recipe.version, build_id)
+        )
+        work, logs, layout = staging.path / "work", staging.path / "logs", staging.path / "oci"
+        work.mkdir()
+        try:
+            with clock.stage(reporter, "parent", f"parent image {recipe.parent_image}"):
+                parent = rootfs.debian_rootfs(
+                    recipe.parent_image, mirror=opts.mirror, on_status=reporter.status
+                )
+                oci_layout.create(layout, WORK_TAG)
+                oci_layout.add_layer(
+                    layout, WORK_TAG, parent.path, f"vmbuild parent {parent.source}"
+                )
+                parent_blob = oci_layout.describe(layout, WORK_TAG).layers[0].digest
+            summary = _in_builder(
+                loaded, layout, parent_blob, work, logs, reporter, clock,
+                accel=opts.accelerator or "auto", memory=memory, cpus=cpus, apt_proxy=apt_proxy,
+                builder=builder,
+            )  # fmt: skip
+            with clock.stage(reporter, "image", "labels, tags, docker-archive"):
+                image = oci_layout.finish(
+                    layout, WORK_TAG, tags, labels(loaded, build_id, parent),
+                    recipe.working_directory,
+                )  # fmt: skip
+                archive = staging.path / "image.tar"
+                oci_layout.to_docker_archive(layout, tags[0], archive, f"{recipe.name}:{tags[0]}")
+        except BaseException:
+            _save_failed_logs(logs, paths.state_dir() / "logs" / f"{recipe.name}-{build_id}")
+            raise
+        shutil.rmtree(work)
+        manifest = Manifest(
+            name=recipe.name,
+            version=recipe.version,
+            build=build_id,
+            description=recipe.description,
+            created=started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            recipe=RecipeRecord(str(loaded.path), loaded.sha256),
+            base=BaseRecord(parent.id, parent.sha256, parent.source, "rootfs-tar"),
+            components=tuple(summary["applied"]),
+            outputs=(
+                OutputRecord(
+                    "oci", "oci", image.digest.removeprefix("sha256:"), _tree_size(layout)
+                ),
+                OutputRecord(
+                    "docker-archive", archive.name, sha256_file(archive), archive.stat().st_size
+                ),
+            ),
+            tests=summary["tests"],
+            timings={
+                **clock.timings,
+                "total": round((datetime.now(UTC) - started).total_seconds(), 2),
+            },
+            backend="qemu",
+            vmbuild_version=__version__,
+            extra={"kind": "container", "oci": {**image.to_json(), "layers_mode": recipe.layers}},
+        )
+        store.write_manifest(staging.path, manifest)
+        final = store.commit(staging)
+    result = ContainerResult(final, store.read_manifest(final), image)
+    target = recipe.target_repository
+    if target is None or not opts.distribute:
+        return result
+    start = time.monotonic()
+    with reporter.stage("push", f"push to {target.registry}/{target.repository_name}"):
+        pushed = registry.push(
+            final / "oci", tags[0], image.digest, [target.reference(t) for t in tags],
+            tls_verify=target.tls_verify, on_status=reporter.status,
+        )  # fmt: skip
+    store.update_manifest(
+        final, "distribution",
+        {"registry": target.registry, "repository": target.repository_name,
+         "digest": image.digest, "references": [p.reference for p in pushed],
+         "seconds": round(time.monotonic() - start, 2)},
+    )  # fmt: skip
+    return ContainerResult(final, store.read_manifest(final), image, pushed)
+
+
+def _in_builder(
+    loaded: LoadedContainerRecipe, layout: Path, parent_blob: str, work: Path, logs: Path,
+    reporter: Reporter, clock: _Clock, *, accel: str, memory: int, cpus: int, apt_proxy: str,
+    builder: Remote | None,
+) -> dict[str, Any]:  # fmt: skip
+    """Boot the builder, run the components into layers, test; the VM is gone after."""
+    from vmbuild.cli.scratch import scratch_guest
+
+    recipe = loaded.recipe
+    docs = loaded.documents
+    with contextlib.ExitStack() as vm:
+        with clock.stage(reporter, "builder", "builder VM"):
+            if builder is None:
+                builder = vm.enter_context(
+                    scratch_guest(
+                        "debian-12", base_dir=loaded.dir, accel=accel, memory_mib=memory >> 20,
+                        cpus=cpus, on_status=reporter.status, apt_proxy=apt_proxy,
+                    )
+                ).ssh  # fmt: skip
+            algo, _, hexdigest = parent_blob.partition(":")
+            ws = vm.enter_context(
+                container.workspace(builder, (layout / "blobs" / algo / hexdigest).read_bytes())
+            )
+        with clock.stage(reporter, "components", "components (build, validate) in chroot"):
+            layers, applied = container.build(
+                ws, docs, squash=recipe.layers == "squash",
+                working_directory=recipe.working_directory, results_dir=logs / "components",
+                on_output=reporter.output,
+            )  # fmt: skip
+        with clock.stage(reporter, "layers", f"{len(layers)} layer(s) into the OCI layout"):
+            for layer in layers:
+                tar = work / f"{layer.name}.tar"
+                tar.write_bytes(builder.get(layer.guest_tar))
+                oci_layout.add_layer(layout, WORK_TAG, tar, layer.created_by)
+                tar.unlink()
+        results: list[dict[str, Any]] = []
+
+        def record(result: toe.DocumentResult) -> None:
+            results.append({"name": result.name, "status": result.status})
+
+        with clock.stage(reporter, "test", "components' test phases in chroot"):
+            container.test(
+                ws, docs, layers, working_directory=recipe.working_directory,
+                results_dir=logs / "components", on_output=reporter.output, on_result=record,
+            )  # fmt: skip
+    tests = image_tests.summarize(None, None, results)
+    return {"applied": [a.to_json() for a in applied], "tests": tests.to_json()}
+
+
+def _tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _save_failed_logs(logs: Path, dest: Path) -> None:
+    with contextlib.suppress(OSError):
+        if logs.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            shutil.copytree(logs, dest, dirs_exist_ok=True)
+            dest.chmod(0o700)

@@ -1,0 +1,1 @@
+"""OCI images: the layout on disk (umoci) and registries (skopeo)."""
