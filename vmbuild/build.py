@@ -320,6 +320,7 @@ def _test(r: Run) -> None:
         documents=r.plan.documents,
         working_directory=r.plan.loaded.recipe.working_directory,
         testinfra=r.plan.loaded.test_paths,
+        ec2=r.plan.test_ec2,
         env={
             "VMBUILD_BUILDER_USER": BUILDER_USER,
             "VMBUILD_BUILDER_PUBKEY": r.builder_pubkey,

@@ -22,8 +22,10 @@ from vmbuild import paths, toe
 from vmbuild.cache import aptproxy
 from vmbuild.config.recipe import LoadedRecipe, VMSettings
 from vmbuild.config.settings import SETTINGS
+from vmbuild.errors import ConfigError
 from vmbuild.hypervisor.accel import Accel, AccelMode
 from vmbuild.hypervisor.guest import GuestRequest
+from vmbuild.hypervisor.imds import Ec2Settings
 from vmbuild.stages import store
 
 if TYPE_CHECKING:
@@ -162,6 +164,13 @@ class BuildPlan:
 
     def check_backend(self) -> None:
         """An unreachable libvirt is reported before any disk or staging dir exists."""
+        if self.test_ec2 is not None and self.run_tests and self.libvirt_network:
+            raise ConfigError(
+                self.loaded.display, "tests.boot",
+                "the ec2 boot serves instance metadata through QEMU's user network; "
+                f"a libvirt network ({self.libvirt_network}) has no 169.254.169.254",
+                hint="drop the libvirt network for this build, or boot the tests with nocloud",
+            )  # fmt: skip
         if self.backend == "libvirt":
             from vmbuild.hypervisor.libvirt import connect
 
@@ -192,7 +201,14 @@ class BuildPlan:
             # The test VM is the image's real first boot, and disposable.
             first_boot="full" if role == "test" else "minimal",
             dispose="kill" if role == "test" else "shutdown",
+            ec2=self.test_ec2 if role == "test" else None,
         )  # fmt: skip
+
+    @property
+    def test_ec2(self) -> Ec2Settings | None:
+        """How the test VM is dressed as an EC2 instance (`tests: {boot: ec2}`), or None."""
+        tests = self.loaded.recipe.tests
+        return tests.imds.settings() if tests.boot == "ec2" else None
 
 
 def _apt_proxy_setting(value: str | None) -> str:

@@ -103,7 +103,10 @@ def describe(plan: BuildPlan, *, store_source: str) -> dict[str, Any]:
         "components": components,
         "settings": settings,
         "outputs": list(recipe.outputs),
-        "tests": {"run": plan.run_tests, "testinfra": [str(t) for t in loaded.test_paths]},
+        "tests": {
+            "run": plan.run_tests, "boot": recipe.tests.boot,
+            "testinfra": [str(t) for t in loaded.test_paths],
+        },
         "store": str(Path(plan.store) / recipe.name / recipe.version),
         "distribution": distribution,
     }  # fmt: skip
@@ -137,7 +140,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"setting:    {name} = {value} ({s['source']})")
         print(f"outputs:    {', '.join(data['outputs'])}")
         tests = data["tests"]
-        print(f"tests:      {'run' if tests['run'] else 'skipped'}"
+        boot = " (booted as on EC2: IMDS, no seed)" if tests["boot"] == "ec2" else ""
+        print(f"tests:      {'run' + boot if tests['run'] else 'skipped'}"
               + "".join(f"\n            {t}" for t in tests["testinfra"]))  # fmt: skip
         print(f"store:      {data['store']}/<build>")
         dist = data["distribution"]

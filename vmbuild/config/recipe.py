@@ -19,6 +19,7 @@ from vmbuild.config.loader import load_model, parse_size
 from vmbuild.config.settings import field as setting
 from vmbuild.config.settings import parse_memory
 from vmbuild.errors import ConfigError
+from vmbuild.hypervisor.imds import Ec2Settings
 from vmbuild.secrets import looks_secret
 
 if TYPE_CHECKING:
@@ -118,6 +119,59 @@ class VMSettings(_Model):
     network: str | None = setting("network", "recipe")
 
 
+class ImdsSettings(_Model):
+    """The instance the `ec2` test boot describes through its metadata service."""
+
+    http_tokens: Literal["required", "optional"] = Field(
+        default="required",
+        description="required: IMDSv2 only (a token from PUT /latest/api/token), as an AMI "
+        "registered with imds_support v2.0 runs; optional: IMDSv1 answered too",
+    )
+    instance_type: str = Field(default="t3.micro", pattern=r"^[a-z0-9-]+\.[a-z0-9-]+$")
+    region: str = Field(default="us-east-1", pattern=r"^[a-z]{2}(-[a-z]+)+-\d+$")
+    availability_zone: str | None = Field(
+        default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-\d+[a-z]$", description="default: REGION + a"
+    )
+    instance_profile: str | None = Field(
+        default=None,
+        pattern=r"^[\w+=,.@-]{1,128}$",
+        description="an IAM instance profile name: iam/info and iam/security-credentials/ "
+        "appear, with fake credentials",
+    )
+
+    def settings(self) -> Ec2Settings:
+        return Ec2Settings(
+            http_tokens=self.http_tokens, instance_type=self.instance_type, region=self.region,
+            availability_zone=self.availability_zone, instance_profile=self.instance_profile,
+        )  # fmt: skip
+
+
+class TestSettings(_Model):
+    """The recipe's `tests:`: testinfra files, and how the test VM boots. A plain list
+    is the files alone (booted with NoCloud)."""
+
+    __test__ = False  # not a pytest class
+
+    files: list[str] = Field(default=[], description="testinfra files, relative to the recipe")
+    boot: Literal["nocloud", "ec2"] = Field(
+        default="nocloud",
+        description="how the test VM gets its instance data: nocloud (a NoCloud seed ISO) or "
+        "ec2 (as on EC2: no seed; the SSH key and user-data come from instance metadata at "
+        "169.254.169.254 and the VM has EC2's SMBIOS, so cloud-init must use its Ec2 datasource)",
+    )
+    imds: ImdsSettings = ImdsSettings()
+
+    @model_validator(mode="after")
+    def _imds_only_for_ec2(self) -> TestSettings:
+        if "imds" in self.model_fields_set and self.boot != "ec2":
+            raise ValueError("imds: only the ec2 boot mode has instance metadata (boot: ec2)")
+        return self
+
+
+def _test_settings(value: object) -> object:
+    return {"files": value} if isinstance(value, list) else value
+
+
 class ScanSettings(_Model):
     """The build's CVE scan (vmbuild scan), like Image Builder's Inspector condition."""
 
@@ -136,7 +190,10 @@ class Recipe(_Model):
     base: str | UrlBase = Field(description="debian-12, a local qcow2/raw file, or {url, sha256}")
     components: list[ComponentRef] = []
     disk_size: Size = DEFAULT_DISK
-    tests: list[str] = []
+    tests: Annotated[TestSettings, BeforeValidator(_test_settings)] = Field(
+        default=TestSettings(),
+        description="testinfra files (a list), or {files, boot: nocloud|ec2, imds: {...}}",
+    )
     outputs: list[OutputFormat] = ["qcow2"]
     vm: VMSettings = VMSettings()
     distribution: dict[str, Any] | None = None
@@ -208,7 +265,12 @@ def load_recipe(
                 hint="a base is a qcow2 image or a raw disk with a partition table",
             )  # fmt: skip
 
-    tests = [_check_test(display, i, test, base_dir) for i, test in enumerate(recipe.tests)]
+    # Errors name tests[N] for the list form, tests.files[N] for the mapping.
+    prefix = "tests.files" if isinstance(_raw_tests(path), dict) else "tests"
+    tests = [
+        _check_test(display, f"{prefix}[{i}]", test, base_dir)
+        for i, test in enumerate(recipe.tests.files)
+    ]
 
     documents = tuple(
         _load_component(display, i, ref, base_dir) for i, ref in enumerate(recipe.components)
@@ -274,9 +336,19 @@ def _with_secrets(recipe: Recipe, secrets: dict[str, str], display: str, base_di
 BUILTIN_BASES = ("debian-12",)
 
 
-def _check_test(display: str, index: int, test: str, base_dir: Path) -> Path:
+def _raw_tests(path: Path) -> object:
+    """The recipe's `tests:` as written (already parsed once: this only tells its form)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data.get("tests") if isinstance(data, dict) else None
+
+
+def _check_test(display: str, field: str, test: str, base_dir: Path) -> Path:
     """A testinfra file: a regular, readable, reasonably small file of Python."""
-    field = f"tests[{index}]"
     try:
         test_path = (base_dir / test).resolve()
         regular = test_path.is_file()

@@ -12,16 +12,51 @@ from vmbuild.hypervisor.accel import Accel
 
 
 @dataclass(frozen=True)
+class Ec2Boot:
+    """What makes a VM look like an EC2 instance to its guest (the `ec2` boot mode):
+    SMBIOS as a Nitro instance has it (cloud-init's ds-identify and Ec2 datasource
+    call it AWS when the system UUID and serial both start with "ec2" and are
+    equal), a NIC with the MAC the metadata names, and the metadata service
+    forwarded from 169.254.169.254:80 (vmbuild.hypervisor.imds)."""
+
+    imds_port: int  # the metadata service on the host's 127.0.0.1
+    mac: str
+    uuid: str  # ec2xxxxx-...: SMBIOS system UUID and serial number
+    instance_id: str  # SMBIOS chassis asset tag, as on Nitro
+    instance_type: str  # SMBIOS product name
+
+
+@dataclass(frozen=True)
 class VMSpec:
     name: str  # e.g. vmbuild-<run>-builder: also the libvirt domain name
     disk: Path  # a qcow2 overlay: the base is never written
-    seed: Path  # NoCloud ISO (label cidata)
+    seed: Path | None  # NoCloud ISO (label cidata); None in the ec2 boot mode
     memory_mib: int
     cpus: int
     accel: Accel
     ssh_port: int  # host side of the forward, bound on 127.0.0.1 only
     console_log: Path  # serial console, kept in the run log
     workdir: Path  # sockets and pid files
+    ec2: Ec2Boot | None = None  # boot as on EC2: IMDS, EC2's SMBIOS, no seed
+
+    def user_netdev(self, netdev_id: str) -> str:
+        """QEMU's user network: SSH forwarded from 127.0.0.1 only; in the ec2 mode on
+        169.254.0.0/16 with the metadata address forwarded to the host service
+        (libslirp forwards only addresses inside the user network)."""
+        from vmbuild.hypervisor import imds
+
+        net = f"user,id={netdev_id},hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"
+        if self.ec2 is None:
+            return net
+        return (
+            f"{net},net={imds.NETWORK},host={imds.GATEWAY},dns={imds.DNS},"
+            f"dhcpstart={imds.GUEST_IP},ipv6=off,"
+            f"guestfwd=tcp:{imds.ADDRESS}:80-tcp:127.0.0.1:{self.ec2.imds_port}"
+        )
+
+    def nic_options(self) -> str:
+        """The NIC's MAC in the ec2 mode (the metadata's network config matches on it)."""
+        return f",mac={self.ec2.mac}" if self.ec2 is not None else ""
 
     @property
     def qemu_log(self) -> Path:

@@ -14,13 +14,15 @@ import shlex
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from vmbuild.errors import SSHTimeout, VmbuildError, VMError
+from vmbuild.cache import aptproxy
+from vmbuild.errors import SSHError, SSHTimeout, VmbuildError, VMError
+from vmbuild.hypervisor import imds
 from vmbuild.hypervisor.accel import Accel
-from vmbuild.hypervisor.base import Machine, VMSpec, free_port
-from vmbuild.hypervisor.seed import SeedConfig, write_seed
+from vmbuild.hypervisor.base import Ec2Boot, Machine, VMSpec, free_port
+from vmbuild.hypervisor.seed import SeedConfig, user_data, write_seed
 from vmbuild.hypervisor.watchdog import Watchdog
 from vmbuild.remote.keys import KeyPair, generate_ed25519
 from vmbuild.remote.ssh import SSHSession
@@ -57,6 +59,9 @@ class GuestRequest:
     first_boot: str = "minimal"  # "minimal" | "full"
     # A disposable VM (the test VM) is killed; a builder is stopped in order.
     dispose: str = "shutdown"  # "shutdown" | "kill"
+    # Boot as on EC2 (the test VM's `ec2` mode): no NoCloud seed; the key and
+    # user-data come from the metadata service at 169.254.169.254. None: NoCloud.
+    ec2: imds.Ec2Settings | None = None
 
 
 @dataclass
@@ -68,6 +73,7 @@ class Guest:
     client_key_path: Path
     host_key: KeyPair
     user: str
+    imds: imds.MetadataService | None = None  # the ec2 mode's metadata service
 
     @property
     def known_hosts_line(self) -> str:
@@ -181,29 +187,34 @@ def booted_guest(
         client_key = generate_ed25519(f"vmbuild-{req.role}@{req.run_id}")
         host_key = generate_ed25519(f"vmbuild-host@{req.run_id}")
         client_key.write_private(key_path)
-        write_seed(
-            SeedConfig(
-                instance_id=f"{name}-{int(time.time())}",
-                hostname=name[:63],
-                user=req.user,
-                client_key=client_key,
-                host_key=host_key,
-                apt_proxy=req.apt_proxy,
-                minimal_cloud_init=req.first_boot == "minimal",
-            ),
-            seed,
+        seed_cfg = SeedConfig(
+            instance_id=f"{name}-{int(time.time())}",
+            hostname=name[:63],
+            user=req.user,
+            client_key=client_key,
+            host_key=host_key,
+            apt_proxy=req.apt_proxy,
+            minimal_cloud_init=req.first_boot == "minimal",
+            key_from_metadata=req.ec2 is not None,
         )
+        service: imds.MetadataService | None = None
+        ec2: Ec2Boot | None = None
+        if req.ec2 is None:
+            write_seed(seed_cfg, seed)
+        else:
+            service, ec2 = _start_imds(req, seed_cfg, stack)
         create_overlay(pin_base(req.base, pinned), req.base_format, overlay, req.disk_size)
         spec = VMSpec(
             name=name,
             disk=overlay,
-            seed=seed,
+            seed=seed if ec2 is None else None,
             memory_mib=req.memory_mib,
             cpus=req.cpus,
             accel=req.accel,
             ssh_port=free_port(),
             console_log=req.workdir / f"{req.role}-console.log",
             workdir=req.workdir,
+            ec2=ec2,
         )
         machine = make_machine(req, spec)
         machine.shutdown_timeout = req.accel.timeout(POWEROFF)
@@ -213,8 +224,8 @@ def booted_guest(
             # The backend's own context: launched here; on leaving the stack an
             # orderly shutdown, or a kill when an error unwinds it.
             stack.enter_context(machine)
-            ssh = _connect(req, spec, machine, key_path, host_key)
-            guest = Guest(machine, ssh, spec, client_key, key_path, host_key, req.user)
+            ssh = _connect(req, spec, machine, key_path, host_key, service)
+            guest = Guest(machine, ssh, spec, client_key, key_path, host_key, req.user, service)
             stack.callback(ssh.close)
             # No cloud-init wait here: sshd starts after cloud-init's init stage
             # (users, keys, write_files), so a login is all the next step needs.
@@ -233,8 +244,37 @@ def booted_guest(
             raise
 
 
+def _start_imds(
+    req: GuestRequest, seed_cfg: SeedConfig, stack: contextlib.ExitStack
+) -> tuple[imds.MetadataService, Ec2Boot]:
+    """The ec2 mode's metadata service (stopped with the stack) and what the VM needs
+    to look like the instance it describes."""
+    assert req.ec2 is not None
+    if req.apt_proxy is not None:
+        # The package cache is reached through this network's gateway instead.
+        gateway = f"//{aptproxy.GUEST_GATEWAY}:"
+        seed_cfg = replace(seed_cfg, apt_proxy=req.apt_proxy.replace(gateway, f"//{imds.GATEWAY}:"))
+    mac = imds.new_mac()
+    instance = imds.new_instance(
+        str(req.base), req.ec2, mac=mac,
+        public_keys=[(f"vmbuild-{req.run_id}", seed_cfg.client_key.public_openssh)],
+        user_data=user_data(seed_cfg).encode(),
+    )  # fmt: skip
+    service = stack.enter_context(imds.serving(instance))
+    boot = Ec2Boot(
+        imds_port=service.port, mac=mac, uuid=imds.ec2_uuid(),
+        instance_id=instance.instance_id, instance_type=instance.instance_type,
+    )  # fmt: skip
+    return service, boot
+
+
 def _connect(
-    req: GuestRequest, spec: VMSpec, machine: Machine, key_path: Path, host_key: KeyPair
+    req: GuestRequest,
+    spec: VMSpec,
+    machine: Machine,
+    key_path: Path,
+    host_key: KeyPair,
+    service: imds.MetadataService | None = None,
 ) -> SSHSession:
     """Log in once the guest has booted; a boot that never gets there raises with the
     serial console's tail, which shows how far it got."""
@@ -244,12 +284,27 @@ def _connect(
             timeout=req.accel.timeout(BOOT_TO_SSH),
             alive=Watchdog(machine, spec.console_log, from_start=True).check,
         )  # fmt: skip
-    except SSHTimeout as exc:
-        raise VMError(
-            f"{spec.name} did not boot to SSH: {exc}",
-            console_tail=machine.console_tail(),
-            hint=f"the whole console is kept as {spec.console_log.name} in the run log",
-        ) from None
+    except SSHError as exc:
+        if service is not None and not service.read_key():
+            # sshd answered (with a key of its own, or refusing ours) but the
+            # guest never asked IMDS for its key: cloud-init did not run the Ec2
+            # datasource. What an image with only NoCloud enabled does on EC2.
+            raise VMError(
+                f"{spec.name}: cloud-init did not find the Ec2 datasource: the guest never "
+                f"read its SSH key from the instance metadata ({service.summary()})",
+                console_tail=machine.console_tail(),
+                hint="the image must let cloud-init use Ec2 (datasource_list in "
+                "/etc/cloud/cloud.cfg and cloud.cfg.d/ must include Ec2; the cloud-ready "
+                "component sets it)",
+            ) from None
+        if isinstance(exc, SSHTimeout):
+            raise VMError(
+                f"{spec.name} did not boot to SSH: {exc}"
+                + (f" ({service.summary()})" if service is not None else ""),
+                console_tail=machine.console_tail(),
+                hint=f"the whole console is kept as {spec.console_log.name} in the run log",
+            ) from None
+        raise
 
 
 def wait_cloud_init(ssh: SSHSession, timeout: float, machine: Machine) -> None:

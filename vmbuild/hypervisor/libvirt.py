@@ -117,12 +117,17 @@ def domain_xml(
     # "CPU 1/TCG") by default, i.e. the multi-threaded TCG the direct backend asks for.
     dom = ET.Element("domain", type="kvm" if kvm else "qemu")
     ET.SubElement(dom, "name").text = spec.name
+    if spec.ec2 is not None:
+        # libvirt refuses a sysinfo UUID that differs from the domain's own.
+        ET.SubElement(dom, "uuid").text = spec.ec2.uuid
     ET.SubElement(dom, "description").text = "vmbuild VM (transient: destroyed when it stops)"
     ET.SubElement(dom, "memory", unit="MiB").text = str(spec.memory_mib)
     ET.SubElement(dom, "vcpu").text = str(spec.cpus)
     os_el = ET.SubElement(dom, "os")
     ET.SubElement(os_el, "type", arch="x86_64", machine="pc").text = "hvm"
     ET.SubElement(os_el, "boot", dev="hd")
+    if spec.ec2 is not None:
+        _ec2_sysinfo(dom, os_el, spec)
     features = ET.SubElement(dom, "features")
     # Without <acpi/> libvirt starts QEMU with ACPI off and shutdown() could
     # only ever end in destroy.
@@ -142,7 +147,8 @@ def domain_xml(
 
     devices = ET.SubElement(dom, "devices")
     _disk(devices, spec.disk, "qcow2", "vda", readonly=False)
-    _disk(devices, spec.seed, "raw", "vdb", readonly=True)
+    if spec.seed is not None:
+        _disk(devices, spec.seed, "raw", "vdb", readonly=True)
     if network is not None:
         iface = ET.SubElement(devices, "interface", type="network")
         ET.SubElement(iface, "source", network=network)
@@ -173,12 +179,30 @@ def domain_xml(
     if network is None:
         cmdline = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
         for arg in (
-            "-netdev", f"user,id={NETDEV_ID},hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22",
-            "-device", f"virtio-net-pci,netdev={NETDEV_ID},bus=pci.0,addr={NIC_PCI_SLOT}",
+            "-netdev", spec.user_netdev(NETDEV_ID),
+            "-device",
+            f"virtio-net-pci,netdev={NETDEV_ID},bus=pci.0,addr={NIC_PCI_SLOT}{spec.nic_options()}",
         ):  # fmt: skip
             ET.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=arg)
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode") + "\n"
+
+
+def _ec2_sysinfo(dom: ET.Element, os_el: ET.Element, spec: VMSpec) -> None:
+    """EC2's SMBIOS (the direct backend's -smbios) as libvirt's sysinfo."""
+    assert spec.ec2 is not None
+    e = spec.ec2
+    ET.SubElement(os_el, "smbios", mode="sysinfo")
+    sysinfo = ET.SubElement(dom, "sysinfo", type="smbios")
+    system = ET.SubElement(sysinfo, "system")
+    for name, value in (
+        ("manufacturer", "Amazon EC2"), ("product", e.instance_type),
+        ("serial", e.uuid), ("uuid", e.uuid),
+    ):  # fmt: skip
+        ET.SubElement(system, "entry", name=name).text = value
+    chassis = ET.SubElement(sysinfo, "chassis")
+    ET.SubElement(chassis, "entry", name="manufacturer").text = "Amazon EC2"
+    ET.SubElement(chassis, "entry", name="asset").text = e.instance_id
 
 
 def _disk(devices: ET.Element, path: Path, fmt: str, dev: str, *, readonly: bool) -> None:

@@ -39,14 +39,27 @@ def qemu_argv(spec: VMSpec) -> list[str]:
         "-display", "none",
         "-drive",
         f"file={spec.disk},format=qcow2,if=virtio,id={DISK_ID},discard=unmap,detect-zeroes=unmap",
-        "-drive", f"file={spec.seed},format=raw,if=virtio,readonly=on",
-        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22",
-        "-device", "virtio-net-pci,netdev=net0",
+        *(["-drive", f"file={spec.seed},format=raw,if=virtio,readonly=on"] if spec.seed else []),
+        "-netdev", spec.user_netdev("net0"),
+        "-device", "virtio-net-pci,netdev=net0" + spec.nic_options(),
+        *smbios_args(spec),
         # Early boot (sshd host keys, cloud-init) must never wait for entropy.
         "-device", "virtio-rng-pci",
         "-chardev", f"file,id=serial0,path={spec.console_log}",
         "-serial", "chardev:serial0",
         "-qmp", f"unix:{qmp_path(spec)},server=on,wait=off",
+    ]  # fmt: skip
+
+
+def smbios_args(spec: VMSpec) -> list[str]:
+    """EC2's SMBIOS in the ec2 boot mode (what ds-identify and the Ec2 datasource read)."""
+    if spec.ec2 is None:
+        return []
+    e = spec.ec2
+    return [
+        "-smbios",
+        f"type=1,manufacturer=Amazon EC2,product={e.instance_type},serial={e.uuid},uuid={e.uuid}",
+        "-smbios", f"type=3,manufacturer=Amazon EC2,asset={e.instance_id}",
     ]  # fmt: skip
 
 

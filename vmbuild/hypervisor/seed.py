@@ -32,20 +32,27 @@ class SeedConfig:
     # config/final modules racing the build's own apt/debconf runs, and
     # cloud-init is done at the first login.
     minimal_cloud_init: bool = False
+    # The ec2 boot mode: the login key is the instance's public key from IMDS
+    # (cloud-init gives it to the default user, as on EC2), so the user-data
+    # only makes `user` that default user, and carries no key of its own.
+    key_from_metadata: bool = False
 
 
 def user_data(cfg: SeedConfig) -> str:
-    doc: dict[str, object] = {
-        "users": [
-            {
-                "name": cfg.user,
-                "gecos": "vmbuild",
-                "sudo": "ALL=(ALL) NOPASSWD:ALL",
-                "shell": "/bin/bash",
-                "lock_passwd": True,
-                "ssh_authorized_keys": [cfg.client_key.public_openssh],
-            }
-        ],
+    user: dict[str, object] = {
+        "name": cfg.user,
+        "gecos": "vmbuild",
+        "sudo": "ALL=(ALL) NOPASSWD:ALL",
+        "shell": "/bin/bash",
+        "lock_passwd": True,
+    }
+    doc: dict[str, object] = {}
+    if cfg.key_from_metadata:
+        # The image's `users: [default]` creates it; cc_ssh gives it the key.
+        doc["system_info"] = {"default_user": user}
+    else:
+        doc["users"] = [{**user, "ssh_authorized_keys": [cfg.client_key.public_openssh]}]
+    doc |= {
         # No `ssh_pwauth`: any value makes cloud-init's set_passwords module
         # restart sshd during modules:config, resetting a login in progress.
         "disable_root": True,

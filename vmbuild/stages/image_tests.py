@@ -6,6 +6,7 @@ testinfra, components-junit.xml with one testcase per component test phase).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import xml.etree.ElementTree as ET
@@ -25,6 +26,7 @@ from vmbuild.hypervisor.guest import (
     copy_console,
     wait_cloud_init,
 )
+from vmbuild.hypervisor.imds import Ec2Settings
 from vmbuild.progress import Reporter
 from vmbuild.run import run
 from vmbuild.secrets import mask
@@ -166,10 +168,14 @@ class TestInputs:
     testinfra: Sequence[Path]  # the recipe's testinfra files
     env: Mapping[str, str]  # VMBUILD_* facts the testinfra files may read
     working_directory: str | None = None  # where the test steps run in the guest
+    ec2: Ec2Settings | None = None  # booted as on EC2 (IMDS, no seed), or None: NoCloud
 
     def key(self, image: StageKey) -> StageKey:
+        # The boot mode decides whether the image boots at all (an image without
+        # the Ec2 datasource passes NoCloud and fails ec2): part of the key.
+        boot = {"boot": "ec2", **dataclasses.asdict(self.ec2)} if self.ec2 else {"boot": "nocloud"}
         return stage_key(
-            "test", image=image.digest,
+            "test", image=image.digest, **boot,
             documents=[(d.sha256, dict(d.parameters)) for d in self.documents],
             testinfra=[sha256_file(p) for p in self.testinfra],
             # The builder's key and machine-id differ every run and are only

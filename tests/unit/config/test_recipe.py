@@ -181,3 +181,42 @@ def test_parameter_values_as_image_builder_lists_and_the_working_directory(
     assert load_recipe(write(project, good())).recipe.working_directory == "/tmp"
     bad = good("working_directory: relative/dir\n")
     assert error_of(write(project, bad)).startswith("recipe.yaml: working_directory:")
+
+
+def test_tests_as_a_list_boot_with_nocloud(project: Path) -> None:
+    tests = load_recipe(write(project, good())).recipe.tests
+    assert (tests.files, tests.boot) == (["test_it.py"], "nocloud")
+
+
+def test_tests_boot_ec2_with_its_metadata_settings(project: Path) -> None:
+    text = good().replace(
+        "tests: [test_it.py]",
+        "tests:\n  files: [test_it.py]\n  boot: ec2\n"
+        "  imds: {http_tokens: optional, region: eu-west-1, instance_profile: web-role}",
+    )
+    loaded = load_recipe(write(project, text))
+    assert loaded.test_paths == ((project / "test_it.py").resolve(),)
+    settings = loaded.recipe.tests.imds.settings()
+    assert (settings.http_tokens, settings.region, settings.instance_profile) == (
+        "optional", "eu-west-1", "web-role",
+    )  # fmt: skip
+    assert settings.instance_type == "t3.micro" and settings.availability_zone is None
+    default = load_recipe(write(project, good().replace("[test_it.py]", "{boot: ec2}")))
+    assert default.recipe.tests.imds.settings().http_tokens == "required"
+    assert default.test_paths == ()
+
+
+@pytest.mark.parametrize(
+    ("tests", "expected"),
+    [
+        ("{boot: aws}", "recipe.yaml: tests.boot: Input should be 'nocloud' or 'ec2'"),
+        ("{files: [missing.py], boot: ec2}", "recipe.yaml: tests.files[0]: file not found: missing.py"),
+        ("{boot: ec2, imds: {http_tokens: maybe}}", "recipe.yaml: tests.imds.http_tokens: Input should be 'required' or 'optional'"),
+        ("{boot: ec2, imds: {region: Mars}}", "recipe.yaml: tests.imds.region: String should match pattern"),
+        ("{imds: {http_tokens: optional}}", "recipe.yaml: tests: imds: only the ec2 boot mode has instance metadata"),
+        ("{boot: ec2, tokens: required}", "recipe.yaml: tests.tokens: unknown field"),
+    ],
+)  # fmt: skip
+def test_bad_test_settings_name_file_and_field(project: Path, tests: str, expected: str) -> None:
+    text = good().replace("tests: [test_it.py]", f"tests: {tests}")
+    assert error_of(write(project, text)).startswith(expected)

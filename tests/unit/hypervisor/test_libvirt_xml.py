@@ -453,3 +453,35 @@ def test_relay_forwards_once_the_guest_has_an_address() -> None:
 def test_destroy_command_for_a_kept_domain(fake: dict[str, Any], tmp_path: Path) -> None:
     m = lv.LibvirtMachine(spec(workdir=tmp_path), uri="qemu:///system")
     assert m.destroy_command == "virsh -c qemu:///system destroy vmbuild-abc123-builder"
+
+
+def test_ec2_boot_domain_has_ec2_sysinfo_no_seed_and_the_metadata_forward() -> None:
+    from dataclasses import replace
+
+    from vmbuild.hypervisor.base import Ec2Boot
+
+    uuid = "ec2a1b2c-0000-4000-8000-000000000001"
+    boot = Ec2Boot(
+        imds_port=41000, mac="0e:01:02:03:04:05", uuid=uuid,
+        instance_id="i-0123456789abcdef0", instance_type="m5.large",
+    )  # fmt: skip
+    dom = parse(lv.domain_xml(replace(spec(), seed=None, ec2=boot), uri_kind="system"))
+    assert dom.findtext("uuid") == uuid
+    smbios = dom.find("os/smbios")
+    assert smbios is not None and smbios.get("mode") == "sysinfo"
+    system = {e.get("name"): e.text for e in dom.iterfind("sysinfo[@type='smbios']/system/entry")}
+    assert system == {
+        "manufacturer": "Amazon EC2", "product": "m5.large", "serial": uuid, "uuid": uuid,
+    }  # fmt: skip
+    chassis = {e.get("name"): e.text for e in dom.iterfind("sysinfo/chassis/entry")}
+    assert chassis == {"manufacturer": "Amazon EC2", "asset": "i-0123456789abcdef0"}
+    assert [d.find("target").get("dev") for d in dom.iterfind("devices/disk")] == ["vda"]  # type: ignore[union-attr]
+    args = qemu_args(dom)
+    assert args[1].endswith(",guestfwd=tcp:169.254.169.254:80-tcp:127.0.0.1:41000")
+    assert ",net=169.254.0.0/16,host=169.254.0.2," in args[1]
+    assert args[3].endswith(",mac=0e:01:02:03:04:05")
+
+
+def test_nocloud_domain_has_no_sysinfo() -> None:
+    dom = parse(lv.domain_xml(spec(), uri_kind="system"))
+    assert dom.find("sysinfo") is None and dom.find("uuid") is None

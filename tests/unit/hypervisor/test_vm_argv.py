@@ -150,3 +150,59 @@ def test_minimal_seed_runs_only_the_init_stage() -> None:
     doc = yaml.safe_load(user_data(cfg))
     assert doc["cloud_config_modules"] == [] and doc["cloud_final_modules"] == []
     assert doc["users"][0]["ssh_authorized_keys"] == [client.public_openssh]
+
+
+def ec2_spec() -> VMSpec:
+    from dataclasses import replace
+
+    from vmbuild.hypervisor.base import Ec2Boot
+
+    boot = Ec2Boot(
+        imds_port=41000, mac="0e:01:02:03:04:05", uuid="ec2a1b2c-0000-4000-8000-000000000001",
+        instance_id="i-0123456789abcdef0", instance_type="t3.micro",
+    )  # fmt: skip
+    return replace(spec(tcg("test")), seed=None, ec2=boot)
+
+
+def test_ec2_boot_argv_has_no_seed_and_ec2_network_and_smbios() -> None:
+    argv = qemu_argv(ec2_spec())
+    assert "file=/w/seed.iso,format=raw,if=virtio,readonly=on" not in argv
+    assert [a for a in argv if a.startswith("file=")] == [
+        "file=/w/builder.qcow2,format=qcow2,if=virtio,id=disk0,discard=unmap,detect-zeroes=unmap"
+    ]
+    at = argv.index("-netdev")
+    assert argv[at : at + 4] == [
+        "-netdev",
+        "user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22,net=169.254.0.0/16,host=169.254.0.2,"
+        "dns=169.254.169.253,dhcpstart=169.254.0.15,ipv6=off,"
+        "guestfwd=tcp:169.254.169.254:80-tcp:127.0.0.1:41000",
+        "-device", "virtio-net-pci,netdev=net0,mac=0e:01:02:03:04:05",
+    ]  # fmt: skip
+    smbios = [argv[i + 1] for i, a in enumerate(argv) if a == "-smbios"]
+    assert smbios == [
+        "type=1,manufacturer=Amazon EC2,product=t3.micro,"
+        "serial=ec2a1b2c-0000-4000-8000-000000000001,uuid=ec2a1b2c-0000-4000-8000-000000000001",
+        "type=3,manufacturer=Amazon EC2,asset=i-0123456789abcdef0",
+    ]
+
+
+def test_nocloud_boot_has_no_smbios_and_the_default_network() -> None:
+    argv = qemu_argv(spec(tcg("test")))
+    assert "-smbios" not in argv and "guestfwd" not in " ".join(argv)
+
+
+def test_ec2_user_data_makes_the_user_the_default_one_without_a_key() -> None:
+    cfg = SeedConfig(
+        instance_id="i-1", hostname="h", user="vmbuild-test", client_key=generate_ed25519("c"),
+        host_key=generate_ed25519("h"), key_from_metadata=True,
+    )  # fmt: skip
+    doc = yaml.safe_load(user_data(cfg))
+    assert "users" not in doc
+    assert doc["system_info"] == {
+        "default_user": {
+            "name": "vmbuild-test", "gecos": "vmbuild", "sudo": "ALL=(ALL) NOPASSWD:ALL",
+            "shell": "/bin/bash", "lock_passwd": True,
+        }
+    }  # fmt: skip
+    assert cfg.client_key.public_openssh not in user_data(cfg)
+    assert doc["ssh_keys"]["ed25519_public"] == cfg.host_key.public_openssh

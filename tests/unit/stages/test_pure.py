@@ -130,3 +130,20 @@ def test_the_test_summary_names_the_components_junit_file() -> None:
     assert data["components_junit"] == "logs/components-junit.xml"
     assert TestSummary.from_json(data) == summary  # a checkpoint's cached result keeps it
     assert TestSummary.from_json({"status": "passed"}).components_junit is None  # older manifests
+
+
+def test_the_test_stage_key_covers_the_boot_mode() -> None:
+    """A result from a NoCloud boot never answers for an ec2 boot (nor one ec2 setting
+    for another): the same image can pass one and fail the other."""
+    from vmbuild.hypervisor.imds import Ec2Settings
+    from vmbuild.stages.image_tests import TestInputs
+    from vmbuild.stages.key import stage_key
+
+    image = stage_key("convert", disk="d")
+
+    def key(ec2: Ec2Settings | None) -> str:
+        return TestInputs(documents=(), testinfra=(), env={}, ec2=ec2).key(image).digest
+
+    keys = {key(None), key(Ec2Settings()), key(Ec2Settings(http_tokens="optional"))}
+    assert len(keys) == 3
+    assert key(Ec2Settings()) == key(Ec2Settings())
