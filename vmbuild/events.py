@@ -26,7 +26,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -45,17 +45,86 @@ BYTES_INTERVAL = 0.5  # seconds between two `bytes` events of one transfer
 HEARTBEAT = 10.0
 
 
+class Heartbeat:
+    """Calls `beat(stage, title, elapsed)` after every `interval` seconds in which
+    nothing was emitted (`seen()` not called) while a stage runs.
+
+    The one heartbeat of every event stream vmbuild writes: `build --json` and
+    `pipeline run --json` (JsonReporter) and a scale-out run's Redis stream
+    (scaleout.child.EventProgress). One thread per outermost stage, joined when
+    it ends; `beat` is called without the lock held, so it may emit (and so call
+    `seen()`) itself."""
+
+    def __init__(
+        self, beat: Callable[[str, str, float], None], interval: float = HEARTBEAT
+    ) -> None:
+        self._beat = beat
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
+        self._stages: list[tuple[str, str, float]] = []  # name, title, monotonic start
+
+    def seen(self) -> None:
+        """Something was emitted: the next beat is `interval` seconds from now."""
+        with self._lock:
+            self._last = time.monotonic()
+
+    @contextlib.contextmanager
+    def stage(self, name: str, title: str) -> Iterator[None]:
+        with self._lock:
+            self._stages.append((name, title, time.monotonic()))
+            outermost = len(self._stages) == 1
+        try:
+            with self._beating() if outermost else contextlib.nullcontext():
+                yield
+        finally:
+            with self._lock:
+                self._stages.pop()
+
+    @contextlib.contextmanager
+    def _beating(self) -> Iterator[None]:
+        stop = threading.Event()
+
+        def run() -> None:
+            while True:
+                with self._lock:
+                    due = self._last + self.interval
+                if stop.wait(max(0.0, due - time.monotonic())):
+                    return
+                with self._lock:
+                    silent = time.monotonic() - self._last >= self.interval
+                    current = self._stages[-1] if self._stages else None
+                if current is None or not silent:
+                    continue
+                name, title, start = current
+                try:
+                    self._beat(name, title, round(time.monotonic() - start, 1))
+                except (OSError, ValueError):
+                    return  # the stream went away (a closed pipe): the caller reports that
+
+        thread = threading.Thread(target=run, name="heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+
+def heartbeat_text(title: str, elapsed: float) -> str:
+    return f"{title}: running for {elapsed:.0f}s"
+
+
 class JsonReporter:
     """A Reporter writing events to `stream` (stdout): one JSON object per line."""
 
     def __init__(self, stream: TextIO | None = None, *, heartbeat: float = HEARTBEAT) -> None:
         self.stream = stream or sys.stdout
-        self.heartbeat = heartbeat
-        self._stages: list[tuple[str, str, float]] = []  # name, title, monotonic start
+        self._stages: list[str] = []  # the names of the stages running, outermost first
         self._last_bytes = 0.0
         # The heartbeat thread writes too: one event at a time, whole lines.
         self._lock = threading.Lock()
-        self._last_event = time.monotonic()
+        self._heartbeat = Heartbeat(self._beat, heartbeat)
 
     def emit(self, event_type: str, /, **fields: Any) -> None:
         event = {
@@ -65,12 +134,15 @@ class JsonReporter:
         }
         with self._lock:
             if self._stages and "stage" not in fields:
-                event["stage"] = self._stages[-1][0]
+                event["stage"] = self._stages[-1]
             event.update(fields)
             # Guest output, errors and the manifest may quote a secret parameter value.
             self.stream.write(mask(json.dumps(event, default=str)) + "\n")
             self.stream.flush()
-            self._last_event = time.monotonic()
+        self._heartbeat.seen()
+
+    def _beat(self, name: str, title: str, elapsed: float) -> None:
+        self.emit("status", stage=name, text=heartbeat_text(title, elapsed), elapsed=elapsed)
 
     @contextlib.contextmanager
     def stage(self, name: str, title: str) -> Iterator[None]:
@@ -83,10 +155,10 @@ class JsonReporter:
         self.emit("stage-start", stage=name, title=title)
         start = time.monotonic()
         with self._lock:
-            self._stages.append((name, title, start))
+            self._stages.append(name)
         status = "failed"
         try:
-            with self._heartbeats() if len(self._stages) == 1 else contextlib.nullcontext():
+            with self._heartbeat.stage(name, title):
                 yield
             status = "ok"
         except KeyboardInterrupt:
@@ -97,41 +169,6 @@ class JsonReporter:
                 self._stages.pop()
             seconds = round(time.monotonic() - start, 2)
             self.emit("stage-end", stage=name, title=title, status=status, seconds=seconds)
-
-    @contextlib.contextmanager
-    def _heartbeats(self) -> Iterator[None]:
-        """While the outermost stage runs: a `status` heartbeat after each
-        `heartbeat` seconds in which nothing else was emitted."""
-        stop = threading.Event()
-
-        def beat() -> None:
-            while True:
-                with self._lock:
-                    due = self._last_event + self.heartbeat
-                if stop.wait(max(0.0, due - time.monotonic())):
-                    return
-                with self._lock:
-                    silent = time.monotonic() - self._last_event >= self.heartbeat
-                    current = self._stages[-1] if self._stages else None
-                if current is None or not silent:
-                    continue
-                name, title, start = current
-                elapsed = round(time.monotonic() - start, 1)
-                try:
-                    self.emit(
-                        "status", stage=name, text=f"{title}: running for {elapsed:.0f}s",
-                        elapsed=elapsed,
-                    )  # fmt: skip
-                except (OSError, ValueError):
-                    return  # stdout went away (a closed pipe): the build reports that
-
-        thread = threading.Thread(target=beat, name="json-heartbeat", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
 
     def status(self, text: str) -> None:
         log.info("%s", mask(text))

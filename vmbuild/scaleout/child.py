@@ -23,6 +23,7 @@ from typing import Any
 
 from vmbuild import paths
 from vmbuild.errors import VmbuildError
+from vmbuild.events import HEARTBEAT, Heartbeat, heartbeat_text
 from vmbuild.log import Progress, run_log
 from vmbuild.pipeline.history import History, RunRecord
 from vmbuild.scaleout import artifacts, events
@@ -34,12 +35,24 @@ ERROR_MAX_CHARS = 4000
 
 
 class EventProgress(Progress):
-    """Progress that also publishes each stage, status and output line as run events."""
+    """Progress that also publishes each stage, status and output line as run events,
+    and a heartbeat `status` (with `elapsed`) after HEARTBEAT seconds of silence in
+    a stage, from the same code as `build --json` (vmbuild.events.Heartbeat): a
+    follower (`submit --wait`, `runs logs --follow`) tells a slow TCG boot from a
+    hung worker."""
 
-    def __init__(self, publish: Any) -> None:
+    def __init__(self, publish: Any, *, heartbeat: float = HEARTBEAT) -> None:
         super().__init__(quiet=True)
-        self.publish = publish
+        self._publish = publish
         self._last_bytes = 0.0
+        self._heartbeat = Heartbeat(self._beat, heartbeat)
+
+    def publish(self, kind: str, **fields: Any) -> None:
+        self._publish(kind, **fields)
+        self._heartbeat.seen()
+
+    def _beat(self, name: str, title: str, elapsed: float) -> None:
+        self.publish("status", stage=name, text=heartbeat_text(title, elapsed), elapsed=elapsed)
 
     def stage(self, name: str, title: str) -> Any:
         import contextlib
@@ -50,7 +63,7 @@ class EventProgress(Progress):
         def wrapped() -> Any:
             self.publish("stage", stage=name, title=title, state="started")
             try:
-                with parent:
+                with parent, self._heartbeat.stage(name, title):
                     yield
             except BaseException:
                 self.publish("stage", stage=name, title=title, state="failed",

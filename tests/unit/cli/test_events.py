@@ -122,4 +122,37 @@ def test_a_silent_stage_gets_heartbeats_and_they_stop_with_it() -> None:
     assert [e["type"] for e in events][-2:] == ["stage-end", "stage-end"]
     # The thread was joined when the outermost stage ended: nothing more comes.
     assert buf.getvalue() == after
-    assert all(t.name != "json-heartbeat" for t in threading.enumerate())
+    assert all(t.name != "heartbeat" for t in threading.enumerate())
+
+
+def test_a_scaleout_run_stream_gets_the_same_heartbeat() -> None:
+    """A worker's Redis event stream (scaleout.child.EventProgress) beats through
+    the same Heartbeat: a `status` with `elapsed` after a silent stretch of a stage,
+    none after the stage ended."""
+    from vmbuild.scaleout.child import EventProgress
+
+    published: list[tuple[str, dict[str, object]]] = []
+    beat = threading.Event()
+
+    def publish(kind: str, **fields: object) -> None:
+        published.append((kind, fields))
+        if "elapsed" in fields:
+            beat.set()
+
+    progress = EventProgress(publish, heartbeat=0.2)
+    with progress.stage("builder", "builder VM: boot, SSH, cloud-init"):
+        progress.status("booting")
+        assert beat.wait(10), "no heartbeat during a silent stage"
+    after = list(published)
+    kind, fields = next((k, f) for k, f in after if "elapsed" in f)
+    assert kind == "status" and fields["stage"] == "builder"
+    assert isinstance(fields["elapsed"], float) and fields["elapsed"] >= 0.2
+    assert str(fields["text"]).startswith("builder VM: boot, SSH, cloud-init: running for ")
+    assert after[0] == (
+        "stage",
+        {"stage": "builder", "title": "builder VM: boot, SSH, cloud-init", "state": "started"},
+    )
+    assert after[1] == ("status", {"text": "booting"})
+    assert after[-1][0] == "stage" and after[-1][1]["state"] == "done"
+    assert published == after  # the beating thread was joined with the stage
+    assert all(t.name != "heartbeat" for t in threading.enumerate())
