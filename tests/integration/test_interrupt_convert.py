@@ -13,6 +13,7 @@ and lets it run again."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -90,49 +91,63 @@ def test_sigterm_during_qemu_img_convert_leaves_nothing(tmp_path: Path) -> None:
         [sys.executable, "-c", CONVERTING, str(overlay), str(store)],
         env=env, cwd=REPO, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert vmbuild.stdout is not None
-    staging = store / "img" / "1.0.0" / ".staging-conv"
-    assert vmbuild.stdout.readline() == "status flattening the disk\n"
-    # qemu-img draws its 0% frame before it creates the target: wait for data moving.
-    while (line := vmbuild.stdout.readline().split())[:1] != ["bytes"] or line[1] == "0":
-        assert line, "the conversion ended before copying anything"
-    # run() tracks every command it starts in the run's registry entry (on a
-    # loaded machine the first convert may be over already: then the next one).
-    (entry,) = (tmp_path / "state" / "runs").iterdir()
-    found: list[int] = []
+    found: list[tuple[int, int]] = []  # qemu-img's pid and start time
+    try:
+        assert vmbuild.stdout is not None
+        staging = store / "img" / "1.0.0" / ".staging-conv"
+        assert vmbuild.stdout.readline() == "status flattening the disk\n"
+        # qemu-img draws its 0% frame before it creates the target: wait for data moving.
+        while (line := vmbuild.stdout.readline().split())[:1] != ["bytes"] or line[1] == "0":
+            assert line, "the conversion ended before copying anything"
+        # run() tracks every command it starts in the run's registry entry (on a
+        # loaded machine the first convert may be over already: then the next one).
+        (entry,) = (tmp_path / "state" / "runs").iterdir()
 
-    def converting() -> bool:
-        children = json.loads((entry / "run.json").read_text())["children"]
-        for child in children:
-            cmdline = Path(f"/proc/{child['pid']}/cmdline")
-            if cmdline.exists() and cmdline.read_bytes().split(b"\0")[1:2] == [b"convert"]:
-                found.append(child["pid"])
-                return True
-        return False
+        def converting() -> bool:
+            children = json.loads((entry / "run.json").read_text())["children"]
+            for child in children:
+                cmdline = Path(f"/proc/{child['pid']}/cmdline")
+                if cmdline.exists() and cmdline.read_bytes().split(b"\0")[1:2] == [b"convert"]:
+                    found.append((child["pid"], child["start"]))
+                    return True
+            return False
 
-    wait_for(converting)
-    qemu_img = found[0]
-    os.kill(qemu_img, signal.SIGSTOP)
-    # SIGSTOP takes effect when qemu-img next runs; a SIGTERM arriving before
-    # that would be taken first (lower number): wait until it is stopped.
-    wait_for(lambda: state(qemu_img) == "T")
-    argv = Path(f"/proc/{qemu_img}/cmdline").read_bytes().split(b"\0")
-    assert argv[:2] == [b"qemu-img", b"convert"] and str(staging).encode() in argv[-2]
-    assert list((staging / "work").glob("scrubbed.raw"))  # a half-written disk, in staging
+        wait_for(converting)
+        qemu_img = found[0][0]
+        os.kill(qemu_img, signal.SIGSTOP)
+        # SIGSTOP takes effect when qemu-img next runs; a SIGTERM arriving before
+        # that would be taken first (lower number): wait until it is stopped.
+        wait_for(lambda: state(qemu_img) == "T")
+        argv = Path(f"/proc/{qemu_img}/cmdline").read_bytes().split(b"\0")
+        assert argv[:2] == [b"qemu-img", b"convert"] and str(staging).encode() in argv[-2]
+        assert list((staging / "work").glob("scrubbed.raw"))  # a half-written disk, in staging
 
-    vmbuild.send_signal(signal.SIGTERM)
-    # vmbuild's cleanup SIGTERMs qemu-img's process group: pending while it is stopped.
-    wait_for(lambda: pending(qemu_img) & (1 << (signal.SIGTERM - 1)))
-    os.kill(qemu_img, signal.SIGCONT)
-    started = time.monotonic()
-    assert vmbuild.wait(30) == 130
-    print(f"vmbuild exited {time.monotonic() - started:.2f}s after qemu-img resumed")
-    rest = vmbuild.stdout.read().splitlines()
-    # Progress frames qemu-img drew before it was stopped may follow; never the end.
-    assert "finished" not in rest and all(line.startswith(("bytes ", "status ")) for line in rest)
+        vmbuild.send_signal(signal.SIGTERM)
+        # vmbuild's cleanup SIGTERMs qemu-img's process group: pending while it is stopped.
+        wait_for(lambda: pending(qemu_img) & (1 << (signal.SIGTERM - 1)))
+        os.kill(qemu_img, signal.SIGCONT)
+        started = time.monotonic()
+        assert vmbuild.wait(30) == 130
+        print(f"vmbuild exited {time.monotonic() - started:.2f}s after qemu-img resumed")
+        rest = vmbuild.stdout.read().splitlines()
+        # Progress frames qemu-img drew before it was stopped may follow; never the end.
+        assert "finished" not in rest and all(
+            line.startswith(("bytes ", "status ")) for line in rest
+        )
 
-    assert proc_start_time(qemu_img) is None  # dead and reaped
-    assert not staging.exists()  # the half-written raw and qcow2 went with it
-    assert not store.exists() or list(store.iterdir()) == []
-    assert list((tmp_path / "state" / "runs").iterdir()) == []  # nothing for a reaper
-    assert overlay.exists()  # the input (a checkpoint's disk) is untouched
+        assert proc_start_time(qemu_img) is None  # dead and reaped
+        assert not staging.exists()  # the half-written raw and qcow2 went with it
+        assert not store.exists() or list(store.iterdir()) == []
+        assert list((tmp_path / "state" / "runs").iterdir()) == []  # nothing for a reaper
+        assert overlay.exists()  # the input (a checkpoint's disk) is untouched
+    finally:
+        # A failed assertion must not leave the vmbuild process waiting on a
+        # stopped qemu-img: kill it (PR_SET_PDEATHSIG then kills qemu-img,
+        # stopped or not) and qemu-img itself if it is still the same process.
+        if vmbuild.poll() is None:
+            vmbuild.kill()
+            vmbuild.wait(30)
+        for pid, start in found:
+            if proc_start_time(pid) == start:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
