@@ -31,6 +31,7 @@ from vmbuild.config.recipe import LoadedRecipe, UrlBase
 from vmbuild.diskfs.scrub import Needle
 from vmbuild.errors import StepFailed, VmbuildError
 from vmbuild.hypervisor import accel as accel_mod
+from vmbuild.hypervisor import firmware
 from vmbuild.hypervisor.guest import Guest, booted_guest, copy_console
 from vmbuild.log import run_log
 from vmbuild.manifest import BaseRecord, Manifest, Package, RecipeRecord
@@ -106,8 +107,9 @@ class Run:
 def _base(r: Run) -> None:
     loaded = r.plan.loaded
     r.base = base_image.for_recipe(
-        loaded.recipe.base, loaded.base_path, mirror=r.plan.mirror, reporter=r.reporter
-    )
+        loaded.recipe.base, loaded.base_path, mirror=r.plan.mirror, reporter=r.reporter,
+        layout=base_image.layout_for(loaded.recipe.boot_mode),
+    )  # fmt: skip
     r.keyed("base", base_image.key(r.base, loaded.recipe.disk_size))
     r.accel = accel_mod.choose(r.plan.accel_mode, (r.base.path, r.base.format), r.work)
     r.reporter.status(f"accelerator: {r.accel.kind} ({r.accel.reason})")
@@ -328,6 +330,7 @@ def _test(r: Run) -> None:
             "VMBUILD_IMAGE_NAME": recipe.name,
             "VMBUILD_IMAGE_VERSION": recipe.version,
         },
+        boots=firmware.boot_modes(recipe.boot_mode, recipe.secure_boot),
     )
     r.keyed("test", inputs.key(r.keys["convert"]))
     cached_key = None
@@ -457,6 +460,7 @@ def _manifest(r: Run) -> Manifest:
         },
         accelerator=r.accel.to_json(),
         backend=plan.backend,
+        boot_mode=recipe.boot_mode,
         vmbuild_version=__version__,
         # Which steps came from the checkpoint cache (and which were saved).
         extra={"checkpoints": r.ck.to_json()} if r.ck is not None else {},

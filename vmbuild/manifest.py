@@ -71,7 +71,7 @@ class Package:
 _KEYS = (
     "schema", "name", "version", "description", "build", "created", "recipe", "base",
     "components", "outputs", "packages", "tests", "timings", "accelerator", "backend",
-    "vmbuild_version", "distribution",
+    "boot_mode", "vmbuild_version", "distribution",
 )  # fmt: skip
 
 # What a build writes; `distribution` is added by `vmbuild distribute`.
@@ -95,6 +95,9 @@ class Manifest:
     timings: dict[str, float] = field(default_factory=dict)
     accelerator: dict[str, Any] | None = None
     backend: str | None = None
+    # The recipe's EC2 boot mode: what the image was tested under and what
+    # `distribute` registers the AMI with unless its config says otherwise.
+    boot_mode: str | None = None
     vmbuild_version: str | None = None
     distribution: dict[str, Any] | None = None  # written by `vmbuild distribute`
     extra: dict[str, Any] = field(default_factory=dict)
@@ -146,6 +149,7 @@ class Manifest:
             "timings": dict(self.timings),
             "accelerator": self.accelerator,
             "backend": self.backend,
+            "boot_mode": self.boot_mode,
             "vmbuild_version": self.vmbuild_version,
             "distribution": self.distribution,
         }
@@ -205,6 +209,7 @@ class Manifest:
                 timings={str(k): float(v) for k, v in (data.get("timings") or {}).items()},
                 accelerator=data.get("accelerator"),
                 backend=data.get("backend"),
+                boot_mode=data.get("boot_mode"),
                 vmbuild_version=data.get("vmbuild_version"),
                 distribution=data.get("distribution"),
                 extra={k: v for k, v in data.items() if k not in _KEYS},

@@ -23,6 +23,7 @@ from vmbuild.cache import aptproxy
 from vmbuild.config.recipe import LoadedRecipe, VMSettings
 from vmbuild.config.settings import SETTINGS
 from vmbuild.errors import ConfigError
+from vmbuild.hypervisor import firmware
 from vmbuild.hypervisor.accel import Accel, AccelMode
 from vmbuild.hypervisor.guest import GuestRequest
 from vmbuild.hypervisor.imds import Ec2Settings
@@ -191,7 +192,9 @@ class BuildPlan:
         workdir: Path,
         apt_proxy: str | None = None,
     ) -> GuestRequest:
-        """The VM request for the builder ("builder") or the test VM ("test")."""
+        """The VM request for the builder ("builder") or the test VM ("test"), booted
+        with the firmware the recipe's boot mode gives it first."""
+        recipe = self.loaded.recipe
         return GuestRequest(
             run_id=self.run_id, role=role, base=disk, base_format=fmt, disk_size=size,
             memory_mib=self.memory >> 20, cpus=self.cpus, accel=accel, workdir=workdir,
@@ -202,6 +205,8 @@ class BuildPlan:
             first_boot="full" if role == "test" else "minimal",
             dispose="kill" if role == "test" else "shutdown",
             ec2=self.test_ec2 if role == "test" else None,
+            firmware=firmware.builder_firmware(recipe.boot_mode) if role == "builder"
+            else firmware.boot_modes(recipe.boot_mode, recipe.secure_boot)[0],
         )  # fmt: skip
 
     @property

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vmbuild import paths
-from vmbuild.config.distribution import DistributionConfig, load_distribution
+from vmbuild.config.distribution import DistributionConfig, ImageSettings, load_distribution
 from vmbuild.config.loader import load_yaml
 from vmbuild.errors import ConfigError
 from vmbuild.publish.events import DistributionEvent
@@ -205,14 +205,15 @@ def cmd_lint(args: argparse.Namespace) -> int:
     from vmbuild.diskfs.lint import lint_disk
     from vmbuild.publish.artifact import Disks, load_artifact, workdir
 
-    image = read_config(args.config).image if args.config else None
     artifact = load_artifact(_resolve(args))
+    given = read_config(args.config).image if args.config else ImageSettings()
+    image = given.for_image(artifact.manifest.boot_mode)
     with workdir() as scratch:
         report = lint_disk(
             Disks(artifact, scratch).raw(),
-            boot_mode=image.boot_mode if image else "legacy-bios",
-            architecture=image.architecture if image else "x86_64",
-            ena_support=image.ena_support if image else True,
+            boot_mode=image.mode,
+            architecture=image.architecture,
+            ena_support=image.ena_support,
         )
     if args.json:
         print(json.dumps({"image": artifact.ref, **report.to_json()}, indent=2))

@@ -35,7 +35,10 @@ def describe(plan: BuildPlan, *, store_source: str) -> dict[str, Any]:
 
     loaded, recipe = plan.loaded, plan.loaded.recipe
     spec = recipe.base
-    cached = base_image.cached_for_recipe(spec, loaded.base_path, mirror=plan.mirror)
+    cached = base_image.cached_for_recipe(
+        spec, loaded.base_path, mirror=plan.mirror,
+        layout=base_image.layout_for(loaded.recipe.boot_mode),
+    )  # fmt: skip
     base: dict[str, Any] = {
         "spec": spec.url if isinstance(spec, UrlBase) else spec,
         "kind": "file" if loaded.base_path else "url" if isinstance(spec, UrlBase) else "built",
@@ -81,7 +84,7 @@ def describe(plan: BuildPlan, *, store_source: str) -> dict[str, Any]:
         d = loaded.distribution
         distribution = {
             "method": d.import_.method,
-            "image": {"boot_mode": d.image.boot_mode, "architecture": d.image.architecture},
+            "image": {"boot_mode": d.image.mode, "architecture": d.image.architecture},
             "regions": [
                 {
                     "region": r.region,

@@ -217,13 +217,25 @@ class RegionDistribution(_Model):
 class ImageSettings(_Model):
     """How the AMI is registered (RegisterImage / ImportImage parameters)."""
 
-    boot_mode: Literal["legacy-bios", "uefi"] = "legacy-bios"
+    # None: the image's own (its manifest's boot_mode, from the recipe).
+    boot_mode: Literal["legacy-bios", "uefi", "uefi-preferred"] | None = None
     architecture: Literal["x86_64", "arm64"] = "x86_64"
     ena_support: bool = True
     root_device_name: Annotated[str, StringConstraints(pattern=r"^/dev/[a-z0-9]+$")] = "/dev/xvda"
     volume_size: Annotated[int, Field(ge=1, le=65536)] | None = None
     volume_type: Literal["gp3", "gp2", "io1", "io2", "standard"] = "gp3"
     imds_support: Literal["v2.0"] | None = None
+
+    def for_image(self, boot_mode: str | None) -> ImageSettings:
+        """These settings with the boot mode decided: the config's, else the image's
+        (as its recipe declared and its tests proved), else legacy-bios."""
+        if self.boot_mode is not None:
+            return self
+        return self.model_copy(update={"boot_mode": boot_mode or "legacy-bios"})
+
+    @property
+    def mode(self) -> str:
+        return self.boot_mode or "legacy-bios"
 
 
 class ImportSettings(_Model):

@@ -198,6 +198,17 @@ class Recipe(_Model):
     vm: VMSettings = VMSettings()
     distribution: dict[str, Any] | None = None
     scan: ScanSettings | None = None
+    boot_mode: Literal["legacy-bios", "uefi", "uefi-preferred"] = Field(
+        default="legacy-bios",
+        description="how the image boots, in EC2's names: the builder and test VMs boot that "
+        "way (uefi-preferred: tested under UEFI and legacy BIOS) and the AMI is registered "
+        "with it; debian-12 is built as a hybrid GPT disk for uefi and uefi-preferred",
+    )
+    secure_boot: bool = Field(
+        default=False,
+        description="test under UEFI with Secure Boot enforced (Microsoft's keys, as EC2's "
+        "default UEFI store); needs boot_mode uefi or uefi-preferred",
+    )
     working_directory: str = Field(
         default="/tmp",
         pattern=r"^/",
@@ -213,6 +224,10 @@ class Recipe(_Model):
             raise ValueError("outputs: a format is listed twice")
         if not self.outputs:
             raise ValueError("outputs: list at least one format")
+        if self.secure_boot and self.boot_mode == "legacy-bios":
+            raise ValueError(
+                "secure_boot: Secure Boot needs UEFI; set boot_mode: uefi (or uefi-preferred)"
+            )
         return self
 
 

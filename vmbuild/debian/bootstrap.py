@@ -1,13 +1,29 @@
 """The offline Debian base, as pure functions: every argv and file the build
 writes (partition table, filesystem, GRUB), unit-tested without running them.
 The steps that run them are in `base_image.build_debian`.
+
+Two disk layouts:
+- `bios`: an MBR, one ext4 partition, GRUB i386-pc in the gap before it.
+- `hybrid`: GPT with a BIOS boot partition, an EFI system partition and the
+  root, as Debian's own cloud images: one disk boots under legacy BIOS
+  (GRUB i386-pc in the BIOS boot partition) and under UEFI, Secure Boot
+  included (Debian's Microsoft-signed shim as the removable-media path
+  EFI/BOOT/BOOTX64.EFI, then Debian's signed GRUB, then the signed kernel).
+
+Everything is written into a plain file at known offsets (sfdisk, mke2fs -E
+offset, mkfs.fat --offset, mtools' `image@@offset`, dd): no loop devices,
+which the hosts vmbuild targets (containers, CI runners) often lack. GRUB's
+own installer needs a block device, so its two steps for a GPT disk are done
+here: boot.img learns where core.img starts, core.img where its rest is.
 """
 
 from __future__ import annotations
 
 import shlex
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from vmbuild.debian.sources import DebianMirrors, apt_source_lines
 
@@ -20,6 +36,39 @@ GRUB_MODULES = (
     "normal", "linux", "serial", "terminal", "terminfo", "echo", "test",
 )  # fmt: skip
 CONSOLE_ARGS = "console=tty0 console=ttyS0,115200n8"
+
+Layout = Literal["bios", "hybrid"]
+SECTOR = 512
+# hybrid: 1 MiB BIOS boot, 126 MiB ESP (FAT32 needs >= ~33 MiB; room for
+# shim/GRUB updates), the root to 1 MiB before the end (the backup GPT).
+BIOS_BOOT_START = MiB
+ESP_START, ESP_SIZE = 2 * MiB, 126 * MiB
+HYBRID_ROOT_START = ESP_START + ESP_SIZE
+GPT_TAIL = MiB
+GPT_BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
+GPT_ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+GPT_ROOT_X86_64 = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
+# GRUB's i386-pc boot.img: the 64-bit LBA of core.img's first sector
+# (GRUB_BOOT_MACHINE_KERNEL_SECTOR); core.img's first sector (diskboot.img)
+# ends with a blocklist whose first entry's 64-bit start LBA is 12 bytes
+# before the sector's end (GRUB_BOOT_MACHINE_LIST_SIZE). grub-mkimage
+# writes both for core.img at sector 1, which is where the bios layout puts it.
+BOOT_IMG_KERNEL_SECTOR = 0x5C
+DISKBOOT_BLOCKLIST_START = SECTOR - 12
+# Debian's signed EFI binaries, as installed on the build host by
+# shim-signed and grub-efi-amd64-signed (scripts/install-host-deps).
+SHIM_SIGNED = Path("/usr/lib/shim/shimx64.efi.signed")
+MOKMANAGER_SIGNED = Path("/usr/lib/shim/mmx64.efi.signed")
+GRUB_EFI_SIGNED = Path("/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed")
+SIGNED_EFI_BINARIES = (SHIM_SIGNED, GRUB_EFI_SIGNED, MOKMANAGER_SIGNED)
+
+
+def root_offset(layout: Layout) -> int:
+    return PARTITION_OFFSET if layout == "bios" else HYBRID_ROOT_START
+
+
+def root_size(layout: Layout, disk_size: int = DISK_SIZE) -> int:
+    return disk_size - root_offset(layout) - (GPT_TAIL if layout == "hybrid" else 0)
 
 
 # --- Debian build: argv and file contents (pure) ---------------------------------
@@ -55,20 +104,119 @@ def sfdisk_script(root_uuid: str) -> str:
     )
 
 
+def sfdisk_gpt_script(root_uuid: str, disk_size: int = DISK_SIZE) -> str:
+    """BIOS boot, ESP and root (last, so cloud-init's growpart can grow it).
+
+    The disk GUID is derived from the root filesystem's UUID, as the MBR
+    label id is, so two builds of one key differ only where their inputs do.
+    """
+    disk_guid = str(_derived_uuid(root_uuid, "disk")).upper()
+    s = SECTOR
+    return (
+        f"label: gpt\nlabel-id: {disk_guid}\nunit: sectors\nfirst-lba: 34\n\n"
+        f"start={BIOS_BOOT_START // s}, size={MiB // s}, type={GPT_BIOS_BOOT}, name=bios\n"
+        f"start={ESP_START // s}, size={ESP_SIZE // s}, type={GPT_ESP}, name=esp\n"
+        f"start={HYBRID_ROOT_START // s}, size={root_size('hybrid', disk_size) // s}, "
+        f"type={GPT_ROOT_X86_64}, name=root\n"
+    )
+
+
+def _derived_uuid(root_uuid: str, what: str) -> uuid.UUID:
+    return uuid.uuid5(uuid.UUID(root_uuid), what)
+
+
+def esp_volume_id(root_uuid: str) -> str:
+    """The ESP's FAT volume id (8 hex digits), derived from the root's UUID."""
+    return _derived_uuid(root_uuid, "esp").hex[:8]
+
+
+def mkfs_esp_argv(disk: Path, root_uuid: str) -> list[str]:
+    """FAT32 written into the ESP's place in the disk file (size in KiB blocks).
+
+    One-sector clusters: FAT32 needs at least 65525 clusters, which 126 MiB of
+    the default 4 KiB clusters is not (mtools then finds no directory slots).
+    `-h`: the partition's start, as a FAT inside a partition records it.
+    """
+    start = str(ESP_START // SECTOR)
+    return [
+        "mkfs.fat", "-F", "32", "-s", "1", "-h", start, "-n", "EFI",
+        "-i", esp_volume_id(root_uuid), f"--offset={start}", str(disk), str(ESP_SIZE // 1024),
+    ]  # fmt: skip
+
+
+def esp_image(disk: Path) -> str:
+    """The ESP as mtools names it: a file at a byte offset."""
+    return f"{disk}@@{ESP_START}"
+
+
+def esp_files(grub_efi_cfg: Path) -> list[tuple[Path, str]]:
+    """(host file, ESP path): shim at the removable-media path EFI/BOOT/BOOTX64.EFI
+    finds grubx64.efi beside it (no fbx64.efi: no boot entries to create); the
+    signed GRUB reads grub.cfg from its prefix EFI/debian, else beside itself."""
+    return [
+        (SHIM_SIGNED, "::/EFI/BOOT/BOOTX64.EFI"),
+        (GRUB_EFI_SIGNED, "::/EFI/BOOT/grubx64.efi"),
+        (MOKMANAGER_SIGNED, "::/EFI/BOOT/mmx64.efi"),
+        (grub_efi_cfg, "::/EFI/BOOT/grub.cfg"),
+        (grub_efi_cfg, "::/EFI/debian/grub.cfg"),
+    ]
+
+
+def mtools_argvs(disk: Path, files: Sequence[tuple[Path, str]]) -> list[list[str]]:
+    """mmd for each directory, then mcopy for each file, into the ESP."""
+    image = esp_image(disk)
+    dirs = sorted({dest.rsplit("/", 1)[0] for _, dest in files} - {"::"})
+    parents = sorted({d for dest in dirs for d in _parents(dest)}, key=len)
+    argvs = [["mmd", "-i", image, d] for d in parents]
+    argvs += [["mcopy", "-i", image, str(src), dest] for src, dest in files]
+    return argvs
+
+
+def _parents(path: str) -> list[str]:
+    parts = path.removeprefix("::/").split("/")
+    return ["::/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def grub_efi_config(root_uuid: str) -> str:
+    """The ESP's grub.cfg: hand over to the root filesystem's /boot/grub/grub.cfg,
+    the one config both firmware paths share (a kernel upgrade needs no ESP write)."""
+    return (
+        f"search --no-floppy --fs-uuid --set=root {root_uuid}\n"
+        "set prefix=($root)/boot/grub\nconfigfile $prefix/grub.cfg\n"
+    )
+
+
+def patch_boot_img(boot_img: bytes, core_lba: int) -> bytes:
+    """boot.img told that core.img starts at `core_lba` (what grub-install does)."""
+    return _put_u64(boot_img, BOOT_IMG_KERNEL_SECTOR, core_lba)
+
+
+def patch_core_img(core_img: bytes, core_lba: int) -> bytes:
+    """core.img's first blocklist entry pointed at its own second sector."""
+    return _put_u64(core_img, DISKBOOT_BLOCKLIST_START, core_lba + 1)
+
+
+def _put_u64(data: bytes, offset: int, value: int) -> bytes:
+    return data[:offset] + value.to_bytes(8, "little") + data[offset + 8 :]
+
+
 def sfdisk_argv(disk: Path) -> list[str]:
     return ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(disk)]
 
 
-def mke2fs_argv(disk: Path, rootfs: Path, root_uuid: str, disk_size: int = DISK_SIZE) -> list[str]:
+def mke2fs_argv(
+    disk: Path, rootfs: Path, root_uuid: str, disk_size: int = DISK_SIZE,
+    layout: Layout = "bios",
+) -> list[str]:  # fmt: skip
     """ext4 filled from `rootfs`, written at the partition's offset inside the file.
 
     metadata_csum_seed is off: bookworm's GRUB 2.06 cannot read it.
     """
-    blocks = (disk_size - PARTITION_OFFSET) // FS_BLOCK_SIZE
+    blocks = root_size(layout, disk_size) // FS_BLOCK_SIZE
     return [
         "mke2fs", "-q", "-F", "-t", "ext4", "-b", str(FS_BLOCK_SIZE),
         "-O", "^metadata_csum_seed", "-L", "root", "-U", root_uuid,
-        "-E", f"offset={PARTITION_OFFSET}", "-d", str(rootfs), str(disk), str(blocks),
+        "-E", f"offset={root_offset(layout)}", "-d", str(rootfs), str(disk), str(blocks),
     ]  # fmt: skip
 
 
@@ -77,10 +225,14 @@ def grub_early_config(root_uuid: str) -> str:
     return f"search.fs_uuid {root_uuid} root\nset prefix=($root)/boot/grub\n"
 
 
-def grub_mkimage_argv(module_dir: Path, core: Path, early_config: Path) -> list[str]:
+def grub_mkimage_argv(
+    module_dir: Path, core: Path, early_config: Path, layout: Layout = "bios"
+) -> list[str]:
+    table = "part_msdos" if layout == "bios" else "part_gpt"
+    modules = [table if m == "part_msdos" else m for m in GRUB_MODULES]
     return [
         "grub-mkimage", "-O", "i386-pc", "-d", str(module_dir), "-o", str(core),
-        "-c", str(early_config), "-p", "/boot/grub", *GRUB_MODULES,
+        "-c", str(early_config), "-p", "/boot/grub", *modules,
     ]  # fmt: skip
 
 

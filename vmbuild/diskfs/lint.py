@@ -26,6 +26,7 @@ from vmbuild.diskfs.rootfs import (
     read_partition_table,
     resolve,
 )
+from vmbuild.run import run
 
 __all__ = ["Finding", "LintReport", "check_root", "lint_disk"]
 
@@ -58,6 +59,8 @@ def lint_disk(
         return report
     report.partition_table = table.kind
     report.findings.extend(check_partition_table(table, boot_mode))
+    if boot_mode in UEFI_MODES:
+        report.findings.extend(check_esp(esp_listing(raw, table), architecture))
     root = None
     for part in table.partitions:
         info = detect_filesystem(raw, part.start)
@@ -103,6 +106,63 @@ def lint_disk(
     return report
 
 
+UEFI_MODES = ("uefi", "uefi-preferred")
+# The removable-media path UEFI firmware boots when it has no boot entry, as
+# on a new EC2 instance (its variable store holds none unless --uefi-data does).
+REMOVABLE_PATH = {"x86_64": "efi/boot/bootx64.efi", "arm64": "efi/boot/bootaa64.efi"}
+
+
+def esp_listing(raw: Path, table: PartitionTable) -> list[str] | None:
+    """Every path on the first EFI system partition, lowercased (FAT ignores case);
+    None when there is no ESP or it holds no FAT file system mtools can read."""
+    esp = next((p for p in table.partitions if p.type == GPT_ESP), None)
+    if esp is None:
+        return None
+    result = run(
+        ["mdir", "-b", "-/", "-i", f"{raw}@@{esp.start}", "::/"],
+        env={"MTOOLS_SKIP_CHECK": "1"}, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        return None
+    return [
+        ln.strip().removeprefix("::/").lower() for ln in result.stdout.splitlines() if ln.strip()
+    ]
+
+
+def check_esp(paths: list[str] | None, architecture: str) -> list[Finding]:
+    """The ESP holds the removable-media boot loader and, for GRUB, a config."""
+    if paths is None:
+        return [
+            Finding(
+                "error", "boot-loader", "no readable FAT file system on an EFI system partition",
+                "format the ESP as FAT32 and install the boot loader into it",
+            )
+        ]  # fmt: skip
+    out: list[Finding] = []
+    loader = REMOVABLE_PATH.get(architecture, REMOVABLE_PATH["x86_64"])
+    if loader not in paths:
+        out.append(
+            Finding(
+                "error",
+                "boot-loader",
+                f"the EFI system partition has no {loader.upper()}: UEFI boots that path "
+                "when it has no boot entry, as a new instance",
+                "install the boot loader as the removable-media path (grub-install --removable)",
+            )
+        )
+    grub = [p for p in paths if re.fullmatch(r"efi/[^/]+/grub[a-z0-9]*\.efi", p)]
+    if grub and not any(re.fullmatch(r"efi/[^/]+/grub\.cfg", p) for p in paths):
+        out.append(
+            Finding(
+                "warning",
+                "grub",
+                "GRUB is on the EFI system partition but no EFI/*/grub.cfg is: unless its "
+                "built-in config finds one it stops at a grub> prompt",
+            )
+        )
+    return out
+
+
 def check_partition_table(table: PartitionTable, boot_mode: str) -> list[Finding]:
     """Partition table and boot loader stage 1, from the first sectors."""
     out: list[Finding] = []
@@ -118,17 +178,18 @@ def check_partition_table(table: PartitionTable, boot_mode: str) -> list[Finding
                 "use GPT",
             )
         )
-    if boot_mode == "uefi":
+    if boot_mode in UEFI_MODES:
         if table.kind != "gpt" or not any(p.type == GPT_ESP for p in table.partitions):
             out.append(
                 Finding(
                     "error",
                     "boot-loader",
-                    "boot mode uefi needs a GPT disk with an EFI system partition",
-                    "set image.boot_mode: legacy-bios, or build a UEFI image",
+                    f"boot mode {boot_mode} needs a GPT disk with an EFI system partition",
+                    "set boot_mode: legacy-bios, or build a UEFI image",
                 )
             )
-        return out
+        if boot_mode == "uefi":
+            return out
     if not any(table.boot_code):
         out.append(
             Finding(

@@ -46,14 +46,15 @@ class Accel:
     reason: str
     scale: float
 
-    def qemu_args(self, cpus: int) -> list[str]:
+    def qemu_args(self, cpus: int, machine: str = "pc") -> list[str]:
         """The fastest measured flags for each accelerator."""
         if self.kind == "kvm":
-            return ["-machine", "pc", "-accel", "kvm", "-cpu", "host", "-smp", str(cpus)]
+            return ["-machine", machine, "-accel", "kvm", "-cpu", "host", "-smp", str(cpus)]
         # Measured: multi-threaded TCG with qemu64 beats `-cpu max` by ~20 %
         # and single-threaded TCG by ~30 %.
         return [
-            "-machine", "pc", "-accel", "tcg,thread=multi", "-cpu", "qemu64", "-smp", str(cpus),
+            "-machine", machine, "-accel", "tcg,thread=multi", "-cpu", "qemu64",
+            "-smp", str(cpus),
         ]  # fmt: skip
 
     def timeout(self, kvm_seconds: float) -> float:

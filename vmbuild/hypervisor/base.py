@@ -9,6 +9,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from vmbuild.hypervisor.accel import Accel
+from vmbuild.hypervisor.firmware import Firmware
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class VMSpec:
     console_log: Path  # serial console, kept in the run log
     workdir: Path  # sockets and pid files
     ec2: Ec2Boot | None = None  # boot as on EC2: IMDS, EC2's SMBIOS, no seed
+    firmware: Firmware = "bios"
+    uefi_vars: Path | None = None  # this VM's own UEFI variable store (UEFI only)
 
     def user_netdev(self, netdev_id: str) -> str:
         """QEMU's user network: SSH forwarded from 127.0.0.1 only; in the ec2 mode on

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from vmbuild.cache import aptproxy
 from vmbuild.errors import SSHError, SSHTimeout, VmbuildError, VMError
-from vmbuild.hypervisor import imds
+from vmbuild.hypervisor import firmware, imds
 from vmbuild.hypervisor.accel import Accel
 from vmbuild.hypervisor.base import Ec2Boot, Machine, VMSpec, free_port
+from vmbuild.hypervisor.firmware import Firmware
 from vmbuild.hypervisor.seed import SeedConfig, user_data, write_seed
 from vmbuild.hypervisor.watchdog import Watchdog
 from vmbuild.remote.keys import KeyPair, generate_ed25519
@@ -62,6 +63,7 @@ class GuestRequest:
     # Boot as on EC2 (the test VM's `ec2` mode): no NoCloud seed; the key and
     # user-data come from the metadata service at 169.254.169.254. None: NoCloud.
     ec2: imds.Ec2Settings | None = None
+    firmware: Firmware = "bios"
 
 
 @dataclass
@@ -182,8 +184,10 @@ def booted_guest(
         seed = req.workdir / f"{req.role}-seed.iso"
         key_path = req.workdir / f"{req.role}-id_ed25519"
         pinned = req.workdir / f"{req.role}-base.{req.base_format}"
-        for path in (overlay, seed, key_path, pinned):
-            stack.callback(path.unlink, missing_ok=True)
+        uefi_vars = req.workdir / f"{req.role}-uefi-vars.fd" if req.firmware != "bios" else None
+        for path in (overlay, seed, key_path, pinned, uefi_vars):
+            if path is not None:
+                stack.callback(path.unlink, missing_ok=True)
         client_key = generate_ed25519(f"vmbuild-{req.role}@{req.run_id}")
         host_key = generate_ed25519(f"vmbuild-host@{req.run_id}")
         client_key.write_private(key_path)
@@ -204,6 +208,8 @@ def booted_guest(
         else:
             service, ec2 = _start_imds(req, seed_cfg, stack)
         create_overlay(pin_base(req.base, pinned), req.base_format, overlay, req.disk_size)
+        if uefi_vars is not None:
+            firmware.vars_copy(req.firmware, uefi_vars)
         spec = VMSpec(
             name=name,
             disk=overlay,
@@ -215,6 +221,8 @@ def booted_guest(
             console_log=req.workdir / f"{req.role}-console.log",
             workdir=req.workdir,
             ec2=ec2,
+            firmware=req.firmware,
+            uefi_vars=uefi_vars,
         )
         machine = make_machine(req, spec)
         machine.shutdown_timeout = req.accel.timeout(POWEROFF)

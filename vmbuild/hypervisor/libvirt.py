@@ -30,6 +30,7 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 from vmbuild.errors import VmbuildError, VMError
+from vmbuild.hypervisor import firmware
 from vmbuild.hypervisor.base import MachineContext, VMSpec, read_tail
 
 log = logging.getLogger("vmbuild.libvirt")
@@ -124,7 +125,16 @@ def domain_xml(
     ET.SubElement(dom, "memory", unit="MiB").text = str(spec.memory_mib)
     ET.SubElement(dom, "vcpu").text = str(spec.cpus)
     os_el = ET.SubElement(dom, "os")
-    ET.SubElement(os_el, "type", arch="x86_64", machine="pc").text = "hvm"
+    machine = firmware.machine(spec.firmware).split(",")[0]
+    ET.SubElement(os_el, "type", arch="x86_64", machine=machine).text = "hvm"
+    if spec.firmware != "bios":
+        # The same OVMF code and per-VM vars copy the direct backend uses
+        # (firmware.py); libvirt adds the pflash lock for a secure loader.
+        files = firmware.uefi_files(spec.firmware)
+        loader = ET.SubElement(os_el, "loader", readonly="yes", type="pflash")
+        loader.set("secure", "yes" if files.secure else "no")
+        loader.text = str(files.code)
+        ET.SubElement(os_el, "nvram").text = str(spec.uefi_vars)
     ET.SubElement(os_el, "boot", dev="hd")
     if spec.ec2 is not None:
         _ec2_sysinfo(dom, os_el, spec)
@@ -133,6 +143,8 @@ def domain_xml(
     # only ever end in destroy.
     ET.SubElement(features, "acpi")
     ET.SubElement(features, "apic")
+    if spec.firmware == "uefi-secure":
+        ET.SubElement(features, "smm", state="on")
     if kvm:
         ET.SubElement(dom, "cpu", mode="host-passthrough", check="none")
     else:
@@ -177,11 +189,12 @@ def domain_xml(
         ET.SubElement(seclabel, "label").text = f"+{uid}:+{gid}"
 
     if network is None:
+        root_bus = "pcie.0" if machine == "q35" else "pci.0"
         cmdline = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
         for arg in (
             "-netdev", spec.user_netdev(NETDEV_ID),
             "-device",
-            f"virtio-net-pci,netdev={NETDEV_ID},bus=pci.0,addr={NIC_PCI_SLOT}{spec.nic_options()}",
+            f"virtio-net-pci,netdev={NETDEV_ID},bus={root_bus},addr={NIC_PCI_SLOT}{spec.nic_options()}",
         ):  # fmt: skip
             ET.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=arg)
     ET.indent(dom)

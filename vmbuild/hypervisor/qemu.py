@@ -16,6 +16,7 @@ from typing import IO
 
 from vmbuild import runs
 from vmbuild.errors import VMError, quote_argv
+from vmbuild.hypervisor import firmware
 from vmbuild.hypervisor.base import MachineContext, VMSpec, read_tail
 from vmbuild.hypervisor.qmp import QMPClient
 from vmbuild.run import qemu_img, reaped, spawn
@@ -31,8 +32,9 @@ def qemu_argv(spec: VMSpec) -> list[str]:
     return [
         QEMU,
         "-name", spec.name,
-        *spec.accel.qemu_args(spec.cpus),
+        *spec.accel.qemu_args(spec.cpus, firmware.machine(spec.firmware)),
         "-m", str(spec.memory_mib),
+        *firmware.qemu_args(spec.firmware, spec.uefi_vars),
         # No default devices (VGA, floppy, default NIC, monitor on stdio):
         # everything the guest sees is listed below.
         "-nodefaults",

@@ -156,6 +156,10 @@ def distribute(
     from vmbuild.supply.verify import verify_build
 
     artifact = load_artifact(build_dir)
+    # Registered as the image was built and tested, unless the config says otherwise.
+    config = config.model_copy(
+        update={"image": config.image.for_image(artifact.manifest.boot_mode)}
+    )
     emit = on_progress or (lambda _e: None)
     emit(DistributionEvent("verify", message="provenance signature and digests"))
     verify_build(build_dir, trusted_keys, allow_unsigned=allow_unsigned)
@@ -181,7 +185,7 @@ def distribute(
             )
             plan.lint = result.lint = lint_disk(
                 raw,
-                boot_mode=config.image.boot_mode,
+                boot_mode=config.image.mode,
                 architecture=config.image.architecture,
                 ena_support=config.image.ena_support,
             )
@@ -508,7 +512,7 @@ class _Runner:
             key=f"{prefix}{self.artifact.ref}/disk.{imp.format}",
             role_name=imp.role_name,
             license_type=imp.license_type,
-            boot_mode=self.cfg.image.boot_mode,
+            boot_mode=self.cfg.image.mode,
             architecture=self.cfg.image.architecture,
             encrypted=rp.encrypted,
             kms_key_arn=rp.kms_key_arn,

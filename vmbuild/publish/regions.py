@@ -104,7 +104,7 @@ def register_image(
         "BlockDeviceMappings": [{"DeviceName": image.root_device_name, "Ebs": ebs}],
         "VirtualizationType": "hvm",
         "EnaSupport": image.ena_support,
-        "BootMode": image.boot_mode,
+        "BootMode": image.mode,
         "TagSpecifications": [{"ResourceType": "image", "Tags": _tags(tags)}],
     }
     if image.ena_support:

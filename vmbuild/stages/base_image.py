@@ -40,16 +40,27 @@ from typing import Any
 
 from vmbuild.config.recipe import UrlBase
 from vmbuild.debian.bootstrap import (
+    BIOS_BOOT_START,
     DISK_SIZE,
     PARTITION_OFFSET,
+    SECTOR,
+    SIGNED_EFI_BINARIES,
+    Layout,
     MiB,
     dd_argv,
+    esp_files,
     grub_config,
     grub_early_config,
+    grub_efi_config,
     grub_mkimage_argv,
     mke2fs_argv,
+    mkfs_esp_argv,
     mmdebstrap_argv,
+    mtools_argvs,
+    patch_boot_img,
+    patch_core_img,
     sfdisk_argv,
+    sfdisk_gpt_script,
     sfdisk_script,
 )
 from vmbuild.debian.sources import (
@@ -80,10 +91,15 @@ DEBIAN_PACKAGES = (
     "sudo", "netbase", "ca-certificates", "qemu-guest-agent",
 )  # fmt: skip
 
+# The hybrid (UEFI) layout's extra: mokutil, so a test can ask the firmware
+# whether Secure Boot is on (`mokutil --sb-state`).
+UEFI_PACKAGES = ("mokutil",)
+
 REQUIRED_TOOLS = {  # tool -> Debian package, for the hint
     "mmdebstrap": "mmdebstrap", "sfdisk": "fdisk", "mke2fs": "e2fsprogs",
     "grub-mkimage": "grub-common", "dd": "coreutils", "qemu-img": "qemu-utils",
 }  # fmt: skip
+HYBRID_TOOLS = {"mkfs.fat": "dosfstools", "mmd": "mtools", "mcopy": "mtools"}
 _HOOK = resources.files("vmbuild") / "data" / "debian-customize.sh"
 _COMPRESSED_MAGIC = {b"\xfd7zXZ\x00": "xz", b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}
 
@@ -103,15 +119,22 @@ class BaseImage:
 # --- the cache -----------------------------------------------------------------
 
 
+def packages_for(layout: Layout) -> tuple[str, ...]:
+    return DEBIAN_PACKAGES + (UEFI_PACKAGES if layout == "hybrid" else ())
+
+
 def base_cache_key(
-    release: str, mirror: str, packages: Sequence[str], *, security_mirror: str | None = None
-) -> str:
+    release: str, mirror: str, packages: Sequence[str], *, security_mirror: str | None = None,
+    layout: Layout = "bios",
+) -> str:  # fmt: skip
     """sha256 hex naming a built base: same inputs, same key, same cached disk.
 
     Covers the build method version, disk size and the customize hook's bytes,
-    so changing how a base is made never reuses a stale one.
+    so changing how a base is made never reuses a stale one. The layout is in
+    the key only when it is not the original `bios` one, so bios keys (and the
+    bases cached under them) stay what they were.
     """
-    material = {
+    material: dict[str, Any] = {
         "method": BUILD_METHOD_VERSION,
         "release": release,
         "mirror": mirror.rstrip("/"),
@@ -120,6 +143,13 @@ def base_cache_key(
         "disk_size": DISK_SIZE,
         "hook": hashlib.sha256(_HOOK.read_bytes()).hexdigest(),
     }
+    if layout != "bios":
+        material["layout"] = layout
+        # The signed EFI binaries come from the host: their bytes are inputs.
+        material["efi"] = {
+            str(b): hashlib.sha256(b.read_bytes()).hexdigest() if b.is_file() else None
+            for b in SIGNED_EFI_BINARIES
+        }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
@@ -290,25 +320,34 @@ def _probe(path: Path) -> tuple[str, int]:
 # --- Debian build: the steps -------------------------------------------------------
 
 
+def base_id_for(release: str, mirrors: DebianMirrors, layout: Layout) -> str:
+    key = base_cache_key(
+        release, mirrors.mirror, packages_for(layout), security_mirror=mirrors.security,
+        layout=layout,
+    )  # fmt: skip
+    return f"{release}-{key[:16]}" if layout == "bios" else f"{release}-{layout}-{key[:16]}"
+
+
 def build_debian(
     release: str = "debian-12",
     *,
     mirror: str | None = None,
     rebuild: bool = False,
     on_progress: Reporter | None = None,
+    layout: Layout = "bios",
 ) -> BaseImage:
     """Build (or reuse from the cache) a Debian cloud base image, offline.
 
     `mirror` defaults to the host's apt configuration. The result is cached as
-    `cache_dir()/bases/<release>-<key>/`; `rebuild` forces a new build. Needs
-    root and mmdebstrap, sfdisk, mke2fs, grub-mkimage, qemu-img.
+    `cache_dir()/bases/<release>[-<layout>]-<key>/`; `rebuild` forces a new build.
+    Needs root and mmdebstrap, sfdisk, mke2fs, grub-mkimage, qemu-img (and for
+    the hybrid layout mkfs.fat, mtools and Debian's signed shim and GRUB).
     """
     if release not in RELEASES:
         raise VmbuildError(f"unknown release {release!r}", hint=f"supported: {', '.join(RELEASES)}")
     codename = RELEASES[release]
     mirrors = mirrors_for(mirror, codename)
-    key = base_cache_key(release, mirrors.mirror, DEBIAN_PACKAGES, security_mirror=mirrors.security)
-    base_id = f"{release}-{key[:16]}"
+    base_id = base_id_for(release, mirrors, layout)
     final = _bases_dir() / base_id
     progress = reporter_or_null(on_progress).status
     # One build at a time: a second build of the same key waits, then reuses;
@@ -317,9 +356,9 @@ def build_debian(
         if not rebuild and (meta := _read_meta(final)) is not None:
             log.info("using cached base %s", final)
             return _from_meta(final, meta)
-        _preflight()
+        _preflight(layout)
         with _staging_dir(base_id) as work:
-            meta = _build_into(work, release, codename, mirrors, progress)
+            meta = _build_into(work, release, codename, mirrors, progress, layout)
             _write_meta(work / "out", {"id": base_id, **meta})
             _install(work / "out", final, replace=True)
             _refresh_deb_cache(work / "debs")
@@ -327,22 +366,29 @@ def build_debian(
     return _from_meta(final, meta)
 
 
-def _preflight() -> None:
+def _preflight(layout: Layout) -> None:
     if os.geteuid() != 0:
         raise VmbuildError(
             "building a Debian base needs root (mmdebstrap root mode, root-owned files)",
             hint="run as root, or use a cloud image: vmbuild base fetch URL --sha256 HEX",
         )
-    if missing := [tool for tool in REQUIRED_TOOLS if which(tool) is None]:
+    tools = REQUIRED_TOOLS | (HYBRID_TOOLS if layout == "hybrid" else {})
+    if missing := [tool for tool in tools if which(tool) is None]:
         raise VmbuildError(
             f"missing tools to build a Debian base: {', '.join(missing)}",
-            hint=f"apt-get install {' '.join(sorted({REQUIRED_TOOLS[t] for t in missing}))}",
+            hint=f"apt-get install {' '.join(sorted({tools[t] for t in missing}))}",
+        )
+    if layout == "hybrid" and (absent := [b for b in SIGNED_EFI_BINARIES if not b.is_file()]):
+        raise VmbuildError(
+            f"missing signed EFI binaries for a UEFI base: {', '.join(map(str, absent))}",
+            hint="apt-get install shim-signed grub-efi-amd64-signed",
         )
 
 
 def _build_into(
-    work: Path, release: str, codename: str, mirrors: DebianMirrors, progress: Callable[[str], None]
-) -> dict[str, Any]:
+    work: Path, release: str, codename: str, mirrors: DebianMirrors,
+    progress: Callable[[str], None], layout: Layout,
+) -> dict[str, Any]:  # fmt: skip
     """Every build step, inside `work`; leaves `work/out/disk.qcow2`. Returns meta."""
     timings: dict[str, float] = {}
 
@@ -357,12 +403,13 @@ def _build_into(
     # Taken before apt reads the mirror: packages newer than this may be missing.
     created = _now()
     root_uuid = str(uuid.uuid4())
+    packages = packages_for(layout)
     rootfs, disk, out, debs = work / "rootfs", work / "disk.raw", work / "out", cache_dir() / "debs"
     for d in (debs, work / "debs", out):
         d.mkdir(parents=True, exist_ok=True)
     with resources.as_file(_HOOK) as hook:
         argv = mmdebstrap_argv(
-            codename, rootfs, mirrors, DEBIAN_PACKAGES,
+            codename, rootfs, mirrors, packages,
             hook=hook, debs_in=debs, debs_out=work / "debs",
         )  # fmt: skip
         with step("mmdebstrap", f"mmdebstrap {codename} from {mirrors.mirror}"):
@@ -374,13 +421,17 @@ def _build_into(
     (rootfs / "boot" / "grub").mkdir(parents=True, exist_ok=True)
     (rootfs / "boot" / "grub" / "grub.cfg").write_text(grub_config(root_uuid, title))
 
-    with step("filesystem", "writing the partition table and ext4 filesystem"):
+    with step("filesystem", f"writing the partition table ({layout}) and ext4 filesystem"):
         with disk.open("wb") as f:
             f.truncate(DISK_SIZE)  # sparse: only what mke2fs writes takes space
-        run(sfdisk_argv(disk), input=sfdisk_script(root_uuid).encode())
-        run(mke2fs_argv(disk, rootfs, root_uuid))
+        table = sfdisk_script(root_uuid) if layout == "bios" else sfdisk_gpt_script(root_uuid)
+        run(sfdisk_argv(disk), input=table.encode())
+        run(mke2fs_argv(disk, rootfs, root_uuid, layout=layout))
+    if layout == "hybrid":
+        with step("esp", "writing the EFI system partition (signed shim and GRUB)"):
+            _write_esp(work, disk, root_uuid)
     with step("grub", "installing GRUB (i386-pc) without grub-install"):
-        _install_grub(work, disk, rootfs / "usr/lib/grub/i386-pc", root_uuid)
+        _install_grub(work, disk, rootfs / "usr/lib/grub/i386-pc", root_uuid, layout)
     with step("convert", "converting to qcow2 (zstd)"):
         # Deleting the ~0.5 GB rootfs takes seconds: overlap it with qemu-img.
         cleaner = threading.Thread(target=_remove_tree, args=(rootfs,), daemon=True)
@@ -398,21 +449,39 @@ def _build_into(
         "kind": "debian", "disk": qcow2.name, "format": fmt, "sha256": digest,
         "virtual_size": virtual_size, "source": f"{release} (mirror {mirrors.mirror})",
         "release": release, "mirror": mirrors.mirror, "security_mirror": mirrors.security,
-        "packages": list(DEBIAN_PACKAGES), "method": BUILD_METHOD_VERSION,
+        "packages": list(packages), "method": BUILD_METHOD_VERSION, "layout": layout,
         "root_uuid": root_uuid, "created": created, "timings": timings,
     }  # fmt: skip
 
 
-def _install_grub(work: Path, disk: Path, module_dir: Path, root_uuid: str) -> None:
+def _write_esp(work: Path, disk: Path, root_uuid: str) -> None:
+    cfg = work / "grub-efi.cfg"
+    cfg.write_text(grub_efi_config(root_uuid))
+    run(mkfs_esp_argv(disk, root_uuid))
+    for argv in mtools_argvs(disk, esp_files(cfg)):
+        # mtools refuses to run without a config unless told the image is fine as is.
+        run(argv, env={"MTOOLS_SKIP_CHECK": "1"})
+
+
+def _install_grub(work: Path, disk: Path, module_dir: Path, root_uuid: str, layout: Layout) -> None:
     early, core = work / "grub-early.cfg", work / "core.img"
     early.write_text(grub_early_config(root_uuid))
-    run(grub_mkimage_argv(module_dir, core, early))
-    if core.stat().st_size > PARTITION_OFFSET - 512:
-        raise VmbuildError(f"GRUB core.img is {core.stat().st_size} bytes: too big for the gap")
+    run(grub_mkimage_argv(module_dir, core, early, layout))
+    room = PARTITION_OFFSET - SECTOR if layout == "bios" else MiB
+    if core.stat().st_size > room:
+        raise VmbuildError(f"GRUB core.img is {core.stat().st_size} bytes: too big for its place")
+    boot = module_dir / "boot.img"
+    if layout == "hybrid":
+        # core.img goes into the BIOS boot partition: tell boot.img and
+        # core.img's own blocklist where, as grub-install would.
+        lba = BIOS_BOOT_START // SECTOR
+        patched = work / "boot.img"
+        patched.write_bytes(patch_boot_img(boot.read_bytes(), lba))
+        core.write_bytes(patch_core_img(core.read_bytes(), lba))
+        boot = patched
     # 440 bytes of boot code only: the disk id and partition table stay.
-    # boot.img's default core.img location is sector 1, where it goes.
-    run(dd_argv(module_dir / "boot.img", disk, bs=440, count=1))
-    run(dd_argv(core, disk, bs=512, seek=1))
+    run(dd_argv(boot, disk, bs=440, count=1))
+    run(dd_argv(core, disk, bs=SECTOR, seek=1 if layout == "bios" else BIOS_BOOT_START // SECTOR))
 
 
 def _refresh_deb_cache(fresh: Path) -> None:
@@ -588,15 +657,22 @@ def resolve_base(
     return local_base(path)
 
 
+def layout_for(boot_mode: str) -> Layout:
+    """The offline Debian base's layout for an EC2 boot mode: hybrid GPT boots
+    both ways, so UEFI recipes get it; legacy-bios keeps the MBR disk."""
+    return "bios" if boot_mode == "legacy-bios" else "hybrid"
+
+
 def for_recipe(
-    spec: str | UrlBase, local_path: Path | None, *, mirror: str | None, reporter: Reporter | None
-) -> BaseImage:
+    spec: str | UrlBase, local_path: Path | None, *, mirror: str | None,
+    reporter: Reporter | None, layout: Layout = "bios",
+) -> BaseImage:  # fmt: skip
     """The base a recipe names: its local file, a verified URL download, or an offline
     Debian build (cached by its inputs)."""
     if local_path is not None:
         return local_base(local_path)
     if isinstance(spec, str):
-        return build_debian(spec, mirror=mirror, on_progress=reporter)
+        return build_debian(spec, mirror=mirror, on_progress=reporter, layout=layout)
     return fetch_base(
         spec.url, sha256=spec.sha256, sha512=spec.sha512, checksum_url=spec.checksum_url,
         on_progress=reporter,
@@ -609,7 +685,7 @@ def key(base: BaseImage, disk_size: int | None) -> StageKey:
 
 
 def cached_for_recipe(
-    spec: str | UrlBase, local_path: Path | None, *, mirror: str | None
+    spec: str | UrlBase, local_path: Path | None, *, mirror: str | None, layout: Layout = "bios"
 ) -> BaseImage | None:
     """The base `for_recipe` would use, if it needs no build or download; else None.
 
@@ -621,11 +697,7 @@ def cached_for_recipe(
     if isinstance(spec, str):
         if spec not in RELEASES:
             return None
-        mirrors = mirrors_for(mirror, RELEASES[spec])
-        key = base_cache_key(
-            spec, mirrors.mirror, DEBIAN_PACKAGES, security_mirror=mirrors.security
-        )
-        final = _bases_dir() / f"{spec}-{key[:16]}"
+        final = _bases_dir() / base_id_for(spec, mirrors_for(mirror, RELEASES[spec]), layout)
         meta = _read_meta(final)
         return _from_meta(final, meta) if meta is not None else None
     found = [(m.get("created", ""), b) for b, m in _cached() if spec.url in m.get("urls", ())]

@@ -18,6 +18,7 @@ from typing import Any
 from vmbuild import toe
 from vmbuild.digest import sha256_file
 from vmbuild.errors import CommandError, StepFailed, TestsFailed
+from vmbuild.hypervisor.firmware import Firmware
 from vmbuild.hypervisor.guest import (
     CLOUD_INIT,
     Guest,
@@ -53,10 +54,13 @@ class TestSummary:
     component_tests: tuple[dict[str, Any], ...] = ()
     # COMPONENTS_JUNIT's path in the artifact (logs/...), when a test phase ran.
     components_junit: str | None = None
+    # Each firmware the image booted under and what the guest said of it.
+    boots: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "status": self.status,
+            "boots": list(self.boots),
             "testinfra": {
                 "tests": self.tests,
                 "failures": self.failures,
@@ -75,6 +79,7 @@ class TestSummary:
             str(data["status"]), int(ti.get("tests", 0)), int(ti.get("failures", 0)),
             int(ti.get("errors", 0)), int(ti.get("skipped", 0)), ti.get("junit"),
             tuple(data.get("components") or ()), data.get("components_junit"),
+            tuple(data.get("boots") or ()),
         )  # fmt: skip
 
 
@@ -169,6 +174,8 @@ class TestInputs:
     env: Mapping[str, str]  # VMBUILD_* facts the testinfra files may read
     working_directory: str | None = None  # where the test steps run in the guest
     ec2: Ec2Settings | None = None  # booted as on EC2 (IMDS, no seed), or None: NoCloud
+    # The firmware the image is booted under, the tests running under the first.
+    boots: Sequence[Firmware] = ("bios",)
 
     def key(self, image: StageKey) -> StageKey:
         # The boot mode decides whether the image boots at all (an image without
@@ -181,21 +188,68 @@ class TestInputs:
             # The builder's key and machine-id differ every run and are only
             # checked to be gone: they do not change what the tests find.
             env={k: v for k, v in self.env.items() if not k.startswith("VMBUILD_BUILDER_")},
+            boots=list(self.boots),
         )  # fmt: skip
 
 
+# What the guest sees of its firmware: /sys/firmware/efi exists only when the
+# kernel was started by UEFI; mokutil asks the firmware's SecureBoot variable.
+# Without mokutil the variable is read directly (4 attribute bytes, then 0/1).
+FIRMWARE_PROBE = (
+    "if [ -d /sys/firmware/efi ]; then echo uefi; else echo bios; fi; "
+    "if command -v mokutil >/dev/null; then mokutil --sb-state 2>&1 || true; "
+    "else v=/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d0-aa0d-00a0c904f4e5; "
+    "[ -r $v ] && echo \"SecureBoot $(od -An -tu1 -j4 -N1 $v | tr -d ' ')\"; fi"
+)
+
+
+def firmware_problem(firmware: Firmware, probe_output: str) -> str | None:
+    """Why the guest did not boot the way `firmware` means (None: it did)."""
+    lines = probe_output.strip().splitlines()
+    booted = lines[0].strip() if lines else ""
+    want = "bios" if firmware == "bios" else "uefi"
+    if booted != want:
+        return f"the image booted under {booted or 'unknown firmware'}, not {want}"
+    if firmware == "uefi-secure":
+        said = " ".join(lines[1:])
+        if "SecureBoot enabled" not in said and "SecureBoot 1" not in said:
+            return f"Secure Boot is not enforced in the guest: {said.strip() or 'no answer'}"
+    return None
+
+
+def check_firmware(guest: Guest, firmware: Firmware) -> dict[str, Any]:
+    """Ask the guest how it booted; raise TestsFailed if not as `firmware` means."""
+    result = guest.ssh.run(FIRMWARE_PROBE, timeout=guest.spec.accel.timeout(10))
+    if (problem := firmware_problem(firmware, result.stdout)) is not None:
+        raise TestsFailed(
+            f"boot mode test ({firmware}) failed: {problem}",
+            hint="see the test VM's console log in the run log",
+        )
+    return {"firmware": firmware, "guest": " ".join(result.stdout.split())}
+
+
 def run_image_tests(
-    req: GuestRequest, inputs: TestInputs, logs: Path, reporter: Reporter
+    req: GuestRequest,
+    inputs: TestInputs,
+    logs: Path,
+    reporter: Reporter,
 ) -> TestSummary:
     """Boot a fresh VM on the image, run the component tests, then testinfra.
 
+    The tests run under the first of `inputs.boots`; the image is then
+    booted once more under each other one (uefi-preferred: UEFI, then legacy
+    BIOS) and checked to come up that way: a boot is what those modes differ in.
     Raises TestsFailed when anything failed; the JUnit XML and the logs stay in `logs`.
     """
     counts = None
     component_tests: list[dict[str, Any]] = []
     junit_name = components_junit = None
     results: list[toe.DocumentResult] = []
+    boots: list[dict[str, Any]] = []
+    first, *others = inputs.boots
+    req = dataclasses.replace(req, firmware=first)
     with booted_guest(req, on_status=reporter.status) as guest:
+        boots.append(check_firmware(guest, first))
         try:
             applied = components.apply(
                 inputs.documents, guest.ssh, phases=["test"], results_dir=logs / "components",
@@ -221,4 +275,11 @@ def run_image_tests(
         wait_cloud_init(guest.ssh, req.accel.timeout(CLOUD_INIT), guest.machine)
     summary = summarize(counts, junit_name, component_tests, components_junit)
     raise_if_failed(summary, "see testinfra.log and junit.xml in the run log")
-    return summary
+    for fw in others:
+        again = dataclasses.replace(req, firmware=fw, role=f"test-{fw}")
+        with booted_guest(again, on_status=reporter.status) as guest:
+            try:
+                boots.append(check_firmware(guest, fw))
+            finally:
+                copy_console(guest.spec, logs)
+    return dataclasses.replace(summary, boots=tuple(boots))

@@ -1,0 +1,49 @@
+"""The hybrid layout's partition table and ESP, written by the real tools (sfdisk,
+mkfs.fat, mtools) into a sparse file exactly as the base build does, then read
+back by the lint: the signed shim at the removable-media path, GRUB's config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vmbuild.debian import bootstrap as b
+from vmbuild.diskfs.lint import check_esp, check_partition_table, esp_listing
+from vmbuild.diskfs.rootfs import GPT_ESP, read_partition_table
+from vmbuild.run import run
+
+UUID = "0b8ca0c5-5c3a-4b59-9fd4-3c6c0d2f8e11"
+
+
+def test_hybrid_disk_has_a_bootable_esp(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    with disk.open("wb") as f:
+        f.truncate(b.DISK_SIZE)
+    run(b.sfdisk_argv(disk), input=b.sfdisk_gpt_script(UUID).encode())
+    run(b.mkfs_esp_argv(disk, UUID))
+    cfg = tmp_path / "grub-efi.cfg"
+    cfg.write_text(b.grub_efi_config(UUID))
+    for argv in b.mtools_argvs(disk, b.esp_files(cfg)):
+        run(argv, env={"MTOOLS_SKIP_CHECK": "1"})
+
+    table = read_partition_table(disk)
+    assert table is not None and table.kind == "gpt"
+    assert [(p.number, p.start, p.type) for p in table.partitions][:2] == [
+        (1, b.BIOS_BOOT_START, b.GPT_BIOS_BOOT.lower()),
+        (2, b.ESP_START, GPT_ESP),
+    ]
+    assert table.partitions[2].start == b.HYBRID_ROOT_START
+    assert table.partitions[2].start + table.partitions[2].size <= b.DISK_SIZE - b.GPT_TAIL
+    paths = esp_listing(disk, table)
+    assert paths is not None
+    assert {"efi/boot/bootx64.efi", "efi/boot/grubx64.efi", "efi/debian/grub.cfg"} <= set(paths)
+    assert check_esp(paths, "x86_64") == []
+    # uefi-preferred also wants the BIOS path: there is a BIOS boot partition, and
+    # (here, with no GRUB written) no boot code in the MBR, which the lint names.
+    assert [f.message for f in check_partition_table(table, "uefi")] == []
+    assert [f.message for f in check_partition_table(table, "uefi-preferred")] == [
+        "the MBR has no boot code: BIOS boot would stop at once"
+    ]
+    back = tmp_path / "BOOTX64.EFI"
+    run(["mcopy", "-i", b.esp_image(disk), "::/EFI/BOOT/BOOTX64.EFI", str(back)],
+        env={"MTOOLS_SKIP_CHECK": "1"})  # fmt: skip
+    assert back.read_bytes() == b.SHIM_SIGNED.read_bytes()
