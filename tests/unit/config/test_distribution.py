@@ -28,7 +28,8 @@ def test_defaults_are_ebs_direct_legacy_bios_and_the_first_region_uploads() -> N
         {"regions": [{"region": "us-east-1"}, {"region": "eu-west-1"}]}, "recipe.yaml"
     )
     assert cfg.import_.method == "ebs-direct"
-    assert cfg.image.boot_mode == "legacy-bios"
+    assert cfg.image.boot_mode is None  # the image's own, from its manifest
+    assert cfg.image.mode == "legacy-bios"
     assert cfg.image.architecture == "x86_64"
     assert cfg.image.root_device_name == "/dev/xvda"
     assert cfg.source.region == "us-east-1"
@@ -86,7 +87,7 @@ def test_a_kms_key_implies_encryption() -> None:
         ),
         (
             {"image": {"boot_mode": "efi"}, "regions": [{"region": "us-east-1"}]},
-            "distribution.image.boot_mode: got 'efi'; expected 'legacy-bios' or 'uefi'",
+            "distribution.image.boot_mode: got 'efi'; expected 'legacy-bios', 'uefi' or 'uefi-preferred'",
         ),
         ({"regions": []}, "distribution.regions: at least one region is required"),
         (
@@ -215,3 +216,11 @@ def test_upload_blocks_and_incremental_are_validated() -> None:
     assert error_of(data, "") == (
         "recipe.yaml: import.upload_blocks: got 'nonzero'; expected 'used' or 'all'"
     )
+
+
+def test_boot_mode_comes_from_the_image_unless_the_config_sets_it() -> None:
+    from vmbuild.config.distribution import ImageSettings
+
+    assert ImageSettings().for_image("uefi-preferred").mode == "uefi-preferred"
+    assert ImageSettings().for_image(None).mode == "legacy-bios"
+    assert ImageSettings(boot_mode="uefi").for_image("legacy-bios").mode == "uefi"

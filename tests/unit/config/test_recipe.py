@@ -220,3 +220,15 @@ def test_tests_boot_ec2_with_its_metadata_settings(project: Path) -> None:
 def test_bad_test_settings_name_file_and_field(project: Path, tests: str, expected: str) -> None:
     text = good().replace("tests: [test_it.py]", f"tests: {tests}")
     assert error_of(write(project, text)).startswith(expected)
+
+
+def test_boot_mode_and_secure_boot(project: Path) -> None:
+    r = load_recipe(write(project, good("boot_mode: uefi-preferred\nsecure_boot: true\n"))).recipe
+    assert (r.boot_mode, r.secure_boot) == ("uefi-preferred", True)
+    assert load_recipe(write(project, good())).recipe.boot_mode == "legacy-bios"
+    assert error_of(write(project, good("secure_boot: true\n"))) == (
+        "recipe.yaml: secure_boot: Secure Boot needs UEFI; set boot_mode: uefi (or uefi-preferred)"
+    )
+    assert error_of(write(project, good("boot_mode: efi\n"))).startswith(
+        "recipe.yaml: boot_mode: Input should be 'legacy-bios', 'uefi' or 'uefi-preferred'"
+    )

@@ -1,0 +1,70 @@
+"""Boot modes under real firmware (TCG): one uefi-preferred build with Secure Boot,
+on the hybrid offline Debian base, tested under OVMF with Secure Boot enforced
+(Microsoft's keys, Debian's signed shim, GRUB and kernel) and again under
+SeaBIOS; the stored image passes the ESP lint. One build serves every mode."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tests.vm.conftest import vmbuild
+
+COMPONENT = """\
+name: hello
+description: writes a file the test phase reads back
+schemaVersion: 1.0
+phases:
+  - name: build
+    steps:
+      - name: Write
+        action: ExecuteBash
+        inputs:
+          commands: ["echo booted-both-ways > /etc/vmbuild-hello"]
+  - name: test
+    steps:
+      - name: Read
+        action: ExecuteBash
+        inputs:
+          commands: ["grep -qx booted-both-ways /etc/vmbuild-hello"]
+"""
+
+RECIPE = """\
+name: uefi-demo
+version: 1.0.0
+base: debian-12
+boot_mode: uefi-preferred
+secure_boot: true
+components:
+  - name: ./hello.yaml
+"""
+
+
+def test_uefi_preferred_secure_boot_build(
+    cli_env: dict[str, str], tmp_path: Path, no_leftover_qemu: None
+) -> None:
+    (tmp_path / "hello.yaml").write_text(COMPONENT)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    started = time.monotonic()
+    proc = vmbuild("build", str(recipe), "--json", env=cli_env)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    [manifest_path] = Path(cli_env["VMBUILD_STORE"]).rglob("manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["boot_mode"] == "uefi-preferred"
+    assert manifest["base"]["id"].startswith("debian-12-hybrid-")
+    boots = manifest["tests"]["boots"]
+    assert [b["firmware"] for b in boots] == ["uefi-secure", "bios"]
+    assert boots[0]["guest"] == "uefi SecureBoot enabled"
+    assert boots[1]["guest"].startswith("bios")
+    assert [c["status"] for c in manifest["tests"]["components"]] == ["Success"]
+    print(f"uefi-preferred + Secure Boot build: {elapsed:.0f}s; timings {manifest['timings']}")
+
+    ref = f"{manifest['name']}/{manifest['version']}/{manifest['build']}"
+    lint = vmbuild("lint", ref, "--json", env=cli_env)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    report = json.loads(lint.stdout)
+    assert report["partition_table"] == "gpt"
+    assert [f for f in report["findings"] if f["severity"] == "error"] == []
