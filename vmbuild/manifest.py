@@ -114,6 +114,15 @@ class Manifest:
         return str(status) if status is not None else "unknown"
 
     @property
+    def secure_boot_tested(self) -> bool:
+        """The image passed its tests under UEFI with Secure Boot enforced."""
+        tests = self.tests or {}
+        return tests.get("status") == "passed" and any(
+            isinstance(b, dict) and b.get("firmware") == "uefi-secure"
+            for b in tests.get("boots") or ()
+        )
+
+    @property
     def created_at(self) -> datetime | None:
         if not self.created:
             return None

@@ -653,3 +653,27 @@ def test_cli_lint_reports_and_exits_nonzero_on_errors(
     assert main(["lint", "bad", "--store", str(store)]) == 1
     out = capsys.readouterr().out
     assert "error   cloud-init: datasource_list is ['NoCloud']" in out
+
+
+def test_a_secure_boot_image_is_registered_with_its_boot_mode_and_keys(
+    aws: LocalAws, store: Path, good_disk: Path
+) -> None:
+    """The config says nothing of boot: the image's manifest (uefi-preferred, tested
+    under Secure Boot) decides BootMode and sends the tested store as UefiData."""
+    from tests.support.disks import make_artifact
+    from vmbuild.publish.uefi_data import variable_names
+
+    build_dir = make_artifact(
+        store, good_disk, name="uefi-demo",
+        manifest_extra={
+            "boot_mode": "uefi-preferred",
+            "tests": {"status": "passed", "boots": [{"firmware": "uefi-secure"}, {"firmware": "bios"}]},
+        },
+    )  # fmt: skip
+    # The test disk is a BIOS disk: the ESP lint is the VM tier's (test_boot_modes).
+    data = {"lint": False, "regions": [{"region": "us-east-1"}]}
+    result = distribute(build_dir, config_of(data))
+    assert result.ok, result.to_json()
+    (register,) = aws.requests.find("RegisterImage", "ec2")
+    assert register.params["BootMode"] == "uefi-preferred"
+    assert {"PK", "KEK", "db", "dbx"} <= set(variable_names(register.params["UefiData"]))

@@ -187,6 +187,7 @@ def make_artifact(
     tests_status: str = "passed",
     sign: bool = True,
     packages: list[dict[str, str]] | None = None,
+    manifest_extra: dict[str, Any] | None = None,
 ) -> Path:
     """A stored build dir (images/<name>/<version>/<build>/) holding `raw` in `formats`,
     with SBOMs and provenance signed by the local key (`$VMBUILD_CONFIG_DIR`) unless `sign`
@@ -233,6 +234,7 @@ def make_artifact(
         "tests": {"status": tests_status},
         "timings": {},
         "vmbuild_version": "0.1.0",
+        **(manifest_extra or {}),
     }
     (build_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if sign:

@@ -225,13 +225,26 @@ class ImageSettings(_Model):
     volume_size: Annotated[int, Field(ge=1, le=65536)] | None = None
     volume_type: Literal["gp3", "gp2", "io1", "io2", "standard"] = "gp3"
     imds_support: Literal["v2.0"] | None = None
+    # RegisterImage's UefiData: the Secure Boot store the image was tested under
+    # (publish/uefi_data.py). None: sent when the image was tested with Secure Boot.
+    uefi_data: bool | None = None
 
-    def for_image(self, boot_mode: str | None) -> ImageSettings:
-        """These settings with the boot mode decided: the config's, else the image's
-        (as its recipe declared and its tests proved), else legacy-bios."""
-        if self.boot_mode is not None:
-            return self
-        return self.model_copy(update={"boot_mode": boot_mode or "legacy-bios"})
+    @model_validator(mode="after")
+    def _uefi_data_needs_uefi(self) -> ImageSettings:
+        if self.uefi_data and self.boot_mode == "legacy-bios":
+            raise FieldError("uefi_data", "a UEFI variable store needs boot_mode uefi")
+        return self
+
+    def for_image(self, boot_mode: str | None, secure_boot: bool = False) -> ImageSettings:
+        """These settings with what the image says filled in: the config's boot mode,
+        else the image's (as its recipe declared and its tests proved), else
+        legacy-bios; uefi_data when the image was tested with Secure Boot."""
+        update: dict[str, object] = {}
+        if self.boot_mode is None:
+            update["boot_mode"] = boot_mode or "legacy-bios"
+        if self.uefi_data is None:
+            update["uefi_data"] = secure_boot and (self.boot_mode or boot_mode) != "legacy-bios"
+        return self.model_copy(update=update) if update else self
 
     @property
     def mode(self) -> str:
@@ -293,6 +306,12 @@ class DistributionConfig(_Model):
             if entry.region in seen:
                 raise FieldError(f"regions[{index}].region", f"{entry.region} is listed twice")
             seen.add(entry.region)
+        if self.image.uefi_data and self.import_.method == "import-image":
+            raise FieldError(
+                "image.uefi_data",
+                "VM Import (import.method import-image) cannot carry a UEFI variable store; "
+                "use ebs-direct or import-snapshot",
+            )
         return self
 
     @property

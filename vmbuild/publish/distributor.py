@@ -157,9 +157,12 @@ def distribute(
 
     artifact = load_artifact(build_dir)
     # Registered as the image was built and tested, unless the config says otherwise.
-    config = config.model_copy(
-        update={"image": config.image.for_image(artifact.manifest.boot_mode)}
-    )
+    manifest = artifact.manifest
+    image = config.image.for_image(manifest.boot_mode, secure_boot=manifest.secure_boot_tested)
+    if image.uefi_data and config.import_.method == "import-image":
+        log.warning("VM Import cannot carry the Secure Boot store: EC2's default store is used")
+        image = image.model_copy(update={"uefi_data": False})
+    config = config.model_copy(update={"image": image})
     emit = on_progress or (lambda _e: None)
     emit(DistributionEvent("verify", message="provenance signature and digests"))
     verify_build(build_dir, trusted_keys, allow_unsigned=allow_unsigned)

@@ -111,6 +111,10 @@ def register_image(
         params["SriovNetSupport"] = "simple"
     if image.imds_support:
         params["ImdsSupport"] = image.imds_support
+    if image.uefi_data:
+        from vmbuild.publish.uefi_data import secure_boot_uefi_data
+
+        params["UefiData"] = secure_boot_uefi_data()
     return str(ec2.register_image(**params)["ImageId"])
 
 
