@@ -24,7 +24,7 @@ Kind = Literal["file", "dir", "symlink", "other"]
 
 GPT_LINUX = {
     "0fc63daf-8483-4772-8e79-3d69d8477de4",  # Linux filesystem data
-    "4f68bce3-e8cd-4c2e-a7f5-9e1aff8e62e1",  # root (x86-64)
+    "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",  # root (x86-64)
     "b921b045-1df0-41c3-af44-4c6f280d3fae",  # root (arm64)
     "44479540-f297-41b2-9af7-d131d5f0458a",  # root (x86)
 }

@@ -102,3 +102,11 @@ def test_esp_lint() -> None:
     ]
     assert "EFI/BOOT/BOOTX64.EFI" in missing[0].message
     assert "EFI/BOOT/BOOTAA64.EFI" in check_esp(good, "arm64")[0].message
+
+
+def test_the_root_partition_type_is_one_the_readers_know() -> None:
+    from vmbuild.diskfs.rootfs import GPT_LINUX
+
+    # The Discoverable Partitions Specification's "Root Partition (x86-64)".
+    assert b.GPT_ROOT_X86_64.lower() == "4f68bce3-e8cd-4db1-96e7-fbcaf984b709"
+    assert b.GPT_ROOT_X86_64.lower() in GPT_LINUX
