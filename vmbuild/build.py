@@ -110,6 +110,7 @@ def _base(r: Run) -> None:
         loaded.recipe.base, loaded.base_path, mirror=r.plan.mirror, reporter=r.reporter,
         layout=base_image.layout_for(loaded.recipe.boot_mode),
     )  # fmt: skip
+    base_image.check_boot_mode(r.base, loaded.recipe.boot_mode, r.work)
     r.keyed("base", base_image.key(r.base, loaded.recipe.disk_size))
     r.accel = accel_mod.choose(r.plan.accel_mode, (r.base.path, r.base.format), r.work)
     r.reporter.status(f"accelerator: {r.accel.kind} ({r.accel.reason})")

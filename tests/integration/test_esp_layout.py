@@ -47,3 +47,35 @@ def test_hybrid_disk_has_a_bootable_esp(tmp_path: Path) -> None:
     run(["mcopy", "-i", b.esp_image(disk), "::/EFI/BOOT/BOOTX64.EFI", str(back)],
         env={"MTOOLS_SKIP_CHECK": "1"})  # fmt: skip
     assert back.read_bytes() == b.SHIM_SIGNED.read_bytes()
+
+
+def test_a_base_that_cannot_boot_uefi_is_refused_before_any_vm(tmp_path: Path) -> None:
+    """An MBR-only base with boot_mode uefi: one error naming the base and why, before
+    any VM boots (OVMF would otherwise sit in its boot menu until the boot timeout)."""
+    import os
+    import subprocess
+    import sys
+
+    disk = tmp_path / "bios-only.raw"
+    with disk.open("wb") as f:
+        f.truncate(64 << 20)
+    run(b.sfdisk_argv(disk), input=b"label: dos\n\nstart=2048, type=83, bootable\n")
+    (tmp_path / "recipe.yaml").write_text(
+        "name: wrong-mode\nversion: 1.0.0\nbase: ./bios-only.raw\nboot_mode: uefi\n"
+    )
+    env = {**os.environ, "VMBUILD_STORE": str(tmp_path / "store"),
+           "VMBUILD_STATE_DIR": str(tmp_path / "state"), "VMBUILD_ACCEL": "tcg"}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmbuild", "build", str(tmp_path / "recipe.yaml")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert errors == [
+        f"error: base {disk}: cannot boot as boot_mode uefi: "
+        "boot mode uefi needs a GPT disk with an EFI system partition"
+    ], proc.stderr
+    assert "Traceback" not in proc.stderr
+    store = tmp_path / "store"
+    assert not store.exists() or [p for p in store.rglob("*") if p.is_file()] == []
+    assert not list(tmp_path.glob("store/**/.staging-*"))

@@ -679,6 +679,29 @@ def for_recipe(
     )  # fmt: skip
 
 
+def check_boot_mode(base: BaseImage, boot_mode: str, workdir: Path) -> None:
+    """Refuse a base that cannot boot the recipe's way before any VM tries to (a
+    UEFI boot of a disk without an ESP would sit in the firmware until the boot
+    timeout). Reads the first MiB (MBR, GPT header and entries) only."""
+    from vmbuild.diskfs.lint import check_partition_table
+    from vmbuild.diskfs.rootfs import read_partition_table
+
+    head = workdir / "base-head.raw"
+    try:
+        qemu_img("dd", "-f", base.format, "-O", "raw", "bs=1M", "count=1",
+                 f"if={base.path}", f"of={head}")  # fmt: skip
+        table = read_partition_table(head)
+    finally:
+        head.unlink(missing_ok=True)
+    if table is None:
+        return  # a partitionless disk: the boot itself will say
+    if errors := [f for f in check_partition_table(table, boot_mode) if f.severity == "error"]:
+        raise VmbuildError(
+            f"base {base.source}: cannot boot as boot_mode {boot_mode}: {errors[0].message}",
+            hint=errors[0].hint or "choose the boot_mode the base image was made for",
+        )
+
+
 def key(base: BaseImage, disk_size: int | None) -> StageKey:
     """The builder's starting disk: the base's bytes, grown to the recipe's size."""
     return stage_key("base", sha256=base.sha256, format=base.format, disk_size=disk_size)
