@@ -57,13 +57,15 @@ def _config(**image: object) -> dict[str, Any]:
 def test_config_refusals() -> None:
     from vmbuild.config.distribution import load_distribution
 
-    with pytest.raises(ConfigError, match="image.uefi_data: a UEFI variable store needs boot_mode"):
+    with pytest.raises(
+        ConfigError, match=r"image\.uefi_data: a UEFI variable store needs boot_mode"
+    ):
         load_distribution(_config(boot_mode="legacy-bios", uefi_data=True), "d.yaml")
     data = {
         **_config(boot_mode="uefi", uefi_data=True),
         "import": {"method": "import-image", "s3_bucket": "my-images"},
     }
-    with pytest.raises(ConfigError, match="image.uefi_data: VM Import"):
+    with pytest.raises(ConfigError, match=r"image\.uefi_data: VM Import"):
         load_distribution(data, "d.yaml")
     ok = load_distribution(_config(boot_mode="uefi", uefi_data=True), "d.yaml")
     assert isinstance(ok, DistributionConfig) and ok.image.uefi_data is True
