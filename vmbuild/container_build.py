@@ -133,7 +133,7 @@ def build_container(
             summary = _in_builder(
                 loaded, layout, parent_blob, work, logs, reporter, clock,
                 accel=opts.accelerator or "auto", memory=memory, cpus=cpus, apt_proxy=apt_proxy,
-                builder=builder,
+                builder=builder, run_tests=not opts.skip_tests,
             )  # fmt: skip
             with clock.stage(reporter, "image", "labels, tags, docker-archive"):
                 image = oci_layout.finish(
@@ -170,33 +170,64 @@ def build_container(
             },
             backend="qemu",
             vmbuild_version=__version__,
-            extra={"kind": "container", "oci": {**image.to_json(), "layers_mode": recipe.layers}},
+            extra={
+                "kind": "container",
+                "oci": {
+                    **image.to_json(),
+                    "layers_mode": recipe.layers,
+                    "target": None
+                    if recipe.target_repository is None
+                    else {
+                        "registry": recipe.target_repository.registry,
+                        "repository": recipe.target_repository.repository_name,
+                        "tls_verify": recipe.target_repository.tls_verify,
+                    },
+                },
+            },
         )
         store.write_manifest(staging.path, manifest)
         final = store.commit(staging)
     result = ContainerResult(final, store.read_manifest(final), image)
-    target = recipe.target_repository
-    if target is None or not opts.distribute:
+    if recipe.target_repository is None or not opts.distribute:
         return result
+    pushed = push_stored(final, reporter)
+    return ContainerResult(final, store.read_manifest(final), image, pushed)
+
+
+def push_stored(build_dir: Path, reporter: Reporter) -> list[registry.Pushed]:
+    """Push a stored container image to the target its recipe named, every tag;
+    tags already at the image's digest are left alone (so a re-run after a failed
+    push finishes only what is missing). Recorded as the manifest's distribution."""
+    manifest = store.read_manifest(build_dir)
+    oci = manifest.get("oci") if manifest.get("kind") == "container" else None
+    if not isinstance(oci, dict):
+        raise VmbuildError(f"{build_dir}: not a container image")
+    target = oci.get("target")
+    if not isinstance(target, dict):
+        raise VmbuildError(
+            f"{build_dir}: its recipe names no targetRepository", hint="add one and rebuild"
+        )
+    where = f"{target['registry']}/{target['repository']}"
+    refs = [f"docker://{where}:{tag}" for tag in oci["tags"]]
     start = time.monotonic()
-    with reporter.stage("push", f"push to {target.registry}/{target.repository_name}"):
+    with reporter.stage("push", f"push to {where}"):
         pushed = registry.push(
-            final / "oci", tags[0], image.digest, [target.reference(t) for t in tags],
-            tls_verify=target.tls_verify, on_status=reporter.status,
+            build_dir / "oci", oci["tags"][0], oci["digest"], refs,
+            tls_verify=bool(target["tls_verify"]), on_status=reporter.status,
         )  # fmt: skip
     store.update_manifest(
-        final, "distribution",
-        {"registry": target.registry, "repository": target.repository_name,
-         "digest": image.digest, "references": [p.reference for p in pushed],
+        build_dir, "distribution",
+        {"registry": target["registry"], "repository": target["repository"],
+         "digest": oci["digest"], "references": refs,
          "seconds": round(time.monotonic() - start, 2)},
     )  # fmt: skip
-    return ContainerResult(final, store.read_manifest(final), image, pushed)
+    return pushed
 
 
 def _in_builder(
     loaded: LoadedContainerRecipe, layout: Path, parent_blob: str, work: Path, logs: Path,
     reporter: Reporter, clock: _Clock, *, accel: str, memory: int, cpus: int, apt_proxy: str,
-    builder: Remote | None,
+    builder: Remote | None, run_tests: bool,
 ) -> dict[str, Any]:  # fmt: skip
     """Boot the builder, run the components into layers, test; the VM is gone after."""
     from vmbuild.cli.scratch import scratch_guest
@@ -213,9 +244,9 @@ def _in_builder(
                     )
                 ).ssh  # fmt: skip
             algo, _, hexdigest = parent_blob.partition(":")
-            ws = vm.enter_context(
-                container.workspace(builder, (layout / "blobs" / algo / hexdigest).read_bytes())
-            )
+            blob = layout / "blobs" / algo / hexdigest
+            lower = container.unpack_parent(builder, parent_blob, blob.read_bytes)
+            ws = vm.enter_context(container.workspace(builder, lower))
         with clock.stage(reporter, "components", "components (build, validate) in chroot"):
             layers, applied = container.build(
                 ws, docs, squash=recipe.layers == "squash",
@@ -231,8 +262,12 @@ def _in_builder(
         results: list[dict[str, Any]] = []
 
         def record(result: toe.DocumentResult) -> None:
-            results.append({"name": result.name, "status": result.status})
+            results.append({"name": result.name, "status": str(result.status)})
 
+        if not run_tests:
+            reporter.status("tests: skipped (--skip-tests)")
+            return {"applied": [a.to_json() for a in applied],
+                    "tests": image_tests.TestSummary("skipped").to_json()}  # fmt: skip
         with clock.stage(reporter, "test", "components' test phases in chroot"):
             container.test(
                 ws, docs, layers, working_directory=recipe.working_directory,

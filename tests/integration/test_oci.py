@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli import BUILD_A, isolated_env, stored_build, vmbuild
 from tests.support.registry import Registry, docker_registry
 from vmbuild.errors import VmbuildError
 from vmbuild.oci import layout, registry
@@ -153,3 +155,52 @@ def _closed_port() -> int:
     from tests.support.motoext import free_port
 
     return free_port()  # bound and released: nothing listens there
+
+
+def stored_container(tmp_path: Path, target: Registry) -> tuple[Path, layout.OciImage]:
+    """A container image in the store, as a build leaves it (layout + manifest)."""
+    oci, image = build_image(tmp_path / "img")
+    build_dir = stored_build(
+        tmp_path / "store", "ctr-test", "1.0.0", BUILD_A, kind="container",
+        oci={**image.to_json(), "target": {"registry": target.address,
+                                            "repository": "vmbuild/ctr-test", "tls_verify": False}},
+    )  # fmt: skip
+    shutil.move(oci, build_dir / "oci")
+    return build_dir, image
+
+
+def test_images_push_pushes_a_stored_image_again_only_where_missing(
+    tmp_path: Path, reg: Registry
+) -> None:
+    build_dir, image = stored_container(tmp_path, reg)
+    env = isolated_env(tmp_path)
+    refs = [reg.ref("vmbuild/ctr-push", t) for t in ("1.0.0", "latest")]
+    manifest = json.loads((build_dir / "manifest.json").read_text())
+    manifest["oci"]["target"]["repository"] = "vmbuild/ctr-push"
+    (build_dir / "manifest.json").write_text(json.dumps(manifest))
+    # One tag is there already (an earlier push that stopped half way).
+    registry.push(build_dir / "oci", "latest", image.digest, [refs[1]], tls_verify=False)
+    proc = vmbuild(env, "images", "push", "ctr-test")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"{refs[0]}@{image.digest}: pushed in ")
+    assert lines[1:] == [f"{refs[1]}@{image.digest}: already there"]
+    recorded = json.loads((build_dir / "manifest.json").read_text())["distribution"]
+    assert (recorded["digest"], recorded["references"]) == (image.digest, refs)
+
+
+def test_images_push_to_a_refusing_registry_is_one_error(tmp_path: Path) -> None:
+    with docker_registry(tmp_path / "ro", read_only=True) as ro:
+        build_dir, _ = stored_container(tmp_path, ro)
+        proc = vmbuild(isolated_env(tmp_path), "images", "push", "ctr-test")
+        ref = ro.ref("vmbuild/ctr-test", "1.0.0")
+        assert proc.returncode == 1
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: pushing to {ref} failed: ")
+        assert errors[0].endswith(": StatusCode: 405, Method not allowed"), errors[0]
+        assert proc.stderr.endswith(
+            "hint: the image stays in the store; `vmbuild images push IMAGE` pushes again "
+            "only what is missing\n"
+        )
+        assert registry.remote_digest(ref, tls_verify=False) is None
+    assert "distribution" not in json.loads((build_dir / "manifest.json").read_text())

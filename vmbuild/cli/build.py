@@ -73,7 +73,7 @@ def plan_options(args: argparse.Namespace) -> BuildOptions:
     return BuildOptions(store=paths.store_dir(args.store), **settings.cli_values(args))
 
 
-def _container_recipe(path: Path) -> bool:
+def is_container_recipe(path: Path) -> bool:
     """A container recipe (`parentImage:`) is built by vmbuild/container_build.py."""
     from vmbuild.config.detect import detect_kind
     from vmbuild.config.loader import load_yaml
@@ -119,7 +119,7 @@ def _build_container(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    if _container_recipe(Path(args.recipe)):
+    if is_container_recipe(Path(args.recipe)):
         return _build_container(args)
     if args.json:
         return _build_json(args)

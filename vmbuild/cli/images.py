@@ -31,6 +31,9 @@ def add_parser(sub: SubParsers) -> None:
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     store_flag(p)
     json_flag(p)
+    p = verb(images, "push", cmd_images_push, "push a stored container image to its registry")
+    p.add_argument("ref", help="NAME[/VERSION[/BUILD]] of a container image")
+    store_flag(p)
     from vmbuild.cli.images_diff import add_images_verb
     from vmbuild.cli.images_run import add_run_verb
 
@@ -110,3 +113,16 @@ def _on_s3(args: argparse.Namespace) -> bool:
     from vmbuild.scaleout.artifacts import is_s3
 
     return is_s3(args.store or os.environ.get("VMBUILD_STORE"))
+
+
+def cmd_images_push(args: argparse.Namespace) -> int:
+    """Push a stored container image again (idempotent by digest)."""
+    from vmbuild.container_build import push_stored
+    from vmbuild.log import Progress
+    from vmbuild.stages import store
+
+    build_dir = store.resolve(paths.store_dir(args.store), args.ref)
+    for pushed in push_stored(build_dir, Progress()):
+        state = "already there" if pushed.skipped else f"pushed in {pushed.seconds:.1f}s"
+        print(f"{pushed.reference}@{pushed.digest}: {state}")
+    return 0

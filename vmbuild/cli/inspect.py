@@ -116,8 +116,15 @@ def describe(plan: BuildPlan, *, store_source: str) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from vmbuild.cli.build import is_container_recipe
+    from vmbuild.errors import VmbuildError
     from vmbuild.plan import BuildPlan
 
+    if is_container_recipe(Path(args.recipe)):
+        raise VmbuildError(
+            f"{args.recipe}: inspect shows the plan of VM recipes only; this is a container recipe",
+            hint=f"vmbuild validate {args.recipe} checks it without building",
+        )
     loaded = load_from_args(args)
     opts = plan_options(args)
     store_source = (

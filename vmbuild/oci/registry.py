@@ -49,7 +49,8 @@ def skopeo_message(exc: CommandError) -> str:
     """skopeo's own one-line reason (its `level=fatal msg=...`), else the output tail."""
     found = _FATAL.findall(exc.output_tail)
     text = found[-1] if found else exc.output_tail.strip().splitlines()[-1:]
-    return (text if isinstance(text, str) else "".join(text)).replace('\\"', '"')
+    line = text if isinstance(text, str) else "".join(text)
+    return line.replace('\\"', '"').replace("\\n", " ").strip()
 
 
 def remote_digest(reference: str, *, tls_verify: bool) -> str | None:
@@ -99,8 +100,8 @@ def push(
         except CommandError as exc:
             raise VmbuildError(
                 f"pushing to {reference} failed: {skopeo_message(exc)}",
-                hint="the image stays in the store; `vmbuild build` pushes again only what "
-                "is missing",
+                hint="the image stays in the store; `vmbuild images push IMAGE` pushes "
+                "again only what is missing",
             ) from None
         landed = remote_digest(reference, tls_verify=tls_verify)
         if landed != digest:
