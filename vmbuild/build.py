@@ -31,7 +31,7 @@ from vmbuild.config.recipe import LoadedRecipe, UrlBase
 from vmbuild.diskfs.scrub import Needle
 from vmbuild.errors import StepFailed, VmbuildError
 from vmbuild.hypervisor import accel as accel_mod
-from vmbuild.hypervisor import firmware
+from vmbuild.hypervisor import arch, firmware
 from vmbuild.hypervisor.guest import Guest, booted_guest, copy_console
 from vmbuild.log import run_log
 from vmbuild.manifest import BaseRecord, Manifest, Package, RecipeRecord
@@ -108,11 +108,16 @@ def _base(r: Run) -> None:
     loaded = r.plan.loaded
     r.base = base_image.for_recipe(
         loaded.recipe.base, loaded.base_path, mirror=r.plan.mirror, reporter=r.reporter,
-        layout=base_image.layout_for(loaded.recipe.boot_mode),
+        layout=base_image.layout_for(loaded.recipe.boot_mode, loaded.recipe.arch),
+        arch=loaded.recipe.arch,
     )  # fmt: skip
     base_image.check_boot_mode(r.base, loaded.recipe.boot_mode, r.work)
-    r.keyed("base", base_image.key(r.base, loaded.recipe.disk_size))
-    r.accel = accel_mod.choose(r.plan.accel_mode, (r.base.path, r.base.format), r.work)
+    base = r.base
+    r.keyed("base", base_image.key(base, loaded.recipe.disk_size))
+    r.accel = arch.guest_accel(
+        loaded.recipe.arch,
+        lambda: accel_mod.choose(r.plan.accel_mode, (base.path, base.format), r.work),
+    )
     r.reporter.status(f"accelerator: {r.accel.kind} ({r.accel.reason})")
     _open_checkpoints(r)
 
@@ -136,7 +141,7 @@ def _open_checkpoints(r: Run) -> None:
     chain = resume.chain(root, plan.documents)
     final = stage_key(
         "checkpoint-generalize", disk=(chain[-1] if chain else root).digest,
-        script=generalize.generalize_script(BUILDER_USER),
+        script=generalize.generalize_script(BUILDER_USER, plan.loaded.recipe.arch),
     )  # fmt: skip
     r.ck = resume.Checkpointing(
         store, base_path=r.base.path, base_sha256=r.base.sha256, base_format=r.base.format,
@@ -267,7 +272,9 @@ def _sbom(r: Run) -> None:
 
 
 def _generalize(r: Run) -> None:
-    r.keyed("generalize", generalize.key(r.keys["components"], BUILDER_USER))
+    r.keyed(
+        "generalize", generalize.key(r.keys["components"], BUILDER_USER, r.plan.loaded.recipe.arch)
+    )
     if r.ck is not None and r.ck.generalized is not None:
         r.reporter.status("generalized disk from checkpoint")
         return
@@ -462,6 +469,7 @@ def _manifest(r: Run) -> Manifest:
         accelerator=r.accel.to_json(),
         backend=plan.backend,
         boot_mode=recipe.boot_mode,
+        architecture=recipe.arch,
         vmbuild_version=__version__,
         # Which steps came from the checkpoint cache (and which were saved).
         extra={"checkpoints": r.ck.to_json()} if r.ck is not None else {},

@@ -71,7 +71,7 @@ class Package:
 _KEYS = (
     "schema", "name", "version", "description", "build", "created", "recipe", "base",
     "components", "outputs", "packages", "tests", "timings", "accelerator", "backend",
-    "boot_mode", "vmbuild_version", "distribution",
+    "boot_mode", "architecture", "vmbuild_version", "distribution",
 )  # fmt: skip
 
 # What a build writes; `distribution` is added by `vmbuild distribute`.
@@ -98,6 +98,9 @@ class Manifest:
     # The recipe's EC2 boot mode: what the image was tested under and what
     # `distribute` registers the AMI with unless its config says otherwise.
     boot_mode: str | None = None
+    # The recipe's arch, in EC2's names (x86_64, arm64): what the image runs on and
+    # what `distribute` registers the AMI as unless its config says otherwise.
+    architecture: str | None = None
     vmbuild_version: str | None = None
     distribution: dict[str, Any] | None = None  # written by `vmbuild distribute`
     extra: dict[str, Any] = field(default_factory=dict)
@@ -159,6 +162,7 @@ class Manifest:
             "accelerator": self.accelerator,
             "backend": self.backend,
             "boot_mode": self.boot_mode,
+            "architecture": self.architecture,
             "vmbuild_version": self.vmbuild_version,
             "distribution": self.distribution,
         }
@@ -219,6 +223,7 @@ class Manifest:
                 accelerator=data.get("accelerator"),
                 backend=data.get("backend"),
                 boot_mode=data.get("boot_mode"),
+                architecture=data.get("architecture"),
                 vmbuild_version=data.get("vmbuild_version"),
                 distribution=data.get("distribution"),
                 extra={k: v for k, v in data.items() if k not in _KEYS},

@@ -207,6 +207,7 @@ class BuildPlan:
             ec2=self.test_ec2 if role == "test" else None,
             firmware=firmware.builder_firmware(recipe.boot_mode) if role == "builder"
             else firmware.boot_modes(recipe.boot_mode, recipe.secure_boot)[0],
+            arch=recipe.arch,
         )  # fmt: skip
 
     @property

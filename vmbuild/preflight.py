@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 # Root's PATH has these; a user's often does not, though the tools there run fine.
 SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
-Need = Literal["build", "debian-base", "libvirt", "tests", "aws"]
+Need = Literal["build", "debian-base", "libvirt", "tests", "aws", "arm64", "arm64-base"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,12 @@ REQUIREMENTS: tuple[Requirement, ...] = (
         "grub-common grub-pc-bin",
         "debian-base",
     ),
+    Requirement(
+        "qemu-system-aarch64", "tool", "runs arm64 builder and test VMs", "qemu-system-arm", "arm64"
+    ),
+    Requirement(
+        "arch-test", "tool", "lets mmdebstrap build a foreign-arch base", "arch-test", "arm64-base"
+    ),
     Requirement("libvirt", "python", "the libvirt backend", "vmbuild[libvirt]", "libvirt"),
     Requirement(
         "pytest", "python", "runs testinfra files in the test stage", "vmbuild[test]", "tests"
@@ -90,6 +96,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
 
 def needs(plan: BuildPlan) -> set[Need]:
     """The requirement groups `plan` uses."""
+    from vmbuild.hypervisor import arch
     from vmbuild.stages import base_image
 
     loaded = plan.loaded
@@ -97,9 +104,21 @@ def needs(plan: BuildPlan) -> set[Need]:
     if plan.backend == "libvirt":
         out.add("libvirt")
     spec = loaded.recipe.base
+    recipe = loaded.recipe
+    if recipe.arch == "arm64":
+        out.add("arm64")
     unbuilt = isinstance(spec, str) and loaded.base_path is None
-    if unbuilt and base_image.cached_for_recipe(spec, None, mirror=plan.mirror) is None:
+    layout = base_image.layout_for(recipe.boot_mode, recipe.arch)
+    if (
+        unbuilt
+        and base_image.cached_for_recipe(
+            spec, None, mirror=plan.mirror, layout=layout, arch=recipe.arch
+        )
+        is None
+    ):
         out.add("debian-base")
+        if recipe.arch != arch.host_arch():
+            out.add("arm64-base")
     if plan.run_tests and loaded.test_paths:
         out.add("tests")
     if plan.distribute:

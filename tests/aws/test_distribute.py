@@ -677,3 +677,21 @@ def test_a_secure_boot_image_is_registered_with_its_boot_mode_and_keys(
     (register,) = aws.requests.find("RegisterImage", "ec2")
     assert register.params["BootMode"] == "uefi-preferred"
     assert {"PK", "KEK", "db", "dbx"} <= set(variable_names(register.params["UefiData"]))
+
+
+def test_an_arm64_image_is_registered_as_arm64(aws: LocalAws, store: Path, good_disk: Path) -> None:
+    """The config says nothing of the architecture: the image's manifest (recipe
+    `arch: arm64`) decides RegisterImage's Architecture, with its uefi boot mode."""
+    from tests.support.disks import make_artifact
+
+    build_dir = make_artifact(
+        store, good_disk, name="arm64-demo",
+        manifest_extra={"boot_mode": "uefi", "architecture": "arm64"},
+    )  # fmt: skip
+    # The test disk is an x86_64 BIOS disk: the arm64 lint is the VM tier's (test_arm64).
+    data = {"lint": False, "regions": [{"region": "us-east-1"}]}
+    result = distribute(build_dir, config_of(data))
+    assert result.ok, result.to_json()
+    (register,) = aws.requests.find("RegisterImage", "ec2")
+    assert (register.params["Architecture"], register.params["BootMode"]) == ("arm64", "uefi")
+    assert "UefiData" not in register.params

@@ -67,3 +67,29 @@ def test_build_checks_its_tools_before_creating_anything(tmp_path: Path) -> None
     )
     assert not (tmp_path / "store").exists()
     assert not (tmp_path / "cache").exists()
+
+
+def test_arm64_build_needs_qemu_system_aarch64(tmp_path: Path) -> None:
+    disk = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: web\nversion: 1.0.0\nbase: base.qcow2\narch: arm64\n")
+    # Every tool an x86_64 build needs, but no qemu-system-aarch64.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("qemu-system-x86_64", "qemu-img", "debugfs"):
+        found = subprocess.run(
+            ["sh", "-c", f"PATH=$PATH:/usr/sbin:/sbin command -v {tool}"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        (bin_dir / tool).symlink_to(found)
+    env = isolated_env(tmp_path, PATH=f"{bin_dir}:/bin")
+    env["PATH"] = f"{bin_dir}"
+    proc = vmbuild(env, "build", str(recipe), "--skip-tests")
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "error: this build cannot run here: qemu-system-aarch64 (runs arm64 builder and test "
+        "VMs): apt-get install qemu-system-arm\n"
+        "hint: `vmbuild doctor` checks everything; nothing was created\n"
+    )
+    assert not (tmp_path / "store").exists()

@@ -21,6 +21,11 @@ def add_parser(sub: SubParsers) -> None:
     bb.add_argument("release", choices=["debian-12"])
     bb.add_argument("--mirror")
     bb.add_argument("--rebuild", action="store_true", help="ignore the cache")
+    bb.add_argument(
+        "--arch", choices=["x86_64", "arm64"], default="x86_64",
+        help="the base's architecture (arm64: GPT with an ESP, GRUB arm64-efi; built with "
+        "qemu-user on an x86_64 host)",
+    )  # fmt: skip
     json_flag(bb)
     bf = verb(base, "fetch", cmd_base_fetch, "download a vendor image and verify its checksum")
     bf.add_argument("url")
@@ -47,8 +52,9 @@ def cmd_base_build(args: argparse.Namespace) -> int:
     progress = Progress(quiet=args.json)
     with progress.stage("base", f"build base {args.release}"):
         base = base_image.build_debian(
-            args.release, mirror=args.mirror, rebuild=args.rebuild, on_progress=progress
-        )
+            args.release, mirror=args.mirror, rebuild=args.rebuild, on_progress=progress,
+            layout=base_image.layout_for("legacy-bios", args.arch), arch=args.arch,
+        )  # fmt: skip
     return out(args, _base_json(base), lambda: print(f"{base.id}  {base.path}"))
 
 

@@ -207,12 +207,14 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
     artifact = load_artifact(_resolve(args))
     given = read_config(args.config).image if args.config else ImageSettings()
-    image = given.for_image(artifact.manifest.boot_mode)
+    image = given.for_image(
+        artifact.manifest.boot_mode, architecture=artifact.manifest.architecture
+    )
     with workdir() as scratch:
         report = lint_disk(
             Disks(artifact, scratch).raw(),
             boot_mode=image.mode,
-            architecture=image.architecture,
+            architecture=image.arch,
             ena_support=image.ena_support,
         )
     if args.json:

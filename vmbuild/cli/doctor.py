@@ -22,6 +22,8 @@ NEED_LABEL = {
     "libvirt": "--backend libvirt",
     "tests": "testinfra tests",
     "aws": "distribution to AWS",
+    "arm64": "arch: arm64 recipes",
+    "arm64-base": "debian-12 arm64 base builds on an x86_64 host",
 }
 
 

@@ -37,7 +37,7 @@ def describe(plan: BuildPlan, *, store_source: str) -> dict[str, Any]:
     spec = recipe.base
     cached = base_image.cached_for_recipe(
         spec, loaded.base_path, mirror=plan.mirror,
-        layout=base_image.layout_for(loaded.recipe.boot_mode),
+        layout=base_image.layout_for(recipe.boot_mode, recipe.arch), arch=recipe.arch,
     )  # fmt: skip
     base: dict[str, Any] = {
         "spec": spec.url if isinstance(spec, UrlBase) else spec,
@@ -82,9 +82,11 @@ def describe(plan: BuildPlan, *, store_source: str) -> dict[str, Any]:
     distribution = None
     if loaded.distribution is not None:
         d = loaded.distribution
+        # What the AMI will be registered with: the config's, else the recipe's.
+        image = d.image.for_image(recipe.boot_mode, architecture=recipe.arch)
         distribution = {
             "method": d.import_.method,
-            "image": {"boot_mode": d.image.mode, "architecture": d.image.architecture},
+            "image": {"boot_mode": image.mode, "architecture": image.arch},
             "regions": [
                 {
                     "region": r.region,

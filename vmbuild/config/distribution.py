@@ -219,7 +219,8 @@ class ImageSettings(_Model):
 
     # None: the image's own (its manifest's boot_mode, from the recipe).
     boot_mode: Literal["legacy-bios", "uefi", "uefi-preferred"] | None = None
-    architecture: Literal["x86_64", "arm64"] = "x86_64"
+    # None: the image's own (its manifest's architecture, from the recipe's arch).
+    architecture: Literal["x86_64", "arm64"] | None = None
     ena_support: bool = True
     root_device_name: Annotated[str, StringConstraints(pattern=r"^/dev/[a-z0-9]+$")] = "/dev/xvda"
     volume_size: Annotated[int, Field(ge=1, le=65536)] | None = None
@@ -233,15 +234,22 @@ class ImageSettings(_Model):
     def _uefi_data_needs_uefi(self) -> ImageSettings:
         if self.uefi_data and self.boot_mode == "legacy-bios":
             raise FieldError("uefi_data", "a UEFI variable store needs boot_mode uefi")
+        if self.architecture == "arm64" and self.boot_mode == "legacy-bios":
+            raise FieldError("boot_mode", "arm64 AMIs boot UEFI only (Graviton); use uefi")
         return self
 
-    def for_image(self, boot_mode: str | None, secure_boot: bool = False) -> ImageSettings:
-        """These settings with what the image says filled in: the config's boot mode,
-        else the image's (as its recipe declared and its tests proved), else
-        legacy-bios; uefi_data when the image was tested with Secure Boot."""
+    def for_image(
+        self, boot_mode: str | None, secure_boot: bool = False, architecture: str | None = None
+    ) -> ImageSettings:
+        """These settings with what the image says filled in: the config's boot mode
+        and architecture, else the image's (as its recipe declared and its tests
+        proved), else legacy-bios and x86_64; uefi_data when the image was tested
+        with Secure Boot."""
         update: dict[str, object] = {}
         if self.boot_mode is None:
             update["boot_mode"] = boot_mode or "legacy-bios"
+        if self.architecture is None:
+            update["architecture"] = architecture or "x86_64"
         if self.uefi_data is None:
             update["uefi_data"] = secure_boot and (self.boot_mode or boot_mode) != "legacy-bios"
         return self.model_copy(update=update) if update else self
@@ -249,6 +257,10 @@ class ImageSettings(_Model):
     @property
     def mode(self) -> str:
         return self.boot_mode or "legacy-bios"
+
+    @property
+    def arch(self) -> str:
+        return self.architecture or "x86_64"
 
 
 class ImportSettings(_Model):

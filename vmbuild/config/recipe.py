@@ -198,11 +198,18 @@ class Recipe(_Model):
     vm: VMSettings = VMSettings()
     distribution: dict[str, Any] | None = None
     scan: ScanSettings | None = None
+    arch: Literal["x86_64", "arm64"] = Field(
+        default="x86_64",
+        description="the image's CPU architecture, in EC2's names: the builder and test VMs "
+        "run it (arm64 on an x86_64 host under TCG, slower), debian-12 is built for it and "
+        "the AMI is registered with it; arm64 boots UEFI only, as on Graviton",
+    )
     boot_mode: Literal["legacy-bios", "uefi", "uefi-preferred"] = Field(
         default="legacy-bios",
         description="how the image boots, in EC2's names: the builder and test VMs boot that "
         "way (uefi-preferred: tested under UEFI and legacy BIOS) and the AMI is registered "
-        "with it; debian-12 is built as a hybrid GPT disk for uefi and uefi-preferred",
+        "with it; debian-12 is built as a hybrid GPT disk for uefi and uefi-preferred "
+        "(default: legacy-bios, uefi for arch arm64)",
     )
     secure_boot: bool = Field(
         default=False,
@@ -216,6 +223,15 @@ class Recipe(_Model):
         "WorkingDirectory; default /tmp, as there)",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _arm64_boots_uefi(cls, data: Any) -> Any:
+        # arm64 has no legacy BIOS: its boot mode defaults to uefi, and an
+        # explicit other one is refused below.
+        if isinstance(data, dict) and data.get("arch") == "arm64" and "boot_mode" not in data:
+            return {**data, "boot_mode": "uefi"}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         if not SEMVER.match(self.version):
@@ -227,6 +243,16 @@ class Recipe(_Model):
         if self.secure_boot and self.boot_mode == "legacy-bios":
             raise ValueError(
                 "secure_boot: Secure Boot needs UEFI; set boot_mode: uefi (or uefi-preferred)"
+            )
+        if self.arch == "arm64" and self.boot_mode != "uefi":
+            raise ValueError(
+                f"boot_mode: arm64 images boot UEFI only (as EC2's Graviton instances), "
+                f"not {self.boot_mode}; set boot_mode: uefi or leave it out"
+            )
+        if self.arch == "arm64" and self.secure_boot:
+            raise ValueError(
+                "secure_boot: not supported for arm64 yet (the offline arm64 base has an "
+                "unsigned GRUB); leave it out"
             )
         return self
 

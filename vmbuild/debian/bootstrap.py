@@ -2,13 +2,16 @@
 writes (partition table, filesystem, GRUB), unit-tested without running them.
 The steps that run them are in `base_image.build_debian`.
 
-Two disk layouts:
+Three disk layouts:
 - `bios`: an MBR, one ext4 partition, GRUB i386-pc in the gap before it.
 - `hybrid`: GPT with a BIOS boot partition, an EFI system partition and the
   root, as Debian's own cloud images: one disk boots under legacy BIOS
   (GRUB i386-pc in the BIOS boot partition) and under UEFI, Secure Boot
   included (Debian's Microsoft-signed shim as the removable-media path
   EFI/BOOT/BOOTX64.EFI, then Debian's signed GRUB, then the signed kernel).
+- `uefi`: GPT with an EFI system partition and the root, for arm64 (which
+  has no BIOS): GRUB arm64-efi, built here with `grub-mkimage` from the
+  image's own grub-efi-arm64-bin modules, as EFI/BOOT/BOOTAA64.EFI.
 
 Everything is written into a plain file at known offsets (sfdisk, mke2fs -E
 offset, mkfs.fat --offset, mtools' `image@@offset`, dd): no loop devices,
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from vmbuild.debian.sources import DebianMirrors, apt_source_lines
+from vmbuild.hypervisor.arch import DEBIAN_ARCH, SERIAL_CONSOLE, Arch
 
 MiB = 1024 * 1024
 DISK_SIZE = 2048 * MiB
@@ -36,8 +40,15 @@ GRUB_MODULES = (
     "normal", "linux", "serial", "terminal", "terminfo", "echo", "test",
 )  # fmt: skip
 CONSOLE_ARGS = "console=tty0 console=ttyS0,115200n8"
+# arm64-efi GRUB: the ESP is FAT, the root ext4 on GPT; gzio for a gzip'd
+# kernel; no serial/terminal modules: UEFI's console already is the serial port.
+GRUB_ARM64_MODULES = (
+    "part_gpt", "fat", "ext2", "search_fs_uuid", "search", "configfile", "normal",
+    "linux", "gzio", "echo", "test",
+)  # fmt: skip
+ESP_LOADER = {"x86_64": "BOOTX64.EFI", "arm64": "BOOTAA64.EFI"}
 
-Layout = Literal["bios", "hybrid"]
+Layout = Literal["bios", "hybrid", "uefi"]
 SECTOR = 512
 # hybrid: 1 MiB BIOS boot, 126 MiB ESP (FAT32 needs >= ~33 MiB; room for
 # shim/GRUB updates), the root to 1 MiB before the end (the backup GPT).
@@ -48,6 +59,8 @@ GPT_TAIL = MiB
 GPT_BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
 GPT_ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 GPT_ROOT_X86_64 = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
+GPT_ROOT_ARM64 = "B921B045-1DF0-41C3-AF44-4C6F280D3FAE"  # Discoverable Partitions Spec
+GPT_ROOT: dict[Arch, str] = {"x86_64": GPT_ROOT_X86_64, "arm64": GPT_ROOT_ARM64}
 # GRUB's i386-pc boot.img: the 64-bit LBA of core.img's first sector
 # (GRUB_BOOT_MACHINE_KERNEL_SECTOR); core.img's first sector (diskboot.img)
 # ends with a blocklist whose first entry's 64-bit start LBA is 12 bytes
@@ -68,7 +81,7 @@ def root_offset(layout: Layout) -> int:
 
 
 def root_size(layout: Layout, disk_size: int = DISK_SIZE) -> int:
-    return disk_size - root_offset(layout) - (GPT_TAIL if layout == "hybrid" else 0)
+    return disk_size - root_offset(layout) - (0 if layout == "bios" else GPT_TAIL)
 
 
 # --- Debian build: argv and file contents (pure) ---------------------------------
@@ -76,16 +89,19 @@ def root_size(layout: Layout, disk_size: int = DISK_SIZE) -> int:
 
 def mmdebstrap_argv(
     codename: str, rootfs: Path, mirrors: DebianMirrors, packages: Sequence[str],
-    *, hook: Path, debs_in: Path, debs_out: Path,
+    *, hook: Path, debs_in: Path, debs_out: Path, arch: Arch = "x86_64",
 ) -> list[str]:  # fmt: skip
     """mmdebstrap into a directory, seeding apt's cache from `debs_in`.
 
     essential/unlink is skipped so the essential .debs are still there for
     sync-out; mmdebstrap's cleanup still empties the image's own apt cache.
+    A foreign `arch` runs the image's maintainer scripts under qemu-user
+    (binfmt_misc: scripts/install-host-deps registers it).
     """
     q = shlex.quote
     return [
         "mmdebstrap", "--mode=root", "--variant=minbase", "--format=directory",
+        f"--arch={DEBIAN_ARCH[arch]}",
         f"--include={','.join(packages)}", "--skip=essential/unlink",
         '--setup-hook=mkdir -p "$1"/var/cache/apt/archives',
         f"--setup-hook=sync-in {q(str(debs_in))} /var/cache/apt/archives/",
@@ -104,20 +120,28 @@ def sfdisk_script(root_uuid: str) -> str:
     )
 
 
-def sfdisk_gpt_script(root_uuid: str, disk_size: int = DISK_SIZE) -> str:
-    """BIOS boot, ESP and root (last, so cloud-init's growpart can grow it).
+def sfdisk_gpt_script(
+    root_uuid: str, disk_size: int = DISK_SIZE, layout: Layout = "hybrid", arch: Arch = "x86_64"
+) -> str:
+    """BIOS boot (hybrid only), ESP and root (last, so cloud-init's growpart can
+    grow it), typed as `arch`'s root. The `uefi` layout keeps the hybrid offsets:
+    the first MiB after the GPT stays empty.
 
     The disk GUID is derived from the root filesystem's UUID, as the MBR
     label id is, so two builds of one key differ only where their inputs do.
     """
     disk_guid = str(_derived_uuid(root_uuid, "disk")).upper()
     s = SECTOR
-    return (
-        f"label: gpt\nlabel-id: {disk_guid}\nunit: sectors\nfirst-lba: 34\n\n"
+    bios = (
         f"start={BIOS_BOOT_START // s}, size={MiB // s}, type={GPT_BIOS_BOOT}, name=bios\n"
+        if layout == "hybrid"
+        else ""
+    )
+    return (
+        f"label: gpt\nlabel-id: {disk_guid}\nunit: sectors\nfirst-lba: 34\n\n{bios}"
         f"start={ESP_START // s}, size={ESP_SIZE // s}, type={GPT_ESP}, name=esp\n"
-        f"start={HYBRID_ROOT_START // s}, size={root_size('hybrid', disk_size) // s}, "
-        f"type={GPT_ROOT_X86_64}, name=root\n"
+        f"start={HYBRID_ROOT_START // s}, size={root_size(layout, disk_size) // s}, "
+        f"type={GPT_ROOT[arch]}, name=root\n"
     )
 
 
@@ -160,6 +184,16 @@ def esp_files(grub_efi_cfg: Path) -> list[tuple[Path, str]]:
         (grub_efi_cfg, "::/EFI/BOOT/grub.cfg"),
         (grub_efi_cfg, "::/EFI/debian/grub.cfg"),
     ]
+
+
+def grub_arm64_mkimage_argv(module_dir: Path, image: Path, early_config: Path) -> list[str]:
+    """GRUB arm64-efi as one EFI binary (the removable-media BOOTAA64.EFI), from the
+    image's own modules: the embedded config finds the root by UUID, as the
+    i386-pc core.img does, then reads the root's /boot/grub/grub.cfg."""
+    return [
+        "grub-mkimage", "-O", "arm64-efi", "-d", str(module_dir), "-o", str(image),
+        "-c", str(early_config), "-p", "/boot/grub", *GRUB_ARM64_MODULES,
+    ]  # fmt: skip
 
 
 def mtools_argvs(disk: Path, files: Sequence[tuple[Path, str]]) -> list[list[str]]:
@@ -245,18 +279,29 @@ def dd_argv(
     return [*argv, "conv=notrunc", "status=none"]
 
 
-def grub_config(root_uuid: str, title: str) -> str:
+def kernel_console_args(arch: Arch) -> str:
+    if arch == "x86_64":
+        return CONSOLE_ARGS
+    return f"console={SERIAL_CONSOLE[arch]},115200n8"
+
+
+def grub_config(root_uuid: str, title: str, arch: Arch = "x86_64") -> str:
     """grub.cfg by hand (grub-mkconfig writes no entries for a file-backed root).
 
     /vmlinuz and /initrd.img are symlinks the kernel package keeps current, so
-    a kernel upgrade in a builder VM still boots without update-grub.
+    a kernel upgrade in a builder VM still boots without update-grub. On arm64
+    GRUB's console is UEFI's, which the firmware already puts on the serial port.
     """
-    return (
+    serial = (
         "serial --unit=0 --speed=115200 --word=8 --parity=no --stop=1\n"
         "terminal_input serial console\nterminal_output serial console\n"
-        "set default=0\nset timeout=0\n"
+        if arch == "x86_64"
+        else ""
+    )
+    return (
+        f"{serial}set default=0\nset timeout=0\n"
         f"menuentry '{title}' {{\n"
         f"\tsearch --no-floppy --fs-uuid --set=root {root_uuid}\n"
-        f"\tlinux /vmlinuz root=UUID={root_uuid} ro {CONSOLE_ARGS}\n"
+        f"\tlinux /vmlinuz root=UUID={root_uuid} ro {kernel_console_args(arch)}\n"
         "\tinitrd /initrd.img\n}\n"
     )

@@ -46,14 +46,15 @@ class Accel:
     reason: str
     scale: float
 
-    def qemu_args(self, cpus: int, machine: str = "pc") -> list[str]:
-        """The fastest measured flags for each accelerator."""
+    def qemu_args(self, cpus: int, machine: str = "pc", tcg_cpu: str = "qemu64") -> list[str]:
+        """The fastest measured flags for each accelerator (`tcg_cpu`: the guest
+        architecture's TCG CPU model, hypervisor/arch.py)."""
         if self.kind == "kvm":
             return ["-machine", machine, "-accel", "kvm", "-cpu", "host", "-smp", str(cpus)]
         # Measured: multi-threaded TCG with qemu64 beats `-cpu max` by ~20 %
         # and single-threaded TCG by ~30 %.
         return [
-            "-machine", machine, "-accel", "tcg,thread=multi", "-cpu", "qemu64",
+            "-machine", machine, "-accel", "tcg,thread=multi", "-cpu", tcg_cpu,
             "-smp", str(cpus),
         ]  # fmt: skip
 

@@ -9,6 +9,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from vmbuild.hypervisor.accel import Accel
+from vmbuild.hypervisor.arch import Arch
 from vmbuild.hypervisor.firmware import Firmware
 
 
@@ -41,6 +42,7 @@ class VMSpec:
     ec2: Ec2Boot | None = None  # boot as on EC2: IMDS, EC2's SMBIOS, no seed
     firmware: Firmware = "bios"
     uefi_vars: Path | None = None  # this VM's own UEFI variable store (UEFI only)
+    arch: Arch = "x86_64"  # the guest's; `accel` already says how it runs on this host
 
     def user_netdev(self, netdev_id: str) -> str:
         """QEMU's user network: SSH forwarded from 127.0.0.1 only; in the ec2 mode on

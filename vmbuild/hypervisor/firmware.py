@@ -12,6 +12,11 @@ How a recipe's EC2 boot mode maps to firmware (`boot_modes`): legacy-bios
 boots SeaBIOS; uefi boots OVMF (with Secure Boot when asked); uefi-preferred
 boots OVMF first, then SeaBIOS, as EC2 picks UEFI where the instance type
 supports it and legacy BIOS where it does not.
+
+arm64 guests boot UEFI only (as EC2's Graviton instances): AAVMF, Debian's
+`qemu-efi-aarch64` build of the same firmware for QEMU's virt machine, with
+the same shared-code/own-vars split. Secure Boot is not offered for arm64
+(the recipe refuses it): the offline base carries an unsigned GRUB there.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from pathlib import Path
 from typing import Literal
 
 from vmbuild.errors import VmbuildError
+from vmbuild.hypervisor.arch import Arch
 
 Firmware = Literal["bios", "uefi", "uefi-secure"]
 BootMode = Literal["legacy-bios", "uefi", "uefi-preferred"]
 OVMF_DIR = Path("/usr/share/OVMF")
+AAVMF_DIR = Path("/usr/share/AAVMF")
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,9 @@ FILES: dict[Firmware, UefiFiles] = {
     "uefi": UefiFiles(OVMF_DIR / "OVMF_CODE_4M.fd", OVMF_DIR / "OVMF_VARS_4M.fd"),
     "uefi-secure": UefiFiles(OVMF_DIR / "OVMF_CODE_4M.secboot.fd", OVMF_DIR / "OVMF_VARS_4M.ms.fd"),
 }
+# AAVMF's code and vars are both 64 MiB, the size of the virt machine's flash banks.
+AAVMF = UefiFiles(AAVMF_DIR / "AAVMF_CODE.fd", AAVMF_DIR / "AAVMF_VARS.fd")
+PACKAGE: dict[Arch, str] = {"x86_64": "ovmf", "arm64": "qemu-efi-aarch64"}
 
 
 def boot_modes(boot_mode: BootMode, secure_boot: bool) -> list[Firmware]:
@@ -56,30 +66,41 @@ def builder_firmware(boot_mode: BootMode) -> Firmware:
     return "bios" if boot_mode == "legacy-bios" else "uefi"
 
 
-def uefi_files(firmware: Firmware) -> UefiFiles:
-    """The OVMF files for `firmware`; an error naming the package when they are missing."""
-    files = FILES[firmware]
+def _files(firmware: Firmware, arch: Arch) -> UefiFiles:
+    if arch == "x86_64":
+        return FILES[firmware]
+    if firmware != "uefi":
+        raise VmbuildError(f"{arch} guests boot plain UEFI only, not {firmware}")
+    return AAVMF
+
+
+def uefi_files(firmware: Firmware, arch: Arch = "x86_64") -> UefiFiles:
+    """The OVMF (AAVMF for arm64) files for `firmware`; an error naming the package
+    when they are missing."""
+    files = _files(firmware, arch)
     for path in (files.code, files.vars_template):
         if not path.is_file():
             raise VmbuildError(
-                f"{firmware} firmware: {path} is missing", hint="apt-get install ovmf"
+                f"{firmware} firmware: {path} is missing", hint=f"apt-get install {PACKAGE[arch]}"
             )
     return files
 
 
-def vars_copy(firmware: Firmware, dest: Path) -> Path:
+def vars_copy(firmware: Firmware, dest: Path, arch: Arch = "x86_64") -> Path:
     """This VM's own UEFI variable store, a copy of the template."""
-    shutil.copyfile(uefi_files(firmware).vars_template, dest)
+    shutil.copyfile(uefi_files(firmware, arch).vars_template, dest)
     return dest
 
 
-def qemu_args(firmware: Firmware, vars_file: Path | None) -> list[str]:
+def qemu_args(firmware: Firmware, vars_file: Path | None, arch: Arch = "x86_64") -> list[str]:
     """The machine and flash drives for `firmware` (SeaBIOS needs nothing)."""
     if firmware == "bios":
+        if arch != "x86_64":
+            raise VmbuildError(f"{arch} guests have no BIOS: they boot UEFI")
         return []
     if vars_file is None:
         raise VmbuildError(f"{firmware} firmware needs a per-VM vars file")
-    files = FILES[firmware]
+    files = _files(firmware, arch)
     args = []
     if files.secure:
         args += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
@@ -90,6 +111,8 @@ def qemu_args(firmware: Firmware, vars_file: Path | None) -> list[str]:
     ]  # fmt: skip
 
 
-def machine(firmware: Firmware) -> str:
-    """QEMU's machine type: Secure Boot OVMF needs q35 with SMM."""
+def machine(firmware: Firmware, arch: Arch = "x86_64") -> str:
+    """QEMU's machine type: Secure Boot OVMF needs q35 with SMM; arm64 runs on virt."""
+    if arch == "arm64":
+        return "virt"
     return "q35,smm=on" if firmware == "uefi-secure" else "pc"

@@ -21,6 +21,7 @@ from vmbuild.cache import aptproxy
 from vmbuild.errors import SSHError, SSHTimeout, VmbuildError, VMError
 from vmbuild.hypervisor import firmware, imds
 from vmbuild.hypervisor.accel import Accel
+from vmbuild.hypervisor.arch import Arch
 from vmbuild.hypervisor.base import Ec2Boot, Machine, VMSpec, free_port
 from vmbuild.hypervisor.firmware import Firmware
 from vmbuild.hypervisor.seed import SeedConfig, user_data, write_seed
@@ -64,6 +65,8 @@ class GuestRequest:
     # user-data come from the metadata service at 169.254.169.254. None: NoCloud.
     ec2: imds.Ec2Settings | None = None
     firmware: Firmware = "bios"
+    # The guest's architecture; `accel` is already the one for it (arch.for_guest).
+    arch: Arch = "x86_64"
 
 
 @dataclass
@@ -209,7 +212,7 @@ def booted_guest(
             service, ec2 = _start_imds(req, seed_cfg, stack)
         create_overlay(pin_base(req.base, pinned), req.base_format, overlay, req.disk_size)
         if uefi_vars is not None:
-            firmware.vars_copy(req.firmware, uefi_vars)
+            firmware.vars_copy(req.firmware, uefi_vars, req.arch)
         spec = VMSpec(
             name=name,
             disk=overlay,
@@ -223,6 +226,7 @@ def booted_guest(
             ec2=ec2,
             firmware=req.firmware,
             uefi_vars=uefi_vars,
+            arch=req.arch,
         )
         machine = make_machine(req, spec)
         machine.shutdown_timeout = req.accel.timeout(POWEROFF)

@@ -30,7 +30,7 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 from vmbuild.errors import VmbuildError, VMError
-from vmbuild.hypervisor import firmware
+from vmbuild.hypervisor import arch, firmware
 from vmbuild.hypervisor.base import MachineContext, VMSpec, read_tail
 
 log = logging.getLogger("vmbuild.libvirt")
@@ -125,12 +125,13 @@ def domain_xml(
     ET.SubElement(dom, "memory", unit="MiB").text = str(spec.memory_mib)
     ET.SubElement(dom, "vcpu").text = str(spec.cpus)
     os_el = ET.SubElement(dom, "os")
-    machine = firmware.machine(spec.firmware).split(",")[0]
-    ET.SubElement(os_el, "type", arch="x86_64", machine=machine).text = "hvm"
+    machine = firmware.machine(spec.firmware, spec.arch).split(",")[0]
+    # libvirt picks the emulator (qemu-system-aarch64 for aarch64) from the arch.
+    ET.SubElement(os_el, "type", arch=arch.UNAME[spec.arch], machine=machine).text = "hvm"
     if spec.firmware != "bios":
-        # The same OVMF code and per-VM vars copy the direct backend uses
+        # The same OVMF (AAVMF) code and per-VM vars copy the direct backend uses
         # (firmware.py); libvirt adds the pflash lock for a secure loader.
-        files = firmware.uefi_files(spec.firmware)
+        files = firmware.uefi_files(spec.firmware, spec.arch)
         loader = ET.SubElement(os_el, "loader", readonly="yes", type="pflash")
         loader.set("secure", "yes" if files.secure else "no")
         loader.text = str(files.code)
@@ -142,7 +143,8 @@ def domain_xml(
     # Without <acpi/> libvirt starts QEMU with ACPI off and shutdown() could
     # only ever end in destroy.
     ET.SubElement(features, "acpi")
-    ET.SubElement(features, "apic")
+    if spec.arch == "x86_64":
+        ET.SubElement(features, "apic")  # the virt machine's interrupt controller is a GIC
     if spec.firmware == "uefi-secure":
         ET.SubElement(features, "smm", state="on")
     if kvm:
@@ -151,7 +153,7 @@ def domain_xml(
         # The measured-fastest TCG model, as the direct backend's `-cpu qemu64`;
         # check='none' keeps libvirt from adding or verifying feature flags.
         cpu = ET.SubElement(dom, "cpu", mode="custom", match="exact", check="none")
-        ET.SubElement(cpu, "model", fallback="forbid").text = "qemu64"
+        ET.SubElement(cpu, "model", fallback="forbid").text = arch.TCG_CPU[spec.arch]
     ET.SubElement(dom, "clock", offset="utc")
     ET.SubElement(dom, "on_poweroff").text = "destroy"
     ET.SubElement(dom, "on_reboot").text = "restart"
@@ -189,7 +191,7 @@ def domain_xml(
         ET.SubElement(seclabel, "label").text = f"+{uid}:+{gid}"
 
     if network is None:
-        root_bus = "pcie.0" if machine == "q35" else "pci.0"
+        root_bus = "pcie.0" if machine in ("q35", "virt") else "pci.0"
         cmdline = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
         for arg in (
             "-netdev", spec.user_netdev(NETDEV_ID),

@@ -16,25 +16,30 @@ from typing import IO
 
 from vmbuild import runs
 from vmbuild.errors import VMError, quote_argv
-from vmbuild.hypervisor import firmware
+from vmbuild.hypervisor import arch, firmware
 from vmbuild.hypervisor.base import MachineContext, VMSpec, read_tail
 from vmbuild.hypervisor.qmp import QMPClient
 from vmbuild.run import qemu_img, reaped, spawn
 
 log = logging.getLogger("vmbuild.qemu")
 
-QEMU = "qemu-system-x86_64"
 DISK_ID = "disk0"  # the system disk's block device name, for QMP
 
 
 def qemu_argv(spec: VMSpec) -> list[str]:
-    """The complete command line for a VM (pure: unit-tested for the exact argv)."""
+    """The complete command line for a VM (pure: unit-tested for the exact argv).
+
+    The same devices for every guest architecture: virtio on PCI (the arm64
+    virt machine has a PCIe root as q35 does), the serial port being each
+    machine's own UART (the PC's 16550, virt's PL011).
+    """
+    machine = firmware.machine(spec.firmware, spec.arch)
     return [
-        QEMU,
+        arch.QEMU_BINARY[spec.arch],
         "-name", spec.name,
-        *spec.accel.qemu_args(spec.cpus, firmware.machine(spec.firmware)),
+        *spec.accel.qemu_args(spec.cpus, machine, arch.TCG_CPU[spec.arch]),
         "-m", str(spec.memory_mib),
-        *firmware.qemu_args(spec.firmware, spec.uefi_vars),
+        *firmware.qemu_args(spec.firmware, spec.uefi_vars, spec.arch),
         # No default devices (VGA, floppy, default NIC, monitor on stdio):
         # everything the guest sees is listed below.
         "-nodefaults",

@@ -158,7 +158,10 @@ def distribute(
     artifact = load_artifact(build_dir)
     # Registered as the image was built and tested, unless the config says otherwise.
     manifest = artifact.manifest
-    image = config.image.for_image(manifest.boot_mode, secure_boot=manifest.secure_boot_tested)
+    image = config.image.for_image(
+        manifest.boot_mode, secure_boot=manifest.secure_boot_tested,
+        architecture=manifest.architecture,
+    )  # fmt: skip
     if image.uefi_data and config.import_.method == "import-image":
         log.warning("VM Import cannot carry the Secure Boot store: EC2's default store is used")
         image = image.model_copy(update={"uefi_data": False})
@@ -189,7 +192,7 @@ def distribute(
             plan.lint = result.lint = lint_disk(
                 raw,
                 boot_mode=config.image.mode,
-                architecture=config.image.architecture,
+                architecture=config.image.arch,
                 ena_support=config.image.ena_support,
             )
         elif not config.lint:
@@ -516,7 +519,7 @@ class _Runner:
             role_name=imp.role_name,
             license_type=imp.license_type,
             boot_mode=self.cfg.image.mode,
-            architecture=self.cfg.image.architecture,
+            architecture=self.cfg.image.arch,
             encrypted=rp.encrypted,
             kms_key_arn=rp.kms_key_arn,
             description=f"{self.artifact.ref}"[:255],

@@ -105,7 +105,7 @@ class Plan:
                 else f" ({cfg.import_.workers} parallel blocks, upload_blocks: "
                 f"{cfg.import_.upload_blocks})"
             ),
-            f"image     {cfg.image.architecture}, {cfg.image.mode}, "
+            f"image     {cfg.image.arch}, {cfg.image.mode}, "
             f"ENA {'on' if cfg.image.ena_support else 'off'}, root {cfg.image.root_device_name} "
             f"{cfg.image.volume_type}",
             "",

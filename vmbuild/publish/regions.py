@@ -99,7 +99,7 @@ def register_image(
     params: dict[str, Any] = {
         "Name": name,
         "Description": description,
-        "Architecture": image.architecture,
+        "Architecture": image.arch,
         "RootDeviceName": image.root_device_name,
         "BlockDeviceMappings": [{"DeviceName": image.root_device_name, "Ebs": ebs}],
         "VirtualizationType": "hvm",

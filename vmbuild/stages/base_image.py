@@ -42,6 +42,7 @@ from vmbuild.config.recipe import UrlBase
 from vmbuild.debian.bootstrap import (
     BIOS_BOOT_START,
     DISK_SIZE,
+    ESP_LOADER,
     PARTITION_OFFSET,
     SECTOR,
     SIGNED_EFI_BINARIES,
@@ -49,6 +50,7 @@ from vmbuild.debian.bootstrap import (
     MiB,
     dd_argv,
     esp_files,
+    grub_arm64_mkimage_argv,
     grub_config,
     grub_early_config,
     grub_efi_config,
@@ -69,6 +71,7 @@ from vmbuild.debian.sources import (
 )
 from vmbuild.digest import sha256_file
 from vmbuild.errors import ConfigError, VmbuildError
+from vmbuild.hypervisor.arch import DEBIAN_ARCH, UNAME, Arch, host_arch
 from vmbuild.paths import cache_dir
 from vmbuild.progress import Reporter, reporter_or_null
 from vmbuild.run import qemu_img, run, which, write_atomic
@@ -90,6 +93,16 @@ DEBIAN_PACKAGES = (
     "dbus", "iproute2", "cloud-init", "cloud-guest-utils", "e2fsprogs", "openssh-server",
     "sudo", "netbase", "ca-certificates", "qemu-guest-agent",
 )  # fmt: skip
+
+# What an arm64 base has instead: its cloud kernel and GRUB's arm64-efi modules
+# (BOOTAA64.EFI is made from them on the host: bootstrap.grub_arm64_mkimage_argv).
+ARCH_PACKAGES: dict[Arch, dict[str, str]] = {
+    "x86_64": {},
+    "arm64": {
+        "linux-image-cloud-amd64": "linux-image-cloud-arm64",
+        "grub-pc-bin": "grub-efi-arm64-bin",
+    },
+}
 
 # The hybrid (UEFI) layout's extra: mokutil, so a test can ask the firmware
 # whether Secure Boot is on (`mokutil --sb-state`).
@@ -119,20 +132,23 @@ class BaseImage:
 # --- the cache -----------------------------------------------------------------
 
 
-def packages_for(layout: Layout) -> tuple[str, ...]:
-    return DEBIAN_PACKAGES + (UEFI_PACKAGES if layout == "hybrid" else ())
+def packages_for(layout: Layout, arch: Arch = "x86_64") -> tuple[str, ...]:
+    swap = ARCH_PACKAGES[arch]
+    return tuple(swap.get(p, p) for p in DEBIAN_PACKAGES) + (
+        UEFI_PACKAGES if layout != "bios" else ()
+    )
 
 
 def base_cache_key(
     release: str, mirror: str, packages: Sequence[str], *, security_mirror: str | None = None,
-    layout: Layout = "bios",
+    layout: Layout = "bios", arch: Arch = "x86_64",
 ) -> str:  # fmt: skip
     """sha256 hex naming a built base: same inputs, same key, same cached disk.
 
     Covers the build method version, disk size and the customize hook's bytes,
-    so changing how a base is made never reuses a stale one. The layout is in
-    the key only when it is not the original `bios` one, so bios keys (and the
-    bases cached under them) stay what they were.
+    so changing how a base is made never reuses a stale one. The layout and
+    the architecture are in the key only when they are not the original `bios`
+    and x86_64, so those keys (and the bases cached under them) stay what they were.
     """
     material: dict[str, Any] = {
         "method": BUILD_METHOD_VERSION,
@@ -143,8 +159,11 @@ def base_cache_key(
         "disk_size": DISK_SIZE,
         "hook": hashlib.sha256(_HOOK.read_bytes()).hexdigest(),
     }
+    if arch != "x86_64":
+        material["arch"] = arch
     if layout != "bios":
         material["layout"] = layout
+    if layout == "hybrid":
         # The signed EFI binaries come from the host: their bytes are inputs.
         material["efi"] = {
             str(b): hashlib.sha256(b.read_bytes()).hexdigest() if b.is_file() else None
@@ -320,12 +339,14 @@ def _probe(path: Path) -> tuple[str, int]:
 # --- Debian build: the steps -------------------------------------------------------
 
 
-def base_id_for(release: str, mirrors: DebianMirrors, layout: Layout) -> str:
+def base_id_for(release: str, mirrors: DebianMirrors, layout: Layout, arch: Arch = "x86_64") -> str:
     key = base_cache_key(
-        release, mirrors.mirror, packages_for(layout), security_mirror=mirrors.security,
-        layout=layout,
+        release, mirrors.mirror, packages_for(layout, arch), security_mirror=mirrors.security,
+        layout=layout, arch=arch,
     )  # fmt: skip
-    return f"{release}-{key[:16]}" if layout == "bios" else f"{release}-{layout}-{key[:16]}"
+    arch_part = "" if arch == "x86_64" else f"{arch}-"
+    layout_part = "" if layout == "bios" else f"{layout}-"
+    return f"{release}-{arch_part}{layout_part}{key[:16]}"
 
 
 def build_debian(
@@ -335,6 +356,7 @@ def build_debian(
     rebuild: bool = False,
     on_progress: Reporter | None = None,
     layout: Layout = "bios",
+    arch: Arch = "x86_64",
 ) -> BaseImage:
     """Build (or reuse from the cache) a Debian cloud base image, offline.
 
@@ -347,7 +369,9 @@ def build_debian(
         raise VmbuildError(f"unknown release {release!r}", hint=f"supported: {', '.join(RELEASES)}")
     codename = RELEASES[release]
     mirrors = mirrors_for(mirror, codename)
-    base_id = base_id_for(release, mirrors, layout)
+    if arch != "x86_64" and layout != "uefi":
+        raise VmbuildError(f"an {arch} base boots UEFI only (layout uefi), not {layout}")
+    base_id = base_id_for(release, mirrors, layout, arch)
     final = _bases_dir() / base_id
     progress = reporter_or_null(on_progress).status
     # One build at a time: a second build of the same key waits, then reuses;
@@ -356,23 +380,46 @@ def build_debian(
         if not rebuild and (meta := _read_meta(final)) is not None:
             log.info("using cached base %s", final)
             return _from_meta(final, meta)
-        _preflight(layout)
+        _preflight(layout, arch)
         with _staging_dir(base_id) as work:
-            meta = _build_into(work, release, codename, mirrors, progress, layout)
+            meta = _build_into(work, release, codename, mirrors, progress, layout, arch)
             _write_meta(work / "out", {"id": base_id, **meta})
             _install(work / "out", final, replace=True)
-            _refresh_deb_cache(work / "debs")
+            _refresh_deb_cache(work / "debs", arch)
     progress(f"base {base_id} ready in {sum(meta['timings'].values()):.0f}s")
     return _from_meta(final, meta)
 
 
-def _preflight(layout: Layout) -> None:
+def debs_dir(arch: Arch) -> Path:
+    """The .deb cache a build seeds apt from: one per architecture, so building
+    an arm64 base does not evict the amd64 packages (x86_64 keeps its old place)."""
+    return cache_dir() / ("debs" if arch == "x86_64" else f"debs-{DEBIAN_ARCH[arch]}")
+
+
+BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
+
+
+def foreign_arch_problem(arch: Arch, binfmt_dir: Path = BINFMT_DIR) -> str | None:
+    """Why this host cannot run `arch`'s maintainer scripts (None: it can, or it is native)."""
+    if arch == host_arch():
+        return None
+    entry = binfmt_dir / f"qemu-{UNAME[arch]}"
+    try:
+        enabled = entry.read_text().splitlines()[0].strip() == "enabled"
+    except (OSError, IndexError):
+        return f"no binfmt_misc handler {entry} for {arch} binaries"
+    return None if enabled else f"the binfmt_misc handler {entry} is disabled"
+
+
+def _preflight(layout: Layout, arch: Arch = "x86_64") -> None:
     if os.geteuid() != 0:
         raise VmbuildError(
             "building a Debian base needs root (mmdebstrap root mode, root-owned files)",
             hint="run as root, or use a cloud image: vmbuild base fetch URL --sha256 HEX",
         )
-    tools = REQUIRED_TOOLS | (HYBRID_TOOLS if layout == "hybrid" else {})
+    tools = REQUIRED_TOOLS | (HYBRID_TOOLS if layout != "bios" else {})
+    if arch != host_arch():
+        tools |= {"arch-test": "arch-test"}  # mmdebstrap's check of a foreign arch
     if missing := [tool for tool in tools if which(tool) is None]:
         raise VmbuildError(
             f"missing tools to build a Debian base: {', '.join(missing)}",
@@ -383,11 +430,17 @@ def _preflight(layout: Layout) -> None:
             f"missing signed EFI binaries for a UEFI base: {', '.join(map(str, absent))}",
             hint="apt-get install shim-signed grub-efi-amd64-signed",
         )
+    if (problem := foreign_arch_problem(arch)) is not None:
+        raise VmbuildError(
+            f"cannot build an {arch} base on this host: {problem} (mmdebstrap runs the "
+            "image's maintainer scripts under qemu-user)",
+            hint="run scripts/install-host-deps (mounts binfmt_misc, registers qemu-user)",
+        )
 
 
 def _build_into(
     work: Path, release: str, codename: str, mirrors: DebianMirrors,
-    progress: Callable[[str], None], layout: Layout,
+    progress: Callable[[str], None], layout: Layout, arch: Arch = "x86_64",
 ) -> dict[str, Any]:  # fmt: skip
     """Every build step, inside `work`; leaves `work/out/disk.qcow2`. Returns meta."""
     timings: dict[str, float] = {}
@@ -403,35 +456,47 @@ def _build_into(
     # Taken before apt reads the mirror: packages newer than this may be missing.
     created = _now()
     root_uuid = str(uuid.uuid4())
-    packages = packages_for(layout)
-    rootfs, disk, out, debs = work / "rootfs", work / "disk.raw", work / "out", cache_dir() / "debs"
+    packages = packages_for(layout, arch)
+    rootfs, disk, out, debs = work / "rootfs", work / "disk.raw", work / "out", debs_dir(arch)
     for d in (debs, work / "debs", out):
         d.mkdir(parents=True, exist_ok=True)
     with resources.as_file(_HOOK) as hook:
         argv = mmdebstrap_argv(
             codename, rootfs, mirrors, packages,
-            hook=hook, debs_in=debs, debs_out=work / "debs",
+            hook=hook, debs_in=debs, debs_out=work / "debs", arch=arch,
         )  # fmt: skip
-        with step("mmdebstrap", f"mmdebstrap {codename} from {mirrors.mirror}"):
+        with step(
+            "mmdebstrap", f"mmdebstrap {codename} ({DEBIAN_ARCH[arch]}) from {mirrors.mirror}"
+        ):
             # INITRD=No: the hook builds the initramfs once, at the end.
             run(argv, env={"VMBUILD_ROOT_UUID": root_uuid, "INITRD": "No"}, timeout=1800)
     if not ((rootfs / "vmlinuz").exists() and (rootfs / "initrd.img").exists()):
         raise VmbuildError(f"mmdebstrap left no /vmlinuz and /initrd.img in {rootfs}")
     title = f"Debian GNU/Linux {release.removeprefix('debian-')} ({codename})"
     (rootfs / "boot" / "grub").mkdir(parents=True, exist_ok=True)
-    (rootfs / "boot" / "grub" / "grub.cfg").write_text(grub_config(root_uuid, title))
+    (rootfs / "boot" / "grub" / "grub.cfg").write_text(grub_config(root_uuid, title, arch))
 
     with step("filesystem", f"writing the partition table ({layout}) and ext4 filesystem"):
         with disk.open("wb") as f:
             f.truncate(DISK_SIZE)  # sparse: only what mke2fs writes takes space
-        table = sfdisk_script(root_uuid) if layout == "bios" else sfdisk_gpt_script(root_uuid)
+        table = (
+            sfdisk_script(root_uuid)
+            if layout == "bios"
+            else sfdisk_gpt_script(root_uuid, layout=layout, arch=arch)
+        )
         run(sfdisk_argv(disk), input=table.encode())
         run(mke2fs_argv(disk, rootfs, root_uuid, layout=layout))
     if layout == "hybrid":
         with step("esp", "writing the EFI system partition (signed shim and GRUB)"):
             _write_esp(work, disk, root_uuid)
-    with step("grub", "installing GRUB (i386-pc) without grub-install"):
-        _install_grub(work, disk, rootfs / "usr/lib/grub/i386-pc", root_uuid, layout)
+    if layout == "uefi":
+        with step(
+            "esp", f"writing the EFI system partition (GRUB arm64-efi as {ESP_LOADER[arch]})"
+        ):
+            _write_arm64_esp(work, disk, rootfs / "usr/lib/grub/arm64-efi", root_uuid)
+    else:
+        with step("grub", "installing GRUB (i386-pc) without grub-install"):
+            _install_grub(work, disk, rootfs / "usr/lib/grub/i386-pc", root_uuid, layout)
     with step("convert", "converting to qcow2 (zstd)"):
         # Deleting the ~0.5 GB rootfs takes seconds: overlap it with qemu-img.
         cleaner = threading.Thread(target=_remove_tree, args=(rootfs,), daemon=True)
@@ -450,6 +515,7 @@ def _build_into(
         "virtual_size": virtual_size, "source": f"{release} (mirror {mirrors.mirror})",
         "release": release, "mirror": mirrors.mirror, "security_mirror": mirrors.security,
         "packages": list(packages), "method": BUILD_METHOD_VERSION, "layout": layout,
+        "arch": arch,
         "root_uuid": root_uuid, "created": created, "timings": timings,
     }  # fmt: skip
 
@@ -460,6 +526,15 @@ def _write_esp(work: Path, disk: Path, root_uuid: str) -> None:
     run(mkfs_esp_argv(disk, root_uuid))
     for argv in mtools_argvs(disk, esp_files(cfg)):
         # mtools refuses to run without a config unless told the image is fine as is.
+        run(argv, env={"MTOOLS_SKIP_CHECK": "1"})
+
+
+def _write_arm64_esp(work: Path, disk: Path, module_dir: Path, root_uuid: str) -> None:
+    early, loader = work / "grub-early.cfg", work / ESP_LOADER["arm64"]
+    early.write_text(grub_early_config(root_uuid))
+    run(grub_arm64_mkimage_argv(module_dir, loader, early))
+    run(mkfs_esp_argv(disk, root_uuid))
+    for argv in mtools_argvs(disk, [(loader, f"::/EFI/BOOT/{ESP_LOADER['arm64']}")]):
         run(argv, env={"MTOOLS_SKIP_CHECK": "1"})
 
 
@@ -484,12 +559,12 @@ def _install_grub(work: Path, disk: Path, module_dir: Path, root_uuid: str, layo
     run(dd_argv(core, disk, bs=SECTOR, seek=1 if layout == "bios" else BIOS_BOOT_START // SECTOR))
 
 
-def _refresh_deb_cache(fresh: Path) -> None:
+def _refresh_deb_cache(fresh: Path, arch: Arch = "x86_64") -> None:
     """Swap in this build's .debs, so the cache holds what the last build used.
 
     Only a speed-up: a failure here is logged, never fails the build.
     """
-    current = cache_dir() / "debs"
+    current = debs_dir(arch)
     try:
         if any(fresh.glob("*.deb")):
             if current.exists():
@@ -657,22 +732,25 @@ def resolve_base(
     return local_base(path)
 
 
-def layout_for(boot_mode: str) -> Layout:
+def layout_for(boot_mode: str, arch: Arch = "x86_64") -> Layout:
     """The offline Debian base's layout for an EC2 boot mode: hybrid GPT boots
-    both ways, so UEFI recipes get it; legacy-bios keeps the MBR disk."""
+    both ways, so UEFI recipes get it; legacy-bios keeps the MBR disk; arm64
+    (UEFI only) gets GPT with an ESP and no BIOS boot partition."""
+    if arch != "x86_64":
+        return "uefi"
     return "bios" if boot_mode == "legacy-bios" else "hybrid"
 
 
 def for_recipe(
     spec: str | UrlBase, local_path: Path | None, *, mirror: str | None,
-    reporter: Reporter | None, layout: Layout = "bios",
+    reporter: Reporter | None, layout: Layout = "bios", arch: Arch = "x86_64",
 ) -> BaseImage:  # fmt: skip
     """The base a recipe names: its local file, a verified URL download, or an offline
     Debian build (cached by its inputs)."""
     if local_path is not None:
         return local_base(local_path)
     if isinstance(spec, str):
-        return build_debian(spec, mirror=mirror, on_progress=reporter, layout=layout)
+        return build_debian(spec, mirror=mirror, on_progress=reporter, layout=layout, arch=arch)
     return fetch_base(
         spec.url, sha256=spec.sha256, sha512=spec.sha512, checksum_url=spec.checksum_url,
         on_progress=reporter,
@@ -708,7 +786,12 @@ def key(base: BaseImage, disk_size: int | None) -> StageKey:
 
 
 def cached_for_recipe(
-    spec: str | UrlBase, local_path: Path | None, *, mirror: str | None, layout: Layout = "bios"
+    spec: str | UrlBase,
+    local_path: Path | None,
+    *,
+    mirror: str | None,
+    layout: Layout = "bios",
+    arch: Arch = "x86_64",
 ) -> BaseImage | None:
     """The base `for_recipe` would use, if it needs no build or download; else None.
 
@@ -720,7 +803,8 @@ def cached_for_recipe(
     if isinstance(spec, str):
         if spec not in RELEASES:
             return None
-        final = _bases_dir() / base_id_for(spec, mirrors_for(mirror, RELEASES[spec]), layout)
+        mirrors = mirrors_for(mirror, RELEASES[spec])
+        final = _bases_dir() / base_id_for(spec, mirrors, layout, arch)
         meta = _read_meta(final)
         return _from_meta(final, meta) if meta is not None else None
     found = [(m.get("created", ""), b) for b, m in _cached() if spec.url in m.get("urls", ())]
@@ -756,7 +840,13 @@ def prunable_bases(keep: int = 1) -> list[BaseImage]:
     drops older builds of a release whose inputs changed and older downloads of a URL."""
     groups: dict[str, list[tuple[str, BaseImage]]] = {}
     for base, meta in _cached():
-        origins = [str(meta["release"])] if meta.get("release") else list(meta.get("urls") or ())
+        # A release's builds for another layout or architecture are other origins.
+        release = (
+            f"{meta['release']}/{meta.get('layout', 'bios')}/{meta.get('arch', 'x86_64')}"
+            if meta.get("release")
+            else None
+        )
+        origins = [release] if release else list(meta.get("urls") or ())
         for origin in origins or [base.source]:
             groups.setdefault(origin, []).append((str(meta.get("created", "")), base))
     kept, seen = set(), {}

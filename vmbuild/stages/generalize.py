@@ -16,6 +16,7 @@ from shlex import quote
 from vmbuild.cache import aptproxy
 from vmbuild.diskfs.rootfs import FilesystemView, exists, read_file
 from vmbuild.errors import GuestStopped, VmbuildError
+from vmbuild.hypervisor.arch import SERIAL_CONSOLE, Arch
 from vmbuild.hypervisor.base import Machine, read_tail
 from vmbuild.hypervisor.guest import CLOUD_INIT, POWEROFF, Guest, wait_cloud_init
 from vmbuild.stages.key import StageKey, stage_key
@@ -28,9 +29,11 @@ OutputSink = Callable[[str], None]
 FROZEN_MARKER = "vmbuild-generalize: filesystems frozen"
 
 
-def generalize_script(builder_user: str) -> str:
-    """The guest-side script (pure: unit-tested)."""
+def generalize_script(builder_user: str, arch: Arch = "x86_64") -> str:
+    """The guest-side script (pure: unit-tested). The marker goes to `arch`'s serial
+    port (the console log the host reads): ttyS0 on a PC, ttyAMA0 on arm64's virt."""
     user = quote(builder_user)
+    serial = f"/dev/{SERIAL_CONSOLE[arch]}"
     return f"""\
 set -eu
 export DEBIAN_FRONTEND=noninteractive
@@ -90,7 +93,7 @@ for mnt in $(findmnt -rn -o TARGET -t ext2,ext3,ext4,xfs | sort -r); do
   fsfreeze -f "$mnt" || frozen=0
 done
 if [ "$frozen" = 1 ]; then
-  echo '{FROZEN_MARKER}' > /dev/ttyS0
+  echo '{FROZEN_MARKER}' > {serial}
 else
   systemctl poweroff
 fi
@@ -100,9 +103,9 @@ echo "generalize: finishing and powering off"
 """
 
 
-def key(disk: StageKey, builder_user: str) -> StageKey:
+def key(disk: StageKey, builder_user: str, arch: Arch = "x86_64") -> StageKey:
     """The generalized disk: the disk before it and the script that ran."""
-    return stage_key("generalize", disk=disk.digest, script=generalize_script(builder_user))
+    return stage_key("generalize", disk=disk.digest, script=generalize_script(builder_user, arch))
 
 
 def generalize(guest: Guest, on_output: OutputSink | None = None) -> None:
@@ -112,7 +115,7 @@ def generalize(guest: Guest, on_output: OutputSink | None = None) -> None:
     wait_cloud_init(guest.ssh, guest.spec.accel.timeout(CLOUD_INIT), guest.machine)
     try:
         result = guest.ssh.run(
-            generalize_script(guest.user),
+            generalize_script(guest.user, guest.spec.arch),
             timeout=guest.spec.accel.timeout(120),
             on_output=(lambda _s, line: on_output(line)) if on_output else None,
         )

@@ -18,6 +18,7 @@ from typing import Any
 from vmbuild import toe
 from vmbuild.digest import sha256_file
 from vmbuild.errors import CommandError, StepFailed, TestsFailed
+from vmbuild.hypervisor.arch import UNAME, Arch
 from vmbuild.hypervisor.firmware import Firmware
 from vmbuild.hypervisor.guest import (
     CLOUD_INIT,
@@ -195,17 +196,31 @@ class TestInputs:
 # What the guest sees of its firmware: /sys/firmware/efi exists only when the
 # kernel was started by UEFI; mokutil asks the firmware's SecureBoot variable.
 # Without mokutil the variable is read directly (4 attribute bytes, then 0/1).
+# The CPU architecture the guest runs (`uname -m`) comes first, on its own line.
 FIRMWARE_PROBE = (
+    'echo "machine $(uname -m)"; '
     "if [ -d /sys/firmware/efi ]; then echo uefi; else echo bios; fi; "
     "if command -v mokutil >/dev/null; then mokutil --sb-state 2>&1 || true; "
     "else v=/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d0-aa0d-00a0c904f4e5; "
     "[ -r $v ] && echo \"SecureBoot $(od -An -tu1 -j4 -N1 $v | tr -d ' ')\"; fi"
 )
+MACHINE_PREFIX = "machine "
 
 
-def firmware_problem(firmware: Firmware, probe_output: str) -> str | None:
-    """Why the guest did not boot the way `firmware` means (None: it did)."""
-    lines = probe_output.strip().splitlines()
+def guest_machine(probe_output: str) -> str | None:
+    """What `uname -m` said in the guest, from the probe's output."""
+    for line in probe_output.splitlines():
+        if line.startswith(MACHINE_PREFIX):
+            return line.removeprefix(MACHINE_PREFIX).strip() or None
+    return None
+
+
+def firmware_problem(firmware: Firmware, probe_output: str, arch: Arch | None = None) -> str | None:
+    """Why the guest did not boot the way `firmware` means, or (given `arch`) is
+    not running that architecture (None: all as expected)."""
+    if arch is not None and (machine := guest_machine(probe_output)) != UNAME[arch]:
+        return f"the guest runs {machine or 'an unknown machine'}, not {UNAME[arch]}"
+    lines = [ln for ln in probe_output.strip().splitlines() if not ln.startswith(MACHINE_PREFIX)]
     booted = lines[0].strip() if lines else ""
     want = "bios" if firmware == "bios" else "uefi"
     if booted != want:
@@ -218,14 +233,24 @@ def firmware_problem(firmware: Firmware, probe_output: str) -> str | None:
 
 
 def check_firmware(guest: Guest, firmware: Firmware) -> dict[str, Any]:
-    """Ask the guest how it booted; raise TestsFailed if not as `firmware` means."""
+    """Ask the guest how it booted and on what CPU; raise TestsFailed if not as
+    `firmware` and the VM's architecture mean."""
     result = guest.ssh.run(FIRMWARE_PROBE, timeout=guest.spec.accel.timeout(10))
-    if (problem := firmware_problem(firmware, result.stdout)) is not None:
+    if (problem := firmware_problem(firmware, result.stdout, guest.spec.arch)) is not None:
         raise TestsFailed(
             f"boot mode test ({firmware}) failed: {problem}",
             hint="see the test VM's console log in the run log",
         )
-    return {"firmware": firmware, "guest": " ".join(result.stdout.split())}
+    return {
+        "firmware": firmware,
+        "machine": guest_machine(result.stdout),
+        "guest": " ".join(
+            word
+            for ln in result.stdout.splitlines()
+            if not ln.startswith(MACHINE_PREFIX)
+            for word in ln.split()
+        ),
+    }
 
 
 def run_image_tests(

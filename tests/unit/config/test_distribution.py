@@ -30,7 +30,8 @@ def test_defaults_are_ebs_direct_legacy_bios_and_the_first_region_uploads() -> N
     assert cfg.import_.method == "ebs-direct"
     assert cfg.image.boot_mode is None  # the image's own, from its manifest
     assert cfg.image.mode == "legacy-bios"
-    assert cfg.image.architecture == "x86_64"
+    assert cfg.image.architecture is None  # the image's own, from its manifest
+    assert cfg.image.arch == "x86_64"
     assert cfg.image.root_device_name == "/dev/xvda"
     assert cfg.source.region == "us-east-1"
     assert cfg.regions[1].name == "{{ name }}-{{ version }}-{{ build }}"
@@ -224,3 +225,19 @@ def test_boot_mode_comes_from_the_image_unless_the_config_sets_it() -> None:
     assert ImageSettings().for_image("uefi-preferred").mode == "uefi-preferred"
     assert ImageSettings().for_image(None).mode == "legacy-bios"
     assert ImageSettings(boot_mode="uefi").for_image("legacy-bios").mode == "uefi"
+
+
+def test_architecture_defaults_to_the_images() -> None:
+    cfg = load_distribution({"regions": [{"region": "us-east-1"}]}, "recipe.yaml")
+    arm = cfg.image.for_image("uefi", architecture="arm64")
+    assert (arm.architecture, arm.arch, arm.mode) == ("arm64", "arm64", "uefi")
+    old = cfg.image.for_image(None, architecture=None)  # a manifest from before arch
+    assert (old.arch, old.mode) == ("x86_64", "legacy-bios")
+    given = load_distribution(
+        {"image": {"architecture": "x86_64"}, "regions": [{"region": "us-east-1"}]}, "r.yaml"
+    )
+    assert given.image.for_image("uefi", architecture="arm64").arch == "x86_64"  # config wins
+    assert error_of(
+        {"image": {"architecture": "arm64", "boot_mode": "legacy-bios"},
+         "regions": [{"region": "us-east-1"}]}
+    ) == "recipe.yaml: distribution.image.boot_mode: arm64 AMIs boot UEFI only (Graviton); use uefi"  # fmt: skip

@@ -232,3 +232,26 @@ def test_boot_mode_and_secure_boot(project: Path) -> None:
     assert error_of(write(project, good("boot_mode: efi\n"))).startswith(
         "recipe.yaml: boot_mode: Input should be 'legacy-bios', 'uefi' or 'uefi-preferred'"
     )
+
+
+def test_arch_arm64_implies_uefi(project: Path) -> None:
+    r = load_recipe(write(project, good())).recipe
+    assert r.arch == "x86_64"
+    r = load_recipe(write(project, good("arch: arm64\n"))).recipe
+    assert (r.arch, r.boot_mode, r.secure_boot) == ("arm64", "uefi", False)
+    assert (
+        load_recipe(write(project, good("arch: arm64\nboot_mode: uefi\n"))).recipe.arch == "arm64"
+    )
+    assert error_of(write(project, good("arch: arm64\nboot_mode: legacy-bios\n"))) == (
+        "recipe.yaml: boot_mode: arm64 images boot UEFI only (as EC2's Graviton instances), "
+        "not legacy-bios; set boot_mode: uefi or leave it out"
+    )
+    assert error_of(write(project, good("arch: arm64\nboot_mode: uefi-preferred\n"))).startswith(
+        "recipe.yaml: boot_mode: arm64 images boot UEFI only"
+    )
+    assert error_of(write(project, good("arch: arm64\nsecure_boot: true\n"))).startswith(
+        "recipe.yaml: secure_boot: not supported for arm64 yet"
+    )
+    assert error_of(write(project, good("arch: aarch64\n"))).startswith(
+        "recipe.yaml: arch: Input should be 'x86_64' or 'arm64'"
+    )

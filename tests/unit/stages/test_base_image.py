@@ -253,7 +253,7 @@ def test_mmdebstrap_argv() -> None:
     )  # fmt: skip
     assert argv == [
         "mmdebstrap", "--mode=root", "--variant=minbase", "--format=directory",
-        "--include=pkg-a,pkg-b", "--skip=essential/unlink",
+        "--arch=amd64", "--include=pkg-a,pkg-b", "--skip=essential/unlink",
         '--setup-hook=mkdir -p "$1"/var/cache/apt/archives',
         "--setup-hook=sync-in /c/debs /var/cache/apt/archives/",
         '--essential-hook=sh /d/hook.sh essential "$1"',

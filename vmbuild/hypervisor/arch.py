@@ -1,0 +1,71 @@
+"""Guest architectures: what differs between an x86_64 and an arm64 guest.
+
+A recipe's `arch` (EC2's names: x86_64, arm64) picks the QEMU binary, machine,
+CPU model, serial console, Debian architecture and kernel. Everything else (the
+virtio devices on PCI, the user-network SSH forward, the seed) is the same.
+
+An arm64 guest on an x86_64 host (or the reverse) cannot use KVM: it runs under
+TCG, which translates every guest instruction, so its timeouts are scaled
+beyond the x86 TCG factor by `FOREIGN_TCG_SCALE` (measured below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from collections.abc import Callable
+from typing import Literal
+
+from vmbuild.hypervisor.accel import TCG_SCALE, Accel, tcg
+
+Arch = Literal["x86_64", "arm64"]
+ARCHES: tuple[Arch, ...] = ("x86_64", "arm64")
+
+QEMU_BINARY: dict[Arch, str] = {"x86_64": "qemu-system-x86_64", "arm64": "qemu-system-aarch64"}
+# What `uname -m` says in the guest; also libvirt's <type arch=...>.
+UNAME: dict[Arch, str] = {"x86_64": "x86_64", "arm64": "aarch64"}
+DEBIAN_ARCH: dict[Arch, str] = {"x86_64": "amd64", "arm64": "arm64"}
+# The kernel's serial console: the PC's 16550 UART, the virt machine's PL011.
+SERIAL_CONSOLE: dict[Arch, str] = {"x86_64": "ttyS0", "arm64": "ttyAMA0"}
+# TCG CPU models. x86_64: qemu64 measured ~20 % faster than `max`. arm64:
+# cortex-a72 (ARMv8.0): `max` adds pointer authentication, whose emulated
+# QARMA signing QEMU's docs name as a large TCG cost; Debian's arm64 kernel
+# and userland use it wherever the CPU has it.
+TCG_CPU: dict[Arch, str] = {"x86_64": "qemu64", "arm64": "cortex-a72"}
+# How many times slower than x86_64-on-x86_64 TCG an arm64 guest is taken to
+# boot on an x86_64 host; applied on top of the TCG scale (so a 45 s KVM boot
+# budget becomes 900 s). Provisional: not yet measured on this class of machine.
+FOREIGN_TCG_SCALE = 2.0
+
+
+def host_arch() -> Arch | None:
+    """The host's architecture in EC2's names, or None when vmbuild has no guest for it."""
+    machine = platform.machine()
+    return {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}.get(
+        machine.lower()
+    )  # type: ignore[return-value]
+
+
+def for_guest(accel: Accel, arch: Arch, host: Arch | None = None) -> Accel:
+    """`accel` (chosen by probing the host) as it applies to an `arch` guest.
+
+    A foreign guest cannot use KVM; it runs under TCG, slower than a native
+    TCG guest by FOREIGN_TCG_SCALE, and its timeouts say so.
+    """
+    host = host if host is not None else host_arch()
+    if arch == host:
+        return accel
+    reason = f"{UNAME[arch]} guest on a {host or platform.machine()} host: TCG"
+    return dataclasses.replace(
+        accel, kind="tcg", reason=reason, scale=TCG_SCALE * FOREIGN_TCG_SCALE
+    )
+
+
+def guest_accel(arch: Arch, choose_native: Callable[[], Accel], host: Arch | None = None) -> Accel:
+    """The accelerator for an `arch` guest: the host's probed choice for a native
+    guest; TCG for a foreign one, without the KVM probe (which boots the host's
+    architecture and could only waste its time-box)."""
+    host = host if host is not None else host_arch()
+    if arch == host:
+        return choose_native()
+    return for_guest(tcg("foreign architecture"), arch, host)
