@@ -25,7 +25,8 @@ DATA = REPO / "tests" / "data" / "imports"
         (
             ["main.tf"],
             [],
-            ["components/from-file.yaml", "pipeline.yaml", "recipe.yaml"],
+            ["components/app-config.yaml", "components/from-file.yaml", "pipeline.yaml",
+             "recipe.yaml"],
             "aws_imagebuilder_infrastructure_configuration.app: instance_profile_name -> "
             "the builder VM needs no IAM role",
         ),

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from vmbuild.imports.parents import parent_base
-from vmbuild.imports.sources import Resource, ResourceRef
+from vmbuild.imports.sources import Resource, ResourceRef, encoded_literal
 
 # vCPUs and memory of common instance types, for the builder VM's size.
 _SIZES = {"nano": (2, "512M"), "micro": (2, "1G"), "small": (2, "2G"), "medium": (2, "4G"),
@@ -190,6 +192,16 @@ class Converter:
             if text is None:
                 return
             self.out.report.converted(where, "data", f"components/{name}.yaml (file() read)")
+        elif isinstance(text, str) and (encoded := encoded_literal(text)) is not None:
+            document, why = encoded
+            if why is not None:
+                self.out.report.dropped(
+                    where, "data", f"{why}; import `terraform show -json` instead"
+                )
+                return
+            # Terraform's yamlencode writes the same mapping: keys in source order.
+            text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
+            self.out.report.converted(where, "data", f"components/{name}.yaml (yamlencode read)")
         elif isinstance(text, str) and text.startswith("${"):
             self.out.report.dropped(
                 where, "data", "a Terraform expression; import `terraform show -json` instead"

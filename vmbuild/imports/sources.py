@@ -244,6 +244,42 @@ def _unquote(value: Any) -> Any:
     return value
 
 
+_ENCODE_CALL = re.compile(r"^\$\{(yamlencode|jsonencode)\((.*)\)\}$", re.S)
+
+
+def encoded_literal(value: str) -> tuple[Any, str | None] | None:
+    """A component's `data = yamlencode({...})` (or jsonencode), evaluated when its
+    argument is a literal: (the value, None); (None, why) when it refers to
+    anything (var., local., a function) only Terraform can evaluate; None when
+    `value` is not such a call. The literal is parsed by python-hcl2 itself, as
+    the right-hand side of an attribute, so HCL's syntax is never re-implemented."""
+    import hcl2
+
+    call = _ENCODE_CALL.match(value)
+    if call is None:
+        return None
+    try:
+        parsed = _unquote(hcl2.loads(f"x = {call[2]}\n"))["x"]
+    except Exception as exc:  # lark's parse errors have no common base class
+        return None, f"{call[1]}(...) is not a literal HCL value: {str(exc).splitlines()[0]}"
+    if refs := sorted(set(_expressions(parsed))):
+        return None, f"{call[1]}(...) uses {', '.join(refs)}: only Terraform can evaluate it"
+    return parsed, None
+
+
+def _expressions(value: Any) -> list[str]:
+    """The `${...}` expressions (references, calls) left in a parsed HCL value."""
+    if isinstance(value, dict):
+        return [e for v in value.values() for e in _expressions(v)]
+    if isinstance(value, list):
+        return [e for v in value for e in _expressions(v)]
+    if isinstance(value, ResourceRef):
+        return [f"{value.target}.{value.attribute}"]
+    if isinstance(value, str) and "${" in value:
+        return re.findall(r"\$\{([^}]*)\}", value)
+    return []
+
+
 def read_terraform_hcl(path: Path, text: str) -> list[Resource]:
     import hcl2  # the maintained HCL2 parser; only needed for .tf files
 
