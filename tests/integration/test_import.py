@@ -25,8 +25,12 @@ DATA = REPO / "tests" / "data" / "imports"
         (
             ["main.tf"],
             [],
-            ["components/app-config.yaml", "components/from-file.yaml", "pipeline.yaml",
-             "recipe.yaml"],
+            [
+                "components/app-config.yaml",
+                "components/from-file.yaml",
+                "pipeline.yaml",
+                "recipe.yaml",
+            ],
             "aws_imagebuilder_infrastructure_configuration.app: instance_profile_name -> "
             "the builder VM needs no IAM role",
         ),
