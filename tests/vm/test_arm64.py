@@ -1,0 +1,73 @@
+"""An arm64 image end to end on this x86_64 host: the offline Debian base built
+for arm64 (mmdebstrap with the maintainer scripts under qemu-user), booted in
+qemu-system-aarch64 (virt machine, AAVMF) under TCG as builder and test VM, one
+component with a test phase; the manifest says arm64 and the test VM's CPU
+was aarch64. Every guest instruction is translated (TCG), yet with the arm64
+base cached it took 219 s here (builder 73 s, test VM 95 s; load ~3.5). A cold
+cache adds the arm64 base build: 1322 s (mmdebstrap under qemu-user, load ~7)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tests.vm.conftest import vmbuild
+
+COMPONENT = """\
+name: hello-arm64
+description: writes the CPU architecture; the test phase reads it back
+schemaVersion: 1.0
+phases:
+  - name: build
+    steps:
+      - name: Write
+        action: ExecuteBash
+        inputs:
+          commands: ["uname -m > /etc/vmbuild-arch"]
+  - name: test
+    steps:
+      - name: Read
+        action: ExecuteBash
+        inputs:
+          commands: ["grep -qx aarch64 /etc/vmbuild-arch", "test \\"$(uname -m)\\" = aarch64"]
+"""
+
+RECIPE = """\
+name: arm64-demo
+version: 1.0.0
+base: debian-12
+arch: arm64
+components:
+  - name: ./hello.yaml
+"""
+
+
+def test_arm64_build_end_to_end(
+    cli_env: dict[str, str], tmp_path: Path, no_leftover_qemu: None
+) -> None:
+    (tmp_path / "hello.yaml").write_text(COMPONENT)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    started = time.monotonic()
+    proc = vmbuild("build", str(recipe), "--json", env=cli_env)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    [manifest_path] = Path(cli_env["VMBUILD_STORE"]).rglob("manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    assert (manifest["architecture"], manifest["boot_mode"]) == ("arm64", "uefi")
+    assert manifest["base"]["id"].startswith("debian-12-arm64-uefi-")
+    assert manifest["accelerator"]["kind"] == "tcg"
+    assert manifest["accelerator"]["reason"].startswith("aarch64 guest on a x86_64 host")
+    [boot] = manifest["tests"]["boots"]
+    assert (boot["firmware"], boot["machine"]) == ("uefi", "aarch64")
+    assert [c["status"] for c in manifest["tests"]["components"]] == ["Success"]
+    assert {p["arch"] for p in manifest["packages"]} <= {"arm64", "all"}
+    print(f"arm64 build: {elapsed:.0f}s; timings {manifest['timings']}")
+
+    ref = f"{manifest['name']}/{manifest['version']}/{manifest['build']}"
+    lint = vmbuild("lint", ref, "--json", env=cli_env)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    report = json.loads(lint.stdout)
+    assert report["partition_table"] == "gpt"
+    assert [f for f in report["findings"] if f["severity"] == "error"] == []
