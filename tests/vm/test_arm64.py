@@ -12,7 +12,13 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.vm.conftest import vmbuild
+
+# Not in `make test`: a cold arm64 base alone takes longer than the per-test
+# timeout and a fifth of CI's budget. `make test-arm64` runs it.
+pytestmark = pytest.mark.arm64_base
 
 COMPONENT = """\
 name: hello-arm64
