@@ -133,8 +133,10 @@ def test_example_recipe_builds_and_passes_on_libvirt(
     assert m["backend"] == "libvirt"
     assert m["tests"]["status"] == "passed"
     ti = m["tests"]["testinfra"]
-    assert (ti["tests"], ti["failures"], ti["errors"]) == (2, 0, 0)
-    assert [c["name"] for c in m["components"]] == ["stamp"]
+    assert (ti["tests"], ti["failures"], ti["errors"]) == (3, 0, 0)
+    assert [c["name"] for c in m["components"]] == ["stamp", "cloud-ready"]
+    # The cloud-ready test phase passed in the test VM booted as on EC2.
+    assert m["tests"]["components"][-1] == {"name": "cloud-ready", "status": "Success"}
     assert [o["format"] for o in m["outputs"]]
     for out in m["outputs"]:
         assert (Path(result["path"]) / out["file"]).is_file()
@@ -143,6 +145,10 @@ def test_example_recipe_builds_and_passes_on_libvirt(
     assert roles == {"builder", "test"}, watcher.seen
     logs = Path(result["path"]) / "logs"
     assert "cloud-init" in (logs / "builder-console.log").read_text(errors="replace")
+    # What the guest read from the metadata service is in the run log.
+    build_log = (logs / "build.log").read_text()
+    assert "IMDS GET /2021-03-23/meta-data/public-keys/0/openssh-key 200 v2" in build_log
+    assert "IMDS GET /2021-03-23/dynamic/instance-identity/document 200 v2" in build_log
 
 
 FAILING_COMPONENT = """\
