@@ -12,6 +12,10 @@ Handler = Callable[[argparse.Namespace], int]
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
+# How an image is named on the command line (images show/rm/run/diff ...).
+REF_HELP = "NAME[/VERSION[/BUILD]] (latest match), or the path of a build inside the store"
+
+
 def out(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> int:
     """Print `data` as JSON under --json, else run `human()`; exit status 0."""
     if getattr(args, "json", False):

@@ -9,10 +9,8 @@ import os
 from rich.table import Table
 
 from vmbuild import console, paths
-from vmbuild.cli.common import SubParsers, confirm, json_flag, out, store_flag, verb
+from vmbuild.cli.common import REF_HELP, SubParsers, confirm, json_flag, out, store_flag, verb
 from vmbuild.errors import VmbuildError
-
-REF_HELP = "NAME[/VERSION[/BUILD]] (latest match), or the path of a build inside the store"
 
 
 def add_parser(sub: SubParsers) -> None:

@@ -100,7 +100,7 @@ def cmd_images_run(args: argparse.Namespace) -> int:
 
 
 def add_run_verb(images: SubParsers) -> None:
-    from vmbuild.cli.images import REF_HELP
+    from vmbuild.cli.common import REF_HELP
     from vmbuild.config import settings
 
     p = verb(
