@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,5 +24,7 @@ def _private_component_library(
 
 # Each test session gets its own vmbuild state dir (the run registry and the
 # failed-run logs): a test's CLI run never reaps, nor is reaped by, runs of
-# the user or of another session on the same host.
-os.environ["VMBUILD_STATE_DIR"] = tempfile.mkdtemp(prefix="vmbuild-test-state-")
+# the user or of another session on the same host. Set at import, before any
+# module reads it; removed when the session's process exits.
+os.environ["VMBUILD_STATE_DIR"] = _STATE = tempfile.mkdtemp(prefix="vmbuild-test-state-")
+atexit.register(shutil.rmtree, _STATE, ignore_errors=True)
