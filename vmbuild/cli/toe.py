@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vmbuild import runs
 from vmbuild.errors import VmbuildError
 from vmbuild.toe.actions import S3Config
 from vmbuild.toe.document import Problem, parse
@@ -166,7 +167,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     import tempfile
 
     failures: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="vmbuild-toe-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="vmbuild-toe-") as scratch, runs.owning(Path(scratch)):
         for location in _split(args.documents):
             try:
                 _, problems = _load(
@@ -208,7 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     log_dir = log_root / f"TOE_{stamp}_{execution_id}"
     owner = args.document_s3_bucket_owner or settings.get("documentS3BucketOwner")
     trace = args.trace or bool(settings.get("trace"))
-    with tempfile.TemporaryDirectory(prefix="vmbuild-toe-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="vmbuild-toe-") as scratch, runs.owning(Path(scratch)):
         docs = []
         for location, own in request.documents:
             doc, problems = _load(

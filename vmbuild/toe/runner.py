@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmbuild import runs
 from vmbuild.errors import ConfigError, GuestStopped, TransferError
 from vmbuild.remote.base import OutputCallback, Remote, RemoteResult
 from vmbuild.toe.actions import ACTIONS, S3Config
@@ -93,7 +94,8 @@ def run_document(
     check_phase_selection(doc, phases)
     if working_directory:
         remote = InDirectory(remote, working_directory)
-    with tempfile.TemporaryDirectory(prefix="vmbuild-toe-") as scratch:
+    # Owned: a SIGKILLed build leaves it for the next vmbuild command to delete.
+    with tempfile.TemporaryDirectory(prefix="vmbuild-toe-") as scratch, runs.owning(Path(scratch)):
         run = _Run(remote, on_output or (lambda line: None), s3, Path(scratch))
         return _execute(doc, phases, run, ancestors=())
 
