@@ -6,11 +6,14 @@ No KVM here means TCG: these tests are slow but never skipped.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +35,31 @@ def vmbuild(
     return subprocess.run(
         [*VMBUILD, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
+
+
+def build_stored(
+    tmp_path: Path, env: dict[str, str], recipe: str, files: dict[str, str]
+) -> tuple[dict[str, Any], float]:
+    """Write `recipe` (and the files it names) into `tmp_path`, build it with the
+    real CLI, and return the one manifest stored and the build's wall time."""
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    started = time.monotonic()
+    proc = vmbuild("build", str(tmp_path / "recipe.yaml"), "--json", env=env)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    [manifest_path] = Path(env["VMBUILD_STORE"]).rglob("manifest.json")
+    return json.loads(manifest_path.read_text()), elapsed
+
+
+def lint_stored(manifest: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """`vmbuild lint --json` of a stored build; it must pass."""
+    ref = f"{manifest['name']}/{manifest['version']}/{manifest['build']}"
+    lint = vmbuild("lint", ref, "--json", env=env)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    report: dict[str, Any] = json.loads(lint.stdout)
+    return report
 
 
 def qemu_pids(using: str | Path = "") -> set[int]:

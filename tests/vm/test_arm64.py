@@ -8,13 +8,11 @@ cache adds the arm64 base build: 1322 s (mmdebstrap under qemu-user, load ~7).""
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import vmbuild
+from tests.vm.conftest import build_stored, lint_stored
 
 # Not in `make test`: a cold arm64 base alone takes longer than the per-test
 # timeout and a fifth of CI's budget. `make test-arm64` runs it.
@@ -52,15 +50,7 @@ components:
 def test_arm64_build_end_to_end(
     cli_env: dict[str, str], tmp_path: Path, no_leftover_qemu: None
 ) -> None:
-    (tmp_path / "hello.yaml").write_text(COMPONENT)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE)
-    started = time.monotonic()
-    proc = vmbuild("build", str(recipe), "--json", env=cli_env)
-    elapsed = time.monotonic() - started
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    [manifest_path] = Path(cli_env["VMBUILD_STORE"]).rglob("manifest.json")
-    manifest = json.loads(manifest_path.read_text())
+    manifest, elapsed = build_stored(tmp_path, cli_env, RECIPE, {"hello.yaml": COMPONENT})
     assert (manifest["architecture"], manifest["boot_mode"]) == ("arm64", "uefi")
     assert manifest["base"]["id"].startswith("debian-12-arm64-uefi-")
     assert manifest["accelerator"]["kind"] == "tcg"
@@ -71,9 +61,6 @@ def test_arm64_build_end_to_end(
     assert {p["arch"] for p in manifest["packages"]} <= {"arm64", "all"}
     print(f"arm64 build: {elapsed:.0f}s; timings {manifest['timings']}")
 
-    ref = f"{manifest['name']}/{manifest['version']}/{manifest['build']}"
-    lint = vmbuild("lint", ref, "--json", env=cli_env)
-    assert lint.returncode == 0, lint.stdout + lint.stderr
-    report = json.loads(lint.stdout)
+    report = lint_stored(manifest, cli_env)
     assert report["partition_table"] == "gpt"
     assert [f for f in report["findings"] if f["severity"] == "error"] == []

@@ -5,11 +5,9 @@ SeaBIOS; the stored image passes the ESP lint. One build serves every mode."""
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
-from tests.vm.conftest import vmbuild
+from tests.vm.conftest import build_stored, lint_stored
 
 COMPONENT = """\
 name: hello
@@ -44,15 +42,7 @@ components:
 def test_uefi_preferred_secure_boot_build(
     cli_env: dict[str, str], tmp_path: Path, no_leftover_qemu: None
 ) -> None:
-    (tmp_path / "hello.yaml").write_text(COMPONENT)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE)
-    started = time.monotonic()
-    proc = vmbuild("build", str(recipe), "--json", env=cli_env)
-    elapsed = time.monotonic() - started
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    [manifest_path] = Path(cli_env["VMBUILD_STORE"]).rglob("manifest.json")
-    manifest = json.loads(manifest_path.read_text())
+    manifest, elapsed = build_stored(tmp_path, cli_env, RECIPE, {"hello.yaml": COMPONENT})
     assert manifest["boot_mode"] == "uefi-preferred"
     assert manifest["base"]["id"].startswith("debian-12-hybrid-")
     boots = manifest["tests"]["boots"]
@@ -62,9 +52,6 @@ def test_uefi_preferred_secure_boot_build(
     assert [c["status"] for c in manifest["tests"]["components"]] == ["Success"]
     print(f"uefi-preferred + Secure Boot build: {elapsed:.0f}s; timings {manifest['timings']}")
 
-    ref = f"{manifest['name']}/{manifest['version']}/{manifest['build']}"
-    lint = vmbuild("lint", ref, "--json", env=cli_env)
-    assert lint.returncode == 0, lint.stdout + lint.stderr
-    report = json.loads(lint.stdout)
+    report = lint_stored(manifest, cli_env)
     assert report["partition_table"] == "gpt"
     assert [f for f in report["findings"] if f["severity"] == "error"] == []
