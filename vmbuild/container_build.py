@@ -2,13 +2,23 @@
 
     parent rootfs (host, cached) -> OCI layout with the parent layer ->
     builder VM -> components (build, validate) in chroot, one layer each ->
-    component tests in chroot -> labels, tags, docker-archive -> store -> push
+    component tests in chroot -> labels, tags, docker-archive ->
+    SBOMs + signed provenance -> store -> verify -> push
 
 The same components, engine, store and manifest as a VM build; stages are in
 vmbuild/stages/rootfs.py, vmbuild/stages/container.py and vmbuild/oci/. One
 ExitStack owns the staging dir and the VM: a failure anywhere (a failing
 component or test) leaves no staging dir, no VM and no image in the store.
 A push that fails after the store keeps the tested image and says so.
+
+Supply chain, as for VM images: the SBOMs list the packages in dpkg's database of the
+image as stored (read from its layers, oci/packages.py); the signed provenance's subjects
+are the OCI manifest digest, every file of the layout and the docker-archive. The
+provenance digest is NOT a label: a label is part of the image config, so the manifest
+digest the provenance signs would change with it (a label could only name a provenance
+that does not cover the final image). It is recorded outside the image instead, in the
+stored manifest's `provenance`, beside the image digest the provenance names. A push
+verifies the stored image against it first, before any registry call.
 """
 
 from __future__ import annotations
@@ -21,21 +31,27 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmbuild import __version__, paths, toe
 from vmbuild.config.container import LoadedContainerRecipe
 from vmbuild.config.settings import SETTINGS
 from vmbuild.digest import sha256_file
 from vmbuild.errors import VmbuildError
-from vmbuild.manifest import BaseRecord, Manifest, OutputRecord, RecipeRecord
+from vmbuild.manifest import BaseRecord, Manifest, OutputRecord, Package, RecipeRecord
 from vmbuild.oci import layout as oci_layout
+from vmbuild.oci import packages as oci_packages
 from vmbuild.oci import registry
 from vmbuild.plan import BuildOptions, _apt_proxy_setting
 from vmbuild.progress import Reporter
 from vmbuild.remote.base import Remote
 from vmbuild.run import which
 from vmbuild.stages import container, image_tests, rootfs, store
+from vmbuild.supply.stage import attest_stage
+from vmbuild.supply.verify import verify_build
+
+if TYPE_CHECKING:
+    from securesystemslib.signer import Key
 
 log = logging.getLogger("vmbuild.container_build")
 
@@ -145,6 +161,8 @@ def build_container(
         except BaseException:
             _save_failed_logs(logs, paths.state_dir() / "logs" / f"{recipe.name}-{build_id}")
             raise
+            with clock.stage(reporter, "sbom", "package list from the image's dpkg database"):
+                installed: list[Package] = oci_packages.installed(layout, tags[0])
         shutil.rmtree(work)
         manifest = Manifest(
             name=recipe.name,
@@ -163,6 +181,7 @@ def build_container(
                     "docker-archive", archive.name, sha256_file(archive), archive.stat().st_size
                 ),
             ),
+            packages=tuple(installed),
             tests=summary["tests"],
             timings={
                 **clock.timings,
@@ -185,7 +204,14 @@ def build_container(
                 },
             },
         )
-        store.write_manifest(staging.path, manifest)
+        data = manifest.to_json()
+        with reporter.stage("attest", "SBOMs (SPDX, CycloneDX) and signed provenance"):
+            attestation = attest_stage(
+                staging.path, data, {"memory_mib": memory >> 20, "cpus": cpus}
+            )
+        # A summary for `images show`; outside the signed digest (MUTABLE_KEYS).
+        data["provenance"] = attestation.to_json()
+        store.write_manifest(staging.path, data)
         final = store.commit(staging)
     result = ContainerResult(final, store.read_manifest(final), image)
     if recipe.target_repository is None or not opts.distribute:
@@ -194,10 +220,19 @@ def build_container(
     return ContainerResult(final, store.read_manifest(final), image, pushed)
 
 
-def push_stored(build_dir: Path, reporter: Reporter) -> list[registry.Pushed]:
+def push_stored(
+    build_dir: Path, reporter: Reporter, *, keys: list[Key] | None = None,
+    allow_unsigned: bool = False,
+) -> list[registry.Pushed]:  # fmt: skip
     """Push a stored container image to the target its recipe named, every tag;
     tags already at the image's digest are left alone (so a re-run after a failed
-    push finishes only what is missing). Recorded as the manifest's distribution."""
+    push finishes only what is missing). Recorded as the manifest's distribution.
+
+    The image is verified against its signed provenance first (VerificationFailed
+    naming the file, before any registry call); `allow_unsigned` accepts an image
+    without a signature on its content digests alone, as `distribute` does."""
+    with reporter.stage("verify", "provenance signature and digests"):
+        verify_build(build_dir, keys, allow_unsigned=allow_unsigned)
     manifest = store.read_manifest(build_dir)
     oci = manifest.get("oci") if manifest.get("kind") == "container" else None
     if not isinstance(oci, dict):

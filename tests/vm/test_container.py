@@ -28,6 +28,7 @@ from vmbuild.progress import NullReporter
 from vmbuild.remote.ssh import SSHSession
 from vmbuild.stages.container import GUEST_DIR
 from vmbuild.stages.store import builds
+from vmbuild.supply.verify import verify_build
 
 pytestmark = pytest.mark.vm
 
@@ -85,6 +86,19 @@ def test_two_components_build_test_push_and_pull_back(
         (reg.ref(REPOSITORY, "1.0.0"), False), (reg.ref(REPOSITORY, "latest"), False),
     ]  # fmt: skip
     assert m["distribution"]["digest"] == image.digest
+    # The supply chain, as for VM images: SBOM packages from the image's own dpkg database,
+    # the provenance names the OCI digest, and it verifies (the push verified it first).
+    names = {p["name"] for p in m["packages"]}
+    assert {"base-files", "dpkg", "bash"} <= names
+    assert (
+        json.loads((result.build_dir / "sbom.cdx.json").read_text())["metadata"]["component"][
+            "purl"
+        ]
+        == f"pkg:oci/ctr-hello@{image.digest}"
+    )
+    report = verify_build(result.build_dir, None)
+    assert report.signed is True
+    assert report.subjects[f"oci-image:{reg.address}/{REPOSITORY}"] == image.digest[7:]
 
     pulled = tmp_path / "pulled"
     registry.pull(reg.ref(REPOSITORY, image.digest), pulled, "back", tls_verify=False)

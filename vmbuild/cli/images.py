@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 from rich.table import Table
 
@@ -31,6 +32,13 @@ def add_parser(sub: SubParsers) -> None:
     json_flag(p)
     p = verb(images, "push", cmd_images_push, "push a stored container image to its registry")
     p.add_argument("ref", help="NAME[/VERSION[/BUILD]] of a container image")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--key", type=Path, metavar="PUB", help="PEM public key to verify with")
+    keys.add_argument("--kms-key", metavar="ARN", help="AWS KMS key whose public key to trust")
+    p.add_argument(
+        "--allow-unsigned", action="store_true",
+        help="push an image without signed provenance (its layout's digests are still checked)",
+    )  # fmt: skip
     store_flag(p)
     from vmbuild.cli.images_diff import add_images_verb
     from vmbuild.cli.images_run import add_run_verb
@@ -114,13 +122,16 @@ def _on_s3(args: argparse.Namespace) -> bool:
 
 
 def cmd_images_push(args: argparse.Namespace) -> int:
-    """Push a stored container image again (idempotent by digest)."""
+    """Push a stored container image again (idempotent by digest), verified first."""
     from vmbuild.container_build import push_stored
     from vmbuild.log import Progress
     from vmbuild.stages import store
+    from vmbuild.supply import signing
 
+    keys = signing.trusted_keys(args.key, args.kms_key) if (args.key or args.kms_key) else None
     build_dir = store.resolve(paths.store_dir(args.store), args.ref)
-    for pushed in push_stored(build_dir, Progress()):
+    for pushed in push_stored(build_dir, Progress(), keys=keys,
+                              allow_unsigned=args.allow_unsigned):  # fmt: skip
         state = "already there" if pushed.skipped else f"pushed in {pushed.seconds:.1f}s"
         print(f"{pushed.reference}@{pushed.digest}: {state}")
     return 0

@@ -161,3 +161,14 @@ def finish(
 
 def to_docker_archive(layout: Path, tag: str, out: Path, reference: str) -> None:
     run(docker_archive_argv(layout, tag, out, reference), timeout=TIMEOUT)
+
+
+def check_blobs(layout: Path) -> None:
+    """Raise VmbuildError naming the first blob whose sha256 is not its name (a layout is
+    content-addressed: this needs no signature to catch a changed layer)."""
+    from vmbuild.digest import sha256_file
+
+    for blob in sorted((layout / "blobs" / "sha256").iterdir()):
+        got = sha256_file(blob)
+        if got != blob.name:
+            raise VmbuildError(f"{blob}: content differs from its digest (sha256 {got[:16]}…)")

@@ -2,8 +2,11 @@
 
 Subjects: every disk output and both SBOMs by the sha256 of their bytes, and the manifest by
 the digest of its canonical JSON (minus the keys written after the build, see
-publish.artifact.MUTABLE_KEYS). The predicate records what went in: recipe, base, component
-documents and parameters, the package list, builder/test VM settings and the times.
+publish.artifact.MUTABLE_KEYS). A container image adds every file of its OCI layout
+(oci-layout, index.json, each blob), its docker-archive, and the image itself: its
+repository with the OCI manifest digest, as container provenance names images. The predicate
+records what went in: recipe, base, component documents and parameters, the package list,
+builder/test VM settings and the times.
 The message types come from in-toto-attestation (protobuf), so field names and JSON
 encoding are the specification's.
 """
@@ -34,6 +37,9 @@ MANIFEST_SUBJECT = "manifest.json"
 # The manifest subject's digest is not of the file's bytes (keys are added after signing),
 # so its name says how it was computed.
 MANIFEST_DIGEST_NOTE = "sha256 of canonical JSON without distribution, scan, provenance"
+# A container image's subject is not a file: its digest is the OCI manifest's.
+OCI_IMAGE_PREFIX = "oci-image:"
+OCI_DIGEST_NOTE = "OCI image manifest digest"
 
 
 def packages_digest(packages: object) -> str:
@@ -42,15 +48,45 @@ def packages_digest(packages: object) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def image_subject(manifest: Mapping[str, Any]) -> tuple[str, str] | None:
+    """A container image's own subject: its repository (the recipe's target, else the
+    recipe's name) and the OCI manifest digest, the digest registries and `@sha256:`
+    references name. None for a VM image."""
+    oci = manifest.get("oci") if manifest.get("kind") == "container" else None
+    if not isinstance(oci, Mapping) or not str(oci.get("digest", "")).startswith("sha256:"):
+        return None
+    target = oci.get("target")
+    where = (
+        f"{target['registry']}/{target['repository']}"
+        if isinstance(target, Mapping)
+        else str(manifest.get("name", ""))
+    )
+    return f"{OCI_IMAGE_PREFIX}{where}", str(oci["digest"]).removeprefix("sha256:")
+
+
+def output_files(build_dir: Path, name: str) -> list[str]:
+    """The file names (relative to `build_dir`) of one output: itself, or every file of a
+    directory output (an OCI layout: oci-layout, index.json and each blob)."""
+    path = build_dir / name
+    if not path.is_dir():
+        return [name]
+    return sorted(str(f.relative_to(build_dir)) for f in path.rglob("*") if f.is_file())
+
+
 def subjects(build_dir: Path, manifest: Mapping[str, Any]) -> dict[str, str]:
     """name -> sha256 of every file the provenance covers (disks hashed now, streamed)."""
     found: dict[str, str] = {}
     for out in manifest.get("outputs", []):
-        found[str(out["file"])] = sha256_file(build_dir / str(out["file"]))
+        for name in output_files(build_dir, str(out["file"])):
+            found[name] = sha256_file(build_dir / name)
     for sbom in (SPDX, CYCLONEDX):
         if (build_dir / sbom).is_file():
             found[sbom] = sha256_file(build_dir / sbom)
     found[MANIFEST_SUBJECT] = manifest_digest(dict(manifest))
+    # Last: verification checks it after every file, so a changed blob is named as a file.
+    image = image_subject(manifest)
+    if image is not None:
+        found[image[0]] = image[1]
     return found
 
 
@@ -139,6 +175,8 @@ def statement(
             sha,
             annotations={"vmbuild.digest": MANIFEST_DIGEST_NOTE}
             if name == MANIFEST_SUBJECT
+            else {"vmbuild.digest": OCI_DIGEST_NOTE}
+            if name.startswith(OCI_IMAGE_PREFIX)
             else None,
         )
         for name, sha in digests.items()

@@ -61,7 +61,8 @@ def packages_of(manifest: Mapping[str, Any]) -> list[Package]:
 
 
 def distro_of(manifest: Mapping[str, Any]) -> str | None:
-    base_id = str((manifest.get("base") or {}).get("id", ""))
+    # A container's parent is a rootfs tarball: rootfs-debian-12-<hash>.
+    base_id = str((manifest.get("base") or {}).get("id", "")).removeprefix("rootfs-")
     # A built base's id carries its cache key: debian-12-<hash>.
     for distro in DEBIAN_CODENAMES:
         if base_id == distro or base_id.startswith(f"{distro}-"):
@@ -74,6 +75,23 @@ def _created(manifest: Mapping[str, Any]) -> datetime:
         return datetime.fromisoformat(str(manifest.get("created")).replace("Z", "+00:00"))
     except ValueError:
         return datetime.now(UTC)
+
+
+def is_container(manifest: Mapping[str, Any]) -> bool:
+    return manifest.get("kind") == "container"
+
+
+def _what(manifest: Mapping[str, Any]) -> str:
+    return "container image" if is_container(manifest) else "VM image"
+
+
+def image_purl(manifest: Mapping[str, Any]) -> str | None:
+    """A container image's package URL (pkg:oci/NAME@sha256:...): its identity by digest."""
+    digest = str((manifest.get("oci") or {}).get("digest", ""))
+    if not is_container(manifest) or not digest:
+        return None
+    return str(PackageURL(type="oci", name=str(manifest.get("name", "")).lower(),
+                          version=digest).to_string())  # fmt: skip
 
 
 def _spdx_id(text: str) -> str:
@@ -112,14 +130,22 @@ def spdx_document(manifest: Mapping[str, Any]) -> Any:
         data_license="CC0-1.0",
     )
     image_id = _spdx_id(f"image-{name}")
+    purl = image_purl(manifest)
     image = SpdxPackage(
         spdx_id=image_id,
         name=name,
         version=version,
         download_location=SpdxNoAssertion(),
         files_analyzed=False,
-        primary_package_purpose=PackagePurpose.OPERATING_SYSTEM,
-        comment=f"VM image built by vmbuild (build {build})",
+        primary_package_purpose=PackagePurpose.CONTAINER
+        if is_container(manifest)
+        else PackagePurpose.OPERATING_SYSTEM,
+        comment=f"{_what(manifest)} built by vmbuild (build {build})",
+        external_references=[
+            ExternalPackageRef(ExternalPackageRefCategory.PACKAGE_MANAGER, "purl", purl)
+        ]
+        if purl
+        else [],
     )
     packages = [image]
     relationships = [
@@ -184,12 +210,14 @@ def cyclonedx_json(manifest: Mapping[str, Any]) -> str:
     distro = distro_of(manifest)
     bom = Bom(serial_number=uuid.uuid5(_NAMESPACE, f"cdx/{name}/{version}/{build}"))
     bom.metadata.timestamp = _created(manifest)
+    root_purl = image_purl(manifest)
     root = Component(
         name=name,
         version=version,
-        type=ComponentType.OPERATING_SYSTEM,
+        type=ComponentType.CONTAINER if is_container(manifest) else ComponentType.OPERATING_SYSTEM,
         bom_ref=f"image:{name}@{version}",
-        description=f"VM image built by vmbuild (build {build})",
+        purl=PackageURL.from_string(root_purl) if root_purl else None,
+        description=f"{_what(manifest)} built by vmbuild (build {build})",
     )
     bom.metadata.component = root
     components = []

@@ -19,6 +19,7 @@ from securesystemslib.dsse import Envelope
 from securesystemslib.signer import Key
 
 from vmbuild.digest import sha256_file
+from vmbuild.errors import VmbuildError
 from vmbuild.publish.artifact import manifest_digest
 from vmbuild.supply import PROVENANCE, provenance, signing
 from vmbuild.supply.signing import VerificationFailed
@@ -89,16 +90,21 @@ def verify_build(
         raise VerificationFailed(f"{env_path}: not an in-toto SLSA statement ({exc})") from None
     expected = provenance.subject_digests(stmt)
     for out in manifest.get("outputs", []):
-        if str(out.get("file")) not in expected:
-            raise VerificationFailed(
-                f"{build_dir / str(out.get('file'))}: not covered by the signed provenance"
-            )
+        # A directory output (an OCI layout) is covered file by file: a file added to it
+        # after signing is named too.
+        for name in provenance.output_files(build_dir, str(out.get("file"))):
+            if name not in expected:
+                raise VerificationFailed(
+                    f"{build_dir / name}: not covered by the signed provenance"
+                )
     for name, want in expected.items():
         if on_file is not None:
             on_file(name)
         if name == provenance.MANIFEST_SUBJECT:
             got = manifest_digest(manifest)
             target = build_dir / "manifest.json"
+        elif name.startswith(provenance.OCI_IMAGE_PREFIX):
+            got, target = _image_digest(build_dir, manifest)
         else:
             target = build_dir / name
             if Path(name).is_absolute() or ".." in Path(name).parts:
@@ -121,6 +127,20 @@ def verify_build(
     )
 
 
+def _image_digest(build_dir: Path, manifest: Mapping[str, Any]) -> tuple[str, Path]:
+    """The manifest digest the stored layout's index names for the image's first tag (the
+    layout's files were checked before this, so a changed blob was named already)."""
+    from vmbuild.oci.layout import describe
+
+    oci = manifest.get("oci") or {}
+    layout = build_dir / "oci"
+    try:
+        digest = describe(layout, str((oci.get("tags") or [""])[0])).digest
+    except VmbuildError as exc:
+        raise VerificationFailed(str(exc)) from None
+    return digest.removeprefix("sha256:"), layout / "index.json"
+
+
 def _check_manifest_outputs(
     build_dir: Path,
     manifest: Mapping[str, Any],
@@ -132,11 +152,27 @@ def _check_manifest_outputs(
         if on_file is not None:
             on_file(name)
         path = build_dir / name
+        if path.is_dir() and out.get("format") == "oci":
+            _check_layout(build_dir, manifest, path, str(out.get("sha256", "")))
+            continue
         if not path.is_file():
             raise VerificationFailed(f"{path}: disk file missing from the artifact")
         got = (known or {}).get(name) or sha256_file(path)
         if out.get("sha256") and got != out["sha256"]:
             raise VerificationFailed(f"{path}: sha256 differs from the manifest")
+
+
+def _check_layout(build_dir: Path, manifest: Mapping[str, Any], layout: Path, want: str) -> None:
+    """An unsigned OCI layout: every blob matches its digest, the image's is the manifest's."""
+    from vmbuild.oci.layout import check_blobs
+
+    try:
+        check_blobs(layout)
+    except VmbuildError as exc:
+        raise VerificationFailed(str(exc)) from None
+    got, where = _image_digest(build_dir, manifest)
+    if want and got != want:
+        raise VerificationFailed(f"{where}: names image sha256:{got[:16]}…, not the manifest's")
 
 
 def provenance_digest(build_dir: Path) -> str | None:
