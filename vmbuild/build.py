@@ -35,7 +35,7 @@ from vmbuild.hypervisor import arch, firmware
 from vmbuild.hypervisor.guest import Guest, booted_guest, copy_console
 from vmbuild.log import run_log
 from vmbuild.manifest import BaseRecord, Manifest, Package, RecipeRecord
-from vmbuild.plan import BUILDER_USER, TEST_USER, BuildOptions, BuildPlan
+from vmbuild.plan import BUILDER_USER, TEST_USER, BuildOptions, BuildPlan, OfflineSource
 from vmbuild.progress import Reporter
 from vmbuild.stages import (
     base_image,
@@ -106,11 +106,14 @@ class Run:
 # -- the steps: each hands one stage what the ones before it produced ----------
 def _base(r: Run) -> None:
     loaded = r.plan.loaded
-    r.base = base_image.for_recipe(
-        loaded.recipe.base, loaded.base_path, mirror=r.plan.mirror, reporter=r.reporter,
-        layout=base_image.layout_for(loaded.recipe.boot_mode, loaded.recipe.arch),
-        arch=loaded.recipe.arch,
-    )  # fmt: skip
+    if r.plan.offline is not None:
+        r.base = r.plan.offline.base  # the bundled one, checked against the signed manifest
+    else:
+        r.base = base_image.for_recipe(
+            loaded.recipe.base, loaded.base_path, mirror=r.plan.mirror, reporter=r.reporter,
+            layout=base_image.layout_for(loaded.recipe.boot_mode, loaded.recipe.arch),
+            arch=loaded.recipe.arch,
+        )  # fmt: skip
     base_image.check_boot_mode(r.base, loaded.recipe.boot_mode, r.work)
     base = r.base
     r.keyed("base", base_image.key(base, loaded.recipe.disk_size))
@@ -125,6 +128,10 @@ def _base(r: Run) -> None:
 def _open_checkpoints(r: Run) -> None:
     assert r.base is not None
     plan = r.plan
+    if plan.offline is not None:
+        # Their key reads the mirror's current state, which an offline host cannot.
+        r.reporter.status("checkpoints: off (offline rebuild)")
+        return
     if not plan.use_checkpoints:
         r.reporter.status("checkpoints: off (--no-cache)")
         return
@@ -159,6 +166,12 @@ def _open_checkpoints(r: Run) -> None:
 
 
 def _package_cache(r: Run) -> None:
+    if r.plan.offline is not None:
+        r.reporter.status(
+            f"packages: only from the bundle's mirror (127.0.0.1:{r.plan.offline.mirror_port}); "
+            "the guests reach nothing else"
+        )
+        return
     if not r.plan.apt_proxy_reachable:
         r.reporter.status("package cache: not reachable from a libvirt network; direct")
         return
@@ -263,12 +276,34 @@ def _sbom(r: Run) -> None:
     if r.ck is not None and r.ck.generalized is not None:
         data = r.ck.generalized.meta["data"]
         r.packages = sbom.Sbom(
-            tuple(Package(**p) for p in data["packages"]), str(data["machine_id"])
+            tuple(Package(**p) for p in data["packages"]),
+            str(data["machine_id"]),
+            dict(data.get("apt_indexes") or {}),
         )
     else:
         assert r.builder is not None
         r.packages = sbom.collect(r.builder.ssh, timeout=r.accel.timeout(sbom.TIMEOUT))
     r.keyed("sbom", sbom.key(r.keys["components"]))
+    if r.plan.offline is not None:
+        _same_packages(r.plan.offline, r.packages.packages)
+
+
+def _same_packages(offline: OfflineSource, packages: tuple[Package, ...]) -> None:
+    """An offline rebuild must reproduce the original's package versions exactly; it
+    stops here, before anything is stored, naming the first differences."""
+    want = {(n, a): v for n, v, a in offline.packages}
+    got = {(p.name, p.arch): p.version for p in packages}
+    diff = [
+        f"{n}:{a} {want.get((n, a), '(absent)')} -> {got.get((n, a), '(absent)')}"
+        for n, a in sorted(set(want) | set(got))
+        if want.get((n, a)) != got.get((n, a))
+    ]
+    if diff:
+        raise VmbuildError(
+            f"the rebuild from {offline.bundle} differs from {offline.ref} in "
+            f"{len(diff)} packages: " + "; ".join(diff[:10]),
+            hint="nothing was stored",
+        )
 
 
 def _generalize(r: Run) -> None:
@@ -285,7 +320,8 @@ def _generalize(r: Run) -> None:
         r.ck.save_generalized(
             r.top,
             {"packages": [p.to_json() for p in r.packages.packages],
-             "machine_id": r.packages.machine_id, "builder_pubkey": r.builder_pubkey},
+             "machine_id": r.packages.machine_id, "builder_pubkey": r.builder_pubkey,
+             "apt_indexes": r.packages.apt_indexes},
         )  # fmt: skip
 
 
@@ -471,8 +507,13 @@ def _manifest(r: Run) -> Manifest:
         boot_mode=recipe.boot_mode,
         architecture=recipe.arch,
         vmbuild_version=__version__,
-        # Which steps came from the checkpoint cache (and which were saved).
-        extra={"checkpoints": r.ck.to_json()} if r.ck is not None else {},
+        extra={
+            # Which steps came from the checkpoint cache (and which were saved).
+            **({"checkpoints": r.ck.to_json()} if r.ck is not None else {}),
+            # The index state the guest's apt saw (an offline rebuild serves exactly it).
+            **({"apt_indexes": r.packages.apt_indexes} if r.packages.apt_indexes else {}),
+            **({"rebuilt_from": plan.offline.to_json()} if plan.offline is not None else {}),
+        },
     )
 
 

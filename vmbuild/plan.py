@@ -31,9 +31,27 @@ from vmbuild.stages import store
 
 if TYPE_CHECKING:
     from vmbuild.config.pipeline import Infrastructure
+    from vmbuild.stages.base_image import BaseImage
 
 BUILDER_USER = "vmbuild-builder"
 TEST_USER = "vmbuild-test"
+
+
+@dataclass(frozen=True)
+class OfflineSource:
+    """An offline rebuild from a bundle (vmbuild.supply.rebuild): the bundled base, the
+    bundle's mirror every guest reaches (and nothing else), and what the rebuilt image
+    must reproduce."""
+
+    base: BaseImage  # the bundled base, recorded under the original build's id
+    mirror_port: int  # vmbuild.supply.mirror on the host's 127.0.0.1
+    bundle: str  # the bundle file, as given
+    bundle_sha256: str  # sha256 of the whole bundle file
+    ref: str  # the original build: NAME/VERSION/BUILD
+    packages: tuple[tuple[str, str, str], ...]  # (name, version, arch) of the original image
+
+    def to_json(self) -> dict[str, str]:
+        return {"bundle": self.bundle, "sha256": self.bundle_sha256, "ref": self.ref}
 
 
 @dataclass(frozen=True)
@@ -56,6 +74,7 @@ class BuildOptions:
     on_error: str | None = None  # abort (default) | keep (the VM stays up) | ask
     distribute: bool = True
     origin: str = "cli"  # which layer these options are: "cli" or "pipeline"
+    offline: OfflineSource | None = None  # a rebuild from a bundle (`bundle rebuild`)
 
     @property
     def accel(self) -> AccelMode | None:
@@ -105,6 +124,7 @@ class BuildPlan:
     sources: Mapping[str, str] = field(default_factory=dict)
     use_checkpoints: bool = True
     on_error: str = "abort"  # abort | keep | ask
+    offline: OfflineSource | None = None
 
     @classmethod
     def create(cls, loaded: LoadedRecipe, opts: BuildOptions) -> BuildPlan:
@@ -144,6 +164,7 @@ class BuildPlan:
             sources=sources,
             use_checkpoints=not pick("no_cache", opts.no_cache),
             on_error=pick("on_error", opts.on_error),
+            offline=opts.offline,
         )
         sources["run_tests"] = sources.pop("skip_tests")
         sources["apt_proxy"] = (
@@ -172,6 +193,15 @@ class BuildPlan:
                 f"a libvirt network ({self.libvirt_network}) has no 169.254.169.254",
                 hint="drop the libvirt network for this build, or boot the tests with nocloud",
             )  # fmt: skip
+        if self.offline is not None and (self.backend != "qemu" or self.test_ec2 is not None):
+            what = "the libvirt backend" if self.backend != "qemu" else "tests.boot: ec2"
+            raise ConfigError(
+                self.loaded.display, "backend" if self.backend != "qemu" else "tests.boot",
+                f"an offline rebuild runs its guests on a restricted QEMU user network; "
+                f"{what} is not supported there yet",
+                hint="rebuild with --backend qemu" if self.backend != "qemu"
+                else "rebuild with --skip-tests, or test the imported image separately",
+            )  # fmt: skip
         if self.backend == "libvirt":
             from vmbuild.hypervisor.libvirt import connect
 
@@ -194,7 +224,12 @@ class BuildPlan:
     ) -> GuestRequest:
         """The VM request for the builder ("builder") or the test VM ("test"), booted
         with the firmware the recipe's boot mode gives it first."""
+        from vmbuild.cache.aptproxy import OFFLINE_ADDRESS
+
         recipe = self.loaded.recipe
+        offline_port = self.offline.mirror_port if self.offline is not None else None
+        if offline_port is not None:
+            apt_proxy = f"http://{OFFLINE_ADDRESS}:80"
         return GuestRequest(
             run_id=self.run_id, role=role, base=disk, base_format=fmt, disk_size=size,
             memory_mib=self.memory >> 20, cpus=self.cpus, accel=accel, workdir=workdir,
@@ -207,7 +242,7 @@ class BuildPlan:
             ec2=self.test_ec2 if role == "test" else None,
             firmware=firmware.builder_firmware(recipe.boot_mode) if role == "builder"
             else firmware.boot_modes(recipe.boot_mode, recipe.secure_boot)[0],
-            arch=recipe.arch,
+            arch=recipe.arch, offline_mirror_port=offline_port,
         )  # fmt: skip
 
     @property

@@ -73,12 +73,30 @@ class AptProxy:
         return None if self.state_dir is None else self.state_dir / "log" / "apt-cacher.log"
 
 
-def guest_apt_conf(proxy_url: str) -> str:
-    """The apt configuration a guest gets (HTTPS sources stay direct: not cacheable)."""
-    return (
-        "// Written by vmbuild for the build only; removed when the image is generalized.\n"
-        f'Acquire::http::Proxy "{proxy_url}";\n'
-    )
+# An offline rebuild's mirror as the guest reaches it: a QEMU guest forward (the
+# only way out of a `restrict=on` user network) to vmbuild.supply.mirror on the host.
+OFFLINE_ADDRESS = "10.0.2.100"
+
+
+def guest_apt_conf(proxy_url: str, *, offline: bool = False) -> str:
+    """The apt configuration a guest gets (HTTPS sources stay direct: not cacheable).
+
+    `offline`: the proxy is the bundle's mirror behind a guest forward, which carries
+    every guest connection over one host connection, one after another: apt must not
+    open two at once (one queue for all hosts) nor pipeline requests; pdiffs and
+    translations, which the bundle does not carry, are not asked for."""
+    lines = [
+        "// Written by vmbuild for the build only; removed when the image is generalized.",
+        f'Acquire::http::Proxy "{proxy_url}";',
+    ]
+    if offline:
+        lines += [
+            'Acquire::Queue-Mode "access";',
+            'Acquire::http::Pipeline-Depth "0";',
+            'Acquire::PDiffs "false";',
+            'Acquire::Languages "none";',
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def parse_setting(value: str | None) -> str | int | None:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from vmbuild import paths
+from vmbuild.cli.build import add_plan_flags
 from vmbuild.cli.common import store_flag
 
 
@@ -50,6 +51,24 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     imp.add_argument("--json", action="store_true", help="machine-readable output")
     imp.set_defaults(handler=cmd_import)
 
+    # A bundle verb rather than `build --from-bundle`: it takes the bundle's trust flags
+    # (--key, --kms-key, --allow-unsigned) like import, and has no recipe argument.
+    reb = actions.add_parser(
+        "rebuild",
+        help="verify a --with-inputs bundle, then rebuild its recipe offline",
+        description="Verifies the bundle as import does, unpacks its inputs into a temporary "
+        "dir, serves its mirror on 127.0.0.1 and builds the recipe on the bundled base with "
+        "guests that reach nothing but that mirror. The result must have the original's "
+        "package versions; its manifest names the bundle (rebuilt_from).",
+    )
+    reb.add_argument("bundle", type=Path, metavar="FILE", help="a bundle .tar (--with-inputs)")
+    rkey = reb.add_mutually_exclusive_group()
+    rkey.add_argument("--key", type=Path, metavar="PUB", help="PEM public key to trust")
+    rkey.add_argument("--kms-key", metavar="ARN", help="AWS KMS key whose public key to trust")
+    reb.add_argument("--allow-unsigned", action="store_true", help="accept an unsigned bundle")
+    add_plan_flags(reb)
+    reb.set_defaults(handler=cmd_rebuild)
+
 
 def cmd_export(args: argparse.Namespace) -> int:
     from vmbuild.stages.store import resolve
@@ -81,4 +100,34 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(json.dumps({"path": str(build_dir)}, indent=2))
     else:
         print(f"imported {build_dir}")
+    return 0
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    from vmbuild.cli.build import plan_options, test_summary
+    from vmbuild.config.variables import parse_cli
+    from vmbuild.errors import VmbuildError
+    from vmbuild.log import Progress
+    from vmbuild.secrets import parse_cli_secret
+    from vmbuild.supply import signing
+    from vmbuild.supply.rebuild import rebuild
+
+    for flag in ("mirror", "apt_proxy"):
+        if getattr(args, flag, None):
+            raise VmbuildError(
+                f"--{flag.replace('_', '-')}: an offline rebuild uses only the bundle's mirror"
+            )
+    keys = signing.trusted_keys(args.key, args.kms_key) if (args.key or args.kms_key) else None
+    result = rebuild(
+        args.bundle, plan_options(args), Progress(), keys=keys,
+        allow_unsigned=args.allow_unsigned,
+        secrets=dict(parse_cli_secret(spec) for spec in args.secret or []),
+        variables=parse_cli(args.var, args.var_file),
+    )  # fmt: skip
+    m = result.manifest
+    for o in m.outputs:
+        print(f"{o.format:6} {result.build_dir / o.file}  sha256:{o.sha256}")
+    print(f"tests: {test_summary(m.tests or {})}")
+    print(f"rebuilt from {args.bundle} ({m.extra['rebuilt_from']['ref']}), same package versions")
+    print(f"artifact: {result.build_dir}")
     return 0

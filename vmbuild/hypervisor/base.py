@@ -43,14 +43,25 @@ class VMSpec:
     firmware: Firmware = "bios"
     uefi_vars: Path | None = None  # this VM's own UEFI variable store (UEFI only)
     arch: Arch = "x86_64"  # the guest's; `accel` already says how it runs on this host
+    # An offline rebuild: the guest reaches nothing but this port on the host's
+    # 127.0.0.1 (the bundle's mirror), forwarded from aptproxy.OFFLINE_ADDRESS:80.
+    offline_mirror_port: int | None = None
 
     def user_netdev(self, netdev_id: str) -> str:
         """QEMU's user network: SSH forwarded from 127.0.0.1 only; in the ec2 mode on
         169.254.0.0/16 with the metadata address forwarded to the host service
         (libslirp forwards only addresses inside the user network)."""
+        from vmbuild.cache.aptproxy import OFFLINE_ADDRESS
         from vmbuild.hypervisor import imds
 
         net = f"user,id={netdev_id},hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"
+        if self.offline_mirror_port is not None:
+            # restrict=on: no packet leaves for the host or the internet except
+            # through the forwards (SSH in, the mirror out).
+            net += (
+                f",restrict=on,guestfwd=tcp:{OFFLINE_ADDRESS}:80-"
+                f"tcp:127.0.0.1:{self.offline_mirror_port}"
+            )
         if self.ec2 is None:
             return net
         return (

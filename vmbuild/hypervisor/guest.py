@@ -67,6 +67,9 @@ class GuestRequest:
     firmware: Firmware = "bios"
     # The guest's architecture; `accel` is already the one for it (arch.for_guest).
     arch: Arch = "x86_64"
+    # An offline rebuild: the bundle's mirror on the host's 127.0.0.1, the guest's only
+    # way out (apt_proxy then names its guest-side address).
+    offline_mirror_port: int | None = None
 
 
 @dataclass
@@ -201,6 +204,7 @@ def booted_guest(
             client_key=client_key,
             host_key=host_key,
             apt_proxy=req.apt_proxy,
+            apt_offline=req.offline_mirror_port is not None,
             minimal_cloud_init=req.first_boot == "minimal",
             key_from_metadata=req.ec2 is not None,
         )
@@ -227,6 +231,7 @@ def booted_guest(
             firmware=req.firmware,
             uefi_vars=uefi_vars,
             arch=req.arch,
+            offline_mirror_port=req.offline_mirror_port,
         )
         machine = make_machine(req, spec)
         machine.shutdown_timeout = req.accel.timeout(POWEROFF)

@@ -32,6 +32,8 @@ class SeedConfig:
     # config/final modules racing the build's own apt/debconf runs, and
     # cloud-init is done at the first login.
     minimal_cloud_init: bool = False
+    # apt_proxy is an offline rebuild's bundle mirror (vmbuild.supply.mirror).
+    apt_offline: bool = False
     # The ec2 boot mode: the login key is the instance's public key from IMDS
     # (cloud-init gives it to the default user, as on EC2), so the user-data
     # only makes `user` that default user, and carries no key of its own.
@@ -75,7 +77,7 @@ def user_data(cfg: SeedConfig) -> str:
         # write_files runs in the init stage, before the first SSH login works.
         doc["write_files"] = [
             {"path": aptproxy.GUEST_CONF, "permissions": "0644",
-             "content": aptproxy.guest_apt_conf(cfg.apt_proxy)}
+             "content": aptproxy.guest_apt_conf(cfg.apt_proxy, offline=cfg.apt_offline)}
         ]  # fmt: skip
     return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False)
 

@@ -7,7 +7,7 @@ storing an empty list that would look like "no packages".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vmbuild.errors import VmbuildError
 from vmbuild.manifest import Package
@@ -22,6 +22,13 @@ elif command -v rpm >/dev/null; then
   rpm -qa --qf '%{NAME}\t%{VERSION}-%{RELEASE}\t%{ARCH}\n'
 fi | sort
 """
+# The index state the build's apt saw: the digest of each InRelease it read (an
+# offline rebuild from a bundle must serve exactly these; vmbuild.supply.inputs).
+APT_INDEXES_SCRIPT = r"""
+cd /var/lib/apt/lists 2>/dev/null || exit 0
+for f in *_InRelease; do [ -f "$f" ] && sha256sum -- "$f"; done
+exit 0
+"""
 TIMEOUT = 60.0  # KVM seconds; the caller scales it for the accelerator
 
 
@@ -29,6 +36,8 @@ TIMEOUT = 60.0  # KVM seconds; the caller scales it for the accelerator
 class Sbom:
     packages: tuple[Package, ...]
     machine_id: str  # the builder's, so the offline check can prove it is gone
+    # apt list file name (deb.debian.org_debian_dists_bookworm_InRelease) -> sha256
+    apt_indexes: dict[str, str] = field(default_factory=dict)
 
 
 def key(disk_key: StageKey) -> StageKey:
@@ -59,4 +68,15 @@ def collect(remote: Remote, timeout: float) -> Sbom:
         )
     packages = tuple(Package(**p) for p in parse_sbom(result.stdout))
     machine_id = remote.get("/etc/machine-id").decode().strip()
-    return Sbom(packages, machine_id)
+    lists = remote.run(APT_INDEXES_SCRIPT, timeout=timeout)
+    return Sbom(packages, machine_id, parse_apt_indexes(lists.stdout))
+
+
+def parse_apt_indexes(text: str) -> dict[str, str]:
+    """`sha256sum` lines -> {file name: sha256} (other lines ignored)."""
+    found = {}
+    for line in text.splitlines():
+        digest, _, name = line.partition("  ")
+        if len(digest) == 64 and name.endswith("_InRelease") and "/" not in name:
+            found[name] = digest
+    return found

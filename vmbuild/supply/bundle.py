@@ -63,9 +63,11 @@ class BundleIndex:
     version: str
     build: str
     entries: tuple[Entry, ...]
+    # --with-inputs: what an offline rebuild needs (vmbuild.supply.inputs); None without.
+    inputs: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "format": FORMAT,
             "ref": self.ref,
             "name": self.name,
@@ -73,6 +75,9 @@ class BundleIndex:
             "build": self.build,
             "files": [{"path": e.path, "size": e.size, "sha256": e.sha256} for e in self.entries],
         }
+        if self.inputs is not None:
+            out["inputs"] = self.inputs
+        return out
 
 
 # -- export ------------------------------------------------------------------
@@ -94,68 +99,36 @@ def artifact_files(build_dir: Path, manifest: Mapping[str, Any]) -> list[str]:
     return names
 
 
-def input_files(manifest: Mapping[str, Any]) -> dict[str, Path]:
-    """tar path -> host file for --with-inputs: base image, recipe, component documents."""
-    from vmbuild.stages import base_image
+def export(
+    build_dir: Path, output: Path, *, with_inputs: bool = False,
+    fetch: Callable[[str], bytes] | None = None,
+) -> BundleIndex:  # fmt: skip
+    """Write the bundle tar for `build_dir` to `output` (atomically: temp name, then rename).
+    `fetch`: how --with-inputs reads the mirror for index files the package cache lacks."""
+    import tempfile
 
-    found: dict[str, Path] = {}
-    base_sha = str((manifest.get("base") or {}).get("sha256", ""))
-    for base in base_image.list_bases():
-        if base.sha256 == base_sha:
-            found[f"{INPUTS_DIR}/base/{base.path.name}"] = base.path
-            break
-    else:
-        raise VmbuildError(
-            f"the base image (sha256 {base_sha[:16]}…) is not in this host's cache",
-            hint="export without --with-inputs, or rebuild the base first",
-        )
-    recipe = Path(str((manifest.get("recipe") or {}).get("path", "")))
-    if recipe.is_file():
-        found[f"{INPUTS_DIR}/recipe/{recipe.name}"] = recipe
-    for comp in manifest.get("components", []):
-        path = Path(str(comp.get("path", "")))
-        if not path.is_file():
-            raise VmbuildError(f"component {comp.get('name')}: {path} is no longer on this host")
-        found[f"{INPUTS_DIR}/components/{path.name}"] = path
-    for deb in cached_debs(manifest):
-        found[f"{INPUTS_DIR}/packages/{deb.name}"] = deb
-    return found
-
-
-def cached_debs(manifest: Mapping[str, Any], cache: Path | None = None) -> list[Path]:
-    """The image's packages (exact name, version, arch) found in the host package cache
-    (apt-cacher-ng under the user cache dir): what an offline rebuild installs again.
-    Packages the build did not download (already in the base) are not there."""
-    from vmbuild import paths
-
-    root = cache or paths.cache_dir() / "apt-cacher-ng" / "cache"
-    wanted = set()
-    for p in manifest.get("packages") or []:
-        # Debian pool names drop the epoch and encode ':' as %3a.
-        version = str(p["version"]).split(":", 1)[-1]
-        for arch in (str(p.get("arch", "")), "all"):
-            wanted.add(f"{p['name']}_{version}_{arch}.deb")
-    if not root.is_dir():
-        return []
-    found: dict[str, Path] = {}
-    for deb in root.rglob("*.deb"):
-        name = deb.name.replace("%3a", ":").replace("%3A", ":")
-        name = name if ":" not in name else name.split("_", 1)[0] + "_" + name.split(":", 1)[1]
-        if name in wanted and deb.is_file() and not deb.is_symlink():
-            found.setdefault(deb.name, deb)
-    return sorted(found.values())
-
-
-def export(build_dir: Path, output: Path, *, with_inputs: bool = False) -> BundleIndex:
-    """Write the bundle tar for `build_dir` to `output` (atomically: temp name, then rename)."""
     from vmbuild.stages.store import read_manifest
 
     manifest = read_manifest(build_dir)
+    with tempfile.TemporaryDirectory(prefix=".bundle-inputs-", dir=output.parent) as scratch:
+        return _export(build_dir, manifest, output, with_inputs, Path(scratch), fetch)
+
+
+def _export(
+    build_dir: Path, manifest: dict[str, Any], output: Path, with_inputs: bool, scratch: Path,
+    fetch: Callable[[str], bytes] | None,
+) -> BundleIndex:  # fmt: skip
+    from vmbuild.debian.index import fetch_url
+    from vmbuild.supply import inputs as inputs_mod
+
     sources: dict[str, Path] = {
         f"{ARTIFACT_DIR}/{name}": build_dir / name for name in artifact_files(build_dir, manifest)
     }
+    meta = None
     if with_inputs:
-        sources.update(input_files(manifest))
+        found = inputs_mod.collect(manifest, scratch, fetch=fetch or fetch_url)
+        sources.update(found.files)
+        meta = found.meta
     entries = []
     for tar_path, src in sources.items():
         if not src.is_file():
@@ -168,6 +141,7 @@ def export(build_dir: Path, output: Path, *, with_inputs: bool = False) -> Bundl
         version=str(manifest["version"]),
         build=str(manifest["build"]),
         entries=tuple(entries),
+        inputs=meta,
     )
     tmp = output.with_name(f".{output.name}.partial")
     try:
@@ -279,8 +253,16 @@ def _index(bundle: Path, tar: tarfile.TarFile, members: list[tarfile.TarInfo]) -
             Entry(_safe_name(bundle, str(f["path"])), int(f["size"]), str(f["sha256"]))
             for f in data["files"]
         )
+        inputs = data.get("inputs")
+        if inputs is not None and not isinstance(inputs, dict):
+            raise ValueError("inputs is not an object")
         index = BundleIndex(
-            str(data["ref"]), str(data["name"]), str(data["version"]), str(data["build"]), entries
+            str(data["ref"]),
+            str(data["name"]),
+            str(data["version"]),
+            str(data["build"]),
+            entries,
+            inputs,
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise BundleError(f"{bundle}: {INDEX} is invalid ({exc})") from None

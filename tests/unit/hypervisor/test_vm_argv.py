@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -144,6 +145,29 @@ def test_seed_points_apt_at_the_host_package_cache() -> None:
     ]
 
 
+def test_offline_rebuild_guest_reaches_only_the_bundle_mirror() -> None:
+    # restrict=on: nothing leaves the user network except the SSH forward in and the
+    # one guest forward to the bundle's mirror on the host's loopback.
+    argv = qemu_argv(replace(spec(tcg("t")), offline_mirror_port=41234))
+    assert argv[argv.index("-netdev") + 1] == (
+        "user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22,restrict=on,"
+        "guestfwd=tcp:10.0.2.100:80-tcp:127.0.0.1:41234"
+    )
+    client, host = generate_ed25519("client"), generate_ed25519("host")
+    cfg = SeedConfig(
+        "i-1", "vm1", "u", client, host, apt_proxy="http://10.0.2.100:80", apt_offline=True
+    )
+    content = yaml.safe_load(user_data(cfg))["write_files"][0]["content"]
+    # One queue, no pipelining: QEMU carries every guest connection over one stream.
+    assert content.splitlines()[1:] == [
+        'Acquire::http::Proxy "http://10.0.2.100:80";',
+        'Acquire::Queue-Mode "access";',
+        'Acquire::http::Pipeline-Depth "0";',
+        'Acquire::PDiffs "false";',
+        'Acquire::Languages "none";',
+    ]
+
+
 def test_minimal_seed_runs_only_the_init_stage() -> None:
     client, host = generate_ed25519("client"), generate_ed25519("host")
     cfg = SeedConfig("i-1", "vm1", "u", client, host, minimal_cloud_init=True)
@@ -153,7 +177,6 @@ def test_minimal_seed_runs_only_the_init_stage() -> None:
 
 
 def ec2_spec() -> VMSpec:
-    from dataclasses import replace
 
     from vmbuild.hypervisor.base import Ec2Boot
 

@@ -23,11 +23,26 @@ def test_stage_keys_depend_on_every_input_and_nothing_else() -> None:
 
 
 def test_sbom_collects_packages_and_the_machine_id() -> None:
-    remote = ScriptedRemote(lambda s: (0, "bash\t5.2\tamd64\nnginx\t1.22\tamd64\n", ""))
+    lists = (
+        f"{'a' * 64}  deb.debian.org_debian_dists_bookworm_InRelease\n"
+        f"{'b' * 64}  deb.debian.org_debian-security_dists_bookworm-security_InRelease\n"
+        "sha256sum: x_InRelease: Permission denied\n"
+    )
+    remote = ScriptedRemote(
+        lambda s: (
+            (0, "bash\t5.2\tamd64\nnginx\t1.22\tamd64\n", "")
+            if s == sbom.SBOM_SCRIPT
+            else (0, lists, "")
+        )
+    )
     remote.files["/etc/machine-id"] = b"abc123\n"
     result = sbom.collect(remote, timeout=60)
-    assert result == sbom.Sbom((Package("bash", "5.2", "amd64"), Package("nginx", "1.22", "amd64")), "abc123")  # fmt: skip
-    assert remote.calls == [(sbom.SBOM_SCRIPT, 60)]
+    assert result == sbom.Sbom(
+        (Package("bash", "5.2", "amd64"), Package("nginx", "1.22", "amd64")), "abc123",
+        {"deb.debian.org_debian_dists_bookworm_InRelease": "a" * 64,
+         "deb.debian.org_debian-security_dists_bookworm-security_InRelease": "b" * 64},
+    )  # fmt: skip
+    assert remote.calls == [(sbom.SBOM_SCRIPT, 60), (sbom.APT_INDEXES_SCRIPT, 60)]
 
 
 def test_sbom_failure_is_an_error_not_an_empty_list() -> None:
