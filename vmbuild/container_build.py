@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmbuild import __version__, paths, toe
-from vmbuild.config.container import LoadedContainerRecipe
+from vmbuild.config.container import LoadedContainerRecipe, TargetRepository
 from vmbuild.config.settings import SETTINGS
 from vmbuild.digest import sha256_file
 from vmbuild.errors import VmbuildError
@@ -196,11 +196,7 @@ def build_container(
                     "layers_mode": recipe.layers,
                     "target": None
                     if recipe.target_repository is None
-                    else {
-                        "registry": recipe.target_repository.registry,
-                        "repository": recipe.target_repository.repository_name,
-                        "tls_verify": recipe.target_repository.tls_verify,
-                    },
+                    else target_json(recipe.target_repository),
                 },
             },
         )
@@ -218,6 +214,19 @@ def build_container(
         return result
     pushed = push_stored(final, reporter)
     return ContainerResult(final, store.read_manifest(final), image, pushed)
+
+
+def target_json(target: TargetRepository) -> dict[str, Any]:
+    """The recipe's targetRepository as the manifest keeps it (`images push` reads it)."""
+    data: dict[str, Any] = {
+        "service": target.service,
+        "registry": target.registry,
+        "repository": target.repository_name,
+        "tls_verify": target.tls_verify,
+    }
+    if target.service == "ECR":
+        data.update(regions=target.regions, registry_endpoints=target.registry_endpoints)
+    return data
 
 
 def push_stored(
@@ -242,6 +251,8 @@ def push_stored(
         raise VmbuildError(
             f"{build_dir}: its recipe names no targetRepository", hint="add one and rebuild"
         )
+    if target.get("service") == "ECR":
+        return _push_ecr(build_dir, oci, target, reporter)
     where = f"{target['registry']}/{target['repository']}"
     refs = [f"docker://{where}:{tag}" for tag in oci["tags"]]
     start = time.monotonic()
@@ -257,6 +268,31 @@ def push_stored(
          "seconds": round(time.monotonic() - start, 2)},
     )  # fmt: skip
     return pushed
+
+
+def _push_ecr(
+    build_dir: Path, oci: dict[str, Any], target: dict[str, Any], reporter: Reporter
+) -> list[registry.Pushed]:
+    """ECR in each region (oci/ecr.py); recorded per region, without the token."""
+    from vmbuild.oci import ecr
+
+    regions = [str(r) for r in target["regions"]]
+    start = time.monotonic()
+    with reporter.stage("push", f"push to ECR {target['repository']} in {', '.join(regions)}"):
+        done = ecr.push(
+            build_dir / "oci", oci["tags"][0], oci["digest"], oci["tags"],
+            repository=str(target["repository"]), regions=regions,
+            endpoints=dict(target.get("registry_endpoints") or {}),
+            tls_verify=bool(target["tls_verify"]), on_status=reporter.status,
+        )  # fmt: skip
+    store.update_manifest(
+        build_dir, "distribution",
+        {"service": "ECR", "repository": target["repository"], "digest": oci["digest"],
+         "regions": {r.region: r.to_json() for r in done},
+         "references": [p.reference for r in done for p in r.pushed],
+         "seconds": round(time.monotonic() - start, 2)},
+    )  # fmt: skip
+    return [p for r in done for p in r.pushed]
 
 
 def _in_builder(

@@ -23,6 +23,18 @@ targetRepository:
   repositoryName: web
   tlsVerify: false
 ```
+
+An ECR target names its regions; the repository is created where missing and the
+image pushed to each region's registry (vmbuild/oci/ecr.py):
+
+```yaml
+targetRepository:
+  service: ECR
+  repositoryName: web
+  regions: [us-east-1, eu-west-1]
+  registryEndpoints:           # optional, per region: a VPC interface endpoint or proxy
+    eu-west-1: vpce-0abc-xyz.dkr.ecr.eu-west-1.vpce.amazonaws.com
+```
 """
 
 from __future__ import annotations
@@ -54,6 +66,7 @@ REPOSITORY = re.compile(
 )
 TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 REGISTRY = re.compile(r"^[A-Za-z0-9.-]+(?::[0-9]{1,5})?$")
+AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-[0-9]+$")
 
 
 class _Model(BaseModel):
@@ -64,12 +77,20 @@ class TargetRepository(_Model):
     """Image Builder's `targetRepository`: where `vmbuild build` pushes the tested image."""
 
     service: Literal["registry", "ECR"] = Field(
-        description="registry: an OCI registry (skopeo); ECR: not implemented yet"
+        description="registry: an OCI registry (skopeo); ECR: Amazon ECR in `regions`"
     )
     repository_name: str = Field(alias="repositoryName", pattern=REPOSITORY.pattern)
     registry: str | None = Field(
         default=None, pattern=REGISTRY.pattern, description="HOST[:PORT] of a registry target"
     )
+    regions: list[str] = Field(
+        default=[], description="ECR: the regions to create the repository in and push to"
+    )
+    registry_endpoints: dict[str, str] = Field(
+        default={}, alias="registryEndpoints",
+        description="ECR: region -> HOST[:PORT] to push to instead of the proxyEndpoint "
+        "GetAuthorizationToken answers (a VPC interface endpoint, a proxy, a mirror)",
+    )  # fmt: skip
     tls_verify: bool = Field(
         default=True, alias="tlsVerify", description="false for a plain-HTTP local registry"
     )
@@ -77,10 +98,28 @@ class TargetRepository(_Model):
     @model_validator(mode="after")
     def _check(self) -> TargetRepository:
         if self.service == "ECR":
-            raise ValueError("service ECR: pushing to ECR is not implemented yet (use registry)")
-        if self.registry is None:
+            self._check_ecr()
+        elif self.registry is None:
             raise ValueError("registry: a registry target names its HOST[:PORT]")
+        elif self.regions or self.registry_endpoints:
+            raise ValueError("regions, registryEndpoints: only an ECR target has them")
         return self
+
+    def _check_ecr(self) -> None:
+        if self.registry is not None:
+            raise ValueError("registry: an ECR target's registry comes from each region")
+        if not self.regions:
+            raise ValueError("regions: an ECR target names at least one region")
+        for i, region in enumerate(self.regions):
+            if not AWS_REGION.match(region):
+                raise ValueError(f"regions[{i}]: {region!r} is not an AWS region name")
+        if len(set(self.regions)) != len(self.regions):
+            raise ValueError("regions: a region is listed twice")
+        for region, host in self.registry_endpoints.items():
+            if region not in self.regions:
+                raise ValueError(f"registryEndpoints.{region}: not one of the regions")
+            if not REGISTRY.match(host):
+                raise ValueError(f"registryEndpoints.{region}: {host!r} is not HOST[:PORT]")
 
     def reference(self, tag: str) -> str:
         """The skopeo destination for one tag."""

@@ -26,15 +26,22 @@ def _tls(flag: str, verify: bool) -> list[str]:
     return [] if verify else [f"--{flag}=false"]
 
 
-def inspect_argv(reference: str, *, tls_verify: bool) -> list[str]:
-    return ["skopeo", "inspect", *_tls("tls-verify", tls_verify), "--format", "{{.Digest}}",
-            reference]  # fmt: skip
+def _auth(flag: str, authfile: Path | None) -> list[str]:
+    # Credentials go in a file skopeo reads, never on the command line (ps, run log).
+    return [] if authfile is None else [f"--{flag}", str(authfile)]
 
 
-def push_argv(layout: Path, tag: str, reference: str, *, tls_verify: bool) -> list[str]:
+def inspect_argv(reference: str, *, tls_verify: bool, authfile: Path | None = None) -> list[str]:
+    return ["skopeo", "inspect", *_tls("tls-verify", tls_verify), *_auth("authfile", authfile),
+            "--format", "{{.Digest}}", reference]  # fmt: skip
+
+
+def push_argv(
+    layout: Path, tag: str, reference: str, *, tls_verify: bool, authfile: Path | None = None
+) -> list[str]:
     return [
         "skopeo", "copy", "--quiet", "--preserve-digests", *_tls("dest-tls-verify", tls_verify),
-        f"oci:{layout}:{tag}", reference,
+        *_auth("dest-authfile", authfile), f"oci:{layout}:{tag}", reference,
     ]  # fmt: skip
 
 
@@ -53,13 +60,14 @@ def skopeo_message(exc: CommandError) -> str:
     return line.replace('\\"', '"').replace("\\n", " ").strip()
 
 
-def remote_digest(reference: str, *, tls_verify: bool) -> str | None:
+def remote_digest(reference: str, *, tls_verify: bool, authfile: Path | None = None) -> str | None:
     """The manifest digest `reference` names in its registry; None if it names nothing.
 
     A registry that cannot be reached or refuses the request raises VmbuildError.
     """
+    argv = inspect_argv(reference, tls_verify=tls_verify, authfile=authfile)
     try:
-        out = run(inspect_argv(reference, tls_verify=tls_verify), timeout=120, merge_stderr=False)
+        out = run(argv, timeout=120, merge_stderr=False)
     except CommandError as exc:
         reason = skopeo_message(exc)
         if any(marker in reason for marker in _NOT_FOUND):
@@ -83,27 +91,30 @@ def push(
     references: Sequence[str],
     *,
     tls_verify: bool,
+    authfile: Path | None = None,
     on_status: Callable[[str], None] = lambda _: None,
 ) -> list[Pushed]:
-    """Push the image `tag` of `layout` (manifest `digest`) to every reference."""
+    """Push the image `tag` of `layout` (manifest `digest`) to every reference, with the
+    registry credentials of `authfile` (containers-auth.json) if given."""
     import time
 
     pushed = []
     for reference in references:
         start = time.monotonic()
-        if remote_digest(reference, tls_verify=tls_verify) == digest:
+        if remote_digest(reference, tls_verify=tls_verify, authfile=authfile) == digest:
             on_status(f"{reference}: already at {digest}")
             pushed.append(Pushed(reference, digest, True, time.monotonic() - start))
             continue
         try:
-            run(push_argv(layout, tag, reference, tls_verify=tls_verify), timeout=TIMEOUT)
+            argv = push_argv(layout, tag, reference, tls_verify=tls_verify, authfile=authfile)
+            run(argv, timeout=TIMEOUT)
         except CommandError as exc:
             raise VmbuildError(
                 f"pushing to {reference} failed: {skopeo_message(exc)}",
                 hint="the image stays in the store; `vmbuild images push IMAGE` pushes "
                 "again only what is missing",
             ) from None
-        landed = remote_digest(reference, tls_verify=tls_verify)
+        landed = remote_digest(reference, tls_verify=tls_verify, authfile=authfile)
         if landed != digest:
             raise VmbuildError(f"{reference}: the registry serves {landed}, not {digest}")
         took = time.monotonic() - start

@@ -56,11 +56,12 @@ def image_subject(manifest: Mapping[str, Any]) -> tuple[str, str] | None:
     if not isinstance(oci, Mapping) or not str(oci.get("digest", "")).startswith("sha256:"):
         return None
     target = oci.get("target")
-    where = (
-        f"{target['registry']}/{target['repository']}"
-        if isinstance(target, Mapping)
-        else str(manifest.get("name", ""))
-    )
+    if not isinstance(target, Mapping):
+        where = str(manifest.get("name", ""))
+    elif target.get("registry"):
+        where = f"{target['registry']}/{target['repository']}"
+    else:  # ECR: one repository name, a registry per region
+        where = str(target["repository"])
     return f"{OCI_IMAGE_PREFIX}{where}", str(oci["digest"]).removeprefix("sha256:")
 
 

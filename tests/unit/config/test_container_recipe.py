@@ -72,7 +72,10 @@ def test_without_tags_the_version_is_the_tag(recipe_dir: Path) -> None:
         ("tags: [latest, 1.0.0]", "tags: [latest, latest]", "recipe.yaml: tags: a tag is listed twice"),
         ("layers: per-component", "layers: flat", "recipe.yaml: layers:"),
         ("service: registry", "service: ECR",
-         "recipe.yaml: targetRepository: service ECR: pushing to ECR is not implemented yet"),
+         "recipe.yaml: targetRepository: registry: an ECR target's registry comes from each "
+         "region"),
+        ("  registry: 127.0.0.1:5000\n", "  registry: 127.0.0.1:5000\n  regions: [us-east-1]\n",
+         "recipe.yaml: targetRepository: regions, registryEndpoints: only an ECR target has them"),
         ("  registry: 127.0.0.1:5000\n", "",
          "recipe.yaml: targetRepository: registry: a registry target names its HOST[:PORT]"),
         ("repositoryName: vmbuild/ctr-hello", "repositoryName: Vmbuild/Upper",
@@ -85,6 +88,42 @@ def test_errors_name_the_file_and_the_field(
     recipe_dir: Path, old: str, new: str, message: str
 ) -> None:
     assert error(edit(recipe_dir / "recipe.yaml", old, new)).startswith(message)
+
+
+ECR = "  service: ECR\n  repositoryName: vmbuild/ctr-hello\n"
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("", "regions: an ECR target names at least one region"),
+        ("  regions: [us-east-1, Mars]\n", "regions[1]: 'Mars' is not an AWS region name"),
+        ("  regions: [us-east-1, us-east-1]\n", "regions: a region is listed twice"),
+        ("  regions: [us-east-1]\n  registryEndpoints: {eu-west-1: h.example}\n",
+         "registryEndpoints.eu-west-1: not one of the regions"),
+        ("  regions: [us-east-1]\n  registryEndpoints: {us-east-1: 'a b'}\n",
+         "registryEndpoints.us-east-1: 'a b' is not HOST[:PORT]"),
+    ],
+)  # fmt: skip
+def test_ecr_targets_are_checked(recipe_dir: Path, target: str, message: str) -> None:
+    text = (recipe_dir / "recipe.yaml").read_text()
+    start = text.index("targetRepository:\n") + len("targetRepository:\n")
+    end = text.index("  tlsVerify:")
+    (recipe_dir / "recipe.yaml").write_text(text[:start] + ECR + target + text[end:])
+    assert error(Path("recipe.yaml")).startswith(f"recipe.yaml: targetRepository: {message}")
+
+
+def test_an_ecr_target_loads(recipe_dir: Path) -> None:
+    text = (recipe_dir / "recipe.yaml").read_text()
+    start = text.index("targetRepository:\n") + len("targetRepository:\n")
+    end = text.index("  tlsVerify:")
+    target = ECR + "  regions: [us-east-1, eu-west-1]\n  registryEndpoints: {eu-west-1: h:5000}\n"
+    (recipe_dir / "recipe.yaml").write_text(text[:start] + target + text[end:])
+    loaded = load_container_recipe(Path("recipe.yaml")).recipe.target_repository
+    assert loaded is not None
+    assert (loaded.service, loaded.regions, loaded.registry_endpoints) == (
+        "ECR", ["us-east-1", "eu-west-1"], {"eu-west-1": "h:5000"}
+    )  # fmt: skip
 
 
 def test_a_recipe_without_components_is_refused(recipe_dir: Path) -> None:
