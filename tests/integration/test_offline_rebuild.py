@@ -295,6 +295,20 @@ def test_an_index_state_other_than_the_recorded_one_is_refused(
     assert not (tmp_path / "out").exists() and list(trust.iterdir()) == []
 
 
+def test_an_index_its_inrelease_does_not_list_is_refused(
+    exported: Exported, trust: Path, tmp_path: Path
+) -> None:
+    member = (
+        f"inputs/mirror/{mirror_key(exported.mirror)}/dists/{SUITE}/main/binary-amd64/Packages.xz"
+    )
+    with tarfile.open(exported.bundle) as tar:
+        data = tar.extractfile(member).read()  # type: ignore[union-attr]
+    bad = rewrite(exported.bundle, tmp_path / "idx.tar", {member: data[:-1] + b"\0"}, True)
+    with pytest.raises(BundleError, match=f"^{bad}: {member}: not the index its InRelease"):
+        rebuild(bad, BuildOptions(store=tmp_path / "out"), None, keys=None)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists() and list(trust.iterdir()) == []
+
+
 def test_a_recipe_file_missing_from_the_bundle_is_named(
     exported: Exported, trust: Path, tmp_path: Path
 ) -> None:

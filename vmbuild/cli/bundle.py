@@ -17,7 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "bundle",
         help="air-gapped bundles: export a stored image, import it on another host",
         description="A bundle is one tar with the artifact (disks, manifest, SBOMs, signed "
-        "provenance) and, with --with-inputs, the base image, recipe and component documents. "
+        "provenance) and, with --with-inputs, what an offline rebuild needs (bundle rebuild). "
         "Import verifies everything (paths, types, sizes, signature, digests) before "
         "anything is written to the store.",
     )
@@ -28,7 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     exp.add_argument(
         "--with-inputs",
         action="store_true",
-        help="also carry the base image, recipe and component documents (offline rebuilds)",
+        help="also carry what an offline rebuild needs (`bundle rebuild`): the base image, "
+        "the recipe and the files it names, the package index state the build saw and "
+        "the image's packages from the host package cache",
     )
     store_flag(exp)
     exp.add_argument("--json", action="store_true", help="machine-readable output")

@@ -91,6 +91,24 @@ def check_inputs(
             )
 
 
+def check_indexes(bundle: Path, root: Path, meta: dict[str, Any]) -> None:
+    """Each bundled Packages index is the one its bundled InRelease lists (apt in the
+    guest would refuse it too, but only after a VM has booted)."""
+    from vmbuild.debian.index import parse_release
+
+    for suite in meta.get("suites") or []:
+        inrelease = str(suite["inrelease"])
+        release = parse_release(inrelease, root.joinpath(inrelease).read_bytes())
+        dists = inrelease.rsplit("/", 1)[0]
+        for member in suite.get("indexes") or []:
+            name = str(member).removeprefix(dists + "/")
+            listed = release.files.get(name)
+            if listed is None or _file_sha256(root.joinpath(str(member))) != listed[0]:
+                raise BundleError(
+                    f"{bundle}: {member}: not the index its InRelease ({inrelease}) lists"
+                )
+
+
 def load_bundled_recipe(
     bundle: Path, root: Path, meta: dict[str, Any], manifest: dict[str, Any],
     secrets: dict[str, str] | None, variables: Given | None,
@@ -143,6 +161,7 @@ def rebuild(
     with tempfile.TemporaryDirectory(prefix="vmbuild-rebuild-") as tmp:
         root = Path(tmp)
         unpack_inputs(bundle, listed, root)
+        check_indexes(bundle, root, meta)
         loaded = load_bundled_recipe(bundle, root, meta, manifest, secrets, variables)
         original = manifest.get("base") or {}
         base = dataclasses.replace(
