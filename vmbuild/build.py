@@ -49,6 +49,7 @@ from vmbuild.stages import (
 )
 from vmbuild.stages.key import StageKey, stage_key
 from vmbuild.stages.verify import builder_needles, check_generalized, register_secrets
+from vmbuild.supply.inputs import recorded_files
 from vmbuild.supply.stage import attest_stage
 
 __all__ = ["BUILDER_USER", "TEST_USER", "BuildOptions", "BuildResult", "build"]
@@ -513,6 +514,8 @@ def _manifest(r: Run) -> Manifest:
             # The index state the guest's apt saw (an offline rebuild serves exactly it).
             **({"apt_indexes": r.packages.apt_indexes} if r.packages.apt_indexes else {}),
             **({"rebuilt_from": plan.offline.to_json()} if plan.offline is not None else {}),
+            # The files the recipe names (tests, documents, scan data), by digest.
+            "recipe_files": recorded_files(plan.loaded.path),
         },
     )
 

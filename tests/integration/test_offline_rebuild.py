@@ -27,7 +27,7 @@ from vmbuild.plan import BuildOptions
 from vmbuild.supply import signing
 from vmbuild.supply.attest import attest
 from vmbuild.supply.bundle import BundleError, export, import_bundle, verify_bundle_checked
-from vmbuild.supply.inputs import list_name
+from vmbuild.supply.inputs import list_name, recorded_files
 from vmbuild.supply.mirror import OfflineMirror, mirror_key
 from vmbuild.supply.rebuild import rebuild, unpack_inputs
 
@@ -126,6 +126,11 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exported]:
             "parameters": {}, "status": "success",
         }]  # fmt: skip
         manifest["apt_indexes"] = {list_name(mirrors.mirror, SUITE): sha256(inrelease)}
+        manifest["recipe_files"] = recorded_files(src / "recipe.yaml")
+        assert manifest["recipe_files"] == {
+            "tests/test_image.py": sha256((src / "tests" / "test_image.py").read_bytes()),
+            "components/hello.yaml": sha256((src / "components" / "hello.yaml").read_bytes()),
+        }
         (build_dir / "manifest.json").write_text(json.dumps(manifest))
         attest(build_dir, manifest, signer=signing.local_signer(), signed_by="local")
         bundle = tmp / "full.tar"
@@ -305,6 +310,20 @@ def test_an_index_its_inrelease_does_not_list_is_refused(
         data = tar.extractfile(member).read()  # type: ignore[union-attr]
     bad = rewrite(exported.bundle, tmp_path / "idx.tar", {member: data[:-1] + b"\0"}, True)
     with pytest.raises(BundleError, match=f"^{bad}: {member}: not the index its InRelease"):
+        rebuild(bad, BuildOptions(store=tmp_path / "out"), None, keys=None)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists() and list(trust.iterdir()) == []
+
+
+def test_a_recipe_file_other_than_the_signed_one_is_refused(
+    exported: Exported, trust: Path, tmp_path: Path
+) -> None:
+    # bundle.json is not signed: the manifest's recipe_files digests are.
+    member = "inputs/recipe/tests/test_image.py"
+    evil = b"def test_it(host):\n    pass\n"
+    bad = rewrite(exported.bundle, tmp_path / "evil.tar", {member: evil}, True)
+    with pytest.raises(
+        BundleError, match=f"^{bad}: {member}: missing or not the file the signed manifest"
+    ):
         rebuild(bad, BuildOptions(store=tmp_path / "out"), None, keys=None)  # type: ignore[arg-type]
     assert not (tmp_path / "out").exists() and list(trust.iterdir()) == []
 

@@ -88,6 +88,19 @@ def references(recipe: Path) -> list[tuple[str, str]]:
     return named
 
 
+def recorded_files(recipe: Path) -> dict[str, str]:
+    """What a build records of the files its recipe names (manifest `recipe_files`,
+    signed with the manifest): relative path -> sha256, for those inside its directory.
+    A rebuild from a bundle checks the bundled copies against these."""
+    root = recipe.resolve().parent
+    out = {}
+    for _where, ref in references(recipe):
+        path = (root / ref).resolve()
+        if path.is_relative_to(root) and path.is_file():
+            out[PurePosixPath(*path.relative_to(root).parts).as_posix()] = _file_sha256(path)
+    return out
+
+
 def recipe_files(recipe: Path) -> dict[str, Path]:
     """The recipe and every file it names by a path relative to its directory:
     tar path under inputs/recipe/ -> host file. A file outside that directory is refused

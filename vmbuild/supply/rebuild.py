@@ -123,6 +123,13 @@ def load_bundled_recipe(
             raise BundleError(
                 f"{bundle}: {rel}: missing from the bundle (the recipe's {where} names it)"
             )
+    for rel, want in dict(manifest.get("recipe_files") or {}).items():
+        path = here.joinpath(*PurePosixPath(rel).parts)
+        if not path.is_file() or _file_sha256(path) != want:
+            raise BundleError(
+                f"{bundle}: {PurePosixPath(member).parent / rel}: missing or not the file "
+                "the signed manifest names"
+            )
     try:
         loaded = load_recipe(recipe, secrets=secrets, variables=variables)
     except ConfigError as exc:
