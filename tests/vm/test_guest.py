@@ -63,7 +63,7 @@ def test_apt_goes_through_the_host_package_cache(
     guest_vm: Guest, package_cache: aptproxy.AptProxy
 ) -> None:
     conf = guest_vm.ssh.get(aptproxy.GUEST_CONF).decode()
-    assert conf == aptproxy.guest_apt_conf(package_cache.guest_url)
+    assert conf == aptproxy.guest_apt_conf(package_cache.guest_url, builder=True)
     assert package_cache.transfer_log is not None
     offset = package_cache.transfer_log.stat().st_size
     # apt's own HTTP method, so apt's proxy configuration is what is tested.

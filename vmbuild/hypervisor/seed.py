@@ -34,6 +34,9 @@ class SeedConfig:
     minimal_cloud_init: bool = False
     # apt_proxy is an offline rebuild's bundle mirror (vmbuild.supply.mirror).
     apt_offline: bool = False
+    # A builder or scratch VM: apt skips the translation indexes while it works
+    # (aptproxy.guest_apt_conf says why); generalize removes the setting.
+    builder_apt: bool = False
     # The ec2 boot mode: the login key is the instance's public key from IMDS
     # (cloud-init gives it to the default user, as on EC2), so the user-data
     # only makes `user` that default user, and carries no key of its own.
@@ -73,12 +76,14 @@ def user_data(cfg: SeedConfig) -> str:
     if cfg.minimal_cloud_init:
         doc["cloud_config_modules"] = []
         doc["cloud_final_modules"] = []
-    if cfg.apt_proxy is not None:
+    apt_conf = aptproxy.guest_apt_conf(
+        cfg.apt_proxy, builder=cfg.builder_apt, offline=cfg.apt_offline
+    )
+    if apt_conf is not None:
         # write_files runs in the init stage, before the first SSH login works.
         doc["write_files"] = [
-            {"path": aptproxy.GUEST_CONF, "permissions": "0644",
-             "content": aptproxy.guest_apt_conf(cfg.apt_proxy, offline=cfg.apt_offline)}
-        ]  # fmt: skip
+            {"path": aptproxy.GUEST_CONF, "permissions": "0644", "content": apt_conf}
+        ]
     return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False)
 
 

@@ -137,7 +137,7 @@ def test_seed_points_apt_at_the_host_package_cache() -> None:
     doc = yaml.safe_load(user_data(cfg))
     assert doc["write_files"] == [
         {
-            "path": "/etc/apt/apt.conf.d/00vmbuild-proxy",
+            "path": "/etc/apt/apt.conf.d/00vmbuild-build",
             "permissions": "0644",
             "content": "// Written by vmbuild for the build only; removed when the image is "
             'generalized.\nAcquire::http::Proxy "http://10.0.2.2:31000";\n',
@@ -166,6 +166,24 @@ def test_offline_rebuild_guest_reaches_only_the_bundle_mirror() -> None:
         'Acquire::PDiffs "false";',
         'Acquire::Languages "none";',
     ]
+
+
+def test_a_builder_seed_skips_apt_translations_and_a_plain_one_writes_no_apt_file() -> None:
+    client, host = generate_ed25519("client"), generate_ed25519("host")
+    builder = SeedConfig("i-1", "vm1", "u", client, host, builder_apt=True)
+    (written,) = yaml.safe_load(user_data(builder))["write_files"]
+    assert written["content"].splitlines()[1:] == ['Acquire::Languages "none";']
+    both = SeedConfig(
+        "i-1", "vm1", "u", client, host, apt_proxy="http://10.0.2.2:1", builder_apt=True
+    )
+    (written,) = yaml.safe_load(user_data(both))["write_files"]
+    assert written["content"].splitlines()[1:] == [
+        'Acquire::http::Proxy "http://10.0.2.2:1";',
+        'Acquire::Languages "none";',
+    ]
+    assert "write_files" not in yaml.safe_load(
+        user_data(SeedConfig("i-1", "vm1", "u", client, host))
+    )
 
 
 def test_minimal_seed_runs_only_the_init_stage() -> None:

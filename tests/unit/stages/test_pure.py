@@ -20,7 +20,7 @@ def test_generalize_script_covers_every_step() -> None:
         "truncate -s 0 /etc/machine-id",
         "rm -f /etc/ssh/ssh_host_*",
         "rm -rf /var/lib/apt/lists/*",
-        "rm -f /etc/apt/apt.conf.d/00vmbuild-proxy",
+        "rm -f /etc/apt/apt.conf.d/00vmbuild-build",
         "userdel --force --remove vmbuild-builder",
         "fstrim -av",
         "fsfreeze -f",
@@ -33,6 +33,11 @@ def test_generalize_script_covers_every_step() -> None:
     assert "pgrep -u vmbuild-builder -x sshd" in script
     # The user is removed from a transient unit, not from its own SSH session.
     assert script.index("systemd-run") > script.index("FINISH")
+    # cloud-init clean runs in the background; the logs it deletes are emptied
+    # only after it is done (a file deleted under `truncate` would fail `set -e`).
+    clean = script.index("cloud-init clean --logs --seed &")
+    waited = script.index('wait "$clean"')
+    assert clean < waited < script.index("find /var/log -type f -exec truncate")
 
 
 def test_generalize_script_quotes_the_user() -> None:
