@@ -136,9 +136,6 @@ def _open_checkpoints(r: Run) -> None:
     if not plan.use_checkpoints:
         r.reporter.status("checkpoints: off (--no-cache)")
         return
-    if plan.backend != "qemu":
-        r.reporter.status(f"checkpoints: not available on the {plan.backend} backend")
-        return
     store = r.stack.enter_context(checkpoints.CheckpointStore(warn=r.reporter.status))
     spec = plan.loaded.recipe.base
     release = base_image.RELEASES.get(spec) if isinstance(spec, str) else None
