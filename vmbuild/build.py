@@ -339,13 +339,19 @@ def _convert(r: Run) -> None:
     r.keyed("convert", convert.key(r.keys["generalize"], formats))
     # The other formats are written while the offline check and the test VM
     # run: the test VM needs only the qcow2. One thread, one qemu-img at a time.
+    cache = None
+    if r.ck is not None and r.ck.store.enabled and any(f != "qcow2" for f in formats):
+        cache = convert.OutputCache.of(r.ck.store, r.converted, r.keys["convert"])
     pool = r.stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="convert"))
-    r.rest = pool.submit(convert.convert_rest, r.converted, formats, r.staging.path)
+    r.rest = pool.submit(convert.convert_rest, r.converted, formats, r.staging.path, cache)
 
 
 def _outputs(r: Run) -> None:
     assert r.rest is not None
     r.converted = r.rest.result()
+    if r.converted.reused and r.ck is not None:
+        r.ck.outputs_cached = True
+        r.reporter.status("other formats: those of this very qcow2, from the checkpoint cache")
 
 
 def _verify(r: Run) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +15,12 @@ import pytest
 
 from vmbuild.cache import checkpoints
 from vmbuild.cache.checkpoints import CheckpointStore
+from vmbuild.digest import sha256_file
 from vmbuild.hypervisor import accel
 from vmbuild.hypervisor.base import VMSpec, free_port
 from vmbuild.hypervisor.qemu import QemuMachine, qmp_path
 from vmbuild.hypervisor.qmp import QMPClient
-from vmbuild.stages import resume
+from vmbuild.stages import convert, resume
 from vmbuild.stages.key import stage_key
 
 
@@ -254,3 +256,63 @@ def test_a_cut_layer_passes_the_guests_discards_down(tmp_path: Path) -> None:
         capture_output=True, text=True,
     )  # fmt: skip
     assert read.returncode == 0 and "Pattern verification failed" not in read.stdout, read.stdout
+
+
+def _flattened(tmp_path: Path, name: str) -> convert.Converted:
+    """A small real disk flattened as a build does (qcow2 first), into its own dir."""
+    out = tmp_path / name
+    out.mkdir()
+    disk = tmp_path / "builder.qcow2"
+    if not disk.exists():
+        qemu_img("create", "-q", "-f", "qcow2", disk, "8M")
+        write(disk, 0x42, 1 << 20, "256k")
+    return convert.flatten_final(disk, ["qcow2", "vmdk", "raw"], out, tmp_path, keep_source=True)
+
+
+def test_other_formats_of_the_same_qcow2_are_reused_and_checked(tmp_path: Path) -> None:
+    """The formats but qcow2 are kept (hard links) by the qcow2's sha256: a second
+    build of the same qcow2 gets them back byte for byte; a changed cached file
+    is not used, and the format is converted afresh."""
+    key = stage_key("convert", disk="d", formats=["qcow2", "vmdk", "raw"])
+    with CheckpointStore(tmp_path / "ck") as store:
+        first = _flattened(tmp_path, "one")
+        cache = convert.OutputCache.of(store, first, key)
+        made = convert.convert_rest(first, ["qcow2", "vmdk", "raw"], tmp_path / "one", cache)
+        assert not made.reused and [o.format for o in made.outputs] == ["qcow2", "vmdk", "raw"]
+        kept = store.find(cache.key)
+        assert kept is not None and (kept.path / "disk.vmdk").stat().st_nlink == 2
+
+        second = _flattened(tmp_path, "two")
+        assert second.outputs[0].sha256 == first.outputs[0].sha256  # the same qcow2
+        again = convert.OutputCache.of(store, second, key)
+        assert again.key == cache.key
+        reused = convert.convert_rest(second, ["qcow2", "vmdk", "raw"], tmp_path / "two", again)
+        assert reused.reused and reused.outputs == made.outputs
+
+        with (kept.path / "disk.vmdk").open("ab") as f:  # the stored file changes under it
+            f.write(b"x")
+        third = _flattened(tmp_path, "three")
+        fresh = convert.convert_rest(third, ["qcow2", "vmdk", "raw"], tmp_path / "three", again)
+        assert not fresh.reused
+        vmdk = fresh.outputs[1]
+        assert vmdk.sha256 == sha256_file(tmp_path / "three" / "disk.vmdk")
+        renewed = store.find(cache.key)  # the changed entry was replaced by the fresh files
+        assert renewed is not None
+        assert sha256_file(renewed.path / "disk.vmdk") == vmdk.sha256
+        assert sorted(p.name for p in (tmp_path / "three").iterdir()) == [
+            "disk.qcow2", "disk.raw", "disk.vmdk",
+        ]  # fmt: skip
+
+
+def test_outputs_on_another_file_system_are_not_kept(tmp_path: Path) -> None:
+    """A hard link cannot cross file systems: nothing is kept, and checkpoints stay on."""
+    with (
+        tempfile.TemporaryDirectory(dir="/dev/shm") as shm,
+        CheckpointStore(tmp_path / "ck") as store,
+    ):
+        other = Path(shm)
+        first = _flattened(other, "one")
+        cache = convert.OutputCache.of(store, first, stage_key("convert", disk="d"))
+        made = convert.convert_rest(first, ["qcow2", "vmdk", "raw"], other / "one", cache)
+        assert not made.reused and len(made.outputs) == 3
+        assert store.find(cache.key) is None and store.enabled

@@ -35,7 +35,7 @@ def write_recipe(d: Path, second_text: str) -> Path:
     (d / "second.yaml").write_text(COMPONENT.format(name="second", text=second_text))
     recipe = d / "recipe.yaml"
     recipe.write_text(
-        "name: ckpt\nversion: 1.0.0\nbase: debian-12\noutputs: [qcow2]\n"
+        "name: ckpt\nversion: 1.0.0\nbase: debian-12\noutputs: [qcow2, vmdk]\n"
         "components:\n  - name: ./first.yaml\n  - name: ./second.yaml\n"
     )
     return recipe
@@ -68,7 +68,7 @@ def test_rebuilds_resume_from_the_longest_matching_prefix(
 
     first, first_dir, _ = build(recipe, cli_env)
     assert first["checkpoints"] == {
-        "resumed": [], "generalized": False, "tests": False, "restore": None,
+        "resumed": [], "generalized": False, "tests": False, "outputs": False, "restore": None,
         "saved": ["1/2 first", "2/2 second", "generalized disk"],
     }  # fmt: skip
     assert etc_file(first_dir / "disk.qcow2", tmp_path, "second") == b"two\n"
@@ -84,6 +84,11 @@ def test_rebuilds_resume_from_the_longest_matching_prefix(
         ["qemu-img", "compare", str(first_dir / "disk.qcow2"), str(again_dir / "disk.qcow2")]
     )
     assert cmp.returncode == 0
+    # ... and the vmdk of that very qcow2, byte for byte (its random ids included).
+    assert again["checkpoints"]["outputs"] is True
+    assert [o for o in again["outputs"] if o["format"] == "vmdk"] == [
+        o for o in first["outputs"] if o["format"] == "vmdk"
+    ]
 
     # The last component edited: the builder boots from the first one's layer.
     write_recipe(tmp_path, "changed")
@@ -97,5 +102,6 @@ def test_rebuilds_resume_from_the_longest_matching_prefix(
 
     listed = vmbuild("cache", "list", "--json", env=cli_env)
     labels = sorted(row["label"] for row in json.loads(listed.stdout))
+    assert edited["checkpoints"]["outputs"] is False
     assert labels == ["1/2 first", "2/2 second", "2/2 second", "generalized disk",
-                      "generalized disk"]  # fmt: skip
+                      "generalized disk", "outputs vmdk", "outputs vmdk"]  # fmt: skip

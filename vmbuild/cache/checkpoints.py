@@ -22,6 +22,7 @@ Safety:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -231,9 +232,14 @@ class CheckpointStore:
         backing: Path | None = None,
         data: dict[str, Any] | None = None,
         files: dict[str, Path] | None = None,
+        link: bool = False,
     ) -> Checkpoint | None:
         """Keep `layer` (a qcow2 whose backing is the same content as `parent`'s
-        disk, or as `backing`) under `key`, with `data` and extra `files`."""
+        disk, or as `backing`) under `key`, with `data` and extra `files`.
+
+        `link`: the files are hard-linked, not copied (stored artifacts, which
+        nothing writes again). Where that is impossible (another file system)
+        nothing is saved, and the store stays on."""
         if not self.enabled:
             return None
         existing = self._load(key)
@@ -260,7 +266,17 @@ class CheckpointStore:
                 meta["size"] = dst.stat().st_size
                 meta["sha256"] = sha256_file(dst)
             for name, src in (files or {}).items():
-                shutil.copyfile(src, tmp / name)
+                if not link:
+                    shutil.copyfile(src, tmp / name)
+                    continue
+                try:
+                    os.link(src, tmp / name)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                        raise
+                    log.info("not keeping %s (%s): cannot link %s: %s", key[:16], label, src, exc)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return None
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
             try:
                 tmp.rename(self.root / key)
@@ -276,6 +292,10 @@ class CheckpointStore:
             return None
         log.info("checkpoint %s saved (%s)", key[:16], label)
         return Checkpoint(key, self.root / key, meta)
+
+    def discard(self, cp: Checkpoint) -> None:
+        """Forget a checkpoint found wanting (its files did not match)."""
+        self._discard(cp.path)
 
     def _discard(self, path: Path) -> None:
         # Renamed away first, so no reader ever sees a half-removed checkpoint.

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmbuild.cache.checkpoints import CheckpointStore
 from vmbuild.digest import sha256_file
 from vmbuild.diskfs.scrub import zero_free_space
 from vmbuild.manifest import OutputRecord
 from vmbuild.progress import Reporter, reporter_or_null
 from vmbuild.run import qemu_img
 from vmbuild.stages.key import StageKey, stage_key
+
+log = logging.getLogger("vmbuild.convert")
 
 # format -> (qemu-img driver, creation options, file extension)
 FORMATS: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -125,6 +130,7 @@ def convert(src: Path, fmt: str, outdir: Path) -> Output:
 class Converted:
     final: Path  # the flattened qcow2 the test VM and the offline check read
     outputs: tuple[Output, ...]  # in the recipe's order, qcow2 first when listed
+    reused: bool = False  # the formats but qcow2 came from the checkpoint cache
 
 
 def key(disk: StageKey, formats: Sequence[str]) -> StageKey:
@@ -167,7 +173,70 @@ def flatten_final(
     return Converted(final, (convert(final, "qcow2", outdir),) if "qcow2" in formats else ())
 
 
-def convert_rest(first: Converted, formats: Sequence[str], outdir: Path) -> Converted:
-    """Every format but qcow2 from the flattened disk; outputs in the recipe's order."""
+@dataclass(frozen=True)
+class OutputCache:
+    """The other formats of one flattened qcow2, kept in the checkpoint cache.
+
+    Keyed by the qcow2's own sha256 and the conversion settings, so what is
+    reused is exactly what converting it again would give (vmdk and vhd carry
+    random ids: a rebuild with identical inputs then gives identical bytes).
+    The files are hard links to the stored artifact's (stored files are never
+    written again); each is checked against its recorded size and sha256
+    before it is used, and converted afresh if it does not match.
+    """
+
+    store: CheckpointStore
+    key: str
+
+    @classmethod
+    def of(cls, store: CheckpointStore, first: Converted, convert_key: StageKey) -> OutputCache:
+        qcow2 = [o.sha256 for o in first.outputs if o.format == "qcow2"]
+        digest = qcow2[0] if qcow2 else sha256_file(first.final)
+        key = stage_key("checkpoint-outputs", qcow2=digest, convert=convert_key.digest)
+        return cls(store, key.digest)
+
+    def restore(self, outdir: Path) -> list[Output] | None:
+        cached = self.store.find(self.key)
+        if cached is None:
+            return None
+        outputs = [Output(**o) for o in cached.meta["data"]["outputs"]]
+        linked: list[Path] = []
+        try:
+            for out in outputs:
+                dst = outdir / out.file
+                os.link(cached.path / out.file, dst)
+                linked.append(dst)
+                if dst.stat().st_size != out.size or sha256_file(dst) != out.sha256:
+                    raise ValueError(f"{out.file} does not match its checksum")
+        except (OSError, ValueError) as exc:
+            log.warning("not reusing the cached %s outputs: %s", self.key[:16], exc)
+            for path in linked:
+                path.unlink(missing_ok=True)
+            self.store.discard(cached)  # converted afresh, and kept again
+            return None
+        return outputs
+
+    def keep(self, outdir: Path, outputs: Sequence[Output]) -> None:
+        self.store.save(
+            self.key, stage="outputs", label=f"outputs {', '.join(o.format for o in outputs)}",
+            data={"outputs": [o.to_json() for o in outputs]},
+            files={o.file: outdir / o.file for o in outputs}, link=True,
+        )  # fmt: skip
+
+
+def convert_rest(
+    first: Converted, formats: Sequence[str], outdir: Path, cache: OutputCache | None = None
+) -> Converted:
+    """Every format but qcow2 from the flattened disk; outputs in the recipe's order.
+
+    With `cache`: reused from an earlier build of the very same qcow2 when the
+    cache has them (`Converted.reused`), else converted and kept there."""
+    if all(f == "qcow2" for f in formats):
+        return first
+    reused = cache.restore(outdir) if cache is not None else None
+    if reused is not None:
+        return Converted(first.final, (*first.outputs, *reused), reused=True)
     rest = [convert(first.final, f, outdir) for f in formats if f != "qcow2"]
+    if cache is not None:
+        cache.keep(outdir, rest)
     return Converted(first.final, (*first.outputs, *rest))

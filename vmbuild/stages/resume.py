@@ -147,6 +147,7 @@ class Checkpointing:
         self.generalized = store.find(final_key.digest)
         self.saved: list[str] = []
         self.tests_cached = False
+        self.outputs_cached = False
 
     @property
     def usable(self) -> bool:
@@ -191,5 +192,6 @@ class Checkpointing:
             "generalized": self.generalized is not None,
             "saved": self.saved,
             "tests": self.tests_cached,
+            "outputs": self.outputs_cached,
             "restore": "disk" if self.resumed and self.generalized is None else None,
         }
