@@ -82,6 +82,13 @@ def test_rebuild_from_a_bundle_offline(
         "deb.debian.org_debian_dists_bookworm-updates_InRelease",
         "deb.debian.org_debian_dists_bookworm_InRelease",
     ]
+    files = {
+        "hello.yaml": src / "hello.yaml",
+        "tests/test_offline.py": src / "tests/test_offline.py",
+    }
+    assert original["recipe_files"] == {
+        rel: hashlib.sha256(path.read_bytes()).hexdigest() for rel, path in files.items()
+    }
     ref = f"{original['name']}/{original['version']}/{original['build']}"
 
     bundle = tmp_path / "offline-hello.tar"
@@ -101,6 +108,7 @@ def test_rebuild_from_a_bundle_offline(
 
     assert versions(rebuilt) == versions(original)
     assert rebuilt["apt_indexes"] == original["apt_indexes"]
+    assert rebuilt["recipe_files"] == original["recipe_files"]
     assert rebuilt["rebuilt_from"] == {
         "bundle": str(bundle),
         "sha256": hashlib.sha256(bundle.read_bytes()).hexdigest(),
