@@ -45,6 +45,7 @@ from vmbuild.oci import registry
 from vmbuild.plan import BuildOptions, _apt_proxy_setting
 from vmbuild.progress import Reporter
 from vmbuild.remote.base import Remote
+from vmbuild.remote.ssh import SSHSession
 from vmbuild.run import which
 from vmbuild.stages import container, image_tests, rootfs, store
 from vmbuild.supply.stage import attest_stage
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("vmbuild.container_build")
 
 WORK_TAG = "vmbuild-work"
+# testinfra over SSH into a chroot under TCG: each module call is an exec round trip.
+TESTINFRA_TIMEOUT = 900.0
 TOOLS = {"umoci": "umoci", "skopeo": "skopeo", "mmdebstrap": "mmdebstrap"}
 
 
@@ -339,12 +342,31 @@ def _in_builder(
             reporter.status("tests: skipped (--skip-tests)")
             return {"applied": [a.to_json() for a in applied],
                     "tests": image_tests.TestSummary("skipped").to_json()}  # fmt: skip
-        with clock.stage(reporter, "test", "components' test phases in chroot"):
+        counts: list[tuple[int, int, int, int]] = []
+
+        def testinfra(root: str) -> None:
+            if not loaded.tests:
+                return
+            if not isinstance(builder, SSHSession):
+                raise VmbuildError("testinfra files need the builder reached over SSH")
+            *nums, _junit = image_tests.run_testinfra_chroot(
+                builder, root, loaded.tests, logs, timeout=TESTINFRA_TIMEOUT,
+                on_line=reporter.output,
+            )  # fmt: skip
+            counts.append((nums[0], nums[1], nums[2], nums[3]))
+
+        title = "components' test phases" + (" and testinfra" if loaded.tests else "")
+        with clock.stage(reporter, "test", f"{title} in chroot"):
             container.test(
                 ws, docs, layers, working_directory=recipe.working_directory,
                 results_dir=logs / "components", on_output=reporter.output, on_result=record,
+                then=testinfra,
             )  # fmt: skip
-    tests = image_tests.summarize(None, None, results)
+    tests = image_tests.summarize(
+        counts[0] if counts else None, "logs/junit.xml" if counts else None, results
+    )
+    # A failing testinfra file stores nothing (the staging dir goes with the error).
+    image_tests.raise_if_failed(tests, "see testinfra.log and junit.xml in the build's saved logs")
     return {"applied": [a.to_json() for a in applied], "tests": tests.to_json()}
 
 

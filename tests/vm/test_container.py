@@ -1,10 +1,12 @@
 """Container recipes end to end in the shared guest (no VM of their own): the
 offline Debian rootfs with two components is built into one layer per
-component under chroot, its tests pass, it is stored, pushed to Debian's
-docker-registry on 127.0.0.1 and pulled back by digest, and its layers, labels
-and files are checked. A failing test phase stores and pushes nothing and leaves
-nothing in the guest. The second build reuses the parent the first unpacked in
-the guest (the upload and unpacking are ~150 s of the first under TCG)."""
+component under chroot, its tests (component test phases, then the recipe's
+testinfra file in the image's root over SSH: vmbuild.testing.chroot_ssh) pass,
+it is stored, pushed to Debian's docker-registry on 127.0.0.1 and pulled back
+by digest, and its layers, labels and files are checked. A failing test phase,
+or a failing testinfra file, stores and pushes nothing and leaves nothing in
+the guest. Later builds reuse the parent the first unpacked in the guest (the
+upload and unpacking are ~150 s of the first under TCG)."""
 
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ import pytest
 from tests.support.cli import REPO
 from tests.support.registry import Registry, docker_registry
 from tests.support.schemas import validator
+from vmbuild import paths
 from vmbuild.config.container import load_container_recipe
 from vmbuild.container_build import build_container
-from vmbuild.errors import StepFailed
+from vmbuild.errors import StepFailed, TestsFailed
 from vmbuild.oci import layout, registry
 from vmbuild.plan import BuildOptions
 from vmbuild.progress import NullReporter
@@ -45,7 +48,7 @@ def reg(tmp_path_factory: pytest.TempPathFactory, guest: SSHSession) -> Iterator
 
 
 def recipe(tmp_path: Path, reg: Registry, components: tuple[str, ...]) -> Path:
-    for name in ("hello.yaml", "harden.yaml", "fails-test.yaml"):
+    for name in ("hello.yaml", "harden.yaml", "fails-test.yaml", "test_image.py"):
         shutil.copy(DATA / name, tmp_path / name)
     text = (DATA / "recipe.yaml").read_text().replace("127.0.0.1:5000", reg.address)
     text = text.replace("  - name: harden.yaml\n", "".join(f"  - name: {c}\n" for c in components))
@@ -68,6 +71,10 @@ def test_two_components_build_test_push_and_pull_back(
     assert [result.build_dir] == builds(store)
     assert m["kind"] == "container" and m["tests"]["status"] == "passed"
     assert list(validator("manifest.schema.json").iter_errors(m)) == []
+    # The testinfra file ran in the image's root (cloud-init is the builder's, not the image's).
+    assert m["tests"]["testinfra"] == {
+        "tests": 3, "failures": 0, "errors": 0, "skipped": 0, "junit": "logs/junit.xml"
+    }  # fmt: skip
     assert m["tests"]["components"] == [
         {"name": "hello", "status": "Success"}, {"name": "harden", "status": "Success"},
     ]  # fmt: skip
@@ -144,3 +151,31 @@ def test_a_failing_test_phase_stores_and_pushes_nothing(
     assert builds(store) == [] and not (store / "ctr-hello").exists()
     assert registry.remote_digest(reg.ref("vmbuild/ctr-fails", "latest"), tls_verify=False) is None
     assert guest_workspaces(guest) == "0\n"
+
+
+def test_a_failing_testinfra_file_stores_and_pushes_nothing(
+    tmp_path: Path, reg: Registry, guest: SSHSession
+) -> None:
+    path = recipe(tmp_path, reg, ())
+    path.write_text(
+        path.read_text()
+        .replace("vmbuild/ctr-hello", "vmbuild/ctr-testinfra")
+        .replace("layers: per-component", "layers: squash")
+    )
+    (tmp_path / "test_image.py").write_text(
+        "def test_no_bash(host):\n    assert not host.package('bash').is_installed\n"
+    )
+    store = tmp_path / "store"
+    with pytest.raises(TestsFailed) as info:
+        build_container(
+            load_container_recipe(path), BuildOptions(store=store), NullReporter(), builder=guest
+        )
+    assert str(info.value) == "image tests failed: 1 of 1 testinfra tests failed"
+    assert builds(store) == []
+    assert (
+        registry.remote_digest(reg.ref("vmbuild/ctr-testinfra", "1.0.0"), tls_verify=False) is None
+    )
+    assert guest_workspaces(guest) == "0\n"
+    # The failed build's logs are kept outside the store, with testinfra's report.
+    saved = sorted((paths.state_dir() / "logs").glob("ctr-hello-*/testinfra.log"))
+    assert saved and "test_no_bash" in saved[-1].read_text()

@@ -49,7 +49,14 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vmbuild.config.loader import load_model
-from vmbuild.config.recipe import NAME, SEMVER, ComponentRef, VMSettings, _load_component
+from vmbuild.config.recipe import (
+    NAME,
+    SEMVER,
+    ComponentRef,
+    VMSettings,
+    _check_test,
+    _load_component,
+)  # fmt: skip
 from vmbuild.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -137,6 +144,10 @@ class ContainerRecipe(_Model):
     tags: list[str] = []
     target_repository: TargetRepository | None = Field(default=None, alias="targetRepository")
     working_directory: str = Field(default="/tmp", alias="workingDirectory", pattern=r"^/")
+    tests: list[str] = Field(
+        default=[], description="testinfra files, relative to the recipe: run against the "
+        "built image's root filesystem (all layers) after the components' test phases",
+    )  # fmt: skip
     vm: VMSettings = VMSettings()
 
     @model_validator(mode="after")
@@ -160,6 +171,7 @@ class LoadedContainerRecipe:
     display: str
     sha256: str
     documents: tuple[Document, ...]
+    tests: tuple[Path, ...] = ()  # the testinfra files, resolved
 
     @property
     def dir(self) -> Path:
@@ -191,10 +203,14 @@ def load_container_recipe(path: Path, variables: Given | None = None) -> LoadedC
                 f"{ref.name}: a Reboot step cannot run in a container build",
             )  # fmt: skip
         documents.append(dataclasses.replace(doc, display_name=ref.name))
+    tests = tuple(
+        _check_test(display, f"tests[{i}]", test, base_dir) for i, test in enumerate(recipe.tests)
+    )
     return LoadedContainerRecipe(
         recipe=recipe,
         path=path.resolve(),
         display=display,
         sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
         documents=tuple(documents),
+        tests=tests,
     )

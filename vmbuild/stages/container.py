@@ -264,11 +264,16 @@ def test(
     results_dir: Path,
     on_output: Callable[[str], None] | None = None,
     on_result: Callable[[toe.DocumentResult], None] | None = None,
+    then: Callable[[str], None] | None = None,
 ) -> list[components.Applied]:
-    """The components' test phases on the built image; what they write is discarded."""
+    """The components' test phases on the built image, then `then(root)` (the testinfra
+    files) on the same mounted root; what they write is discarded."""
     lowers = [*(ws.upper(layer.name) for layer in reversed(layers)), ws.lower]
     with mounted(ws, lowers, ws.upper("test-scratch")) as root:
-        return components.apply(
+        applied = components.apply(
             docs, Chroot(ws.remote, root), phases=["test"], results_dir=results_dir,
             on_output=on_output, working_directory=working_directory, on_result=on_result,
         )  # fmt: skip
+        if then is not None:
+            then(root)
+        return applied

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from vmbuild.hypervisor.guest import (
 )
 from vmbuild.hypervisor.imds import Ec2Settings
 from vmbuild.progress import Reporter
+from vmbuild.remote.ssh import SSHSession
 from vmbuild.run import run
 from vmbuild.secrets import mask
 from vmbuild.stages import components
@@ -133,6 +135,39 @@ def run_testinfra(
         raise CommandError(result.args, result.returncode, result.stdout[-3000:])
     counts = parse_junit(junit)
     return (*counts, junit)
+
+
+def run_testinfra_chroot(
+    ssh: SSHSession,
+    root: str,
+    tests: Sequence[Path],
+    outdir: Path,
+    *,
+    timeout: float,
+    on_line: Callable[[str], None] | None = None,
+) -> tuple[int, int, int, int, Path]:
+    """Run a container recipe's testinfra files against the image root `root` mounted in
+    the builder `ssh` reaches (vmbuild.testing.chroot_ssh); counts and the JUnit path."""
+    from vmbuild.testing.chroot_ssh import NAME, ROOT_ENV
+
+    junit = outdir / "junit.xml"
+    outdir.mkdir(parents=True, exist_ok=True)
+    argv = pytest_argv(
+        tests, f"{NAME}://{ssh.user}@{ssh.host}:{ssh.port}?sudo=true", ssh.key_path, junit
+    )
+    argv[3:3] = ["-p", "vmbuild.testing.chroot_ssh"]
+    env = {ROOT_ENV: root}
+    with tempfile.TemporaryDirectory(prefix="vmbuild-testinfra-") as tmp:
+        if ssh.host_key:  # pinned as for a test VM
+            known_hosts = Path(tmp) / "known_hosts"
+            known_hosts.write_text(f"[{ssh.host}]:{ssh.port} {ssh.host_key}\n")
+            env["VMBUILD_KNOWN_HOSTS"] = str(known_hosts)
+        result = run(argv, timeout=timeout, env=env, cwd=tests[0].parent, check=False,
+                     on_line=on_line)  # fmt: skip
+    (outdir / "testinfra.log").write_text(result.stdout)
+    if not junit.exists():
+        raise CommandError(result.args, result.returncode, result.stdout[-3000:])
+    return (*parse_junit(junit), junit)
 
 
 def summarize(
