@@ -161,11 +161,11 @@ def build_container(
                 )  # fmt: skip
                 archive = staging.path / "image.tar"
                 oci_layout.to_docker_archive(layout, tags[0], archive, f"{recipe.name}:{tags[0]}")
+            with clock.stage(reporter, "sbom", "package list from the image's dpkg database"):
+                installed: list[Package] = oci_packages.installed(layout, tags[0])
         except BaseException:
             _save_failed_logs(logs, paths.state_dir() / "logs" / f"{recipe.name}-{build_id}")
             raise
-            with clock.stage(reporter, "sbom", "package list from the image's dpkg database"):
-                installed: list[Package] = oci_packages.installed(layout, tags[0])
         shutil.rmtree(work)
         manifest = Manifest(
             name=recipe.name,
