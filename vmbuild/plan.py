@@ -39,7 +39,7 @@ TEST_USER = "vmbuild-test"
 
 @dataclass(frozen=True)
 class OfflineSource:
-    """An offline rebuild from a bundle (vmbuild.supply.rebuild): the bundled base, the
+    """An offline rebuild from a bundle (vmbuild.rebuild): the bundled base, the
     bundle's mirror every guest reaches (and nothing else), and what the rebuilt image
     must reproduce."""
 

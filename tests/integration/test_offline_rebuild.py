@@ -24,12 +24,12 @@ from tests.support.supply import fake_artifact
 from vmbuild.debian import index as apt
 from vmbuild.debian.sources import host_debian_mirrors
 from vmbuild.plan import BuildOptions
+from vmbuild.rebuild import rebuild, unpack_inputs
 from vmbuild.supply import signing
 from vmbuild.supply.attest import attest
 from vmbuild.supply.bundle import BundleError, export, import_bundle, verify_bundle_checked
 from vmbuild.supply.inputs import list_name, recorded_files
 from vmbuild.supply.mirror import OfflineMirror, mirror_key
-from vmbuild.supply.rebuild import rebuild, unpack_inputs
 
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 SUITE = "bookworm-updates"  # small indexes; bookworm and -security are fetched by export

@@ -110,9 +110,9 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     from vmbuild.config.variables import parse_cli
     from vmbuild.errors import VmbuildError
     from vmbuild.log import Progress
+    from vmbuild.rebuild import rebuild
     from vmbuild.secrets import parse_cli_secret
     from vmbuild.supply import signing
-    from vmbuild.supply.rebuild import rebuild
 
     for flag in ("mirror", "apt_proxy"):
         if getattr(args, flag, None):

@@ -23,10 +23,11 @@ import hashlib
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from securesystemslib.signer import Key
 
+from vmbuild.build import BuildResult, build
 from vmbuild.config.recipe import LoadedRecipe, load_recipe
 from vmbuild.config.variables import Given
 from vmbuild.errors import ConfigError, VmbuildError
@@ -35,9 +36,6 @@ from vmbuild.progress import Reporter
 from vmbuild.supply import inputs
 from vmbuild.supply.bundle import CHUNK, BundleError, _write_sparse, verify_bundle_checked
 from vmbuild.supply.mirror import OfflineMirror
-
-if TYPE_CHECKING:
-    from vmbuild.build import BuildResult
 
 
 def _file_sha256(path: Path) -> str:
@@ -152,7 +150,6 @@ def rebuild(
     allow_unsigned: bool = False, secrets: dict[str, str] | None = None,
     variables: Given | None = None,
 ) -> BuildResult:  # fmt: skip
-    from vmbuild.build import build
     from vmbuild.stages.base_image import local_base
 
     checked = verify_bundle_checked(bundle, keys, allow_unsigned=allow_unsigned)
