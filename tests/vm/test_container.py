@@ -48,7 +48,7 @@ def reg(tmp_path_factory: pytest.TempPathFactory, guest: SSHSession) -> Iterator
 
 
 def recipe(tmp_path: Path, reg: Registry, components: tuple[str, ...]) -> Path:
-    for name in ("hello.yaml", "harden.yaml", "fails-test.yaml", "test_image.py"):
+    for name in ("hello.yaml", "harden.yaml", "fails-test.yaml", "image_checks.py"):
         shutil.copy(DATA / name, tmp_path / name)
     text = (DATA / "recipe.yaml").read_text().replace("127.0.0.1:5000", reg.address)
     text = text.replace("  - name: harden.yaml\n", "".join(f"  - name: {c}\n" for c in components))
@@ -162,7 +162,7 @@ def test_a_failing_testinfra_file_stores_and_pushes_nothing(
         .replace("vmbuild/ctr-hello", "vmbuild/ctr-testinfra")
         .replace("layers: per-component", "layers: squash")
     )
-    (tmp_path / "test_image.py").write_text(
+    (tmp_path / "image_checks.py").write_text(
         "def test_no_bash(host):\n    assert not host.package('bash').is_installed\n"
     )
     store = tmp_path / "store"
