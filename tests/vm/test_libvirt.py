@@ -219,9 +219,12 @@ def test_sigterm_mid_boot_destroys_the_domain(
     libvirt_env: dict[str, str],
     nothing_left: None,
 ) -> None:
-    """Ctrl-C/SIGTERM while the builder domain boots: destroyed, and libvirt forgets it."""
+    """Ctrl-C/SIGTERM while the builder domain boots: destroyed, and libvirt forgets it.
+
+    --no-cache: the session's checkpoints hold the example's generalized disk (the
+    direct backend's build made it), which would leave no builder to interrupt."""
     proc = subprocess.Popen(
-        [*VMBUILD, "build", "examples/nginx/recipe.yaml", "--backend", "libvirt"],
+        [*VMBUILD, "build", "examples/nginx/recipe.yaml", "--backend", "libvirt", "--no-cache"],
         env=libvirt_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
