@@ -49,15 +49,16 @@ import hashlib
 import json
 import logging
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Literal, Self
+
+from vmbuild.hypervisor.guest_http import GuestForwardServer
 
 log = logging.getLogger("vmbuild.imds")
 
@@ -350,20 +351,15 @@ class MetadataService:
         self._tokens: dict[str, float] = {}  # token -> expiry on `clock`
         self._lock = threading.Lock()
         self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         assert self._server is not None, "the service is not running"
-        return int(self._server.server_address[1])
+        return self._server.port
 
     def __enter__(self) -> Self:
         self._server = _Server(self)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-            name=f"imds-{self.port}", daemon=True,
-        )  # fmt: skip
-        self._thread.start()
+        self._server.start(f"imds-{self.port}")
         log.info("IMDS for %s on 127.0.0.1:%d (http_tokens %s)",
                  self.instance.instance_id, self.port, self.instance.http_tokens)  # fmt: skip
         return self
@@ -376,11 +372,7 @@ class MetadataService:
     ) -> None:
         if self._server is None:
             return
-        self._server.shutdown()  # stops serve_forever; the thread returns
-        assert self._thread is not None
-        self._thread.join()
-        self._server.close_all()  # QEMU's stream never ends by itself
-        self._server.server_close()  # joins the connection threads
+        self._server.stop()
         self._server = None
 
     def summary(self) -> str:
@@ -420,31 +412,10 @@ class MetadataService:
         log.info("IMDS %s", request)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = False  # server_close() joins them: nothing outlives the service
-    allow_reuse_address = False
-
+class _Server(GuestForwardServer):
     def __init__(self, service: MetadataService) -> None:
         self.service = service
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
-        with self._conns_lock:
-            self._conns.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
-        with self._conns_lock:
-            self._conns.discard(request)
-        super().shutdown_request(request)
-
-    def close_all(self) -> None:
-        with self._conns_lock:
-            for conn in self._conns:
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
+        super().__init__(_Handler)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -25,18 +25,18 @@ apt is told not to pipeline and to use one queue (vmbuild.cache.aptproxy).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import re
 import shutil
-import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 from urllib.parse import unquote, urlsplit
+
+from vmbuild.hypervisor.guest_http import GuestForwardServer
 
 log = logging.getLogger("vmbuild.mirror")
 
@@ -68,12 +68,11 @@ class OfflineMirror:
                     self._by_hash[hashlib.file_digest(fh, "sha256").hexdigest()] = path
         self._lock = threading.Lock()
         self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         assert self._server is not None, "the mirror is not running"
-        return int(self._server.server_address[1])
+        return self._server.port
 
     def lookup(self, target: str) -> Path | None:
         """The file a request target names, or None (never outside `root`)."""
@@ -104,11 +103,7 @@ class OfflineMirror:
 
     def __enter__(self) -> Self:
         self._server = _Server(self)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-            name=f"offline-mirror-{self.port}", daemon=True,
-        )  # fmt: skip
-        self._thread.start()
+        self._server.start(f"offline-mirror-{self.port}")
         log.info("offline mirror of %s on 127.0.0.1:%d", self.root, self.port)
         return self
 
@@ -120,40 +115,15 @@ class OfflineMirror:
     ) -> None:
         if self._server is None:
             return
-        self._server.shutdown()
-        assert self._thread is not None
-        self._thread.join()
-        self._server.close_all()  # QEMU's stream never ends by itself
-        self._server.server_close()  # joins the connection threads
+        self._server.stop()
         self._server = None
         log.info("offline mirror: %d files served, %d not found", self.served, len(self.missing))
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = False  # server_close() joins them: nothing outlives the mirror
-    allow_reuse_address = False
-
+class _Server(GuestForwardServer):
     def __init__(self, mirror: OfflineMirror) -> None:
         self.mirror = mirror
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
-        with self._conns_lock:
-            self._conns.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
-        with self._conns_lock:
-            self._conns.discard(request)
-        super().shutdown_request(request)
-
-    def close_all(self) -> None:
-        with self._conns_lock:
-            for conn in self._conns:
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
+        super().__init__(_Handler)
 
 
 class _Handler(BaseHTTPRequestHandler):
