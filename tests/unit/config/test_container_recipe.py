@@ -19,7 +19,7 @@ DATA = REPO / "tests" / "data" / "container"
 
 @pytest.fixture
 def recipe_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for name in ("hello.yaml", "harden.yaml", "recipe.yaml", "test_image.py"):
+    for name in ("hello.yaml", "harden.yaml", "recipe.yaml", "image_checks.py"):
         shutil.copy(DATA / name, tmp_path / name)
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -54,7 +54,7 @@ def test_the_example_loads_with_its_components_and_tags(recipe_dir: Path) -> Non
     assert target.reference("latest") == "docker://127.0.0.1:5000/vmbuild/ctr-hello:latest"
     assert target.tls_verify is False
     assert detect_kind(load_yaml(DATA / "recipe.yaml")) == "container-recipe"
-    assert loaded.tests == ((recipe_dir / "test_image.py").resolve(),)
+    assert loaded.tests == ((recipe_dir / "image_checks.py").resolve(),)
 
 
 def test_without_tags_the_version_is_the_tag(recipe_dir: Path) -> None:
@@ -83,9 +83,9 @@ def test_without_tags_the_version_is_the_tag(recipe_dir: Path) -> None:
          "recipe.yaml: targetRepository.repositoryName:"),
         ("  - name: harden.yaml", "  - name: missing.yaml", "recipe.yaml: components[1].name:"),
         ("version: 1.0.0", "version: one", "recipe.yaml: version: 'one' is not a semantic version"),
-        ("tests: [test_image.py]", "tests: [hello.yaml]",
+        ("tests: [image_checks.py]", "tests: [hello.yaml]",
          "recipe.yaml: tests[0]: hello.yaml: a testinfra file is a .py file"),
-        ("tests: [test_image.py]", "tests: [missing.py]",
+        ("tests: [image_checks.py]", "tests: [missing.py]",
          "recipe.yaml: tests[0]: file not found: missing.py"),
     ],
 )  # fmt: skip
