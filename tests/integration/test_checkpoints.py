@@ -219,22 +219,41 @@ def test_a_generalized_disk_saved_without_component_layers_is_found(
         assert again.to_json()["generalized"] is True
 
 
+def cut_test_vm(tmp_path: Path) -> VMSpec:
+    """A VM with no guest for a layer-cut test: its disk (lower.qcow2) holds a
+    secret the guest later deletes, 0x5A in its first 64 KiB."""
+    lower = tmp_path / "lower.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", lower, "16M")
+    write(lower, 0x5A, 0)
+    seed = tmp_path / "seed.raw"
+    seed.write_bytes(b"\0" * 4096)
+    return VMSpec(
+        name=f"vmbuild-cut-{os.getpid()}", disk=lower, seed=seed, memory_mib=64, cpus=1,
+        accel=accel.tcg("test"), ssh_port=free_port(), console_log=tmp_path / "console.log",
+        workdir=tmp_path,
+    )  # fmt: skip
+
+
+def assert_the_discard_hid_the_layer_below(new_top: Path, lower: Path) -> None:
+    """After a discard of the first 64 KiB through the drive: the chain is
+    new_top over lower, and those bytes read as zeros through it."""
+    chain = json.loads(qemu_img("info", "--output=json", "--backing-chain", new_top))
+    assert [Path(c["filename"]) for c in chain] == [new_top, lower]
+    read = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0 0 64k", str(new_top)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert read.returncode == 0 and "Pattern verification failed" not in read.stdout, read.stdout
+
+
 def test_a_cut_layer_passes_the_guests_discards_down(tmp_path: Path) -> None:
     """A real QEMU (paused: the disk is attached, no guest is needed): after a
     cut, a discard on the drive writes a zero cluster in the new top, so data in
     the layer below is no longer readable through the chain (what generalize
     deletes must not survive in a lower layer), and the new top node keeps the
     drive's detect-zeroes=unmap."""
-    lower, new_top = tmp_path / "lower.qcow2", tmp_path / "top.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", lower, "16M")
-    write(lower, 0x5A, 0)  # a secret the guest later deletes
-    seed = tmp_path / "seed.raw"
-    seed.write_bytes(b"\0" * 4096)
-    spec = VMSpec(
-        name=f"vmbuild-cut-{os.getpid()}", disk=lower, seed=seed, memory_mib=64, cpus=1,
-        accel=accel.tcg("test"), ssh_port=free_port(), console_log=tmp_path / "console.log",
-        workdir=tmp_path,
-    )  # fmt: skip
+    spec = cut_test_vm(tmp_path)
+    lower, new_top = spec.disk, tmp_path / "top.qcow2"
     machine = QemuMachine(spec)
     machine.argv.append("-S")  # never start the CPU
     with machine:
@@ -249,13 +268,7 @@ def test_a_cut_layer_passes_the_guests_discards_down(tmp_path: Path) -> None:
         machine.shutdown(0.1)  # paused, so no ACPI poweroff: QMP quit, metadata flushed
     # qemu-io's report goes to QEMU's stdout (no HMP monitor), kept in its log.
     assert said == "" and "discard 65536/65536 bytes at offset 0" in spec.qemu_log.read_text()
-    chain = json.loads(qemu_img("info", "--output=json", "--backing-chain", new_top))
-    assert [Path(c["filename"]) for c in chain] == [new_top, lower]
-    read = subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0 0 64k", str(new_top)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert read.returncode == 0 and "Pattern verification failed" not in read.stdout, read.stdout
+    assert_the_discard_hid_the_layer_below(new_top, lower)
 
 
 def _flattened(tmp_path: Path, name: str) -> convert.Converted:

@@ -10,20 +10,15 @@ layer below holds (what generalize deletes stays deleted).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.test_checkpoints import write
+from tests.integration.test_checkpoints import assert_the_discard_hid_the_layer_below, cut_test_vm
 from tests.support.libvirtd import Libvirtd, running_libvirtd
-from vmbuild.hypervisor import accel
-from vmbuild.hypervisor.base import VMSpec, free_port
 from vmbuild.hypervisor.libvirt import LibvirtMachine
-from vmbuild.run import qemu_img
 
 # The virtio disk's backend as libvirt's -blockdev configuration names it.
 DRIVE = "/machine/peripheral/virtio-disk0/virtio-backend"
@@ -47,16 +42,8 @@ def monitor(dom: Any, command: str, **arguments: Any) -> Any:
 def test_a_libvirt_cut_layer_passes_the_guests_discards_down(
     tmp_path: Path, libvirtd: Libvirtd
 ) -> None:
-    lower, new_top = tmp_path / "lower.qcow2", tmp_path / "top.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", lower, "16M")
-    write(lower, 0x5A, 0)  # a secret the guest later deletes
-    seed = tmp_path / "seed.raw"
-    seed.write_bytes(b"\0" * 4096)
-    spec = VMSpec(
-        name=f"vmbuild-cut-{os.getpid()}", disk=lower, seed=seed, memory_mib=64, cpus=1,
-        accel=accel.tcg("test"), ssh_port=free_port(), console_log=tmp_path / "console.log",
-        workdir=tmp_path,
-    )  # fmt: skip
+    spec = cut_test_vm(tmp_path)
+    lower, new_top = spec.disk, tmp_path / "top.qcow2"
     machine = LibvirtMachine(spec, uri=libvirtd.uri, autodestroy=True)
     with machine:
         machine.cut_layer(lower, new_top)
@@ -71,10 +58,4 @@ def test_a_libvirt_cut_layer_passes_the_guests_discards_down(
         )  # fmt: skip
         assert said == ""
         machine.kill()
-    chain = json.loads(qemu_img("info", "--output=json", "--backing-chain", new_top))
-    assert [Path(c["filename"]) for c in chain] == [new_top, lower]
-    read = subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-r", "-c", "read -P 0 0 64k", str(new_top)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert read.returncode == 0 and "Pattern verification failed" not in read.stdout, read.stdout
+    assert_the_discard_hid_the_layer_below(new_top, lower)
