@@ -181,18 +181,10 @@ Fetched = tuple[int, int]  # bytes fetched from outside: (packages, indexes)
 
 
 def fetched(transfer_log: Path, since: int) -> Fetched:
-    """apt-cacher-ng's `I` (fetched from outside) bytes after `since`, .debs and the rest."""
-    debs = other = 0
-    with transfer_log.open("rb") as f:
-        f.seek(since)
-        for line in f:
-            fields = line.decode(errors="replace").rstrip("\n").split("|")
-            if len(fields) >= 5 and fields[1] == "I" and fields[2].isdigit():
-                if fields[4].endswith(".deb"):
-                    debs += int(fields[2])
-                else:
-                    other += int(fields[2])
-    return debs, other
+    """Bytes apt-cacher-ng fetched from outside after `since`: .debs, and the rest."""
+    files = aptproxy.fetched_from_outside(transfer_log, since)
+    debs = sum(size for size, path in files if path.endswith(".deb"))
+    return debs, sum(size for size, _path in files) - debs
 
 
 def rebuilds(work: Path) -> dict[str, tuple[float, Fetched]]:

@@ -311,16 +311,22 @@ def host_package_cache(
         yield proxy
 
 
-def fetched_bytes(transfer_log: Path, since: int = 0) -> int:
-    """Bytes apt-cacher-ng fetched from outside (its `I` lines) after byte offset `since`."""
-    total = 0
+def fetched_from_outside(transfer_log: Path, since: int = 0) -> list[tuple[int, str]]:
+    """(bytes, path) of each file apt-cacher-ng fetched from outside (its `I` lines)
+    after byte offset `since`; the path is "" where the line names none."""
+    found = []
     try:
         with transfer_log.open("rb") as f:
             f.seek(since)
             for line in f:
-                fields = line.decode(errors="replace").split("|")
+                fields = line.decode(errors="replace").rstrip("\n").split("|")
                 if len(fields) >= 3 and fields[1] == "I" and fields[2].isdigit():
-                    total += int(fields[2])
+                    found.append((int(fields[2]), fields[4] if len(fields) >= 5 else ""))
     except FileNotFoundError:
-        return 0
-    return total
+        return []
+    return found
+
+
+def fetched_bytes(transfer_log: Path, since: int = 0) -> int:
+    """Bytes apt-cacher-ng fetched from outside after byte offset `since`."""
+    return sum(size for size, _path in fetched_from_outside(transfer_log, since))
