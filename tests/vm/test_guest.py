@@ -59,6 +59,13 @@ def test_cloud_init_used_our_host_key_only(guest_vm: Guest) -> None:
     assert served == guest_vm.host_key.public_openssh.split()[1]
 
 
+def test_cloud_init_accepted_the_seed_without_a_schema_warning(guest_vm: Guest) -> None:
+    # 22.4 applies a config its schema rejects and only logs this line, so a
+    # seed mistake would otherwise pass unseen (the empty ssh_genkeytypes did).
+    found = guest_vm.ssh.run("grep -F 'Invalid cloud-config' /var/log/cloud-init.log")
+    assert (found.exit_code, found.stdout) == (1, "")
+
+
 def test_apt_goes_through_the_host_package_cache(
     guest_vm: Guest, package_cache: aptproxy.AptProxy
 ) -> None:

@@ -61,10 +61,13 @@ def user_data(cfg: SeedConfig) -> str:
         # No `ssh_pwauth`: any value makes cloud-init's set_passwords module
         # restart sshd during modules:config, resetting a login in progress.
         "disable_root": True,
-        # Our host key replaces any baked into the image; no other type is
-        # generated (RSA would cost ~9 s under TCG and be unpinned anyway).
+        # Our host key replaces any baked into the image. No other type is
+        # generated (RSA would cost ~9 s under TCG and be unpinned anyway):
+        # cc_ssh generates keys only when `ssh_keys` is absent. An empty
+        # `ssh_genkeytypes` would say the same but breaks the schema (minItems
+        # 1), and cloud-init then logs "Invalid cloud-config provided" at
+        # every boot, hiding a real mistake behind a routine warning.
         "ssh_deletekeys": True,
-        "ssh_genkeytypes": [],
         "ssh_keys": {
             "ed25519_private": cfg.host_key.private_openssh,
             "ed25519_public": cfg.host_key.public_openssh,
