@@ -79,3 +79,56 @@ def test_a_base_that_cannot_boot_uefi_is_refused_before_any_vm(tmp_path: Path) -
     store = tmp_path / "store"
     assert not store.exists() or [p for p in store.rglob("*") if p.is_file()] == []
     assert not list(tmp_path.glob("store/**/.staging-*"))
+
+
+def test_uefi_only_disk_has_no_bios_path_and_is_refused_as_legacy_bios(tmp_path: Path) -> None:
+    """The `uefi` layout (boot_mode: uefi) written by the real tools: the same ESP,
+    no BIOS boot partition, no boot code. The lint says the legacy-BIOS path is
+    absent, and a legacy-bios build of it stops before any VM, naming the base."""
+    import os
+    import subprocess
+    import sys
+
+    disk, size = tmp_path / "uefi-only.raw", 256 * b.MiB  # small: the build hashes it
+    with disk.open("wb") as f:
+        f.truncate(size)
+    run(b.sfdisk_argv(disk), input=b.sfdisk_gpt_script(UUID, size, layout="uefi").encode())
+    run(b.mkfs_esp_argv(disk, UUID))
+    cfg = tmp_path / "grub-efi.cfg"
+    cfg.write_text(b.grub_efi_config(UUID))
+    for argv in b.mtools_argvs(disk, b.esp_files(cfg)):
+        run(argv, env={"MTOOLS_SKIP_CHECK": "1"})
+
+    table = read_partition_table(disk)
+    assert table is not None and table.kind == "gpt"
+    assert [(p.number, p.start, p.type) for p in table.partitions] == [
+        (1, b.ESP_START, GPT_ESP),
+        (2, b.HYBRID_ROOT_START, b.GPT_ROOT_X86_64.lower()),
+    ]
+    assert not any(table.boot_code)
+    paths = esp_listing(disk, table)
+    assert paths is not None and check_esp(paths, "x86_64") == []
+    absent = (
+        "UEFI-only disk: no BIOS boot partition and no boot code in the protective MBR, "
+        "so the legacy-BIOS boot path is absent"
+    )
+    assert check_partition_table(table, "uefi") == []
+    for mode in ("legacy-bios", "uefi-preferred"):
+        assert [(f.severity, f.message) for f in check_partition_table(table, mode)] == [
+            ("error", absent)
+        ]
+
+    (tmp_path / "recipe.yaml").write_text(
+        "name: wrong-mode\nversion: 1.0.0\nbase: ./uefi-only.raw\nboot_mode: legacy-bios\n"
+    )
+    env = {**os.environ, "VMBUILD_STORE": str(tmp_path / "store"),
+           "VMBUILD_STATE_DIR": str(tmp_path / "state"), "VMBUILD_ACCEL": "tcg"}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmbuild", "build", str(tmp_path / "recipe.yaml")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert errors == [f"error: base {disk}: cannot boot as boot_mode legacy-bios: {absent}"]
+    assert "set boot_mode: uefi" in proc.stderr
+    assert not list(tmp_path.glob("state/**/*console*.log"))  # no VM ever started

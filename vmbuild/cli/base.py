@@ -26,6 +26,11 @@ def add_parser(sub: SubParsers) -> None:
         help="the base's architecture (arm64: GPT with an ESP, GRUB arm64-efi; built with "
         "qemu-user on an x86_64 host)",
     )  # fmt: skip
+    bb.add_argument(
+        "--boot-mode", choices=["legacy-bios", "uefi", "uefi-preferred"], default=None,
+        help="the recipe boot_mode the base is for: legacy-bios an MBR disk, uefi-preferred a "
+        "hybrid GPT disk, uefi a UEFI-only GPT disk (default: legacy-bios; arm64: uefi)",
+    )  # fmt: skip
     json_flag(bb)
     bf = verb(base, "fetch", cmd_base_fetch, "download a vendor image and verify its checksum")
     bf.add_argument("url")
@@ -53,7 +58,8 @@ def cmd_base_build(args: argparse.Namespace) -> int:
     with progress.stage("base", f"build base {args.release}"):
         base = base_image.build_debian(
             args.release, mirror=args.mirror, rebuild=args.rebuild, on_progress=progress,
-            layout=base_image.layout_for("legacy-bios", args.arch), arch=args.arch,
+            layout=base_image.layout_for(args.boot_mode or "legacy-bios", args.arch),
+            arch=args.arch,
         )  # fmt: skip
     return out(args, _base_json(base), lambda: print(f"{base.id}  {base.path}"))
 

@@ -208,7 +208,8 @@ class Recipe(_Model):
         default="legacy-bios",
         description="how the image boots, in EC2's names: the builder and test VMs boot that "
         "way (uefi-preferred: tested under UEFI and legacy BIOS) and the AMI is registered "
-        "with it; debian-12 is built as a hybrid GPT disk for uefi and uefi-preferred "
+        "with it; debian-12 is built as a GPT disk with an EFI system partition: UEFI-only "
+        "for uefi, hybrid (a BIOS boot partition too) for uefi-preferred "
         "(default: legacy-bios, uefi for arch arm64)",
     )
     secure_boot: bool = Field(

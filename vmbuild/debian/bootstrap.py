@@ -9,9 +9,12 @@ Three disk layouts:
   (GRUB i386-pc in the BIOS boot partition) and under UEFI, Secure Boot
   included (Debian's Microsoft-signed shim as the removable-media path
   EFI/BOOT/BOOTX64.EFI, then Debian's signed GRUB, then the signed kernel).
-- `uefi`: GPT with an EFI system partition and the root, for arm64 (which
-  has no BIOS): GRUB arm64-efi, built here with `grub-mkimage` from the
-  image's own grub-efi-arm64-bin modules, as EFI/BOOT/BOOTAA64.EFI.
+- `uefi`: GPT with an EFI system partition and the root, no BIOS boot
+  partition and no i386-pc boot code: a disk only UEFI boots (EC2's
+  `boot_mode: uefi`, and arm64, which has no BIOS). On x86_64 the ESP is the
+  hybrid layout's (signed shim, GRUB, MokManager); on arm64 it holds GRUB
+  arm64-efi, built here with `grub-mkimage` from the image's own
+  grub-efi-arm64-bin modules, as EFI/BOOT/BOOTAA64.EFI.
 
 Everything is written into a plain file at known offsets (sfdisk, mke2fs -E
 offset, mkfs.fat --offset, mtools' `image@@offset`, dd): no loop devices,

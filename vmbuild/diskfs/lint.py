@@ -190,6 +190,18 @@ def check_partition_table(table: PartitionTable, boot_mode: str) -> list[Finding
             )
         if boot_mode == "uefi":
             return out
+    bios_boot = any(p.type == GPT_BIOS_BOOT for p in table.partitions)
+    if table.kind == "gpt" and not bios_boot and not any(table.boot_code):
+        out.append(
+            Finding(
+                "error",
+                "boot-loader",
+                "UEFI-only disk: no BIOS boot partition and no boot code in the protective "
+                "MBR, so the legacy-BIOS boot path is absent",
+                "set boot_mode: uefi (a uefi-preferred image needs a hybrid disk)",
+            )
+        )
+        return out
     if not any(table.boot_code):
         out.append(
             Finding(
@@ -199,7 +211,7 @@ def check_partition_table(table: PartitionTable, boot_mode: str) -> list[Finding
                 "install GRUB's boot.img/core.img (or set boot_mode: uefi)",
             )
         )
-    if table.kind == "gpt" and not any(p.type == GPT_BIOS_BOOT for p in table.partitions):
+    if table.kind == "gpt" and not bios_boot:
         out.append(
             Finding(
                 "warning",

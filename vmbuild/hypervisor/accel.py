@@ -5,6 +5,11 @@ KVM_GET_API_VERSION, and even the firmware runs, yet a Linux guest hangs
 forever once its kernel starts. So the probe boots a real kernel from a base
 image under KVM, time-boxed, and requires it to reach userspace. The verdict
 is cached per host boot and QEMU version: the probe costs seconds, not minutes.
+
+KVM runs guests of the host's own architecture only, so the probe boots the
+host's: qemu-system-x86_64 (`pc`, SeaBIOS) on an x86_64 host,
+qemu-system-aarch64 (`virt`, AAVMF: arm64 has no BIOS) on an arm64 host, and
+the image it boots must be of that architecture.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from vmbuild import paths
 from vmbuild.errors import VmbuildError
 from vmbuild.run import run, spawn
+
+if TYPE_CHECKING:
+    from vmbuild.hypervisor.arch import Arch
 
 log = logging.getLogger("vmbuild.accel")
 
@@ -33,7 +41,10 @@ KVM_API_VERSION = 12
 # KVM proves the vCPU really executes guest code.
 USERSPACE_MARKERS = ("Run /init as init process", "Run /sbin/init", "systemd[1]:")
 PROBE_SECONDS = 25.0
-PROBE_VERSION = 1
+PROBE_VERSION = 2  # 2: the host's architecture is part of the probe
+# KVM on arm64: the host's interrupt controller (a GICv3-only host, as Graviton's,
+# cannot emulate the virt machine's default GICv2 in the kernel).
+KVM_ARM64_MACHINE = "virt,gic-version=host"
 
 # Timeouts are written for KVM and multiplied by `scale`: measured TCG boots
 # are ~10x slower than KVM ones on this class of machine.
@@ -50,6 +61,7 @@ class Accel:
         """The fastest measured flags for each accelerator (`tcg_cpu`: the guest
         architecture's TCG CPU model, hypervisor/arch.py)."""
         if self.kind == "kvm":
+            machine = KVM_ARM64_MACHINE if machine == "virt" else machine
             return ["-machine", machine, "-accel", "kvm", "-cpu", "host", "-smp", str(cpus)]
         # Measured: multi-threaded TCG with qemu64 beats `-cpu max` by ~20 %
         # and single-threaded TCG by ~30 %.
@@ -86,8 +98,8 @@ def kvm_device_usable(device: str = "/dev/kvm") -> tuple[bool, str]:
     return True, f"{device} opens (API {version})"
 
 
-def _qemu_version() -> str:
-    out = run(["qemu-system-x86_64", "--version"], timeout=30).stdout
+def _qemu_version(binary: str) -> str:
+    out = run([binary, "--version"], timeout=30).stdout
     return out.splitlines()[0] if out else "unknown"
 
 
@@ -102,16 +114,40 @@ def _cache_file() -> Path:
     return paths.cache_dir() / "accel-probe.json"
 
 
-def probe_kvm_boot(image: Path, image_format: str, workdir: Path) -> tuple[bool, str]:
-    """Boot `image` under KVM (no writes: -snapshot) and wait for the kernel to reach userspace."""
-    console = workdir / "kvm-probe-console.log"
-    output = workdir / "kvm-probe-qemu.log"
-    argv = [
-        "qemu-system-x86_64", "-machine", "pc", "-accel", "kvm", "-cpu", "host", "-m", "512",
-        "-smp", "1", "-nodefaults", "-display", "none", "-no-reboot", "-snapshot",
+def probe_argv(
+    image: Path, image_format: str, console: Path, host: Arch, uefi_vars: Path | None = None
+) -> list[str]:
+    """QEMU for the probe: the `host` architecture's binary and machine under KVM
+    (`uefi_vars`: arm64's per-probe copy of the AAVMF vars)."""
+    # Imported here: firmware and arch import this module.
+    from vmbuild.hypervisor import firmware
+    from vmbuild.hypervisor.arch import QEMU_BINARY
+
+    if host == "x86_64":
+        machine, boot = "pc", []
+    else:
+        machine, boot = KVM_ARM64_MACHINE, firmware.qemu_args("uefi", uefi_vars, host)
+    return [
+        QEMU_BINARY[host], "-machine", machine, "-accel", "kvm", "-cpu", "host", "-m", "512",
+        "-smp", "1", "-nodefaults", "-display", "none", "-no-reboot", "-snapshot", *boot,
         "-drive", f"file={image},format={image_format},if=virtio",
         "-serial", f"file:{console}",
     ]  # fmt: skip
+
+
+def probe_kvm_boot(
+    image: Path, image_format: str, workdir: Path, host: Arch = "x86_64"
+) -> tuple[bool, str]:
+    """Boot `image` (of the `host`'s architecture) under KVM (no writes: -snapshot)
+    and wait for the kernel to reach userspace."""
+    from vmbuild.hypervisor import firmware
+
+    console = workdir / "kvm-probe-console.log"
+    output = workdir / "kvm-probe-qemu.log"
+    uefi_vars = None
+    if host != "x86_64":
+        uefi_vars = firmware.vars_copy("uefi", workdir / "kvm-probe-vars.fd", host)
+    argv = probe_argv(image, image_format, console, host, uefi_vars)
     with output.open("wb") as out:
         proc = spawn(argv, stdout=out)
     start = time.monotonic()
@@ -132,12 +168,22 @@ def probe_kvm_boot(image: Path, image_format: str, workdir: Path) -> tuple[bool,
     finally:
         proc.kill()
         proc.wait()
-        console.unlink(missing_ok=True)
-        output.unlink(missing_ok=True)
+        for path in (console, output, uefi_vars):
+            if path is not None:
+                path.unlink(missing_ok=True)
 
 
-def choose(mode: AccelMode, probe_image: tuple[Path, str] | None, workdir: Path) -> Accel:
-    """Resolve `--accel auto|kvm|tcg` to an accelerator, explaining why."""
+def choose(
+    mode: AccelMode, probe_image: tuple[Path, str] | None, workdir: Path,
+    host: Arch | None = None,
+) -> Accel:  # fmt: skip
+    """Resolve `--accel auto|kvm|tcg` to an accelerator, explaining why.
+
+    `probe_image` must be of the `host`'s architecture (default: this machine's),
+    which is the one KVM can run."""
+    from vmbuild.hypervisor.arch import QEMU_BINARY, host_arch
+
+    host = host or host_arch()
     if mode == "tcg":
         return tcg("TCG requested")
     usable, why = kvm_device_usable()
@@ -149,10 +195,16 @@ def choose(mode: AccelMode, probe_image: tuple[Path, str] | None, workdir: Path)
         if mode == "kvm":
             return Accel("kvm", f"KVM requested ({why}; guest boot not verified)", 1.0)
         return tcg(f"{why}, but no base image to prove a guest boots; using TCG")
-    key = {"boot_id": _boot_id(), "qemu": _qemu_version(), "probe": PROBE_VERSION}
+    if host is None:
+        why += ", but vmbuild has no guest of this host's architecture"
+        if mode == "kvm":
+            raise VmbuildError(f"KVM requested but unusable: {why}", hint="use --accel tcg")
+        return tcg(f"{why}; using TCG")
+    key = {"boot_id": _boot_id(), "qemu": _qemu_version(QEMU_BINARY[host]),
+           "probe": PROBE_VERSION, "host": host}  # fmt: skip
     cached = _read_cache(key)
     if cached is None:
-        ok, detail = probe_kvm_boot(probe_image[0], probe_image[1], workdir)
+        ok, detail = probe_kvm_boot(probe_image[0], probe_image[1], workdir, host)
         _write_cache(key, ok, detail)
     else:
         ok, detail = cached

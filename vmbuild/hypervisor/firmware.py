@@ -31,6 +31,12 @@ from vmbuild.hypervisor.arch import Arch
 
 Firmware = Literal["bios", "uefi", "uefi-secure"]
 BootMode = Literal["legacy-bios", "uefi", "uefi-preferred"]
+# How errors name the firmware a VM booted (the recipe's boot_mode and secure_boot).
+FIRMWARE_LABEL: dict[Firmware, str] = {
+    "bios": "legacy BIOS (SeaBIOS)",
+    "uefi": "UEFI (OVMF)",
+    "uefi-secure": "UEFI with Secure Boot enforced (OVMF, Microsoft's keys)",
+}
 OVMF_DIR = Path("/usr/share/OVMF")
 AAVMF_DIR = Path("/usr/share/AAVMF")
 

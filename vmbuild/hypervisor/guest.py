@@ -19,14 +19,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vmbuild.cache import aptproxy
-from vmbuild.errors import SSHError, SSHTimeout, VmbuildError, VMError
+from vmbuild.errors import GuestStopped, SSHError, SSHTimeout, VmbuildError, VMError
 from vmbuild.hypervisor import firmware, imds
 from vmbuild.hypervisor.accel import Accel
 from vmbuild.hypervisor.arch import Arch
 from vmbuild.hypervisor.base import Ec2Boot, Machine, VMSpec, free_port
-from vmbuild.hypervisor.firmware import Firmware
+from vmbuild.hypervisor.firmware import FIRMWARE_LABEL, Firmware
 from vmbuild.hypervisor.seed import SeedConfig, user_data, write_seed
-from vmbuild.hypervisor.watchdog import Watchdog
+from vmbuild.hypervisor.watchdog import FIRMWARE_REFUSED, Watchdog
 from vmbuild.remote.keys import KeyPair, generate_ed25519
 from vmbuild.remote.ssh import SSHSession
 from vmbuild.run import qemu_img
@@ -303,6 +303,18 @@ def _connect(
             timeout=req.accel.timeout(BOOT_TO_SSH),
             alive=Watchdog(machine, spec.console_log, from_start=True).check,
         )  # fmt: skip
+    except GuestStopped as exc:
+        if not exc.cause.startswith(FIRMWARE_REFUSED):
+            raise
+        secure = spec.firmware == "uefi-secure"
+        raise VMError(
+            f"{spec.name} did not boot under {FIRMWARE_LABEL[spec.firmware]}: {exc.cause}",
+            console_tail=exc.console_tail,
+            hint="Secure Boot starts only boot loaders signed by a key in the firmware's db "
+            "(Microsoft's, for Debian's signed shim): sign it, or drop secure_boot"
+            if secure
+            else "the firmware names the boot entry it could not load",
+        ) from None
     except SSHError as exc:
         if service is not None and not service.read_key():
             # sshd answered (with a key of its own, or refusing ours) but the

@@ -24,8 +24,15 @@ CONSOLE_FAULTS: tuple[tuple[re.Pattern[bytes], str], ...] = (
     (re.compile(rb"\bBUG: (?:unable to handle|kernel NULL pointer)"), "guest kernel oops"),
     (re.compile(rb"You are in emergency mode|Entering emergency mode"), "guest in emergency mode"),
 )
+# OVMF's boot manager when LoadImage() fails with EFI_SECURITY_VIOLATION: Secure
+# Boot found the boot loader unsigned, or signed by a key not in db (measured on
+# Debian's OVMF_CODE_4M.secboot.fd: 4 s after QEMU started, under TCG). It then
+# tries the next boot option (iPXE) and never boots the disk: waiting for SSH
+# would only run into the boot timeout. The firmware's own line is quoted.
+FIRMWARE_REFUSAL = re.compile(rb"BdsDxe: failed to load Boot[0-9A-Fa-f]{4}[^\r\n]*: Access Denied")
+FIRMWARE_REFUSED = "the UEFI firmware refused to start the disk's boot loader"
 # A match may straddle two reads: keep this much of the previous chunk.
-OVERLAP = 128
+OVERLAP = 256
 MAX_READ = 1 << 20
 
 
@@ -76,6 +83,8 @@ class ConsoleScanner:
         for pattern, cause in CONSOLE_FAULTS:
             if pattern.search(text):
                 return cause
+        if refusal := FIRMWARE_REFUSAL.search(text):
+            return f"{FIRMWARE_REFUSED}: {refusal.group(0).decode('utf-8', 'replace')}"
         return None
 
 

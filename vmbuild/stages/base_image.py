@@ -104,7 +104,7 @@ ARCH_PACKAGES: dict[Arch, dict[str, str]] = {
     },
 }
 
-# The hybrid (UEFI) layout's extra: mokutil, so a test can ask the firmware
+# The GPT (UEFI) layouts' extra: mokutil, so a test can ask the firmware
 # whether Secure Boot is on (`mokutil --sb-state`).
 UEFI_PACKAGES = ("mokutil",)
 
@@ -134,9 +134,17 @@ class BaseImage:
 
 def packages_for(layout: Layout, arch: Arch = "x86_64") -> tuple[str, ...]:
     swap = ARCH_PACKAGES[arch]
-    return tuple(swap.get(p, p) for p in DEBIAN_PACKAGES) + (
-        UEFI_PACKAGES if layout != "bios" else ()
-    )
+    packages = tuple(swap.get(p, p) for p in DEBIAN_PACKAGES)
+    if layout == "uefi":
+        # A UEFI-only disk has no i386-pc boot code, so no modules to make it from.
+        packages = tuple(p for p in packages if p != "grub-pc-bin")
+    return packages + (UEFI_PACKAGES if layout != "bios" else ())
+
+
+def signed_esp(layout: Layout, arch: Arch = "x86_64") -> bool:
+    """Whether the layout's ESP holds Debian's signed shim and GRUB (x86_64 UEFI
+    layouts); arm64's holds a GRUB made from the image's own modules."""
+    return layout != "bios" and arch == "x86_64"
 
 
 def base_cache_key(
@@ -163,7 +171,7 @@ def base_cache_key(
         material["arch"] = arch
     if layout != "bios":
         material["layout"] = layout
-    if layout == "hybrid":
+    if signed_esp(layout, arch):
         # The signed EFI binaries come from the host: their bytes are inputs.
         material["efi"] = {
             str(b): hashlib.sha256(b.read_bytes()).hexdigest() if b.is_file() else None
@@ -201,10 +209,13 @@ def _cached() -> Iterator[tuple[BaseImage, dict[str, Any]]]:
             yield _from_meta(directory, meta), meta
 
 
-def probe_disk() -> tuple[Path, str] | None:
-    """A cached base for the accelerator probe to boot (doctor, workers), if any."""
+def probe_disk(arch: Arch | None = None) -> tuple[Path, str] | None:
+    """A cached base of `arch` (default: the host's, the one KVM runs) for the
+    accelerator probe to boot (doctor, workers), if any. A fetched base's
+    architecture is not recorded: taken as x86_64, as vmbuild's were before arm64."""
+    arch = arch or host_arch()
     try:
-        bases = list_bases()
+        bases = [b for b, meta in _cached() if meta.get("arch", "x86_64") == arch]
     except VmbuildError:
         return None
     return (bases[0].path, bases[0].format) if bases else None
@@ -363,7 +374,7 @@ def build_debian(
     `mirror` defaults to the host's apt configuration. The result is cached as
     `cache_dir()/bases/<release>[-<layout>]-<key>/`; `rebuild` forces a new build.
     Needs root and mmdebstrap, sfdisk, mke2fs, grub-mkimage, qemu-img (and for
-    the hybrid layout mkfs.fat, mtools and Debian's signed shim and GRUB).
+    the GPT layouts mkfs.fat, mtools and, on x86_64, Debian's signed shim and GRUB).
     """
     if release not in RELEASES:
         raise VmbuildError(f"unknown release {release!r}", hint=f"supported: {', '.join(RELEASES)}")
@@ -425,7 +436,8 @@ def _preflight(layout: Layout, arch: Arch = "x86_64") -> None:
             f"missing tools to build a Debian base: {', '.join(missing)}",
             hint=f"apt-get install {' '.join(sorted({tools[t] for t in missing}))}",
         )
-    if layout == "hybrid" and (absent := [b for b in SIGNED_EFI_BINARIES if not b.is_file()]):
+    absent = [b for b in SIGNED_EFI_BINARIES if not b.is_file()]
+    if signed_esp(layout, arch) and absent:
         raise VmbuildError(
             f"missing signed EFI binaries for a UEFI base: {', '.join(map(str, absent))}",
             hint="apt-get install shim-signed grub-efi-amd64-signed",
@@ -486,15 +498,15 @@ def _build_into(
         )
         run(sfdisk_argv(disk), input=table.encode())
         run(mke2fs_argv(disk, rootfs, root_uuid, layout=layout))
-    if layout == "hybrid":
+    if signed_esp(layout, arch):
         with step("esp", "writing the EFI system partition (signed shim and GRUB)"):
             _write_esp(work, disk, root_uuid)
-    if layout == "uefi":
+    elif layout == "uefi":
         with step(
             "esp", f"writing the EFI system partition (GRUB arm64-efi as {ESP_LOADER[arch]})"
         ):
             _write_arm64_esp(work, disk, rootfs / "usr/lib/grub/arm64-efi", root_uuid)
-    else:
+    if layout != "uefi":
         with step("grub", "installing GRUB (i386-pc) without grub-install"):
             _install_grub(work, disk, rootfs / "usr/lib/grub/i386-pc", root_uuid, layout)
     with step("convert", "converting to qcow2 (zstd)"):
@@ -733,10 +745,11 @@ def resolve_base(
 
 
 def layout_for(boot_mode: str, arch: Arch = "x86_64") -> Layout:
-    """The offline Debian base's layout for an EC2 boot mode: hybrid GPT boots
-    both ways, so UEFI recipes get it; legacy-bios keeps the MBR disk; arm64
-    (UEFI only) gets GPT with an ESP and no BIOS boot partition."""
-    if arch != "x86_64":
+    """The offline Debian base's layout for an EC2 boot mode: legacy-bios keeps
+    the MBR disk; uefi-preferred gets the hybrid GPT that boots both ways; uefi
+    (and every arm64 image) gets GPT with an ESP and no BIOS boot partition, so
+    the image cannot boot the way its AMI will not."""
+    if arch != "x86_64" or boot_mode == "uefi":
         return "uefi"
     return "bios" if boot_mode == "legacy-bios" else "hybrid"
 

@@ -87,9 +87,14 @@ def test_gpt_is_parsed_behind_the_protective_mbr(tmp_path: Path) -> None:
     assert esp.type == GPT_ESP and esp.name == "EFI" and esp.start == MIB
     assert root.is_linux and root.size == (100000 - 4096 + 1) * 512
     assert check_partition_table(table, "uefi") == []
-    bios = check_partition_table(table, "legacy-bios")
-    assert any("without a BIOS boot partition" in f.message for f in bios)
-    assert any("no boot code" in f.message for f in bios)
+    # No BIOS boot partition and no boot code: one error, the BIOS path is absent.
+    assert [(f.severity, f.message) for f in check_partition_table(table, "legacy-bios")] == [
+        (
+            "error",
+            "UEFI-only disk: no BIOS boot partition and no boot code in the protective MBR, "
+            "so the legacy-BIOS boot path is absent",
+        )
+    ]
     gpt_disk(disk, [(GPT_BIOS_BOOT, 34, 2047, "bios"), (linux, 4096, 100000, "root")])
     table = read_partition_table(disk)
     assert table is not None

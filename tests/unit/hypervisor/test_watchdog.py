@@ -86,3 +86,30 @@ def test_from_start_reads_the_whole_console(tmp_path: Path) -> None:
 
 def test_a_missing_console_is_quiet(tmp_path: Path) -> None:
     Watchdog(FakeMachine(tmp_path / "none.log"), tmp_path / "none.log").check()
+
+
+# OVMF's Secure Boot refusal as Debian's OVMF_CODE_4M.secboot.fd printed it (an
+# unsigned GRUB as EFI/BOOT/BOOTX64.EFI), screen control codes included.
+REFUSAL = (
+    b'\x1b[2J\x1b[01;01HBdsDxe: loading Boot0001 "UEFI Misc Device" from PciRoot(0x0)/Pci(0x3,0x0)'
+    b'\r\nBdsDxe: failed to load Boot0001 "UEFI Misc Device" from PciRoot(0x0)/Pci(0x3,0x0): '
+    b"Access Denied\r\n\r\n"
+)
+
+
+def test_a_secure_boot_refusal_quotes_the_firmware(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_bytes(REFUSAL)
+    with pytest.raises(GuestStopped) as info:
+        Watchdog(FakeMachine(console), console, from_start=True).check()
+    assert info.value.cause == (
+        "the UEFI firmware refused to start the disk's boot loader: BdsDxe: failed to load "
+        'Boot0001 "UEFI Misc Device" from PciRoot(0x0)/Pci(0x3,0x0): Access Denied'
+    )
+
+
+def test_a_boot_entry_the_firmware_merely_could_not_find_is_not_a_refusal(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    # What OVMF says for an empty virtio disk: it goes on to the next entry, not fatal.
+    console.write_bytes(REFUSAL.replace(b"Access Denied", b"Not Found"))
+    Watchdog(FakeMachine(console), console, from_start=True).check()

@@ -43,7 +43,8 @@ def test_arch_is_in_the_cache_key_and_the_id() -> None:
     )
     assert bi.base_id_for("debian-12", MIRRORS, "bios").count("-") == 2  # debian-12-<key>
     assert bi.layout_for("uefi", "arm64") == "uefi"
-    assert bi.layout_for("uefi") == "hybrid" and bi.layout_for("legacy-bios") == "bios"
+    assert bi.layout_for("uefi") == "uefi" and bi.layout_for("legacy-bios") == "bios"
+    assert bi.layout_for("uefi-preferred") == "hybrid"
 
 
 def test_arm64_base_needs_the_uefi_layout() -> None:
@@ -120,3 +121,19 @@ def test_foreign_arch_needs_a_binfmt_handler(
     )
     (tmp_path / "qemu-aarch64").write_text("enabled\ninterpreter /usr/libexec/qemu-binfmt/x\n")
     assert bi.foreign_arch_problem("arm64", tmp_path) is None
+
+
+def test_x86_64_uefi_only_base() -> None:
+    """boot_mode uefi on x86_64: the uefi layout (no BIOS boot partition), with the
+    hybrid's signed ESP, its own key and id; no i386-pc GRUB modules in the image."""
+    pkgs = bi.packages_for("uefi")
+    assert "grub-pc-bin" not in pkgs and "mokutil" in pkgs
+    assert set(bi.packages_for("hybrid")) - set(pkgs) == {"grub-pc-bin"}
+    assert bi.signed_esp("uefi") and bi.signed_esp("hybrid")
+    assert not bi.signed_esp("uefi", "arm64") and not bi.signed_esp("bios")
+    uefi_id = bi.base_id_for("debian-12", MIRRORS, "uefi")
+    assert uefi_id.startswith("debian-12-uefi-") and len(uefi_id) == len("debian-12-uefi-") + 16
+    ids = {bi.base_id_for("debian-12", MIRRORS, layout) for layout in ("bios", "hybrid", "uefi")}
+    assert len(ids | {bi.base_id_for("debian-12", MIRRORS, "uefi", "arm64")}) == 4
+    table = b.sfdisk_gpt_script(UUID, layout="uefi")
+    assert b.GPT_BIOS_BOOT not in table and b.GPT_ESP in table and b.GPT_ROOT_X86_64 in table
