@@ -1,6 +1,7 @@
 """`vmbuild build` for a container recipe: the stage list, run in order.
 
-    parent rootfs (host, cached) -> OCI layout with the parent layer ->
+    parent (the Debian rootfs, or an OCI image fetched by skopeo; host, cached) ->
+    OCI layout with the parent's layers ->
     builder VM -> components (build, validate) in chroot, one layer each ->
     component tests in chroot -> labels, tags, docker-archive ->
     SBOMs + signed provenance -> store -> verify -> push
@@ -37,10 +38,11 @@ from vmbuild import __version__, paths, toe
 from vmbuild.config.container import LoadedContainerRecipe, TargetRepository
 from vmbuild.config.settings import SETTINGS
 from vmbuild.digest import sha256_file
-from vmbuild.errors import VmbuildError
+from vmbuild.errors import ConfigError, VmbuildError
 from vmbuild.manifest import BaseRecord, Manifest, OutputRecord, Package, RecipeRecord
 from vmbuild.oci import layout as oci_layout
 from vmbuild.oci import packages as oci_packages
+from vmbuild.oci import parent as oci_parent
 from vmbuild.oci import registry
 from vmbuild.plan import BuildOptions, _apt_proxy_setting
 from vmbuild.progress import Reporter
@@ -81,10 +83,47 @@ def preflight() -> None:
         )
 
 
-def labels(
-    loaded: LoadedContainerRecipe, build_id: str, parent: rootfs.RootfsTar
-) -> dict[str, str]:
-    """The image config's labels: what built it, from what."""
+@dataclass(frozen=True)
+class Parent:
+    """The parent as the build uses it: identity for labels and manifest, its layers."""
+
+    id: str
+    sha256: str  # the rootfs tarball's, or the parent image's manifest digest (hex)
+    source: str
+    format: str  # rootfs-tar | oci
+    inherits_config: bool  # an OCI parent's Env, Entrypoint, Cmd, WorkingDir, User stay
+
+    @property
+    def label(self) -> str:
+        return f"{self.id}@sha256:{self.sha256}"
+
+
+def _parent(
+    loaded: LoadedContainerRecipe, layout: Path, opts: BuildOptions, reporter: Reporter
+) -> Parent:
+    """The build's layout with the parent image in it as WORK_TAG."""
+    recipe, source = loaded.recipe, loaded.parent
+    if source.kind == "rootfs":
+        tar = rootfs.debian_rootfs(
+            recipe.parent_image, mirror=opts.mirror, on_status=reporter.status
+        )
+        oci_layout.create(layout, WORK_TAG)
+        oci_layout.add_layer(layout, WORK_TAG, tar.path, f"vmbuild parent {tar.source}")
+        return Parent(recipe.parent_image, tar.sha256, tar.source, "rootfs-tar", False)
+    try:
+        fetched = oci_parent.fetch(
+            source, tls_verify=recipe.parent_tls_verify, on_status=reporter.status
+        )
+    except oci_parent.ParentError as exc:
+        raise ConfigError(loaded.display, "parentImage", str(exc)) from None
+    oci_parent.copy_into(fetched, layout, WORK_TAG)
+    digest = fetched.digest.removeprefix("sha256:")
+    return Parent(source.text, digest, source.skopeo, "oci", True)
+
+
+def labels(loaded: LoadedContainerRecipe, build_id: str, parent: Parent) -> dict[str, str]:
+    """The image config's labels: what built it, from what (an OCI parent's own
+    labels stay, these are added or replace those of the same name)."""
     recipe = loaded.recipe
     return {
         "org.opencontainers.image.title": recipe.name,
@@ -93,7 +132,7 @@ def labels(
         "io.vmbuild.recipe": recipe.name,
         "io.vmbuild.recipe.sha256": loaded.sha256,
         "io.vmbuild.build": build_id,
-        "io.vmbuild.parent": f"{recipe.parent_image}@sha256:{parent.sha256}",
+        "io.vmbuild.parent": parent.label,
         "io.vmbuild.components": ",".join(f"{d.name}@sha256:{d.sha256}" for d in loaded.documents),
     }
 
@@ -141,23 +180,19 @@ def build_container(
         work.mkdir()
         try:
             with clock.stage(reporter, "parent", f"parent image {recipe.parent_image}"):
-                parent = rootfs.debian_rootfs(
-                    recipe.parent_image, mirror=opts.mirror, on_status=reporter.status
-                )
-                oci_layout.create(layout, WORK_TAG)
-                oci_layout.add_layer(
-                    layout, WORK_TAG, parent.path, f"vmbuild parent {parent.source}"
-                )
-                parent_blob = oci_layout.describe(layout, WORK_TAG).layers[0].digest
+                parent = _parent(loaded, layout, opts, reporter)
+                parent_blobs = [x.digest for x in oci_layout.describe(layout, WORK_TAG).layers]
             summary = _in_builder(
-                loaded, layout, parent_blob, work, logs, reporter, clock,
+                loaded, layout, parent_blobs, work, logs, reporter, clock,
                 accel=opts.accelerator or "auto", memory=memory, cpus=cpus, apt_proxy=apt_proxy,
                 builder=builder, run_tests=not opts.skip_tests,
             )  # fmt: skip
             with clock.stage(reporter, "image", "labels, tags, docker-archive"):
+                # An OCI parent's config is the image's (Cmd, WorkingDir, …): the
+                # recipe's workingDirectory is where components run, as in Image Builder.
                 image = oci_layout.finish(
                     layout, WORK_TAG, tags, labels(loaded, build_id, parent),
-                    recipe.working_directory,
+                    None if parent.inherits_config else recipe.working_directory,
                 )  # fmt: skip
                 archive = staging.path / "image.tar"
                 oci_layout.to_docker_archive(layout, tags[0], archive, f"{recipe.name}:{tags[0]}")
@@ -174,7 +209,7 @@ def build_container(
             description=recipe.description,
             created=started.strftime("%Y-%m-%dT%H:%M:%SZ"),
             recipe=RecipeRecord(str(loaded.path), loaded.sha256),
-            base=BaseRecord(parent.id, parent.sha256, parent.source, "rootfs-tar"),
+            base=BaseRecord(parent.id, parent.sha256, parent.source, parent.format),
             components=tuple(summary["applied"]),
             outputs=(
                 OutputRecord(
@@ -299,7 +334,7 @@ def _push_ecr(
 
 
 def _in_builder(
-    loaded: LoadedContainerRecipe, layout: Path, parent_blob: str, work: Path, logs: Path,
+    loaded: LoadedContainerRecipe, layout: Path, parent_blobs: list[str], work: Path, logs: Path,
     reporter: Reporter, clock: _Clock, *, accel: str, memory: int, cpus: int, apt_proxy: str,
     builder: Remote | None, run_tests: bool,
 ) -> dict[str, Any]:  # fmt: skip
@@ -317,10 +352,9 @@ def _in_builder(
                         cpus=cpus, on_status=reporter.status, apt_proxy=apt_proxy,
                     )
                 ).ssh  # fmt: skip
-            algo, _, hexdigest = parent_blob.partition(":")
-            blob = layout / "blobs" / algo / hexdigest
-            lower = container.unpack_parent(builder, parent_blob, blob.read_bytes)
-            ws = vm.enter_context(container.workspace(builder, lower))
+            blobs = [(d, (layout / "blobs" / d.replace(":", "/")).read_bytes) for d in parent_blobs]
+            lowers = container.unpack_layers(builder, blobs)
+            ws = vm.enter_context(container.workspace(builder, lowers))
         with clock.stage(reporter, "components", "components (build, validate) in chroot"):
             layers, applied = container.build(
                 ws, docs, squash=recipe.layers == "squash",

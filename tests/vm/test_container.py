@@ -6,13 +6,16 @@ it is stored, pushed to Debian's docker-registry on 127.0.0.1 and pulled back
 by digest, and its layers, labels and files are checked. A failing test phase,
 or a failing testinfra file, stores and pushes nothing and leaves nothing in
 the guest. Later builds reuse the parent the first unpacked in the guest (the
-upload and unpacking are ~150 s of the first under TCG)."""
+upload and unpacking are ~150 s of the first under TCG): the registry parent's
+test builds on a two-layer parent whose first layer is that same blob."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from vmbuild.oci import layout, registry
 from vmbuild.plan import BuildOptions
 from vmbuild.progress import NullReporter
 from vmbuild.remote.ssh import SSHSession
+from vmbuild.stages import rootfs
 from vmbuild.stages.container import GUEST_DIR
 from vmbuild.stages.store import builds
 from vmbuild.supply.verify import verify_build
@@ -131,6 +135,106 @@ def test_two_components_build_test_push_and_pull_back(
     assert [(r["ref"], r["kind"], r["formats"]) for r in listed] == [
         (f"ctr-hello/1.0.0/{m['build']}", "container", ["oci", "docker-archive"])
     ]
+    assert guest_workspaces(guest) == "0\n"
+
+
+PROBE = """name: probe
+description: records what the build sees of the parent (its whiteout and opaque directory)
+schemaVersion: 1.0
+phases:
+  - name: build
+    steps:
+      - name: Record
+        action: ExecuteBash
+        inputs:
+          commands:
+            - (test -e /etc/issue && echo issue kept || echo issue gone; ls /usr/share/doc;
+              cat /etc/vmbuild-parent) > /etc/vmbuild-probe
+"""
+
+
+def parent_image(tmp_path: Path, reg: Registry) -> layout.OciImage:
+    """A two-layer parent pushed to the registry: the cached Debian rootfs (the same blob
+    as a debian-12 build's parent, so a guest that unpacked it skips it), then a layer
+    that deletes /etc/issue (a whiteout), makes /usr/share/doc opaque and adds a file."""
+    top = tmp_path / "top.tar"
+    with tarfile.open(top, "w") as tar:
+        for name in ("etc", "usr", "usr/share", "usr/share/doc", "usr/share/doc/vmbuild-parent"):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        for name, data in (("etc/.wh.issue", b""), ("etc/vmbuild-parent", b"from parent\n"),
+                           ("usr/share/doc/.wh..wh..opq", b""),
+                           ("usr/share/doc/vmbuild-parent/README", b"readme\n")):  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    oci, image = tmp_path / "parent-oci", f"{tmp_path / 'parent-oci'}:1"
+    rootfs_tar = rootfs.debian_rootfs("debian-12").path
+    for argv in (["init", "--layout", str(oci)], ["new", "--image", image],
+                 ["raw", "add-layer", "--image", image, str(rootfs_tar)],
+                 ["raw", "add-layer", "--image", image, str(top)],
+                 ["config", "--image", image, "--config.env", "GREETING=parent",
+                  "--config.entrypoint", "/bin/sh", "--config.cmd", "-c",
+                  "--config.cmd", "echo $GREETING", "--config.workingdir", "/srv",
+                  "--config.user", "nobody", "--config.label", "parent.label=kept"]):  # fmt: skip
+        subprocess.run(["umoci", *argv], check=True, capture_output=True)
+    subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{image}",
+                    reg.ref("vmbuild/parent", "1")], check=True)  # fmt: skip
+    return layout.describe(oci, "1")
+
+
+def config_of(oci: Path, image: layout.OciImage) -> dict[str, object]:
+    blob = oci / "blobs" / "sha256" / image.config_digest.removeprefix("sha256:")
+    return dict(json.loads(blob.read_text())["config"])
+
+
+def test_a_registry_parent_with_a_whiteout(
+    tmp_path: Path, reg: Registry, guest: SSHSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers applied in order in the builder (whiteout, opaque dir), the parent's layers
+    byte for byte under the components' and its config inherited."""
+    parent = parent_image(tmp_path, reg)
+    path = recipe(tmp_path, reg, ("probe.yaml",))
+    (tmp_path / "probe.yaml").write_text(PROBE)
+    ref = f"{reg.address}/vmbuild/parent:1"
+    text = path.read_text().replace("vmbuild/ctr-hello", "vmbuild/ctr-parent")
+    text = text.replace("tests: [image_checks.py]", "")
+    path.write_text(
+        text.replace("parentImage: debian-12", f"parentImage: {ref}\nparentTlsVerify: false")
+    )
+    # The fetched parent is cached by its digest (a new one each run): not in the user's cache.
+    monkeypatch.setenv("VMBUILD_CACHE_DIR", str(tmp_path / "cache"))
+    loaded = load_container_recipe(path)
+    result = build_container(loaded, BuildOptions(store=tmp_path / "store"), NullReporter(),
+                             builder=guest)  # fmt: skip
+    m = result.manifest
+    assert m["base"] == {"id": ref, "sha256": parent.digest[7:], "source": f"docker://{ref}",
+                         "format": "oci"}  # fmt: skip
+    assert list(validator("manifest.schema.json").iter_errors(m)) == []
+    pulled = tmp_path / "pulled"
+    registry.pull(reg.ref("vmbuild/ctr-parent", result.image.digest), pulled, "back",
+                  tls_verify=False)  # fmt: skip
+    back = layout.describe(pulled, "back")
+    assert [x.digest for x in back.layers[:2]] == [x.digest for x in parent.layers]
+    assert [x.created_by for x in back.layers[2:]] == [
+        f"vmbuild component {d.name} ({d.sha256[:12]})" for d in loaded.documents
+    ]
+    # Env, Entrypoint, Cmd, WorkingDir, User and labels are the parent's; vmbuild's are added.
+    inherited = config_of(tmp_path / "parent-oci", parent)
+    config = config_of(pulled, back)
+    assert {k: v for k, v in config.items() if k != "Labels"} == {
+        k: v for k, v in inherited.items() if k != "Labels"
+    }
+    assert parent.labels.items() <= back.labels.items()
+    assert back.labels["parent.label"] == "kept"
+    assert back.labels["io.vmbuild.parent"] == f"{ref}@{parent.digest}"
+    # The build saw the parent with its whiteout and opaque directory applied.
+    probe_blob = pulled / "blobs" / "sha256" / back.layers[3].digest[7:]
+    with tarfile.open(probe_blob) as tar:
+        member = tar.extractfile("etc/vmbuild-probe")
+        assert member is not None
+        assert member.read() == b"issue gone\nvmbuild-parent\nfrom parent\n"
     assert guest_workspaces(guest) == "0\n"
 
 

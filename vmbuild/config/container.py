@@ -11,7 +11,9 @@ effect; errors name the file and the field.
 ```yaml
 name: web
 version: 1.0.0
-parentImage: debian-12         # the offline Debian root filesystem (mmdebstrap)
+parentImage: debian-12         # the offline Debian root filesystem (mmdebstrap), or an
+                               # OCI image: oci:PATH[:TAG], docker-archive:PATH, docker://REF,
+                               # a registry reference REG/REPO:TAG (vmbuild/oci/parent.py)
 components:
   - name: ./hello.yaml
     parameters: {Greeting: hi}
@@ -58,14 +60,15 @@ from vmbuild.config.recipe import (
     _load_component,
 )  # fmt: skip
 from vmbuild.errors import ConfigError
+from vmbuild.oci.parent import ParentError, ParentSource
+from vmbuild.oci.parent import parse as parse_parent
 
 if TYPE_CHECKING:
     from vmbuild.config.variables import Given
     from vmbuild.toe.model import Document
 
-# The parents a container build can start from. Only the offline Debian root
-# filesystem for now: a local OCI layout or docker-archive parent needs its
-# layers unpacked into the builder VM, which is not written yet.
+# The release names that mean the offline Debian root filesystem; any other
+# parentImage is an OCI image (vmbuild/oci/parent.py says which syntax and why).
 PARENT_IMAGES = ("debian-12",)
 # distribution's reference grammar, reduced to what vmbuild sends.
 REPOSITORY = re.compile(
@@ -137,7 +140,14 @@ class ContainerRecipe(_Model):
     name: str = Field(pattern=NAME.pattern)
     version: str
     description: str = ""
-    parent_image: str = Field(alias="parentImage", description="debian-12 (offline rootfs)")
+    parent_image: str = Field(
+        alias="parentImage", description="debian-12 (the offline rootfs), oci:PATH[:TAG], "
+        "docker-archive:PATH, docker://REF or a registry reference [HOST/]REPO[:TAG][@sha256:…]",
+    )  # fmt: skip
+    parent_tls_verify: bool = Field(
+        default=True, alias="parentTlsVerify",
+        description="false to fetch a registry parent over plain HTTP (a local registry)",
+    )  # fmt: skip
     container_type: Literal["DOCKER"] = Field(default="DOCKER", alias="containerType")
     components: list[ComponentRef] = Field(min_length=1)
     layers: Literal["per-component", "squash"] = "per-component"
@@ -171,6 +181,7 @@ class LoadedContainerRecipe:
     display: str
     sha256: str
     documents: tuple[Document, ...]
+    parent: ParentSource
     tests: tuple[Path, ...] = ()  # the testinfra files, resolved
 
     @property
@@ -182,18 +193,16 @@ def load_container_recipe(path: Path, variables: Given | None = None) -> LoadedC
     """Parse and validate a container recipe and its components; no side effects."""
     display = str(path)
     recipe = load_model(path, ContainerRecipe, "name, version, parentImage, ...", variables)
-    if recipe.parent_image not in PARENT_IMAGES:
-        raise ConfigError(
-            display, "parentImage", f"unsupported parent image {recipe.parent_image!r}",
-            hint=f"supported: {', '.join(PARENT_IMAGES)} (local OCI layouts, docker-archive "
-            "files and registry references are not implemented yet)",
-        )  # fmt: skip
+    base_dir = path.resolve().parent
+    try:
+        parent = parse_parent(recipe.parent_image, base_dir, PARENT_IMAGES)
+    except ParentError as exc:
+        raise ConfigError(display, "parentImage", str(exc)) from None
     for i, tag in enumerate(recipe.tags):
         if not TAG.match(tag):
             raise ConfigError(display, f"tags[{i}]", f"{tag!r} is not a valid image tag")
     if len(set(recipe.tags)) != len(recipe.tags):
         raise ConfigError(display, "tags", "a tag is listed twice")
-    base_dir = path.resolve().parent
     documents = []
     for i, ref in enumerate(recipe.components):
         doc = _load_component(display, i, ref, base_dir)
@@ -212,5 +221,6 @@ def load_container_recipe(path: Path, variables: Given | None = None) -> LoadedC
         display=display,
         sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
         documents=tuple(documents),
+        parent=parent,
         tests=tests,
     )

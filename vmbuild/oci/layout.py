@@ -42,13 +42,15 @@ def add_layer_argv(layout: Path, tag: str, layer_tar: Path, created_by: str) -> 
 
 
 def config_argv(
-    layout: Path, tag: str, labels: Mapping[str, str], *, cmd: Sequence[str], workdir: str
+    layout: Path, tag: str, labels: Mapping[str, str], *, cmd: Sequence[str], workdir: str | None
 ) -> list[str]:
+    """Labels are added to the config's (umoci keeps the others); Cmd and WorkingDir
+    only where given (an OCI parent's stay)."""
     argv = ["umoci", "config", "--image", image(layout, tag), "--no-history"]
     for key, value in labels.items():
         argv += ["--config.label", f"{key}={value}"]
     argv += [f"--config.cmd={c}" for c in cmd]
-    return [*argv, "--config.workingdir", workdir]
+    return argv if workdir is None else [*argv, "--config.workingdir", workdir]
 
 
 def tag_argv(layout: Path, tag: str, new_tag: str) -> list[str]:
@@ -148,10 +150,14 @@ def add_layer(layout: Path, tag: str, layer_tar: Path, created_by: str) -> None:
 
 
 def finish(
-    layout: Path, work_tag: str, tags: Sequence[str], labels: Mapping[str, str], workdir: str
-) -> OciImage:
-    """Set the labels, give the image its tags, drop the work tag, collect garbage."""
-    run(config_argv(layout, work_tag, labels, cmd=["/bin/bash"], workdir=workdir), timeout=TIMEOUT)
+    layout: Path, work_tag: str, tags: Sequence[str], labels: Mapping[str, str],
+    workdir: str | None,
+) -> OciImage:  # fmt: skip
+    """Set the labels, give the image its tags, drop the work tag, collect garbage.
+    `workdir` None: the config's Cmd and WorkingDir are the parent's, left alone;
+    else Cmd is /bin/bash and WorkingDir `workdir` (a parent without a config)."""
+    cmd = [] if workdir is None else ["/bin/bash"]
+    run(config_argv(layout, work_tag, labels, cmd=cmd, workdir=workdir), timeout=TIMEOUT)
     for tag in tags:
         run(tag_argv(layout, work_tag, tag), timeout=TIMEOUT)
     run(rm_argv(layout, work_tag), timeout=TIMEOUT)

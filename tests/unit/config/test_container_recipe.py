@@ -66,8 +66,17 @@ def test_without_tags_the_version_is_the_tag(recipe_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("parentImage: debian-12", "parentImage: alpine:3",
-         "recipe.yaml: parentImage: unsupported parent image 'alpine:3'"),
+        ("parentImage: debian-12", "parentImage: 'Alpine:3'",
+         "recipe.yaml: parentImage: 'Alpine:3' is not a parent image: expected debian-12, "
+         "oci:PATH[:TAG], docker-archive:PATH, docker://REF or a registry reference"),
+        ("parentImage: debian-12", "parentImage: oci:missing:1",
+         "recipe.yaml: parentImage: "),
+        ("parentImage: debian-12", "parentImage: docker-archive:missing.tar",
+         "recipe.yaml: parentImage: "),
+        ("parentImage: debian-12",
+         "parentImage: arn:aws:imagebuilder:us-east-1:aws:image/amazon-linux-x86-2/x.x.x",
+         "recipe.yaml: parentImage: 'arn:aws:imagebuilder:us-east-1:aws:image/amazon-linux-x86-2"
+         "/x.x.x': an Image Builder image ARN names an image in AWS"),
         ("tags: [latest, 1.0.0]", "tags: [latest, 'bad tag']",
          "recipe.yaml: tags[1]: 'bad tag' is not a valid image tag"),
         ("tags: [latest, 1.0.0]", "tags: [latest, latest]", "recipe.yaml: tags: a tag is listed twice"),
@@ -93,6 +102,31 @@ def test_errors_name_the_file_and_the_field(
     recipe_dir: Path, old: str, new: str, message: str
 ) -> None:
     assert error(edit(recipe_dir / "recipe.yaml", old, new)).startswith(message)
+
+
+def test_parent_images_in_skopeo_syntax_or_as_image_builder_writes_them(
+    recipe_dir: Path,
+) -> None:
+    (recipe_dir / "layout").mkdir()
+    (recipe_dir / "layout" / "index.json").write_text("{}")
+    (recipe_dir / "saved.tar").write_bytes(b"")
+    digest = "sha256:" + "ab" * 32
+    cases = {
+        "debian-12": ("rootfs", ""),
+        "oci:layout": ("oci", f"oci:{recipe_dir / 'layout'}"),
+        "oci:layout:v1.2": ("oci", f"oci:{recipe_dir / 'layout'}:v1.2"),
+        "docker-archive:saved.tar": ("docker-archive", f"docker-archive:{recipe_dir}/saved.tar"),
+        "amazonlinux:latest": ("docker", "docker://amazonlinux:latest"),
+        f"127.0.0.1:5000/vm/base@{digest}": ("docker", f"docker://127.0.0.1:5000/vm/base@{digest}"),
+        "docker://quay.io/org/img:1": ("docker", "docker://quay.io/org/img:1"),
+        "123456789012.dkr.ecr.us-east-1.amazonaws.com/web:2": (
+            "docker", "docker://123456789012.dkr.ecr.us-east-1.amazonaws.com/web:2"),
+    }  # fmt: skip
+    for text, (kind, skopeo) in cases.items():
+        edit(recipe_dir / "recipe.yaml", "parentImage: debian-12", f"parentImage: '{text}'")
+        parent = load_container_recipe(Path("recipe.yaml")).parent
+        assert (parent.kind, parent.text, parent.skopeo) == (kind, text, skopeo)
+        edit(recipe_dir / "recipe.yaml", f"parentImage: '{text}'", "parentImage: debian-12")
 
 
 ECR = "  service: ECR\n  repositoryName: vmbuild/ctr-hello\n"
