@@ -6,7 +6,9 @@ filesystem instead of a disk. The vocabulary is Image Builder's
 `workingDirectory`), plus what a local build needs to say: the registry a
 `service: registry` target lives at, the image's tags and whether each
 component becomes its own layer. Everything is validated before any side
-effect; errors name the file and the field.
+effect; errors name the file and the field. Image Builder's own documents
+(get-container-recipe output, the CreateContainerRecipe request, CloudFormation
+properties) are accepted as they are: vmbuild/config/container_aws.py maps them.
 
 ```yaml
 name: web
@@ -50,6 +52,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vmbuild.config.container_aws import to_vmbuild
 from vmbuild.config.loader import load_model
 from vmbuild.config.recipe import (
     NAME,
@@ -159,6 +162,10 @@ class ContainerRecipe(_Model):
         "built image's root filesystem (all layers) after the components' test phases",
     )  # fmt: skip
     vm: VMSettings = VMSettings()
+    resource_tags: dict[str, str] = Field(
+        default={}, alias="resourceTags", description="the recipe's AWS resource tags "
+        "(Image Builder's `tags` map): recorded, not image tags",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _check(self) -> ContainerRecipe:
@@ -192,7 +199,9 @@ class LoadedContainerRecipe:
 def load_container_recipe(path: Path, variables: Given | None = None) -> LoadedContainerRecipe:
     """Parse and validate a container recipe and its components; no side effects."""
     display = str(path)
-    recipe = load_model(path, ContainerRecipe, "name, version, parentImage, ...", variables)
+    recipe = load_model(
+        path, ContainerRecipe, "name, version, parentImage, ...", variables, prepare=to_vmbuild
+    )
     base_dir = path.resolve().parent
     try:
         parent = parse_parent(recipe.parent_image, base_dir, PARENT_IMAGES)

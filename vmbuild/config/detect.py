@@ -24,7 +24,8 @@ def detect_kind(data: object) -> Kind | None:
         return "component"
     if "recipe" in keys:
         return "pipeline"
-    if "parentImage" in keys:
+    # Image Builder's own shapes too: get-container-recipe's wrapper, CloudFormation's case.
+    if keys & {"parentImage", "containerRecipe", "ContainerType"}:
         return "container-recipe"
     if "base" in keys:
         return "recipe"

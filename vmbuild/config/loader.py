@@ -138,8 +138,13 @@ def config_error(
 M = TypeVar("M", bound=BaseModel)
 
 
-def load_model(path: Path, model: type[M], expected: str, variables: Given | None = None) -> M:
+def load_model(
+    path: Path, model: type[M], expected: str, variables: Given | None = None,
+    prepare: Callable[[dict[str, Any], str], dict[str, Any]] | None = None,
+) -> M:  # fmt: skip
     """Load a YAML mapping into `model`; every error names the file and the field.
+    `prepare(data, display)` maps another vocabulary onto the model's first (raising
+    ConfigError itself).
 
     Variables (`variables:` and `{{ var.KEY }}`, config/variables.py) are resolved on
     the parsed data, before the model: `variables` are the values given from outside
@@ -151,6 +156,8 @@ def load_model(path: Path, model: type[M], expected: str, variables: Given | Non
     if not isinstance(data, dict):
         raise ConfigError(display, None, f"expected a mapping with {expected}")
     data = resolve(data, display, variables or Given.from_environment())
+    if prepare is not None:
+        data = prepare(data, display)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
