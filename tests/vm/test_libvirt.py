@@ -244,3 +244,30 @@ def test_sigterm_mid_boot_destroys_the_domain(
     assert "interrupted" in err
     store = Path(libvirt_env["VMBUILD_STORE"])
     assert not store.exists() or list(store.rglob("*")) == []
+
+
+def test_uefi_secure_boot_guest_boots_as_a_libvirt_domain(
+    libvirtd: Libvirtd, tmp_path: Path, nothing_left: None
+) -> None:
+    """The UEFI-only base booted once as a libvirt domain under OVMF's Secure Boot
+    build (loader secure=yes, per-VM nvram, SMM on q35): the guest sees UEFI with
+    Secure Boot enforced. A test-VM boot only; nothing is built but the cached base."""
+    from vmbuild.hypervisor import accel
+    from vmbuild.hypervisor.guest import GuestRequest, booted_guest
+    from vmbuild.plan import TEST_USER
+    from vmbuild.stages.image_tests import check_firmware
+
+    base = base_image.build_debian("debian-12", layout="uefi")
+    req = GuestRequest(
+        run_id="lvsb" + tmp_path.name[-6:].replace("_", ""), role="test", base=base.path,
+        base_format=base.format, disk_size=None, memory_mib=1024, cpus=2,
+        accel=accel.tcg("the VM tier runs on TCG"), workdir=tmp_path / "vm", user=TEST_USER,
+        backend="libvirt", libvirt_uri=libvirtd.uri, dispose="kill", firmware="uefi-secure",
+    )  # fmt: skip
+    start = time.monotonic()
+    with booted_guest(req) as guest:
+        to_ssh = time.monotonic() - start
+        assert vmbuild_domains(libvirtd.uri) == [f"vmbuild-{req.run_id}-test"]
+        boot = check_firmware(guest, "uefi-secure")
+    assert boot["guest"] == "uefi SecureBoot enabled"
+    print(f"libvirt UEFI Secure Boot: SSH after {to_ssh:.1f}s")

@@ -48,7 +48,10 @@ NETDEV_ID = "vmbuildnet0"
 # auto-assignment it takes slot 2, which libvirt has already promised to
 # another device, and QEMU refuses to start. libvirt fills slots upwards from
 # 2; the last slot of the i440FX bus stays free for the handful we define.
-NIC_PCI_SLOT = "0x1f"
+# On q35 (Secure Boot) 0x1f is the ICH9 LPC bridge: the slot below it, which
+# libvirt fills only with a DMI-to-PCI bridge for conventional PCI devices
+# (vmbuild defines none; its virtio devices go behind PCIe root ports from slot 2).
+NIC_PCI_SLOT = {"pc": "0x1f", "q35": "0x1e", "virt": "0x1f"}
 GUEST_AGENT = "org.qemu.guest_agent.0"
 POLL_SECONDS = 0.2
 
@@ -197,7 +200,8 @@ def domain_xml(
         for arg in (
             "-netdev", spec.user_netdev(NETDEV_ID),
             "-device",
-            f"virtio-net-pci,netdev={NETDEV_ID},bus={root_bus},addr={NIC_PCI_SLOT}{spec.nic_options()}",
+            f"virtio-net-pci,netdev={NETDEV_ID},bus={root_bus},addr={NIC_PCI_SLOT[machine]}"
+            f"{spec.nic_options()}",
         ):  # fmt: skip
             ET.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=arg)
     ET.indent(dom)
