@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.libvirtd import Libvirtd, running_libvirtd
 from vmbuild import paths
 from vmbuild.cache import aptproxy, checkpoints
 from vmbuild.cli.scratch import scratch_guest
@@ -146,3 +147,33 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     env["VMBUILD_STATE_DIR"] = str(tmp_path / "state")
     env.pop("VMBUILD_KMS_KEY", None)
     return env
+
+
+def _destroy_leftovers(uri: str) -> list[str]:
+    import libvirt
+
+    conn = libvirt.open(uri)
+    try:
+        names = []
+        for dom in conn.listAllDomains():
+            if dom.name().startswith("vmbuild-"):
+                names.append(dom.name())
+                if dom.isActive():
+                    dom.destroy()
+                if dom.isPersistent():
+                    dom.undefine()
+        return names
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Libvirtd]:
+    """A system libvirtd for the session; ours is stopped at the end, a running one reused."""
+    with running_libvirtd(tmp_path_factory.mktemp("libvirtd")) as daemon:
+        try:
+            yield daemon
+        finally:
+            # Stopping libvirtd does not stop its QEMUs: never leave one behind,
+            # even after a test failed halfway.
+            _destroy_leftovers(daemon.uri)

@@ -8,10 +8,12 @@ cache adds the arm64 base build: 1322 s (mmdebstrap under qemu-user, load ~7).""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.support.libvirtd import Libvirtd
 from tests.vm.conftest import build_stored, lint_stored
 
 # Not in `make test`: a cold arm64 base alone takes longer than the per-test
@@ -64,3 +66,30 @@ def test_arm64_build_end_to_end(
     report = lint_stored(manifest, cli_env)
     assert report["partition_table"] == "gpt"
     assert [f for f in report["findings"] if f["severity"] == "error"] == []
+
+
+def test_arm64_guest_boots_as_a_libvirt_domain(
+    libvirtd: Libvirtd, tmp_path: Path, no_leftover_qemu: None
+) -> None:
+    """The arm64 base booted once as a libvirt domain (aarch64, virt, AAVMF loader and
+    a per-VM nvram): the guest runs aarch64 under UEFI. A test-VM boot only."""
+    from vmbuild.hypervisor import accel, arch
+    from vmbuild.hypervisor.guest import GuestRequest, booted_guest
+    from vmbuild.plan import TEST_USER
+    from vmbuild.stages import base_image
+    from vmbuild.stages.image_tests import check_firmware
+
+    base = base_image.build_debian("debian-12", layout="uefi", arch="arm64")
+    req = GuestRequest(
+        run_id="lva" + tmp_path.name[-6:].replace("_", ""), role="test", base=base.path,
+        base_format=base.format, disk_size=None, memory_mib=1024, cpus=2,
+        accel=arch.for_guest(accel.tcg("the VM tier runs on TCG"), "arm64", "x86_64"),
+        workdir=tmp_path / "vm", user=TEST_USER, backend="libvirt", libvirt_uri=libvirtd.uri,
+        dispose="kill", firmware="uefi", arch="arm64",
+    )  # fmt: skip
+    start = time.monotonic()
+    with booted_guest(req) as guest:
+        to_ssh = time.monotonic() - start
+        boot = check_firmware(guest, "uefi")
+    assert (boot["machine"], boot["guest"].split()[0]) == ("aarch64", "uefi")
+    print(f"libvirt arm64 UEFI: SSH after {to_ssh:.1f}s")

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.libvirtd import Libvirtd, running_libvirtd
+from tests.support.libvirtd import Libvirtd
 from tests.support.schemas import event_lines
 from tests.vm.conftest import REPO, VMBUILD, vmbuild
 from vmbuild.stages import base_image
@@ -46,36 +46,6 @@ def vmbuild_domains(uri: str) -> list[str]:
         return sorted(d.name() for d in conn.listAllDomains() if d.name().startswith("vmbuild-"))
     finally:
         conn.close()
-
-
-def _destroy_leftovers(uri: str) -> list[str]:
-    import libvirt
-
-    conn = libvirt.open(uri)
-    try:
-        names = []
-        for dom in conn.listAllDomains():
-            if dom.name().startswith("vmbuild-"):
-                names.append(dom.name())
-                if dom.isActive():
-                    dom.destroy()
-                if dom.isPersistent():
-                    dom.undefine()
-        return names
-    finally:
-        conn.close()
-
-
-@pytest.fixture(scope="session")
-def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Libvirtd]:
-    """A system libvirtd for the session; ours is stopped at the end, a running one reused."""
-    with running_libvirtd(tmp_path_factory.mktemp("libvirtd")) as daemon:
-        try:
-            yield daemon
-        finally:
-            # Stopping libvirtd does not stop its QEMUs: never leave one behind,
-            # even after a test failed halfway.
-            _destroy_leftovers(daemon.uri)
 
 
 @pytest.fixture
