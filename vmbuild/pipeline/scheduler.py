@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -297,10 +297,21 @@ class Scheduler:
         return max(wake, 0.2)
 
     def run_forever(self) -> None:
-        """Tick and sleep until interrupted (KeyboardInterrupt: SIGTERM in the CLI)."""
+        """Tick and sleep until interrupted (KeyboardInterrupt: SIGTERM in the CLI).
+
+        A stop signal that arrives during a tick takes effect when the tick ends.
+        Raised inside it, it could cut a history write in half, and stop() would
+        then cancel the runs on a connection left inside that transaction
+        (psycopg: "can't change 'autocommit' now"), leaving a queued run
+        uncancelled. The sleep between ticks is interrupted at once.
+        """
         try:
             while True:
-                self.clock.sleep(self.tick())
+                with _stop_signals_held() as held:
+                    wake = self.tick()
+                if held:
+                    raise KeyboardInterrupt(f"signal {held[0]}")
+                self.clock.sleep(wake)
         finally:
             self.stop()
 
@@ -330,6 +341,30 @@ class Scheduler:
             log.info("scheduler stopped")
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[list[int]]:
+    """Record the stop signals that arrive inside the block instead of raising there.
+
+    On leaving, the previous handlers are back. If one arrived, SIGTERM and SIGHUP
+    are ignored from then on, as the CLI's own handler does after its first one:
+    the stop that follows must not be interrupted in turn.
+    """
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _f: held.append(signum))
+                for sig in STOP_SIGNALS}  # fmt: skip
+    try:
+        yield held
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def scheduler_lock(state_dir: Path) -> PipelineLock:

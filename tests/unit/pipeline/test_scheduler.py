@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sqlite3
 from datetime import timedelta
 from pathlib import Path
@@ -316,6 +317,36 @@ def test_run_forever_stops_cleanly_on_interrupt(world: World) -> None:
         s.run_forever()
     assert world.launcher.launched == [("p", "schedule")]
     assert world.launcher.handles[0].signals == ["TERM"]
+
+
+def test_a_stop_signal_during_a_tick_takes_effect_when_the_tick_ends(world: World) -> None:
+    # Raised inside a tick, the signal could cut a history write in half and the
+    # stop would then use that connection (the race a scale-out test hit).
+    world.pipeline("p", cron="*/5 * * * *")
+    s = world.scheduler()
+    original = s.tick
+    finished: list[int] = []
+
+    def tick() -> float:
+        if len(finished) == 5:  # 12:00, then every minute: 12:05, the due one, is the 6th
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered here, before the launch
+        wake = original()
+        finished.append(len(world.launcher.launched))
+        return wake
+
+    s.tick = tick  # type: ignore[method-assign]
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with pytest.raises(KeyboardInterrupt, match=f"signal {int(signal.SIGTERM)}"):
+            s.run_forever()
+        # The one tick ran to its end (it queued the due run), then the stop
+        # cancelled that run; a second SIGTERM is ignored while it does.
+        assert finished == [0, 0, 0, 0, 0, 1]
+        assert world.launcher.handles[0].signals == ["TERM"]
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def test_the_process_launcher_runs_the_pipeline_as_a_scheduled_run(world: World) -> None:
