@@ -270,6 +270,28 @@ class SSHSession:
                 detail += f" ({self._space_report() or 'the guest disk is full'})"
             raise TransferError(f"cannot write {path} in the guest: {detail}")
 
+    def put_streamed(self, data: bytes, path: str, *, mode: int = 0o600) -> None:
+        """Write a large file through one command's stdin, checked by its sha256 in the
+        guest. `put`'s SFTP waits for every 32 KiB write's acknowledgement: under TCG a
+        60 MiB container parent layer took 100 s that way (13.5 s to unpack)."""
+        digest = hashlib.sha256(data).hexdigest()
+        q = quote(path)
+        script = (
+            f'umask 077; mkdir -p -- "$(dirname -- {q})" && cat > {q} && chmod {mode:o} {q}'
+            f" && echo '{digest}  '{q} | sha256sum -c --quiet --strict"
+        )
+        res = self._exec(
+            f"sudo -n sh -c {quote(script)}", stdin=data,
+            timeout=INTERNAL_TIMEOUT + len(data) / 1e5,
+        )  # fmt: skip
+        if res.lost or res.deadline_hit:
+            self._name_lost_connection(f"writing {path}")
+        if res.rc != 0:
+            detail = (res.err or res.out).strip()
+            if "No space left" in detail:
+                detail += f" ({self._space_report() or 'the guest disk is full'})"
+            raise TransferError(f"cannot write {path} in the guest: {detail}")
+
     def get(self, path: str, *, timeout: float = READ_TIMEOUT) -> bytes:
         if self._alive is not None:
             self._alive()
@@ -426,7 +448,10 @@ class SSHSession:
         chan = transport.open_session()
         chan.exec_command(command)
         if stdin:
+            # A guest that stops reading must not hang the host: at least 100 kB/s.
+            chan.settimeout(max(INTERNAL_TIMEOUT, len(stdin) / 1e5))
             chan.sendall(stdin)
+            chan.settimeout(None)
         if not keep_stdin:
             chan.shutdown_write()  # then EOF: a guest command never waits on the host
         return chan
