@@ -9,6 +9,7 @@ from pathlib import Path
 from vmbuild.debian import bootstrap as b
 from vmbuild.diskfs.lint import check_esp, check_partition_table, esp_listing
 from vmbuild.diskfs.rootfs import GPT_ESP, read_partition_table
+from vmbuild.hypervisor import accel
 from vmbuild.run import run
 
 UUID = "0b8ca0c5-5c3a-4b59-9fd4-3c6c0d2f8e11"
@@ -132,3 +133,29 @@ def test_uefi_only_disk_has_no_bios_path_and_is_refused_as_legacy_bios(tmp_path:
     assert errors == [f"error: base {disk}: cannot boot as boot_mode legacy-bios: {absent}"]
     assert "set boot_mode: uefi" in proc.stderr
     assert not list(tmp_path.glob("state/**/*console*.log"))  # no VM ever started
+
+
+def _disk(tmp_path: Path, name: str, script: str) -> Path:
+    disk = tmp_path / name
+    with disk.open("wb") as f:
+        f.truncate(b.DISK_SIZE)
+    run(b.sfdisk_argv(disk), input=script.encode())
+    return disk
+
+
+def test_the_kvm_probe_boots_a_uefi_only_base_under_ovmf(tmp_path: Path) -> None:
+    """SeaBIOS cannot start a UEFI-only disk: probed that way, KVM would be blamed
+    (and the verdict cached) for the image's boot mode."""
+    uefi = _disk(tmp_path, "uefi.raw", b.sfdisk_gpt_script(UUID, layout="uefi"))
+    hybrid = _disk(tmp_path, "hybrid.raw", b.sfdisk_gpt_script(UUID))
+    mbr = _disk(tmp_path, "mbr.raw", b.sfdisk_script(UUID))
+    # sfdisk writes no boot code; SeaBIOS needs some in the MBR (GRUB's boot.img
+    # in a real base). Without it even the hybrid disk boots UEFI only.
+    assert accel.uefi_only(hybrid, "raw", tmp_path)
+    for disk in (hybrid, mbr):
+        with disk.open("r+b") as f:
+            f.write(b"\xeb\x63\x90")  # a jump, as boot.img starts
+    assert [accel.uefi_only(d, "raw", tmp_path) for d in (uefi, hybrid, mbr)] == [
+        True, False, False,
+    ]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hybrid.raw", "mbr.raw", "uefi.raw"]

@@ -54,6 +54,12 @@ def cmd_base_build(args: argparse.Namespace) -> int:
     from vmbuild.log import Progress
     from vmbuild.stages import base_image
 
+    if args.arch != "x86_64" and args.boot_mode not in (None, "uefi"):
+        # Refused, not quietly built as UEFI: the recipe refuses the same pair.
+        raise VmbuildError(
+            f"--boot-mode {args.boot_mode}: {args.arch} images boot UEFI only",
+            hint="drop --boot-mode, or pass --boot-mode uefi",
+        )
     progress = Progress(quiet=args.json)
     with progress.stage("base", f"build base {args.release}"):
         base = base_image.build_debian(

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from vmbuild import paths
+from vmbuild.diskfs.lint import check_partition_table
+from vmbuild.diskfs.rootfs import GPT_ESP, read_partition_table
 from vmbuild.errors import VmbuildError
-from vmbuild.run import run, spawn
+from vmbuild.run import qemu_img, run, spawn
 
 if TYPE_CHECKING:
     from vmbuild.hypervisor.arch import Arch
@@ -118,13 +120,16 @@ def probe_argv(
     image: Path, image_format: str, console: Path, host: Arch, uefi_vars: Path | None = None
 ) -> list[str]:
     """QEMU for the probe: the `host` architecture's binary and machine under KVM
-    (`uefi_vars`: arm64's per-probe copy of the AAVMF vars)."""
+    (`uefi_vars`: the per-probe copy of the UEFI vars, for arm64 and for an x86_64
+    image that boots UEFI only; SeaBIOS otherwise)."""
     # Imported here: firmware and arch import this module.
     from vmbuild.hypervisor import firmware
     from vmbuild.hypervisor.arch import QEMU_BINARY
 
     if host == "x86_64":
-        machine, boot = "pc", []
+        # A UEFI-only base has no legacy-BIOS path: SeaBIOS would sit there and
+        # the probe would blame KVM (and cache that) for the image's boot mode.
+        machine, boot = "pc", firmware.qemu_args("uefi", uefi_vars) if uefi_vars else []
     else:
         machine, boot = KVM_ARM64_MACHINE, firmware.qemu_args("uefi", uefi_vars, host)
     return [
@@ -145,7 +150,7 @@ def probe_kvm_boot(
     console = workdir / "kvm-probe-console.log"
     output = workdir / "kvm-probe-qemu.log"
     uefi_vars = None
-    if host != "x86_64":
+    if host != "x86_64" or uefi_only(image, image_format, workdir):
         uefi_vars = firmware.vars_copy("uefi", workdir / "kvm-probe-vars.fd", host)
     argv = probe_argv(image, image_format, console, host, uefi_vars)
     with output.open("wb") as out:
@@ -171,6 +176,21 @@ def probe_kvm_boot(
         for path in (console, output, uefi_vars):
             if path is not None:
                 path.unlink(missing_ok=True)
+
+
+def uefi_only(image: Path, image_format: str, workdir: Path) -> bool:
+    """Whether `image` can boot under UEFI only (a GPT disk with an ESP and no
+    legacy-BIOS path), read from its first MiB."""
+    head = workdir / "kvm-probe-head.raw"
+    try:
+        qemu_img("dd", "-f", image_format, "-O", "raw", "bs=1M", "count=1",
+                 f"if={image}", f"of={head}")  # fmt: skip
+        table = read_partition_table(head)
+    finally:
+        head.unlink(missing_ok=True)
+    if table is None or not any(p.type == GPT_ESP for p in table.partitions):
+        return False
+    return any(f.severity == "error" for f in check_partition_table(table, "legacy-bios"))
 
 
 def choose(

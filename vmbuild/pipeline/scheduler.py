@@ -348,15 +348,24 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 @contextlib.contextmanager
 def _stop_signals_held() -> Iterator[list[int]]:
-    """Record the stop signals that arrive inside the block instead of raising there.
+    """Record the stop signals that arrive inside the block instead of raising there;
+    a second one raises at once.
 
     On leaving, the previous handlers are back. If one arrived, SIGTERM and SIGHUP
     are ignored from then on, as the CLI's own handler does after its first one:
     the stop that follows must not be interrupted in turn.
     """
     held: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, _f: held.append(signum))
-                for sig in STOP_SIGNALS}  # fmt: skip
+
+    def hold(signum: int, _frame: object) -> None:
+        held.append(signum)
+        if len(held) > 1:
+            # Asked twice: a tick stuck on the network (a broker or database
+            # that does not answer) must not make SIGKILL the only way out,
+            # which would orphan the running builds.
+            raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, hold) for sig in STOP_SIGNALS}
     try:
         yield held
     finally:

@@ -25,6 +25,17 @@ def test_x86_64_host_probe_is_unchanged() -> None:
     ]  # fmt: skip
 
 
+def test_x86_64_probe_of_a_uefi_only_base_boots_ovmf() -> None:
+    argv = accel.probe_argv(W / "base.qcow2", "qcow2", W / "c.log", "x86_64", W / "vars.fd")
+    assert argv == [
+        "qemu-system-x86_64", "-machine", "pc", "-accel", "kvm", "-cpu", "host", "-m", "512",
+        "-smp", "1", "-nodefaults", "-display", "none", "-no-reboot", "-snapshot",
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={firmware.FILES['uefi'].code}",
+        "-drive", "if=pflash,format=raw,unit=1,file=/w/vars.fd",
+        "-drive", "file=/w/base.qcow2,format=qcow2,if=virtio", "-serial", "file:/w/c.log",
+    ]  # fmt: skip
+
+
 def test_arm64_host_probe_boots_aarch64_under_kvm_with_aavmf() -> None:
     argv = accel.probe_argv(W / "base.qcow2", "qcow2", W / "c.log", "arm64", W / "vars.fd")
     assert argv == [

@@ -349,6 +349,29 @@ def test_a_stop_signal_during_a_tick_takes_effect_when_the_tick_ends(world: Worl
             signal.signal(sig, handler)
 
 
+def test_a_second_stop_signal_interrupts_a_stuck_tick(world: World) -> None:
+    world.pipeline("p", cron="*/5 * * * *")
+    s = world.scheduler()
+    reached: list[str] = []
+
+    def tick() -> float:  # a tick waiting on a broker that never answers
+        os.kill(os.getpid(), signal.SIGTERM)
+        reached.append("held")
+        os.kill(os.getpid(), signal.SIGINT)
+        reached.append("not reached")
+        return 60.0
+
+    s.tick = tick  # type: ignore[method-assign]
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with pytest.raises(KeyboardInterrupt, match=f"signal {int(signal.SIGINT)}"):
+            s.run_forever()
+        assert reached == ["held"]
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def test_the_process_launcher_runs_the_pipeline_as_a_scheduled_run(world: World) -> None:
     from vmbuild.pipeline.scheduler import ProcessLauncher
 
