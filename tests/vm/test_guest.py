@@ -3,13 +3,15 @@ file transfer, host-key pinning."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from vmbuild.cache import aptproxy
 from vmbuild.errors import SSHError
 from vmbuild.hypervisor.guest import Guest
 from vmbuild.remote.keys import generate_ed25519
-from vmbuild.remote.ssh import SSHSession
+from vmbuild.remote.ssh import SSHSession, StdinStalled, _send_within
 
 pytestmark = pytest.mark.vm
 
@@ -41,6 +43,29 @@ def test_put_and_get_as_root(guest_vm: Guest) -> None:
     assert stat.stdout.strip() == "root 600"
     with pytest.raises(SSHError, match="cannot read /nonexistent"):
         guest_vm.ssh.get("/nonexistent")
+
+
+def test_put_streamed_writes_through_stdin_checked_by_sha256(guest_vm: Guest) -> None:
+    data = bytes(range(256)) * 8192  # 2 MiB: two of the stdin chunks
+    guest_vm.ssh.put_streamed(data, "/opt/vmbuild-test/streamed/layer.tar", mode=0o640)
+    assert guest_vm.ssh.get("/opt/vmbuild-test/streamed/layer.tar") == data
+    stat = guest_vm.ssh.run("stat -c '%U %a' /opt/vmbuild-test/streamed/layer.tar")
+    assert stat.stdout.strip() == "root 640"
+
+
+def test_a_guest_that_stops_reading_stdin_is_named_within_the_budget(guest_vm: Guest) -> None:
+    """The budget is for the whole input, not for each blocked send: a guest command
+    that never reads fails in the budget, and its channel is not left open."""
+    transport = guest_vm.ssh._client.get_transport()
+    assert transport is not None
+    chan = transport.open_session()
+    chan.exec_command("sleep 60")  # never reads its stdin
+    start = time.monotonic()
+    with pytest.raises(StdinStalled, match=r"the guest stopped reading after \d+ of 8388608 bytes"):
+        _send_within(chan, b"x" * (8 << 20), budget=3)
+    assert 3 <= time.monotonic() - start < 10
+    chan.close()
+    assert guest_vm.ssh.run("echo still here").stdout == "still here\n"
 
 
 def test_the_host_key_is_pinned(guest_vm: Guest) -> None:

@@ -82,6 +82,38 @@ KEEPALIVE = 5
 READ_TIMEOUT = 60.0
 
 
+# Bytes a second: a guest command that reads its stdin slower than this has stopped
+# (even TCG's slowest `cat` takes megabytes a second).
+STDIN_FLOOR = 1e5
+STDIN_CHUNK = 1 << 20
+
+
+class StdinStalled(TransferError):
+    """The guest command stopped reading what the host sends to its stdin."""
+
+
+def _send_within(chan: paramiko.Channel, data: bytes, budget: float) -> None:
+    """Send all of `data` within `budget` seconds in all, not per blocked send
+    (a channel timeout alone would allow that much for every chunk)."""
+    deadline = time.monotonic() + budget
+    sent = 0
+    while sent < len(data):
+        remaining = deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            chan.settimeout(remaining)
+            if chan.closed:
+                raise OSError("the channel closed while its input was being sent")
+            sent += chan.send(data[sent : sent + STDIN_CHUNK])
+        except TimeoutError:
+            raise StdinStalled(
+                f"the guest stopped reading after {sent} of {len(data)} bytes "
+                f"({budget:.0f}s allowed, at least {STDIN_FLOOR / 1e3:.0f} kB/s)"
+            ) from None
+    chan.settimeout(None)
+
+
 @dataclass(frozen=True)
 class _Exec:
     rc: int  # -1 when no exit status arrived
@@ -262,13 +294,7 @@ class SSHSession:
             " exit $rc",
             timeout=INTERNAL_TIMEOUT + len(data) / 1e6,
         )
-        if res.lost or res.deadline_hit:
-            self._name_lost_connection(f"writing {path}")
-        if res.rc != 0:
-            detail = (res.err or res.out).strip()
-            if "No space left" in detail:
-                detail += f" ({self._space_report() or 'the guest disk is full'})"
-            raise TransferError(f"cannot write {path} in the guest: {detail}")
+        self._check_write(res, path)
 
     def put_streamed(self, data: bytes, path: str, *, mode: int = 0o600) -> None:
         """Write a large file through one command's stdin, checked by its sha256 in the
@@ -280,10 +306,17 @@ class SSHSession:
             f'umask 077; mkdir -p -- "$(dirname -- {q})" && cat > {q} && chmod {mode:o} {q}'
             f" && echo '{digest}  '{q} | sha256sum -c --quiet --strict"
         )
-        res = self._exec(
-            f"sudo -n sh -c {quote(script)}", stdin=data,
-            timeout=INTERNAL_TIMEOUT + len(data) / 1e5,
-        )  # fmt: skip
+        try:
+            res = self._exec(
+                f"sudo -n sh -c {quote(script)}", stdin=data,
+                timeout=INTERNAL_TIMEOUT + len(data) / STDIN_FLOOR,
+            )  # fmt: skip
+        except StdinStalled as exc:
+            raise TransferError(f"cannot write {path} in the guest: {exc}") from None
+        self._check_write(res, path)
+
+    def _check_write(self, res: _Exec, path: str) -> None:
+        """Raise for a write to `path` that did not complete, naming a full disk."""
         if res.lost or res.deadline_hit:
             self._name_lost_connection(f"writing {path}")
         if res.rc != 0:
@@ -448,10 +481,11 @@ class SSHSession:
         chan = transport.open_session()
         chan.exec_command(command)
         if stdin:
-            # A guest that stops reading must not hang the host: at least 100 kB/s.
-            chan.settimeout(max(INTERNAL_TIMEOUT, len(stdin) / 1e5))
-            chan.sendall(stdin)
-            chan.settimeout(None)
+            try:
+                _send_within(chan, stdin, max(INTERNAL_TIMEOUT, len(stdin) / STDIN_FLOOR))
+            except BaseException:
+                chan.close()  # else the guest's reader waits on a channel nobody feeds
+                raise
         if not keep_stdin:
             chan.shutdown_write()  # then EOF: a guest command never waits on the host
         return chan
@@ -469,6 +503,8 @@ class SSHSession:
             self._alive()
         try:
             chan = self._open(command, stdin)
+        except StdinStalled:
+            raise  # the connection is up: the guest command stopped reading its input
         except (SSHError, paramiko.SSHException, OSError, EOFError) as exc:
             log.info("cannot start a command: %s", exc)
             return _Exec(-1, "", str(exc), lost=True)
