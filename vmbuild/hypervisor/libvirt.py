@@ -147,8 +147,9 @@ def domain_xml(
     # Without <acpi/> libvirt starts QEMU with ACPI off and shutdown() could
     # only ever end in destroy.
     ET.SubElement(features, "acpi")
+    # An x86 APIC only: arm64's virt machine has a GIC, which libvirt sets up itself.
     if spec.arch == "x86_64":
-        ET.SubElement(features, "apic")  # the virt machine's interrupt controller is a GIC
+        ET.SubElement(features, "apic")
     if spec.firmware == "uefi-secure":
         ET.SubElement(features, "smm", state="on")
     if kvm:
