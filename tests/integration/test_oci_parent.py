@@ -230,3 +230,24 @@ def test_the_guest_whiteout_script_makes_overlayfs_whiteouts(tmp_path: Path) -> 
     assert stat.S_ISCHR(motd.st_mode) and motd.st_rdev == 0
     assert stat.S_ISREG(os.lstat(root / "etc" / "again").st_mode)
     assert os.getxattr(root / "srv", "trusted.overlay.opaque") == b"y"
+
+
+def test_the_guest_whiteout_script_removes_aufs_metadata(tmp_path: Path) -> None:
+    """Older Docker Hub layers carry aufs metadata: .wh..wh.plnk/ and .wh..wh.orph/
+    (directories, possibly not empty) and .wh..wh.aufs (a file). They go, and make
+    neither a whiteout nor an error; real whiteouts beside them still work."""
+    root = tmp_path / "layer"
+    (root / ".wh..wh.plnk" / "sub").mkdir(parents=True)
+    (root / ".wh..wh.plnk" / "sub" / ".wh.x").write_text("")
+    (root / ".wh..wh.plnk" / "1234.5678").write_text("hard link store")
+    (root / ".wh..wh.orph").mkdir()
+    (root / "etc").mkdir()
+    for name in (".wh..wh.aufs", "etc/.wh.motd", "etc/keep"):
+        (root / name).write_text("")
+    found = subprocess.run(["find", str(root), "-name", ".wh.*", "-print0"],
+                           check=True, capture_output=True).stdout  # fmt: skip
+    subprocess.run(["python3", "-c", WHITEOUTS], input=found, check=True)
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
+        "etc", "etc/keep", "etc/motd"
+    ]  # fmt: skip
+    assert stat.S_ISCHR(os.lstat(root / "etc" / "motd").st_mode)

@@ -91,16 +91,32 @@ with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
 # Runs in the guest on one unpacked parent layer, reading the `.wh.*` paths `find -print0`
 # gives: OCI whiteouts -> overlayfs whiteouts, honoured when the layer is a lower dir.
 # `.wh..wh..opq` marks its directory opaque (lower layers' entries hidden, this layer's
-# kept); `.wh.NAME` becomes a 0:0 character device NAME, unless this layer has NAME
-# itself (a whiteout only hides lower layers' files).
+# kept); any other `.wh..wh.*` is aufs metadata older Docker Hub images carry
+# (`.wh..wh.plnk/`, `.wh..wh.orph/`, `.wh..wh.aufs`): removed, hiding nothing, as
+# containerd and moby do. Then `.wh.NAME` becomes a 0:0 character device NAME, unless
+# this layer has NAME itself (a whiteout only hides lower layers' files). Metadata is
+# handled first: find lists a metadata directory before its contents, which go with it.
 WHITEOUTS = r"""
-import os, stat, sys
-for path in filter(None, sys.stdin.buffer.read().split(b"\0")):
+import os, shutil, stat, sys
+paths = [p for p in sys.stdin.buffer.read().split(b"\0") if p]
+for path in paths:
     parent, name = os.path.split(path)
-    os.unlink(path)
+    if not os.path.lexists(path):
+        continue  # inside a metadata directory removed above
     if name == b".wh..wh..opq":
+        os.unlink(path)
         os.setxattr(parent, "trusted.overlay.opaque", b"y", follow_symlinks=False)
-    elif not os.path.lexists(os.path.join(parent, name[4:])):
+    elif name.startswith(b".wh..wh."):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+for path in paths:
+    parent, name = os.path.split(path)
+    if name.startswith(b".wh..wh.") or not os.path.lexists(path):
+        continue  # metadata, or inside a metadata directory removed above
+    os.unlink(path)
+    if not os.path.lexists(os.path.join(parent, name[4:])):
         os.mknod(os.path.join(parent, name[4:]), stat.S_IFCHR, os.makedev(0, 0))
 """
 
