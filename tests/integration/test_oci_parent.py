@@ -141,6 +141,10 @@ def test_a_registry_parent_is_fetched_once_by_digest_layers_unchanged(
         return sum(log.count(f'"GET /v2/base/two/blobs/{x.digest} ') for x in pushed.layers)
 
     assert layer_gets() == 2
+    # The image is copied by the digest the tag resolved to, not by the tag again (a
+    # tag moved in between must not put another image into this digest's cache dir).
+    manifest_get = f'"GET /v2/base/two/manifests/{pushed.digest} '
+    assert manifest_get in (reg.storage.parent / "registry.log").read_text()
     build_layout(tmp_path / "again", ref)
     assert layer_gets() == 2
 

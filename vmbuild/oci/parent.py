@@ -128,9 +128,20 @@ def inspect_argv(source: ParentSource, *, tls_verify: bool) -> list[str]:
     return [*_global(), "inspect", *tls, source.skopeo]
 
 
-def copy_argv(source: ParentSource, dest: Path, *, tls_verify: bool) -> list[str]:
+def pinned(source: ParentSource, digest: str) -> str:
+    """What to copy once `skopeo inspect` resolved the source to `digest`: for a registry,
+    REPO@DIGEST (tag and any digest dropped), so a tag moved since cannot put another
+    image into the cache dir named by `digest`. Local sources cannot move underfoot."""
+    if source.kind != "docker":
+        return source.skopeo
+    name = source.skopeo.removeprefix("docker://").partition("@")[0]
+    head, slash, last = name.rpartition("/")
+    return f"docker://{head}{slash}{last.partition(':')[0]}@{digest}"
+
+
+def copy_argv(source: ParentSource, digest: str, dest: Path, *, tls_verify: bool) -> list[str]:
     tls = [] if tls_verify or source.kind != "docker" else ["--src-tls-verify=false"]
-    return [*_global(), "copy", "--quiet", *tls, source.skopeo, f"oci:{dest}:{TAG}"]
+    return [*_global(), "copy", "--quiet", *tls, pinned(source, digest), f"oci:{dest}:{TAG}"]
 
 
 def _skopeo(argv: list[str], source: ParentSource, doing: str) -> str:
@@ -188,7 +199,8 @@ def fetch(
             with tempfile.TemporaryDirectory(prefix=".tmp-parent-", dir=root) as tmp:
                 staged = Path(tmp) / "parent"
                 staged.mkdir()
-                _skopeo(copy_argv(source, staged / "oci", tls_verify=tls_verify), source, "fetch")
+                argv = copy_argv(source, digest, staged / "oci", tls_verify=tls_verify)
+                _skopeo(argv, source, "fetch")
                 _check(source, staged / "oci", listed)  # refused: the temp dir goes
                 os.replace(staged, final)
         fetched = _check(source, final / "oci", listed)

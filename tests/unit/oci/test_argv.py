@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vmbuild.errors import CommandError
-from vmbuild.oci import layout, registry
+from vmbuild.oci import layout, parent, registry
 
 L = Path("/s/oci")
 
@@ -51,3 +51,24 @@ def test_skopeo_message_is_its_fatal_line() -> None:
         "in 127.0.0.1:5055/t/x: manifest unknown: manifest unknown"
     )
     assert registry.skopeo_message(CommandError(["skopeo"], 1, "one\ntwo\n")) == "two"
+
+
+def test_a_registry_parent_is_copied_by_the_digest_it_resolved_to() -> None:
+    d = "sha256:" + "a" * 64
+    old = "sha256:" + "b" * 64
+    cases = {
+        "amazonlinux:latest": f"docker://amazonlinux@{d}",
+        "docker://127.0.0.1:5000/base/two:1": f"docker://127.0.0.1:5000/base/two@{d}",
+        "127.0.0.1:5000/base/two": f"docker://127.0.0.1:5000/base/two@{d}",
+        f"ecr.example:443/web:1@{old}": f"docker://ecr.example:443/web@{d}",
+    }
+    got = {}
+    for text in cases:
+        source = parent.parse(text, Path("/r"), ("debian-12",))
+        got[text] = parent.copy_argv(source, d, L, tls_verify=False)[-3:]
+    assert got == {k: ["--src-tls-verify=false", v, "oci:/s/oci:parent"] for k, v in cases.items()}
+    # A local source cannot move between inspect and copy: copied as named.
+    local = parent.ParentSource("docker-archive", "docker-archive:/x.tar", "docker-archive:/x.tar")
+    assert parent.copy_argv(local, d, L, tls_verify=False)[-2:] == [
+        "docker-archive:/x.tar", "oci:/s/oci:parent"
+    ]  # fmt: skip
