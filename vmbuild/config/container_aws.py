@@ -3,7 +3,7 @@
 Three shapes of the same recipe reach vmbuild: what `aws imagebuilder
 get-container-recipe` prints (`{requestId, containerRecipe: {...}}`), the
 CreateContainerRecipe request (`semanticVersion`, `clientToken`) and the properties of
-a CloudFormation `AWS::ImageBuilder::ContainerRecipe` (PascalCase, `KmsKey`). They
+a CloudFormation `AWS::ImageBuilder::ContainerRecipe` (PascalCase, `KmsKeyId`). They
 are mapped onto vmbuild's container recipe before validation (`to_vmbuild`), field by
 field:
 
@@ -19,10 +19,11 @@ field:
   imagebuilder:components }}}`), which is what vmbuild builds; any other line
   would change the image and is refused, naming the line.
 - refused, naming the field, because vmbuild cannot honour them: dockerfileTemplateUri
-  (a template in S3), kmsKeyId/KmsKey (a KMS-encrypted image), platform or
+  (a template in S3), kmsKeyId/KmsKeyId (a KMS-encrypted image), platform or
   platformOverride other than Linux.
 - accepted and not used, because they describe the AWS resource or Image Builder's
   build instance, not the image: arn, owner, dateCreated, requestId, clientToken,
+  latestVersionReferences (beside containerRecipe in get-container-recipe's output),
   encrypted (ECR encrypts at rest by repository), instanceConfiguration (the build
   instance's AMI and disks: vmbuild's builder VM takes its place),
   imageOsVersionOverride (the parent's OS for Image Builder's compatibility checks).
@@ -48,8 +49,6 @@ _TEMPLATE_LINES = (
     ("components", re.compile(r"^\{\{\{\s*imagebuilder:components\s*\}\}\}$")),
 )
 _ARN_REGION = re.compile(r"^arn:aws[a-z-]*:imagebuilder:([a-z0-9-]+):")
-# CloudFormation spells the same fields in PascalCase, and the KMS key as KmsKey.
-_CFN_NAMES = {"KmsKey": "kmsKeyId"}
 
 
 def is_image_builder(data: dict[str, Any]) -> bool:
@@ -68,7 +67,7 @@ def _camel(value: Any) -> Any:
     if isinstance(value, dict):
         # Tags' keys are the user's own words, not property names.
         return {
-            _CFN_NAMES.get(k, k[:1].lower() + k[1:]) if isinstance(k, str) else k:
+            k[:1].lower() + k[1:] if isinstance(k, str) else k:
             v if k == "Tags" else _camel(v)
             for k, v in value.items()
         }  # fmt: skip
@@ -142,13 +141,12 @@ def to_vmbuild(data: dict[str, Any], display: str) -> dict[str, Any]:
 
     def shown(field: str) -> str:
         """The field as the document spells it (errors name what the user wrote)."""
-        if not cfn:
-            return field
-        return {v: k for k, v in _CFN_NAMES.items()}.get(field, field[:1].upper() + field[1:])
+        return field[:1].upper() + field[1:] if cfn else field
 
     inner = data.get("containerRecipe")
     if isinstance(inner, dict):
-        extra = set(data) - {"containerRecipe", "requestId"}
+        # latestVersionReferences names the recipe's newest versions in AWS: not the image.
+        extra = set(data) - {"containerRecipe", "requestId", "latestVersionReferences"}
         if extra:
             raise ConfigError(display, sorted(extra)[0], "unknown field beside containerRecipe")
         data = dict(inner)

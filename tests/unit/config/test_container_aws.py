@@ -56,6 +56,10 @@ def get_container_recipe() -> dict[str, Any]:
             "workingDirectory": "/build",
             "targetRepository": {"service": "ECR", "repositoryName": "web"},
         },
+        "latestVersionReferences": {
+            "latestVersionArn": "arn:aws:imagebuilder:us-west-2:123456789012:container-recipe/web/1.0.0",
+            "latestMajorVersionArn": "arn:aws:imagebuilder:us-west-2:123456789012:container-recipe/web/1.x.x",
+        },
     }
 
 
@@ -183,9 +187,10 @@ def test_what_vmbuild_cannot_honour_is_refused_naming_the_field(
 
 
 def test_cloudformation_refusals_name_the_property_as_written(tmp_path: Path) -> None:
-    cfn = {**cloudformation(), "KmsKey": "alias/images", "PlatformOverride": "Linux"}
+    # CloudFormation's property is KmsKeyId (AWS::ImageBuilder::ContainerRecipe).
+    cfn = {**cloudformation(), "KmsKeyId": "alias/images", "PlatformOverride": "Linux"}
     assert error(write(tmp_path, cfn)).startswith(
-        f"{tmp_path}/recipe.yaml: KmsKey: vmbuild cannot encrypt the image with a KMS key"
+        f"{tmp_path}/recipe.yaml: KmsKeyId: vmbuild cannot encrypt the image with a KMS key"
     )
     cfn = {**cloudformation(), "DockerfileTemplateData": "FROM {{{ imagebuilder:parentImage }}}"}
     assert error(write(tmp_path, cfn)).startswith(
