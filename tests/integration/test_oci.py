@@ -176,12 +176,21 @@ def keyed_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]
     return isolated_env(tmp_path, VMBUILD_CONFIG_DIR=str(tmp_path / "config"))
 
 
-def test_packages_are_read_from_the_layers_with_whiteouts_applied(tmp_path: Path) -> None:
+def test_packages_are_read_from_the_layers_with_whiteouts_applied(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     oci, _ = dpkg_image(tmp_path / "a")
     assert [p.to_json() for p in packages.installed(oci, "latest")] == PACKAGES
-    # A later layer that deletes dpkg's directory (a whiteout) leaves no package database.
+    assert caplog.records == []
+    # A later layer that deletes dpkg's directory (a whiteout) leaves no package
+    # database: an empty list, and the log says the SBOM cannot list packages.
     gone, _ = dpkg_image(tmp_path / "b", top={"var/lib/.wh.dpkg": b""})
     assert packages.installed(gone, "latest") == []
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "the image has no dpkg database (var/lib/dpkg/status): its SBOMs list "
+         "no packages, as vmbuild reads only dpkg's; packages installed another way (rpm, "
+         "apk) are not in them"),
+    ]  # fmt: skip
     # An opaque var/lib/dpkg with a new status file: that file is the image's.
     status = b"Package: only\nStatus: install ok installed\nArchitecture: all\nVersion: 1\n"
     opaque, _ = dpkg_image(

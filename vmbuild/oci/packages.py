@@ -11,6 +11,7 @@ layer is read only when no component touched dpkg's database.
 from __future__ import annotations
 
 import io
+import logging
 import tarfile
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from debian.deb822 import Deb822
 from vmbuild.errors import VmbuildError
 from vmbuild.manifest import Package
 from vmbuild.oci import layout as oci_layout
+
+log = logging.getLogger("vmbuild.oci.packages")
 
 STATUS = "var/lib/dpkg/status"
 # dpkg states in which the package's files are on disk (dpkg-query -W lists these too);
@@ -93,6 +96,14 @@ def parse_status(text: str) -> list[Package]:
 
 
 def installed(layout: Path, tag: str) -> list[Package]:
-    """The image's installed packages (empty for an image without dpkg)."""
+    """The image's installed packages (empty for an image without dpkg, said in the
+    log: an empty SBOM would otherwise read as "nothing installed")."""
     status = dpkg_status(layout, tag)
-    return [] if status is None else parse_status(status.decode("utf-8", "replace"))
+    if status is None:
+        log.warning(
+            "the image has no dpkg database (%s): its SBOMs list no packages, as vmbuild "
+            "reads only dpkg's; packages installed another way (rpm, apk) are not in them",
+            STATUS,
+        )
+        return []
+    return parse_status(status.decode("utf-8", "replace"))
