@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from vmbuild import runs
 from vmbuild.errors import CommandError, VmbuildError
 from vmbuild.oci import layout as oci_layout
 from vmbuild.oci.registry import skopeo_message
@@ -196,7 +197,12 @@ def fetch(
         if not (final / "oci" / "index.json").is_file():
             on_status(f"fetching parent image {source.text} ({digest})")
             root.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix=".tmp-parent-", dir=root) as tmp:
+            # Owned: if this process is SIGKILLed mid-copy, the next vmbuild command
+            # removes the partial layout (it can be gigabytes).
+            with (
+                tempfile.TemporaryDirectory(prefix=".tmp-parent-", dir=root) as tmp,
+                runs.owning(Path(tmp)),
+            ):
                 staged = Path(tmp) / "parent"
                 staged.mkdir()
                 argv = copy_argv(source, digest, staged / "oci", tls_verify=tls_verify)
