@@ -31,7 +31,7 @@ from vmbuild.config.recipe import LoadedRecipe, UrlBase
 from vmbuild.diskfs.scrub import Needle
 from vmbuild.errors import StepFailed, VmbuildError
 from vmbuild.hypervisor import accel as accel_mod
-from vmbuild.hypervisor import arch, firmware
+from vmbuild.hypervisor import firmware
 from vmbuild.hypervisor.guest import Guest, booted_guest, copy_console
 from vmbuild.log import run_log
 from vmbuild.manifest import BaseRecord, Manifest, Package, RecipeRecord
@@ -118,7 +118,7 @@ def _base(r: Run) -> None:
     base_image.check_boot_mode(r.base, loaded.recipe.boot_mode, r.work)
     base = r.base
     r.keyed("base", base_image.key(base, loaded.recipe.disk_size))
-    r.accel = arch.guest_accel(
+    r.accel = accel_mod.guest_accel(
         loaded.recipe.arch,
         lambda: accel_mod.choose(r.plan.accel_mode, (base.path, base.format), r.work),
     )

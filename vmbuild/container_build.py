@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmbuild import __version__, paths, toe
 from vmbuild.config.container import LoadedContainerRecipe, TargetRepository
+from vmbuild.config.parent_ref import ParentError
 from vmbuild.config.settings import SETTINGS
 from vmbuild.digest import sha256_file
 from vmbuild.errors import ConfigError, VmbuildError
@@ -114,7 +115,7 @@ def _parent(
         fetched = oci_parent.fetch(
             source, tls_verify=recipe.parent_tls_verify, on_status=reporter.status
         )
-    except oci_parent.ParentError as exc:
+    except ParentError as exc:
         raise ConfigError(loaded.display, "parentImage", str(exc)) from None
     oci_parent.copy_into(fetched, layout, WORK_TAG)
     digest = fetched.digest.removeprefix("sha256:")

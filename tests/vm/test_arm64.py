@@ -73,7 +73,7 @@ def test_arm64_guest_boots_as_a_libvirt_domain(
 ) -> None:
     """The arm64 base booted once as a libvirt domain (aarch64, virt, AAVMF loader and
     a per-VM nvram): the guest runs aarch64 under UEFI. A test-VM boot only."""
-    from vmbuild.hypervisor import accel, arch
+    from vmbuild.hypervisor import accel
     from vmbuild.hypervisor.guest import GuestRequest, booted_guest
     from vmbuild.plan import TEST_USER
     from vmbuild.stages import base_image
@@ -83,7 +83,7 @@ def test_arm64_guest_boots_as_a_libvirt_domain(
     req = GuestRequest(
         run_id="lva" + tmp_path.name[-6:].replace("_", ""), role="test", base=base.path,
         base_format=base.format, disk_size=None, memory_mib=1024, cpus=2,
-        accel=arch.for_guest(accel.tcg("the VM tier runs on TCG"), "arm64", "x86_64"),
+        accel=accel.for_guest(accel.tcg("the VM tier runs on TCG"), "arm64", "x86_64"),
         workdir=tmp_path / "vm", user=TEST_USER, backend="libvirt", libvirt_uri=libvirtd.uri,
         dispose="kill", firmware="uefi", arch="arm64",
     )  # fmt: skip

@@ -54,6 +54,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vmbuild.config.container_aws import to_vmbuild
 from vmbuild.config.loader import load_model
+from vmbuild.config.parent_ref import ParentError, ParentSource
+from vmbuild.config.parent_ref import parse as parse_parent
 from vmbuild.config.recipe import (
     NAME,
     SEMVER,
@@ -63,8 +65,6 @@ from vmbuild.config.recipe import (
     _load_component,
 )  # fmt: skip
 from vmbuild.errors import ConfigError
-from vmbuild.oci.parent import ParentError, ParentSource
-from vmbuild.oci.parent import parse as parse_parent
 
 if TYPE_CHECKING:
     from vmbuild.config.variables import Given

@@ -14,23 +14,26 @@ the image it boots must be of that architecture.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
 import os
+import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from vmbuild import paths
 from vmbuild.diskfs.lint import check_partition_table
 from vmbuild.diskfs.rootfs import GPT_ESP, read_partition_table
 from vmbuild.errors import VmbuildError
+from vmbuild.hypervisor import arch as arch_mod
+from vmbuild.hypervisor import firmware
+from vmbuild.hypervisor.arch import Arch
 from vmbuild.run import qemu_img, run, spawn
-
-if TYPE_CHECKING:
-    from vmbuild.hypervisor.arch import Arch
 
 log = logging.getLogger("vmbuild.accel")
 
@@ -122,10 +125,6 @@ def probe_argv(
     """QEMU for the probe: the `host` architecture's binary and machine under KVM
     (`uefi_vars`: the per-probe copy of the UEFI vars, for arm64 and for an x86_64
     image that boots UEFI only; SeaBIOS otherwise)."""
-    # Imported here: firmware and arch import this module.
-    from vmbuild.hypervisor import firmware
-    from vmbuild.hypervisor.arch import QEMU_BINARY
-
     if host == "x86_64":
         # A UEFI-only base has no legacy-BIOS path: SeaBIOS would sit there and
         # the probe would blame KVM (and cache that) for the image's boot mode.
@@ -133,8 +132,9 @@ def probe_argv(
     else:
         machine, boot = KVM_ARM64_MACHINE, firmware.qemu_args("uefi", uefi_vars, host)
     return [
-        QEMU_BINARY[host], "-machine", machine, "-accel", "kvm", "-cpu", "host", "-m", "512",
-        "-smp", "1", "-nodefaults", "-display", "none", "-no-reboot", "-snapshot", *boot,
+        arch_mod.QEMU_BINARY[host], "-machine", machine, "-accel", "kvm", "-cpu", "host",
+        "-m", "512", "-smp", "1", "-nodefaults", "-display", "none", "-no-reboot",
+        "-snapshot", *boot,
         "-drive", f"file={image},format={image_format},if=virtio",
         "-serial", f"file:{console}",
     ]  # fmt: skip
@@ -145,8 +145,6 @@ def probe_kvm_boot(
 ) -> tuple[bool, str]:
     """Boot `image` (of the `host`'s architecture) under KVM (no writes: -snapshot)
     and wait for the kernel to reach userspace."""
-    from vmbuild.hypervisor import firmware
-
     console = workdir / "kvm-probe-console.log"
     output = workdir / "kvm-probe-qemu.log"
     uefi_vars = None
@@ -201,9 +199,7 @@ def choose(
 
     `probe_image` must be of the `host`'s architecture (default: this machine's),
     which is the one KVM can run."""
-    from vmbuild.hypervisor.arch import QEMU_BINARY, host_arch
-
-    host = host or host_arch()
+    host = host or arch_mod.host_arch()
     if mode == "tcg":
         return tcg("TCG requested")
     usable, why = kvm_device_usable()
@@ -220,7 +216,7 @@ def choose(
         if mode == "kvm":
             raise VmbuildError(f"KVM requested but unusable: {why}", hint="use --accel tcg")
         return tcg(f"{why}; using TCG")
-    key = {"boot_id": _boot_id(), "qemu": _qemu_version(QEMU_BINARY[host]),
+    key = {"boot_id": _boot_id(), "qemu": _qemu_version(arch_mod.QEMU_BINARY[host]),
            "probe": PROBE_VERSION, "host": host}  # fmt: skip
     cached = _read_cache(key)
     if cached is None:
@@ -252,3 +248,28 @@ def _write_cache(key: dict[str, object], ok: bool, detail: str) -> None:
     path = _cache_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps({"key": key, "ok": ok, "detail": detail}))
+
+
+def for_guest(accel: Accel, arch: Arch, host: Arch | None = None) -> Accel:
+    """`accel` (chosen by probing the host) as it applies to an `arch` guest.
+
+    A foreign guest cannot use KVM; it runs under TCG, slower than a native
+    TCG guest by FOREIGN_TCG_SCALE, and its timeouts say so.
+    """
+    host = host if host is not None else arch_mod.host_arch()
+    if arch == host:
+        return accel
+    reason = f"{arch_mod.UNAME[arch]} guest on a {host or platform.machine()} host: TCG"
+    return dataclasses.replace(
+        accel, kind="tcg", reason=reason, scale=TCG_SCALE * arch_mod.FOREIGN_TCG_SCALE
+    )
+
+
+def guest_accel(arch: Arch, choose_native: Callable[[], Accel], host: Arch | None = None) -> Accel:
+    """The accelerator for an `arch` guest: the host's probed choice for a native
+    guest; TCG for a foreign one, without the KVM probe (which boots the host's
+    architecture and could only waste its time-box)."""
+    host = host if host is not None else arch_mod.host_arch()
+    if arch == host:
+        return choose_native()
+    return for_guest(tcg("foreign architecture"), arch, host)

@@ -6,17 +6,14 @@ virtio devices on PCI, the user-network SSH forward, the seed) is the same.
 
 An arm64 guest on an x86_64 host (or the reverse) cannot use KVM: it runs under
 TCG, which translates every guest instruction, so its timeouts are scaled
-beyond the x86 TCG factor by `FOREIGN_TCG_SCALE` (measured below).
+beyond the x86 TCG factor by `FOREIGN_TCG_SCALE` (measured below;
+applied by accel.for_guest).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import platform
-from collections.abc import Callable
 from typing import Literal
-
-from vmbuild.hypervisor.accel import TCG_SCALE, Accel, tcg
 
 Arch = Literal["x86_64", "arm64"]
 ARCHES: tuple[Arch, ...] = ("x86_64", "arm64")
@@ -49,28 +46,3 @@ def host_arch() -> Arch | None:
     return {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}.get(
         machine.lower()
     )  # type: ignore[return-value]
-
-
-def for_guest(accel: Accel, arch: Arch, host: Arch | None = None) -> Accel:
-    """`accel` (chosen by probing the host) as it applies to an `arch` guest.
-
-    A foreign guest cannot use KVM; it runs under TCG, slower than a native
-    TCG guest by FOREIGN_TCG_SCALE, and its timeouts say so.
-    """
-    host = host if host is not None else host_arch()
-    if arch == host:
-        return accel
-    reason = f"{UNAME[arch]} guest on a {host or platform.machine()} host: TCG"
-    return dataclasses.replace(
-        accel, kind="tcg", reason=reason, scale=TCG_SCALE * FOREIGN_TCG_SCALE
-    )
-
-
-def guest_accel(arch: Arch, choose_native: Callable[[], Accel], host: Arch | None = None) -> Accel:
-    """The accelerator for an `arch` guest: the host's probed choice for a native
-    guest; TCG for a foreign one, without the KVM probe (which boots the host's
-    architecture and could only waste its time-box)."""
-    host = host if host is not None else host_arch()
-    if arch == host:
-        return choose_native()
-    return for_guest(tcg("foreign architecture"), arch, host)

@@ -66,7 +66,7 @@ class GuestRequest:
     # user-data come from the metadata service at 169.254.169.254. None: NoCloud.
     ec2: imds.Ec2Settings | None = None
     firmware: Firmware = "bios"
-    # The guest's architecture; `accel` is already the one for it (arch.for_guest).
+    # The guest's architecture; `accel` is already the one for it (accel.for_guest).
     arch: Arch = "x86_64"
     # An offline rebuild: the bundle's mirror on the host's 127.0.0.1, the guest's only
     # way out (apt_proxy then names its guest-side address).

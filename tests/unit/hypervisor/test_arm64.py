@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vmbuild.errors import VmbuildError
-from vmbuild.hypervisor import arch, firmware
+from vmbuild.hypervisor import accel, arch, firmware
 from vmbuild.hypervisor import libvirt as lv
 from vmbuild.hypervisor.accel import TCG_SCALE, Accel, tcg
 from vmbuild.hypervisor.base import VMSpec
@@ -22,7 +22,7 @@ from vmbuild.stages.image_tests import firmware_problem, guest_machine
 W = Path("/w")
 ARM = VMSpec(
     name="vmbuild-abc123-test", disk=W / "test.qcow2", seed=W / "seed.iso", memory_mib=2048,
-    cpus=2, accel=arch.for_guest(tcg("t"), "arm64", "x86_64"), ssh_port=40022,
+    cpus=2, accel=accel.for_guest(tcg("t"), "arm64", "x86_64"), ssh_port=40022,
     console_log=W / "console.log", workdir=W, firmware="uefi", uefi_vars=W / "test-uefi-vars.fd",
     arch="arm64",
 )  # fmt: skip
@@ -73,13 +73,13 @@ def test_aavmf_vars_copy_and_missing_package(
 
 def test_foreign_guest_runs_tcg_with_scaled_timeouts() -> None:
     kvm = Accel("kvm", "probed", 1.0)
-    assert arch.for_guest(kvm, "x86_64", "x86_64") is kvm
-    foreign = arch.for_guest(kvm, "arm64", "x86_64")
+    assert accel.for_guest(kvm, "x86_64", "x86_64") is kvm
+    foreign = accel.for_guest(kvm, "arm64", "x86_64")
     assert (foreign.kind, foreign.scale) == ("tcg", TCG_SCALE * arch.FOREIGN_TCG_SCALE)
     assert foreign.reason == "aarch64 guest on a x86_64 host: TCG"
     assert foreign.timeout(45) == 45 * TCG_SCALE * arch.FOREIGN_TCG_SCALE
     # A native arm64 host keeps what its probe chose (KVM where it works).
-    assert arch.for_guest(kvm, "arm64", "arm64") is kvm
+    assert accel.for_guest(kvm, "arm64", "arm64") is kvm
 
 
 def test_foreign_guest_skips_the_kvm_probe() -> None:
@@ -89,9 +89,9 @@ def test_foreign_guest_skips_the_kvm_probe() -> None:
         probed.append("probe")
         return Accel("kvm", "probed", 1.0)
 
-    assert arch.guest_accel("arm64", choose, "x86_64").kind == "tcg"
+    assert accel.guest_accel("arm64", choose, "x86_64").kind == "tcg"
     assert probed == []
-    assert arch.guest_accel("x86_64", choose, "x86_64").kind == "kvm"
+    assert accel.guest_accel("x86_64", choose, "x86_64").kind == "kvm"
     assert probed == ["probe"]
 
 

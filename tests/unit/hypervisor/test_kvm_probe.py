@@ -74,7 +74,7 @@ def test_the_probe_runs_only_for_the_hosts_own_architecture(
         calls.append("probe")
         return Accel("kvm", "probed", 1.0)
 
-    assert arch.guest_accel(guest, choose, host).kind == kind
+    assert accel.guest_accel(guest, choose, host).kind == kind
     assert calls == (["probe"] if probed else [])
 
 

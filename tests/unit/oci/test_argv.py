@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vmbuild.config import parent_ref
 from vmbuild.errors import CommandError
 from vmbuild.oci import layout, parent, registry
 
@@ -64,11 +65,13 @@ def test_a_registry_parent_is_copied_by_the_digest_it_resolved_to() -> None:
     }
     got = {}
     for text in cases:
-        source = parent.parse(text, Path("/r"), ("debian-12",))
+        source = parent_ref.parse(text, Path("/r"), ("debian-12",))
         got[text] = parent.copy_argv(source, d, L, tls_verify=False)[-3:]
     assert got == {k: ["--src-tls-verify=false", v, "oci:/s/oci:parent"] for k, v in cases.items()}
     # A local source cannot move between inspect and copy: copied as named.
-    local = parent.ParentSource("docker-archive", "docker-archive:/x.tar", "docker-archive:/x.tar")
+    local = parent_ref.ParentSource(
+        "docker-archive", "docker-archive:/x.tar", "docker-archive:/x.tar"
+    )
     assert parent.copy_argv(local, d, L, tls_verify=False)[-2:] == [
         "docker-archive:/x.tar", "oci:/s/oci:parent"
     ]  # fmt: skip
