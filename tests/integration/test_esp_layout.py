@@ -4,6 +4,9 @@ back by the lint: the signed shim at the removable-media path, GRUB's config."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from vmbuild.debian import bootstrap as b
@@ -15,16 +18,39 @@ from vmbuild.run import run
 UUID = "0b8ca0c5-5c3a-4b59-9fd4-3c6c0d2f8e11"
 
 
-def test_hybrid_disk_has_a_bootable_esp(tmp_path: Path) -> None:
-    disk = tmp_path / "disk.raw"
+def _disk(disk: Path, script: str, size: int = b.DISK_SIZE) -> Path:
+    """A sparse file of `size` partitioned by sfdisk `script`, as the base build does."""
     with disk.open("wb") as f:
-        f.truncate(b.DISK_SIZE)
-    run(b.sfdisk_argv(disk), input=b.sfdisk_gpt_script(UUID).encode())
+        f.truncate(size)
+    run(b.sfdisk_argv(disk), input=script.encode())
+    return disk
+
+
+def _write_esp(disk: Path) -> Path:
+    """The ESP formatted and filled (signed shim, GRUB, its config) by the real tools."""
     run(b.mkfs_esp_argv(disk, UUID))
-    cfg = tmp_path / "grub-efi.cfg"
+    cfg = disk.with_name("grub-efi.cfg")
     cfg.write_text(b.grub_efi_config(UUID))
     for argv in b.mtools_argvs(disk, b.esp_files(cfg)):
         run(argv, env={"MTOOLS_SKIP_CHECK": "1"})
+    return disk
+
+
+def _build(tmp_path: Path, base: Path, boot_mode: str) -> subprocess.CompletedProcess[str]:
+    """`vmbuild build` of a recipe on `base` with `boot_mode`, in its own store and state."""
+    (tmp_path / "recipe.yaml").write_text(
+        f"name: wrong-mode\nversion: 1.0.0\nbase: ./{base.name}\nboot_mode: {boot_mode}\n"
+    )
+    env = {**os.environ, "VMBUILD_STORE": str(tmp_path / "store"),
+           "VMBUILD_STATE_DIR": str(tmp_path / "state"), "VMBUILD_ACCEL": "tcg"}  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "vmbuild", "build", str(tmp_path / "recipe.yaml")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_hybrid_disk_has_a_bootable_esp(tmp_path: Path) -> None:
+    disk = _write_esp(_disk(tmp_path / "disk.raw", b.sfdisk_gpt_script(UUID)))
 
     table = read_partition_table(disk)
     assert table is not None and table.kind == "gpt"
@@ -53,23 +79,10 @@ def test_hybrid_disk_has_a_bootable_esp(tmp_path: Path) -> None:
 def test_a_base_that_cannot_boot_uefi_is_refused_before_any_vm(tmp_path: Path) -> None:
     """An MBR-only base with boot_mode uefi: one error naming the base and why, before
     any VM boots (OVMF would otherwise sit in its boot menu until the boot timeout)."""
-    import os
-    import subprocess
-    import sys
-
-    disk = tmp_path / "bios-only.raw"
-    with disk.open("wb") as f:
-        f.truncate(64 << 20)
-    run(b.sfdisk_argv(disk), input=b"label: dos\n\nstart=2048, type=83, bootable\n")
-    (tmp_path / "recipe.yaml").write_text(
-        "name: wrong-mode\nversion: 1.0.0\nbase: ./bios-only.raw\nboot_mode: uefi\n"
+    disk = _disk(
+        tmp_path / "bios-only.raw", "label: dos\n\nstart=2048, type=83, bootable\n", 64 << 20
     )
-    env = {**os.environ, "VMBUILD_STORE": str(tmp_path / "store"),
-           "VMBUILD_STATE_DIR": str(tmp_path / "state"), "VMBUILD_ACCEL": "tcg"}  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "vmbuild", "build", str(tmp_path / "recipe.yaml")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = _build(tmp_path, disk, "uefi")
     assert proc.returncode == 1, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert errors == [
@@ -86,19 +99,9 @@ def test_uefi_only_disk_has_no_bios_path_and_is_refused_as_legacy_bios(tmp_path:
     """The `uefi` layout (boot_mode: uefi) written by the real tools: the same ESP,
     no BIOS boot partition, no boot code. The lint says the legacy-BIOS path is
     absent, and a legacy-bios build of it stops before any VM, naming the base."""
-    import os
-    import subprocess
-    import sys
-
-    disk, size = tmp_path / "uefi-only.raw", 256 * b.MiB  # small: the build hashes it
-    with disk.open("wb") as f:
-        f.truncate(size)
-    run(b.sfdisk_argv(disk), input=b.sfdisk_gpt_script(UUID, size, layout="uefi").encode())
-    run(b.mkfs_esp_argv(disk, UUID))
-    cfg = tmp_path / "grub-efi.cfg"
-    cfg.write_text(b.grub_efi_config(UUID))
-    for argv in b.mtools_argvs(disk, b.esp_files(cfg)):
-        run(argv, env={"MTOOLS_SKIP_CHECK": "1"})
+    size = 256 * b.MiB  # small: the build hashes it
+    script = b.sfdisk_gpt_script(UUID, size, layout="uefi")
+    disk = _write_esp(_disk(tmp_path / "uefi-only.raw", script, size))
 
     table = read_partition_table(disk)
     assert table is not None and table.kind == "gpt"
@@ -119,15 +122,7 @@ def test_uefi_only_disk_has_no_bios_path_and_is_refused_as_legacy_bios(tmp_path:
             ("error", absent)
         ]
 
-    (tmp_path / "recipe.yaml").write_text(
-        "name: wrong-mode\nversion: 1.0.0\nbase: ./uefi-only.raw\nboot_mode: legacy-bios\n"
-    )
-    env = {**os.environ, "VMBUILD_STORE": str(tmp_path / "store"),
-           "VMBUILD_STATE_DIR": str(tmp_path / "state"), "VMBUILD_ACCEL": "tcg"}  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "vmbuild", "build", str(tmp_path / "recipe.yaml")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = _build(tmp_path, disk, "legacy-bios")
     assert proc.returncode == 1, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert errors == [f"error: base {disk}: cannot boot as boot_mode legacy-bios: {absent}"]
@@ -135,20 +130,12 @@ def test_uefi_only_disk_has_no_bios_path_and_is_refused_as_legacy_bios(tmp_path:
     assert not list(tmp_path.glob("state/**/*console*.log"))  # no VM ever started
 
 
-def _disk(tmp_path: Path, name: str, script: str) -> Path:
-    disk = tmp_path / name
-    with disk.open("wb") as f:
-        f.truncate(b.DISK_SIZE)
-    run(b.sfdisk_argv(disk), input=script.encode())
-    return disk
-
-
 def test_the_kvm_probe_boots_a_uefi_only_base_under_ovmf(tmp_path: Path) -> None:
     """SeaBIOS cannot start a UEFI-only disk: probed that way, KVM would be blamed
     (and the verdict cached) for the image's boot mode."""
-    uefi = _disk(tmp_path, "uefi.raw", b.sfdisk_gpt_script(UUID, layout="uefi"))
-    hybrid = _disk(tmp_path, "hybrid.raw", b.sfdisk_gpt_script(UUID))
-    mbr = _disk(tmp_path, "mbr.raw", b.sfdisk_script(UUID))
+    uefi = _disk(tmp_path / "uefi.raw", b.sfdisk_gpt_script(UUID, layout="uefi"))
+    hybrid = _disk(tmp_path / "hybrid.raw", b.sfdisk_gpt_script(UUID))
+    mbr = _disk(tmp_path / "mbr.raw", b.sfdisk_script(UUID))
     # sfdisk writes no boot code; SeaBIOS needs some in the MBR (GRUB's boot.img
     # in a real base). Without it even the hybrid disk boots UEFI only.
     assert accel.uefi_only(hybrid, "raw", tmp_path)
