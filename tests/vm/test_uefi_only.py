@@ -21,7 +21,7 @@ import pytest
 
 from vmbuild.debian import bootstrap as b
 from vmbuild.diskfs.lint import check_partition_table
-from vmbuild.diskfs.rootfs import GPT_ESP, read_partition_table
+from vmbuild.diskfs.rootfs import GPT_ESP, image_partition_table
 from vmbuild.errors import VMError
 from vmbuild.hypervisor import accel, firmware
 from vmbuild.hypervisor.base import VMSpec, free_port
@@ -60,10 +60,7 @@ def test_uefi_only_base_boots_under_ovmf(
     uefi_base: base_image.BaseImage, tmp_path: Path, no_leftover_qemu: None
 ) -> None:
     assert uefi_base.id.startswith("debian-12-uefi-")
-    head = tmp_path / "head.raw"
-    qemu_img("dd", "-f", "qcow2", "-O", "raw", "bs=1M", "count=1",
-             f"if={uefi_base.path}", f"of={head}")  # fmt: skip
-    table = read_partition_table(head)
+    table = image_partition_table(uefi_base.path, uefi_base.format, tmp_path)
     assert table is not None and table.kind == "gpt"
     assert [p.type for p in table.partitions] == [GPT_ESP, b.GPT_ROOT_X86_64.lower()]
     assert not any(table.boot_code)

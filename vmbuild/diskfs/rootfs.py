@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from vmbuild.errors import CommandError, VmbuildError
-from vmbuild.run import run
+from vmbuild.run import qemu_img, run
 
 SECTOR = 512
 Kind = Literal["file", "dir", "symlink", "other"]
@@ -73,6 +73,18 @@ class FsInfo:
 
 def _guid(raw: bytes) -> str:
     return str(uuid.UUID(bytes_le=raw))
+
+
+def image_partition_table(image: Path, image_format: str, scratch: Path) -> PartitionTable | None:
+    """The partition table of a qcow2 or raw image, read from its first MiB (MBR, GPT
+    header and entries), copied out as raw into `scratch` and removed again."""
+    head = scratch / f"{image.name}-head.raw"
+    try:
+        qemu_img("dd", "-f", image_format, "-O", "raw", "bs=1M", "count=1",
+                 f"if={image}", f"of={head}")  # fmt: skip
+        return read_partition_table(head)
+    finally:
+        head.unlink(missing_ok=True)
 
 
 def read_partition_table(path: Path) -> PartitionTable | None:

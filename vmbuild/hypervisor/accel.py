@@ -28,12 +28,12 @@ from typing import Literal
 
 from vmbuild import paths
 from vmbuild.diskfs.lint import check_partition_table
-from vmbuild.diskfs.rootfs import GPT_ESP, read_partition_table
+from vmbuild.diskfs.rootfs import GPT_ESP, image_partition_table
 from vmbuild.errors import VmbuildError
 from vmbuild.hypervisor import arch as arch_mod
 from vmbuild.hypervisor import firmware
 from vmbuild.hypervisor.arch import Arch
-from vmbuild.run import qemu_img, run, spawn
+from vmbuild.run import run, spawn
 
 log = logging.getLogger("vmbuild.accel")
 
@@ -179,13 +179,7 @@ def probe_kvm_boot(
 def uefi_only(image: Path, image_format: str, workdir: Path) -> bool:
     """Whether `image` can boot under UEFI only (a GPT disk with an ESP and no
     legacy-BIOS path), read from its first MiB."""
-    head = workdir / "kvm-probe-head.raw"
-    try:
-        qemu_img("dd", "-f", image_format, "-O", "raw", "bs=1M", "count=1",
-                 f"if={image}", f"of={head}")  # fmt: skip
-        table = read_partition_table(head)
-    finally:
-        head.unlink(missing_ok=True)
+    table = image_partition_table(image, image_format, workdir)
     if table is None or not any(p.type == GPT_ESP for p in table.partitions):
         return False
     return any(f.severity == "error" for f in check_partition_table(table, "legacy-bios"))

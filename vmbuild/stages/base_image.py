@@ -775,15 +775,9 @@ def check_boot_mode(base: BaseImage, boot_mode: str, workdir: Path) -> None:
     UEFI boot of a disk without an ESP would sit in the firmware until the boot
     timeout). Reads the first MiB (MBR, GPT header and entries) only."""
     from vmbuild.diskfs.lint import check_partition_table
-    from vmbuild.diskfs.rootfs import read_partition_table
+    from vmbuild.diskfs.rootfs import image_partition_table
 
-    head = workdir / "base-head.raw"
-    try:
-        qemu_img("dd", "-f", base.format, "-O", "raw", "bs=1M", "count=1",
-                 f"if={base.path}", f"of={head}")  # fmt: skip
-        table = read_partition_table(head)
-    finally:
-        head.unlink(missing_ok=True)
+    table = image_partition_table(base.path, base.format, workdir)
     if table is None:
         return  # a partitionless disk: the boot itself will say
     if errors := [f for f in check_partition_table(table, boot_mode) if f.severity == "error"]:
