@@ -89,11 +89,14 @@ class TestSummary:
 def pytest_argv(
     tests: Sequence[Path], guest_url: str, key: Path, junit: Path, python: str = sys.executable
 ) -> list[str]:
+    """pytest runs in the tests' own directory (their conftest and relative
+    imports): every path it is given is made absolute, as the store (and with it
+    the work dir) may be named relative to vmbuild's own working directory."""
     return [
         python, "-m", "pytest", "-p", "vmbuild.testing.pinned_hostkey",
         "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rfE",
-        f"--hosts={guest_url}", f"--ssh-identity-file={key}",
-        f"--junitxml={junit}", *[str(t) for t in tests],
+        f"--hosts={guest_url}", f"--ssh-identity-file={key.absolute()}",
+        f"--junitxml={junit.absolute()}", *[str(t.absolute()) for t in tests],
     ]  # fmt: skip
 
 
@@ -117,7 +120,7 @@ def run_testinfra(
 ) -> tuple[int, int, int, int, Path]:
     """Run the testinfra files against the guest; returns counts and the JUnit path."""
     junit = outdir / "junit.xml"
-    known_hosts = guest.spec.workdir / "test-known_hosts"
+    known_hosts = (guest.spec.workdir / "test-known_hosts").absolute()
     known_hosts.write_text(guest.known_hosts_line + "\n")
     try:
         result = run(

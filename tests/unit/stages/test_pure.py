@@ -72,6 +72,18 @@ def test_pytest_argv_pins_host_key_plugin() -> None:
     assert "--ssh-identity-file=/k" in argv and argv[-1] == "/r/t.py"
 
 
+def test_pytest_argv_paths_are_absolute(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # pytest runs in the tests' directory; a relative store (`./images`, the
+    # default) once left it looking for the key and known_hosts there.
+    monkeypatch.chdir(tmp_path)
+    argv = pytest_argv(
+        [Path("t/t.py")], "paramiko://u@127.0.0.1:2222", Path("w/key"), Path("w/j.xml"), "py"
+    )
+    assert f"--ssh-identity-file={tmp_path}/w/key" in argv
+    assert f"--junitxml={tmp_path}/w/j.xml" in argv
+    assert argv[-1] == f"{tmp_path}/t/t.py"
+
+
 def _mbr(entries: list[tuple[int, int, int, int]]) -> bytes:
     data = bytearray(512)
     for i, (boot, ptype, start, count) in enumerate(entries):
