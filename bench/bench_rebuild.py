@@ -207,7 +207,25 @@ def rebuilds(work: Path) -> dict[str, tuple[float, Fetched]]:
             extra = ["--no-cache"] if name == "second" else []
             took = timed(argv + extra, env, REPO, d / f"{name}.log")
             out[name] = (took, fetched(proxy.transfer_log, since=before))
+            STAGES[name] = stage_times(d / "store")
     return out
+
+
+STAGES: dict[str, str] = {}  # per build: where its time went (its manifest's timings)
+
+
+def stage_times(store: Path) -> str:
+    """The newest build's stage timings, and how its builder came back."""
+    newest = max(store.glob("*/*/*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    m = json.loads(newest.read_text())
+    t = m["timings"]
+    disk = sum(t.get(k, 0) for k in ("generalize", "convert", "verify"))
+    out = (
+        f"builder {t.get('builder', 0):.1f}, components {t.get('components', 0):.1f}, "
+        f"generalize+convert+verify {disk:.1f}, test {t.get('test', 0):.1f}"
+    )
+    restore = (m.get("checkpoints") or {}).get("restore")
+    return out + (f"; builder restore: {restore}" if restore else "")
 
 
 def main() -> int:
@@ -254,8 +272,8 @@ def main() -> int:
                                  ("second", "")):  # fmt: skip
                 took, (debs, indexes) = r[name]
                 results.add_row(f"example recipe, {name} build (s)", f"{took:.1f}",
-                                f"from outside: {debs} B of .debs, {indexes} B of indexes",
-                                "")  # fmt: skip
+                                f"from outside: {debs} B of .debs, {indexes} B of indexes; "
+                                f"{STAGES.get(name, '')}", "")  # fmt: skip
                 if name in ("identical", "edited"):
                     results.add_row(f"{name} / full", f"{took / full:.2f}", "", target)
             debs, indexes = r["second"][1]

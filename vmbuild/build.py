@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,11 +32,13 @@ from vmbuild.diskfs.scrub import Needle
 from vmbuild.errors import StepFailed, VmbuildError
 from vmbuild.hypervisor import accel as accel_mod
 from vmbuild.hypervisor import firmware
-from vmbuild.hypervisor.guest import Guest, booted_guest, copy_console
+from vmbuild.hypervisor.guest import Guest, GuestRequest, RestoreFailed, booted_guest, copy_console
+from vmbuild.hypervisor.vmstate import StateNotSaved
 from vmbuild.log import run_log
 from vmbuild.manifest import BaseRecord, Manifest, Package, RecipeRecord
 from vmbuild.plan import BUILDER_USER, TEST_USER, BuildOptions, BuildPlan, OfflineSource
 from vmbuild.progress import Reporter
+from vmbuild.run import which
 from vmbuild.stages import (
     base_image,
     components,
@@ -136,6 +138,8 @@ def _open_checkpoints(r: Run) -> None:
     if not plan.use_checkpoints:
         r.reporter.status("checkpoints: off (--no-cache)")
         return
+    # Registered first so it runs last: after this build's shared lock is released.
+    r.stack.callback(checkpoints.prune_after_build, checkpoints.root(), r.reporter.status)
     store = r.stack.enter_context(checkpoints.CheckpointStore(warn=r.reporter.status))
     spec = plan.loaded.recipe.base
     release = base_image.RELEASES.get(spec) if isinstance(spec, str) else None
@@ -155,9 +159,11 @@ def _open_checkpoints(r: Run) -> None:
     if r.ck.generalized is not None:
         r.reporter.status("checkpoints: the generalized disk is cached; no builder VM needed")
     elif r.ck.resumed:
+        r.reporter.status(f"checkpoints: resuming after component {r.ck.resumed[-1].label}")
+    if r.ck.generalized is None and which("zstd") is None:
+        r.ck.running_state = False
         r.reporter.status(
-            f"checkpoints: resuming after component {r.ck.resumed[-1].label} "
-            "(booting from its disk layer; the running VM is not restored)"
+            "checkpoints: disk layers only (zstd is not installed: the running VM is not kept)"
         )
     else:
         r.reporter.status("checkpoints: none match; saving one after each component")
@@ -193,9 +199,37 @@ def _builder(r: Run) -> None:
         "builder", disk, fmt, r.plan.loaded.recipe.disk_size, r.accel, r.work,
         apt_proxy=r.guest_proxy,
     )  # fmt: skip
-    r.builder = r.stack.enter_context(booted_guest(req, on_status=r.reporter.status))
+    if r.ck is not None and start is not None:
+        r.builder = _resumed_builder(r, req)
+    if r.builder is None:
+        r.builder = r.stack.enter_context(booted_guest(req, on_status=r.reporter.status))
     r.top = r.builder.spec.disk
     r.builder_pubkey = r.builder.client_key.public_openssh
+
+
+def _resumed_builder(r: Run, req: GuestRequest) -> Guest | None:
+    """The builder back as it was saved after the last matching component, or None
+    (then it boots from that component's disk layer; the status says why)."""
+    assert r.ck is not None and r.ck.last is not None
+    label = r.ck.last.label
+    restore, why = r.ck.saved_vm() if req.backend == "qemu" else (None, "the libvirt backend")
+    if not r.ck.running_state:
+        restore, why = None, "zstd is not installed"
+    if restore is not None:
+        try:
+            guest = r.stack.enter_context(
+                booted_guest(replace(req, restore=restore), on_status=r.reporter.status)
+            )
+        except RestoreFailed as exc:
+            why = f"not resumable here: {exc}"
+            r.ck.drop_saved_vm()
+        else:
+            r.ck.restored = "ram"
+            r.reporter.status(f"checkpoints: {label}: the running VM is back, no boot")
+            return guest
+    r.ck.restored = "disk"
+    r.reporter.status(f"checkpoints: {label}: booting from its disk layer ({why})")
+    return None
 
 
 def _components(r: Run) -> None:
@@ -255,15 +289,35 @@ def _checkpoint(r: Run, index: int, applied: dict[str, Any]) -> None:
         return
     start = time.monotonic()
     layer, new_top = r.top, r.work / f"builder-{index + 1}.qcow2"
+    save_running = getattr(r.builder.machine, "save_running", None)
+    signature = getattr(r.builder.machine, "state_signature", None)
+    if not r.ck.running_state:
+        save_running = None
+    vm: resume.SavedVM | None = None
     try:
-        with r.builder.ssh.frozen():
-            cut(layer, new_top)
+        if save_running is None or signature is None:
+            with r.builder.ssh.frozen():
+                cut(layer, new_top)
+        else:
+            # Flushed and clean just before the pause that takes layer and
+            # state together (QemuMachine.save_running says why not frozen).
+            with r.builder.ssh.frozen():
+                pass
+            state = r.ck.store.scratch_path(resume.STATE_FILE)
+            try:
+                save_running(layer, new_top, state)
+                vm = resume.SavedVM(
+                    state, signature(), r.builder.client_key,
+                    r.builder.host_key,
+                )  # fmt: skip
+            except StateNotSaved as exc:
+                r.reporter.status(f"checkpoint: the disk layer only ({exc})")
     except (VmbuildError, OSError) as exc:
         # A checkpoint is an optimisation: the build goes on without them.
         r.ck.store.disable(f"cannot cut a checkpoint layer ({exc}); building on without them")
         return
     r.top = new_top
-    saved = r.ck.save_component(index, layer, applied)
+    saved = r.ck.save_component(index, layer, applied, vm)
     if saved is not None:
         took = time.monotonic() - start
         r.reporter.status(f"checkpoint saved: {saved.label} ({took:.1f}s)")

@@ -22,7 +22,10 @@ if TYPE_CHECKING:
 
 # Root's PATH has these; a user's often does not, though the tools there run fine.
 SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
-Need = Literal["build", "debian-base", "libvirt", "tests", "aws", "arm64", "arm64-base"]
+# "checkpoints": wanted, never required: without it checkpoints keep disk layers only.
+Need = Literal[
+    "build", "debian-base", "libvirt", "tests", "aws", "arm64", "arm64-base", "checkpoints"
+]
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     ),
     Requirement("qemu-img", "tool", "overlays, output conversion", "qemu-utils", "build"),
     Requirement("debugfs", "tool", "verifies the generalized image offline", "e2fsprogs", "build"),
+    Requirement(
+        "zstd", "tool", "keeps the builder's running VM in checkpoints", "zstd", "checkpoints"
+    ),
     Requirement(
         "mmdebstrap", "tool", "builds the debian-12 base offline", "mmdebstrap", "debian-base"
     ),

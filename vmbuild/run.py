@@ -286,6 +286,8 @@ def spawn(
     argv: Sequence[str | os.PathLike[str]],
     *,
     stdout: IO[Any] | int | None = subprocess.DEVNULL,
+    stdin: IO[Any] | int | None = subprocess.DEVNULL,
+    stderr: IO[Any] | int | None = subprocess.STDOUT,
     env: Mapping[str, str] | None = None,
     new_session: bool = True,
     shared_daemon: bool = False,
@@ -297,15 +299,16 @@ def spawn(
     `shared_daemon` is for a service other vmbuild processes join (the package
     cache): it must outlive the process that happened to start it, so it gets
     no PR_SET_PDEATHSIG and is not in this run's record; its own users stop it.
+    `stdin`/`stdout` may be pipes: a filter a VM's migration stream runs through.
     """
     args = [str(a) for a in argv]
     log.info("$ %s &", quote_argv(args))
     try:
         proc = subprocess.Popen(
             args,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=stdout,
-            stderr=subprocess.STDOUT,
+            stderr=stderr,
             env=_env(env),
             start_new_session=new_session,
             preexec_fn=None if shared_daemon else _die_with_parent(os.getpid()),

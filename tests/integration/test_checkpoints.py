@@ -20,6 +20,7 @@ from vmbuild.hypervisor import accel
 from vmbuild.hypervisor.base import VMSpec, free_port
 from vmbuild.hypervisor.qemu import QemuMachine, qmp_path
 from vmbuild.hypervisor.qmp import QMPClient
+from vmbuild.remote.keys import KeyPair, generate_ed25519
 from vmbuild.stages import convert, resume
 from vmbuild.stages.key import stage_key
 
@@ -193,6 +194,25 @@ def test_prune_by_age_then_least_recently_used(tmp_path: Path, work: Path) -> No
     assert sorted(p.name for p in root.iterdir()) == ["bases", "use.lock"]
 
 
+def test_a_finished_build_prunes_to_the_caps_from_the_environment(
+    tmp_path: Path, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "ck"
+    with CheckpointStore(root) as store:
+        one, two = save_chain(store, work)
+    os.utime(root / one.key / "meta.json", (1_000_000_000, 1_000_000_000))  # used long ago
+    said: list[str] = []
+    monkeypatch.setenv(checkpoints.ENV_MAX_SIZE, "1T")
+    with CheckpointStore(root):  # another build still at work: nothing is removed now
+        assert checkpoints.prune_after_build(root, said.append) == checkpoints.Pruned(
+            [], 0, 0, busy=True
+        )
+    pruned = checkpoints.prune_after_build(root, said.append)
+    assert pruned is not None and pruned.removed == sorted([one.key, two.key])
+    assert said == [f"checkpoints: removed 2 least recently used "
+                    f"({pruned.freed / (1 << 20):.0f} MiB) to fit the cache's caps"]  # fmt: skip
+
+
 def test_a_generalized_disk_saved_without_component_layers_is_found(
     tmp_path: Path, work: Path
 ) -> None:
@@ -329,3 +349,67 @@ def test_outputs_on_another_file_system_are_not_kept(tmp_path: Path) -> None:
         made = convert.convert_rest(first, ["qcow2", "vmdk", "raw"], other / "one", cache)
         assert not made.reused and len(made.outputs) == 3
         assert store.find(cache.key) is None and store.enabled
+
+
+def _saved_vm(store: CheckpointStore, work: Path) -> tuple[resume.Checkpointing, KeyPair]:
+    """A build's Checkpointing that saved component 1 with a running state."""
+    keys = generate_ed25519("client"), generate_ed25519("host")
+    root = stage_key("checkpoint-root", n=1)
+    chain = [stage_key("component", n=2)]
+    ck = resume.Checkpointing(
+        store, base_path=work / "base.qcow2", base_sha256="b" * 64, base_format="qcow2",
+        root=root, chain=chain, names=["a"], final_key=stage_key("final", n=3),
+    )  # fmt: skip
+    state = store.scratch_path(resume.STATE_FILE)
+    state.write_bytes(b"\x28\xb5\x2f\xfd" + os.urandom(4096))
+    saved = ck.save_component(0, work / "l1.qcow2", {}, resume.SavedVM(state, "s" * 64, *keys))
+    assert saved is not None and not state.exists()  # moved in, not copied
+    again = resume.Checkpointing(
+        store, base_path=work / "base.qcow2", base_sha256="b" * 64, base_format="qcow2",
+        root=root, chain=chain, names=["a"], final_key=stage_key("final", n=3),
+    )  # fmt: skip
+    return again, keys[0]
+
+
+def test_a_saved_vm_comes_back_with_its_keys_and_never_damaged(tmp_path: Path, work: Path) -> None:
+    said: list[str] = []
+    with CheckpointStore(tmp_path / "ck", warn=said.append) as store:
+        ck, client = _saved_vm(store, work)
+        assert ck.last is not None
+        keys = ck.last.path / resume.KEYS_FILE
+        assert keys.stat().st_mode & 0o777 == 0o600
+        assert "PRIVATE" not in (ck.last.path / "meta.json").read_text()
+        restore, why = ck.saved_vm()
+        assert restore is not None and why == ""
+        assert restore.signature == "s" * 64 and restore.client_key == client
+        # One byte changed: never loaded; the state goes, the disk layer stays.
+        data = bytearray(restore.state.read_bytes())
+        data[100] ^= 0xFF
+        restore.state.write_bytes(bytes(data))
+        assert ck.saved_vm() == (None, "its saved running state is gone or damaged")
+        assert said == [f"ignoring the vm of checkpoint {ck.last.key[:16]} (1/1 a): "
+                        "it does not match its checksum"]  # fmt: skip
+        assert not restore.state.exists() and store.find(ck.last.key) is not None
+        assert resume.Checkpointing(
+            store, base_path=work / "base.qcow2", base_sha256="b" * 64, base_format="qcow2",
+            root=ck.root, chain=ck.chain, names=["a"], final_key=ck.final_key,
+        ).resumed == [ck.last]  # fmt: skip
+
+
+def test_a_state_not_kept_leaves_nothing_in_the_cache(tiny_disk: Path, work: Path) -> None:
+    """A full disk while the state is moved in: no checkpoint, no scratch file."""
+    with CheckpointStore(tiny_disk / "ck", warn=lambda _m: None) as store:
+        state = store.scratch_path(resume.STATE_FILE)
+        state.write_bytes(b"x" * 1024)
+        ck = resume.Checkpointing(
+            store, base_path=work / "base.qcow2", base_sha256="b" * 64, base_format="qcow2",
+            root=stage_key("r", n=1), chain=[stage_key("c", n=1)], names=["a"],
+            final_key=stage_key("f", n=1),
+        )  # fmt: skip
+        keys = generate_ed25519("c"), generate_ed25519("h")
+        big = work / "big.qcow2"  # a layer bigger than the little file system
+        qemu_img("create", "-q", "-f", "qcow2", big, "64M")
+        write(big, 0x44, 0, "8M")
+        assert ck.save_component(0, big, {}, resume.SavedVM(state, "s" * 64, *keys)) is None
+        assert not store.enabled
+        assert sorted(p.name for p in (tiny_disk / "ck").iterdir()) == ["bases", "use.lock"]

@@ -1,10 +1,13 @@
-"""Checkpoints end to end: a build saves a layer per component; an identical
-rebuild boots no VM; editing the last component resumes after the first."""
+"""Checkpoints end to end: a build saves a layer and the running VM per component;
+an identical rebuild boots no VM; editing the last component resumes the
+builder as it was after the first (no boot), and where its state cannot be
+loaded (another QEMU), boots from the first one's disk layer."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +33,18 @@ phases:
 """
 
 
+CLOCK = """\
+      - name: Clock
+        action: ExecuteBash
+        inputs:
+          commands: ["date +%s > /etc/clock.txt"]
+"""
+
+
 def write_recipe(d: Path, second_text: str) -> Path:
     (d / "first.yaml").write_text(COMPONENT.format(name="first", text="one"))
-    (d / "second.yaml").write_text(COMPONENT.format(name="second", text=second_text))
+    # The second one also notes the guest's clock when it ran.
+    (d / "second.yaml").write_text(COMPONENT.format(name="second", text=second_text) + CLOCK)
     recipe = d / "recipe.yaml"
     recipe.write_text(
         "name: ckpt\nversion: 1.0.0\nbase: debian-12\noutputs: [qcow2, vmdk]\n"
@@ -72,6 +84,14 @@ def test_rebuilds_resume_from_the_longest_matching_prefix(
         "saved": ["1/2 first", "2/2 second", "generalized disk"],
     }  # fmt: skip
     assert etc_file(first_dir / "disk.qcow2", tmp_path, "second") == b"two\n"
+    # Each component's checkpoint holds the running VM; its keys are the owner's alone.
+    metas = [p for p in (tmp_path / "checkpoints").glob("*/meta.json")
+             if json.loads(p.read_text())["stage"] == "component"]  # fmt: skip
+    assert len(metas) == 2
+    for meta in metas:
+        assert (meta.parent / "vmstate.zst").read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
+        assert (meta.parent / "ssh-keys.json").stat().st_mode & 0o777 == 0o600
+        assert "PRIVATE KEY" not in meta.read_text()
 
     # Identical inputs: no builder VM at all, the same image content.
     again, again_dir, log = build(recipe, cli_env)
@@ -90,18 +110,44 @@ def test_rebuilds_resume_from_the_longest_matching_prefix(
         o for o in first["outputs"] if o["format"] == "vmdk"
     ]
 
-    # The last component edited: the builder boots from the first one's layer.
+    # The last component edited: the builder comes back running as it was
+    # after the first one, and its clock is set to now (not to the save's time).
     write_recipe(tmp_path, "changed")
+    started = time.time()
     edited, edited_dir, log = build(recipe, cli_env)
     assert edited["checkpoints"]["resumed"] == ["1/2 first"]
-    assert edited["checkpoints"]["restore"] == "disk"
+    assert edited["checkpoints"]["restore"] == "ram"
     assert edited["checkpoints"]["saved"] == ["2/2 second", "generalized disk"]
-    assert "resuming after component 1/2 first (booting from its disk layer" in log
+    assert "checkpoints: 1/2 first: the running VM is back, no boot" in log
+    assert "booting the builder VM" not in log
     assert etc_file(edited_dir / "disk.qcow2", tmp_path, "first") == b"one\n"
     assert etc_file(edited_dir / "disk.qcow2", tmp_path, "second") == b"changed\n"
+    clock = int(etc_file(edited_dir / "disk.qcow2", tmp_path, "clock") or b"0")
+    assert started - 1 <= clock <= time.time()
+
+    # Saved by another QEMU (its signature differs): not loaded; the builder
+    # boots from the first one's disk layer, and that state is dropped.
+    [first_cp] = [p for p in (tmp_path / "checkpoints").glob("*/meta.json")
+                  if json.loads(p.read_text())["label"] == "1/2 first"]  # fmt: skip
+    meta = json.loads(first_cp.read_text())
+    meta["data"]["vm"]["signature"] = "0" * 64
+    first_cp.write_text(json.dumps(meta))
+    write_recipe(tmp_path, "again")
+    other, other_dir, log = build(recipe, cli_env)
+    assert other["checkpoints"]["restore"] == "disk"
+    assert "checkpoints: 1/2 first: booting from its disk layer (not resumable here: it was " \
+        "saved by another QEMU or machine" in log  # fmt: skip
+    assert not (first_cp.parent / "vmstate.zst").exists()
+    assert etc_file(other_dir / "disk.qcow2", tmp_path, "second") == b"again\n"
 
     listed = vmbuild("cache", "list", "--json", env=cli_env)
-    labels = sorted(row["label"] for row in json.loads(listed.stdout))
-    assert edited["checkpoints"]["outputs"] is False
-    assert labels == ["1/2 first", "2/2 second", "2/2 second", "generalized disk",
-                      "generalized disk", "outputs vmdk", "outputs vmdk"]  # fmt: skip
+    rows = json.loads(listed.stdout)
+    labels = sorted(row["label"] for row in rows)
+    # The first one's state was dropped above; every second one's was kept.
+    assert sorted((r["label"], r["running_vm"]) for r in rows if r["stage"] == "component") == [
+        ("1/2 first", False), ("2/2 second", True), ("2/2 second", True), ("2/2 second", True)
+    ]  # fmt: skip
+    assert edited["checkpoints"]["outputs"] is False and other["checkpoints"]["outputs"] is False
+    assert labels == ["1/2 first", "2/2 second", "2/2 second", "2/2 second",
+                      "generalized disk", "generalized disk", "generalized disk",
+                      "outputs vmdk", "outputs vmdk", "outputs vmdk"]  # fmt: skip

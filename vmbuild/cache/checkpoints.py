@@ -88,7 +88,8 @@ ENV_DIR = "VMBUILD_CHECKPOINT_DIR"
 def root() -> Path:
     """`$VMBUILD_CHECKPOINT_DIR`, else `checkpoints/` in the user cache dir."""
     explicit = os.environ.get(ENV_DIR)
-    return Path(explicit) if explicit else paths.cache_dir() / "checkpoints"
+    # Absolute: a layer's backing file is named relative to the layer's own dir.
+    return Path(explicit).absolute() if explicit else paths.cache_dir() / "checkpoints"
 
 
 def parse_size(text: str) -> int:
@@ -233,13 +234,17 @@ class CheckpointStore:
         data: dict[str, Any] | None = None,
         files: dict[str, Path] | None = None,
         link: bool = False,
+        moved: dict[str, Path] | None = None,
+        secret: dict[str, str] | None = None,
     ) -> Checkpoint | None:
         """Keep `layer` (a qcow2 whose backing is the same content as `parent`'s
         disk, or as `backing`) under `key`, with `data` and extra `files`.
 
         `link`: the files are hard-linked, not copied (stored artifacts, which
         nothing writes again). Where that is impossible (another file system)
-        nothing is saved, and the store stays on."""
+        nothing is saved, and the store stays on. `moved`: files made in
+        scratch_path() and renamed in (a VM's saved state: too big to copy).
+        `secret`: texts written readable by the owner only, never into meta.json."""
         if not self.enabled:
             return None
         existing = self._load(key)
@@ -265,6 +270,12 @@ class CheckpointStore:
                 qemu_img("rebase", "-u", "-f", "qcow2", "-b", below, "-F", _format(below), dst)
                 meta["size"] = dst.stat().st_size
                 meta["sha256"] = sha256_file(dst)
+            for name, src in (moved or {}).items():
+                src.rename(tmp / name)
+            for name, text in (secret or {}).items():
+                fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
             for name, src in (files or {}).items():
                 if not link:
                     shutil.copyfile(src, tmp / name)
@@ -288,10 +299,40 @@ class CheckpointStore:
                 raise
         except (OSError, VmbuildError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            for src in (moved or {}).values():
+                src.unlink(missing_ok=True)
             self.disable(f"cannot save a checkpoint ({exc}); building on without checkpoints")
             return None
         log.info("checkpoint %s saved (%s)", key[:16], label)
         return Checkpoint(key, self.root / key, meta)
+
+    def scratch_path(self, name: str) -> Path:
+        """A path inside the cache for a file a later save() moves in (same file
+        system: a rename). Named like a killed save's leftovers, which prune
+        and the next save's cleanup remove."""
+        return self.root / f".tmp-{uuid.uuid4().hex[:12]}-{name}"
+
+    def checked_file(self, cp: Checkpoint, name: str, what: str) -> Path | None:
+        """`name` in `cp`, if its size and sha256 are what meta.json's data[what]
+        recorded; else None, and the file is removed with a warning (its
+        checkpoint stays usable without it). Checked at use: big, and needed
+        only for the one checkpoint a build resumes from."""
+        info = cp.meta.get("data", {}).get(what)
+        path = cp.path / name
+        if not isinstance(info, dict) or not path.exists():
+            return None
+        try:
+            if path.stat().st_size != info.get("size"):
+                problem = f"it is {path.stat().st_size} bytes, {info.get('size')} expected"
+            elif sha256_file(path) != info.get("sha256"):
+                problem = "it does not match its checksum"
+            else:
+                return path
+        except OSError as exc:
+            problem = str(exc)
+        self._warn(f"ignoring the {what} of checkpoint {cp.key[:16]} ({cp.label}): {problem}")
+        path.unlink(missing_ok=True)
+        return None
 
     def discard(self, cp: Checkpoint) -> None:
         """Forget a checkpoint found wanting (its files did not match)."""
@@ -389,6 +430,23 @@ def prune(
         for stale in store_root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)  # saves killed midway
         return Pruned(sorted(gone), freed, len(entries) - len(gone))
+
+
+def prune_after_build(store_root: Path, say: Callable[[str], None]) -> Pruned | None:
+    """Keep the cache within its caps once a build is done with it (the build's own
+    shared lock released). Skipped while another build uses the cache: the next
+    one to finish prunes. Never fails the build."""
+    try:
+        result = prune(store_root)
+    except (OSError, VmbuildError) as exc:
+        say(f"checkpoints: not pruned ({exc})")
+        return None
+    if result.removed:
+        say(
+            f"checkpoints: removed {len(result.removed)} least recently used "
+            f"({result.freed / (1 << 20):.0f} MiB) to fit the cache's caps"
+        )
+    return result
 
 
 @contextlib.contextmanager

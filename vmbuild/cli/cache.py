@@ -6,10 +6,12 @@ import argparse
 import time
 
 from rich.table import Table
+from rich.text import Text
 
 from vmbuild import console
 from vmbuild.cache import checkpoints
 from vmbuild.cli.common import SubParsers, json_flag, out, verb
+from vmbuild.stages.resume import STATE_FILE
 
 
 def add_parser(sub: SubParsers) -> None:
@@ -46,6 +48,8 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
             "label": cp.label,
             "parent": cp.meta.get("parent"),
             "size": sizes[cp.key],
+            # The builder's running state is kept with it: a resume needs no boot.
+            "running_vm": (cp.path / STATE_FILE).exists(),
             "last_used": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(cp.last_used)),
         }
         for cp in entries
@@ -53,12 +57,12 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
 
     def human() -> None:
         table = Table(show_edge=False)
-        for column in ("key", "stage", "label", "MiB", "last used (UTC)"):
+        for column in ("key", "stage", "label", "MiB", "running VM", "last used (UTC)"):
             table.add_column(column)
         for cp, row in zip(entries, rows, strict=True):
             table.add_row(
-                cp.key[:16], cp.stage, cp.label, f"{sizes[cp.key] / (1 << 20):.0f}",
-                str(row["last_used"]),
+                cp.key[:16], cp.stage, Text(cp.label), f"{sizes[cp.key] / (1 << 20):.0f}",
+                "yes" if row["running_vm"] else "", str(row["last_used"]),
             )  # fmt: skip
         console.stdout().print(table)
         total = sum(sizes.values())

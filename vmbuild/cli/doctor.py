@@ -24,6 +24,7 @@ NEED_LABEL = {
     "aws": "distribution to AWS",
     "arm64": "arch: arm64 recipes",
     "arm64-base": "debian-12 arm64 base builds on an x86_64 host",
+    "checkpoints": "resuming the running builder VM (else disk layers only)",
 }
 
 

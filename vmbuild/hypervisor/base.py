@@ -46,6 +46,9 @@ class VMSpec:
     # An offline rebuild: the guest reaches nothing but this port on the host's
     # 127.0.0.1 (the bundle's mirror), forwarded from aptproxy.OFFLINE_ADDRESS:80.
     offline_mirror_port: int | None = None
+    # A running VM's saved state (hypervisor/vmstate.py) to load instead of
+    # booting: the guest resumes where it was saved. The direct QEMU backend only.
+    restore_from: Path | None = None
 
     def user_netdev(self, netdev_id: str) -> str:
         """QEMU's user network: SSH forwarded from 127.0.0.1 only; in the ec2 mode on

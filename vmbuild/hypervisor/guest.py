@@ -40,6 +40,25 @@ POWEROFF = 12.0
 
 
 @dataclass(frozen=True)
+class Restore:
+    """A builder's saved running state to resume instead of booting (checkpoints).
+
+    The guest comes back as it was saved: its sshd key, the login key its
+    authorized_keys holds, its clock at that instant. So those keys come with
+    it (pinned and used as at the save), and the clock and the package cache's
+    address are set again once it is back (restored_fixups)."""
+
+    state: Path  # the saved state (hypervisor/vmstate.py)
+    signature: str  # of the machine that saved it (qemu.state_signature)
+    client_key: KeyPair
+    host_key: KeyPair
+
+
+class RestoreFailed(VMError):
+    """A saved state could not be resumed here; the VM it started is gone."""
+
+
+@dataclass(frozen=True)
 class GuestRequest:
     run_id: str
     role: str  # "builder" | "test" | "scratch"
@@ -71,6 +90,9 @@ class GuestRequest:
     # An offline rebuild: the bundle's mirror on the host's 127.0.0.1, the guest's only
     # way out (apt_proxy then names its guest-side address).
     offline_mirror_port: int | None = None
+    # Resume a saved running builder instead of booting `base` (which is then
+    # the disk layer saved with it). The direct QEMU backend only.
+    restore: Restore | None = None
 
 
 @dataclass
@@ -195,8 +217,11 @@ def booted_guest(
         for path in (overlay, seed, key_path, pinned, uefi_vars):
             if path is not None:
                 stack.callback(path.unlink, missing_ok=True)
-        client_key = generate_ed25519(f"vmbuild-{req.role}@{req.run_id}")
-        host_key = generate_ed25519(f"vmbuild-host@{req.run_id}")
+        if req.restore is not None:
+            client_key, host_key = req.restore.client_key, req.restore.host_key
+        else:
+            client_key = generate_ed25519(f"vmbuild-{req.role}@{req.run_id}")
+            host_key = generate_ed25519(f"vmbuild-host@{req.run_id}")
         client_key.write_private(key_path)
         seed_cfg = SeedConfig(
             instance_id=f"{name}-{int(time.time())}",
@@ -234,18 +259,34 @@ def booted_guest(
             uefi_vars=uefi_vars,
             arch=req.arch,
             offline_mirror_port=req.offline_mirror_port,
+            restore_from=req.restore.state if req.restore is not None else None,
         )
         machine = make_machine(req, spec)
         machine.shutdown_timeout = req.accel.timeout(POWEROFF)
-        status(f"booting the {req.role} VM ({req.accel.kind}, {req.backend})")
+        if req.restore is not None:
+            _check_restorable(req.restore, machine)
+            status(f"resuming the {req.role} VM's saved running state ({req.accel.kind})")
+        else:
+            status(f"booting the {req.role} VM ({req.accel.kind}, {req.backend})")
         guest: Guest | None = None
         try:
-            # The backend's own context: launched here; on leaving the stack an
-            # orderly shutdown, or a kill when an error unwinds it.
-            stack.enter_context(machine)
-            ssh = _connect(req, spec, machine, key_path, host_key, service)
+            try:
+                # The backend's own context: launched here; on leaving the stack an
+                # orderly shutdown, or a kill when an error unwinds it.
+                stack.enter_context(machine)
+                ssh = _connect(req, spec, machine, key_path, host_key, service)
+                stack.callback(ssh.close)
+                if req.restore is not None:
+                    restored_fixups(ssh, req)
+            except VMError as exc:
+                if req.restore is None:
+                    raise
+                raise RestoreFailed(str(exc)) from None
+            except SSHError as exc:
+                if req.restore is None:
+                    raise
+                raise RestoreFailed(str(exc)) from None
             guest = Guest(machine, ssh, spec, client_key, key_path, host_key, req.user, service)
-            stack.callback(ssh.close)
             # No cloud-init wait here: sshd starts after cloud-init's init stage
             # (users, keys, write_files), so a login is all the next step needs.
             # Whoever needs cloud-init finished (generalize, the test VM's
@@ -261,6 +302,35 @@ def booted_guest(
                 if destroy:
                     log.error("remove it afterwards with: %s", destroy)
             raise
+
+
+def _check_restorable(restore: Restore, machine: Machine) -> None:
+    signature = getattr(machine, "state_signature", None)
+    if signature is None:
+        raise RestoreFailed(f"the {type(machine).__name__} backend does not resume saved states")
+    if signature() != restore.signature:
+        raise RestoreFailed(
+            "it was saved by another QEMU or machine (QEMU version, accelerator, "
+            "machine type, CPU model, memory or devices differ)"
+        )
+
+
+def restored_fixups(ssh: SSHSession, req: GuestRequest) -> None:
+    """What a resumed guest must be told: the time (its clock stood still while it
+    was saved: apt refuses a Release file "not valid yet" on a clock behind the
+    mirror's), and the package cache's address this run (another port, or none)."""
+    now = time.time()
+    res = ssh.run(f"date -u -s @{now:.3f} >/dev/null", timeout=req.accel.timeout(10))
+    if res.exit_code != 0:
+        raise VMError(f"could not set the resumed guest's clock: {res.stderr.strip()}")
+    conf = aptproxy.guest_apt_conf(
+        req.apt_proxy, builder=req.role in ("builder", "scratch"),
+        offline=req.offline_mirror_port is not None,
+    )  # fmt: skip
+    if conf is None:
+        ssh.run(f"rm -f {aptproxy.GUEST_CONF}", timeout=req.accel.timeout(10))
+    else:
+        ssh.put(conf.encode(), aptproxy.GUEST_CONF, mode=0o644)
 
 
 def _start_imds(

@@ -7,19 +7,23 @@ the process, so no QEMU outlives vmbuild.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import subprocess
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
 from vmbuild import runs
 from vmbuild.errors import VMError, quote_argv
-from vmbuild.hypervisor import arch, firmware
+from vmbuild.hypervisor import arch, firmware, vmstate
 from vmbuild.hypervisor.base import MachineContext, VMSpec, read_tail
 from vmbuild.hypervisor.qmp import QMPClient
-from vmbuild.run import qemu_img, reaped, spawn
+from vmbuild.run import qemu_img, reaped, run, spawn
 
 log = logging.getLogger("vmbuild.qemu")
 
@@ -52,10 +56,37 @@ def qemu_argv(spec: VMSpec) -> list[str]:
         *smbios_args(spec),
         # Early boot (sshd host keys, cloud-init) must never wait for entropy.
         "-device", "virtio-rng-pci",
+        # A VM generation ID (a fresh one each QEMU start): a guest resumed
+        # from a saved state learns it was cloned and reseeds its RNG at once,
+        # so two builds resumed from one checkpoint never share random numbers.
+        *(["-device", "vmgenid"] if spec.arch == "x86_64" else []),
         "-chardev", f"file,id=serial0,path={spec.console_log}",
         "-serial", "chardev:serial0",
         "-qmp", f"unix:{qmp_path(spec)},server=on,wait=off",
+        # The state comes over QMP once QEMU is up (vmstate.load).
+        *(["-incoming", "defer"] if spec.restore_from is not None else []),
     ]  # fmt: skip
+
+
+@functools.cache
+def qemu_version(binary: str) -> str:
+    return run([binary, "--version"], timeout=30).stdout.splitlines()[0].strip()
+
+
+def state_signature(spec: VMSpec) -> str:
+    """What a saved state can be loaded into: QEMU's version and the VM's command
+    line, leaving out what differs between any two runs of the same machine (its
+    name, file paths, the SSH port's host side). A state is loaded only where this
+    is equal; the accelerator, machine type, CPU model, memory and every device
+    are in it."""
+    same = replace(
+        spec, name="vm", disk=Path("disk.qcow2"), seed=Path("seed.iso") if spec.seed else None,
+        ssh_port=22, console_log=Path("console.log"), workdir=Path("."),
+        uefi_vars=Path("vars.fd") if spec.uefi_vars else None, restore_from=None,
+    )  # fmt: skip
+    argv = qemu_argv(same)
+    data = json.dumps([qemu_version(argv[0]), argv])
+    return hashlib.sha256(data.encode()).hexdigest()
 
 
 def smbios_args(spec: VMSpec) -> list[str]:
@@ -99,6 +130,25 @@ class QemuMachine(MachineContext):
             if qmp_path(self.spec).exists():
                 break
             time.sleep(0.05)
+        if self.spec.restore_from is not None:
+            self._load_state(self.spec.restore_from)
+
+    def _load_state(self, state: Path) -> None:
+        assert self._log is not None
+        try:
+            with QMPClient(qmp_path(self.spec), timeout=30) as qmp:
+                vmstate.load(qmp, state, log=self._log, timeout=self.spec.accel.timeout(60))
+        except BaseException as exc:
+            # launch() raising means no `with` block to stop the VM: do it here.
+            exited = self._proc is not None and self._proc.poll() is not None
+            self.kill()
+            if exited and isinstance(exc, VMError):
+                # QEMU refusing a stream exits, saying why in its log.
+                raise VMError(
+                    f"{exc}: {read_tail(self.spec.qemu_log, 5).strip()}",
+                    console_tail=self.console_tail(),
+                ) from None
+            raise
 
     def _raise_exited(self, what: str) -> None:
         assert self._proc is not None
@@ -164,17 +214,46 @@ class QemuMachine(MachineContext):
         with QEMU 7.2), so zero writes would allocate space in every layer.
         """
         with QMPClient(qmp_path(self.spec), timeout=60) as qmp:
-            qemu_img("create", "-q", "-f", "qcow2", "-b", top, "-F", "qcow2", new_top, timeout=60)
-            node = f"layer-{new_top.stem}"
-            qmp.execute(
-                "blockdev-add", driver="qcow2", **{"node-name": node}, discard="unmap",
-                **{"detect-zeroes": "unmap"},
-                file={"driver": "file", "filename": str(new_top), "discard": "unmap"},
-                # The backing is attached by blockdev-snapshot (it refuses an
-                # overlay that already has one); the file's header names it.
-                backing=None,
-            )  # fmt: skip
-            qmp.execute("blockdev-snapshot", node=DISK_ID, overlay=node)
+            self._cut(qmp, top, new_top)
+
+    def _cut(self, qmp: QMPClient, top: Path, new_top: Path) -> None:
+        qemu_img("create", "-q", "-f", "qcow2", "-b", top, "-F", "qcow2", new_top, timeout=60)
+        node = f"layer-{new_top.stem}"
+        qmp.execute(
+            "blockdev-add", driver="qcow2", **{"node-name": node}, discard="unmap",
+            **{"detect-zeroes": "unmap"},
+            file={"driver": "file", "filename": str(new_top), "discard": "unmap"},
+            # The backing is attached by blockdev-snapshot (it refuses an
+            # overlay that already has one); the file's header names it.
+            backing=None,
+        )  # fmt: skip
+        qmp.execute("blockdev-snapshot", node=DISK_ID, overlay=node)
+
+    def state_signature(self) -> str:
+        return state_signature(self.spec)
+
+    def save_running(self, top: Path, new_top: Path, state: Path) -> None:
+        """Cut the disk as cut_layer does and keep the VM's running state in `state`,
+        both of one instant: the VM is paused for the two and then runs on.
+
+        The guest's filesystems are not frozen across this (a guest restored
+        frozen could not even log in to thaw them): the caller flushes them
+        just before, so the layer is the disk a moment after a flush, as a
+        power cut would leave it, which ext4's journal replays on a boot from
+        that layer alone; restored with its state, it is exact. Raises
+        StateNotSaved when only the state failed (the layer is good).
+        """
+        assert self._log is not None
+        with QMPClient(qmp_path(self.spec), timeout=60) as qmp:
+            qmp.execute("stop")
+            try:
+                self._cut(qmp, top, new_top)
+                try:
+                    vmstate.save(qmp, state, log=self._log, timeout=self.spec.accel.timeout(60))
+                except (VMError, OSError) as exc:
+                    raise vmstate.StateNotSaved(f"{self.spec.name}: {exc}") from None
+            finally:
+                qmp.execute("cont")
 
     def shutdown(self, timeout: float) -> None:
         if self._proc is None:

@@ -11,8 +11,10 @@ parameters and the phases run, in order.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,10 @@ import yaml
 from vmbuild import toe
 from vmbuild.cache import checkpoints
 from vmbuild.debian import index, sources
+from vmbuild.digest import sha256_file
 from vmbuild.errors import VmbuildError
+from vmbuild.hypervisor.guest import Restore
+from vmbuild.remote.keys import KeyPair
 from vmbuild.stages.key import StageKey, stage_key
 
 log = logging.getLogger("vmbuild.resume")
@@ -108,12 +113,29 @@ def chain(root: StageKey, docs: Sequence[toe.Document]) -> list[StageKey]:
     return out
 
 
+STATE_FILE = "vmstate.zst"
+KEYS_FILE = "ssh-keys.json"  # 0600: the resumed guest's sshd key and the key it lets in
+
+
+@dataclass(frozen=True)
+class SavedVM:
+    """A builder's running state saved with a component's layer."""
+
+    state: Path  # made in the store's scratch_path(); moved into the checkpoint
+    signature: str  # qemu.state_signature of the machine that saved it
+    client_key: KeyPair
+    host_key: KeyPair
+
+
 class Checkpointing:
     """One build's use of the checkpoint cache: what it resumes from, what it saves.
 
-    Disk-only: a resumed build boots its builder from the newest matching layer
-    (a new instance: cloud-init installs this build's keys, pinned as always).
-    Restoring the running VM (RAM state) is not done.
+    A resumed build gets its builder back running, as it was after the newest
+    matching component (its RAM state, saved by the direct QEMU backend), or,
+    where that cannot be (another QEMU or machine, the libvirt backend, a state
+    found damaged), boots a new instance from that component's disk layer
+    (cloud-init installs this build's keys, pinned as always). `restored`
+    records which happened.
     """
 
     def __init__(
@@ -146,6 +168,8 @@ class Checkpointing:
         # component layers below it were cut or are still cached.
         self.generalized = store.find(final_key.digest)
         self.saved: list[str] = []
+        self.restored: str | None = None  # "ram" | "disk" once the builder is up
+        self.running_state = True  # keep the running VM with each layer (where the backend can)
         self.tests_cached = False
         self.outputs_cached = False
 
@@ -157,17 +181,62 @@ class Checkpointing:
         """The layer the builder boots from, or None for the base."""
         return self.last.disk if self.last is not None else None
 
+    def saved_vm(self) -> tuple[Restore | None, str]:
+        """The running state saved with the checkpoint the build resumes after, or
+        None and why not (said to the user when the builder boots instead)."""
+        if self.last is None:
+            return None, "nothing to resume"
+        if not isinstance(self.last.meta.get("data", {}).get("vm"), dict):
+            return None, "its running state was not saved"
+        state = self.store.checked_file(self.last, STATE_FILE, "vm")
+        if state is None:
+            return None, "its saved running state is gone or damaged"
+        try:
+            keys = json.loads((self.last.path / KEYS_FILE).read_text())
+            restore = Restore(
+                state=state, signature=str(self.last.meta["data"]["vm"]["signature"]),
+                client_key=KeyPair(keys["client_private"], keys["client_public"]),
+                host_key=KeyPair(keys["host_private"], keys["host_public"]),
+            )  # fmt: skip
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, "the SSH keys saved with its running state are unreadable"
+        return restore, ""
+
+    def drop_saved_vm(self) -> None:
+        """The state could not be resumed here: keep the layer, forget the state."""
+        if self.last is not None:
+            (self.last.path / STATE_FILE).unlink(missing_ok=True)
+
     def save_component(
-        self, index: int, layer: Path, applied: dict[str, Any]
+        self, index: int, layer: Path, applied: dict[str, Any], vm: SavedVM | None = None
     ) -> checkpoints.Checkpoint | None:
         if not self.usable or (index > 0 and self.last is None):
+            if vm is not None:
+                vm.state.unlink(missing_ok=True)
             return None
+        data: dict[str, Any] = {"applied": applied}
+        moved: dict[str, Path] = {}
+        secret: dict[str, str] = {}
+        if vm is not None:
+            data["vm"] = {
+                "signature": vm.signature, "size": vm.state.stat().st_size,
+                "sha256": sha256_file(vm.state),
+            }  # fmt: skip
+            moved[STATE_FILE] = vm.state
+            secret[KEYS_FILE] = json.dumps({
+                "client_private": vm.client_key.private_openssh,
+                "client_public": vm.client_key.public_openssh,
+                "host_private": vm.host_key.private_openssh,
+                "host_public": vm.host_key.public_openssh,
+            })  # fmt: skip
         saved = self.store.save(
             self.chain[index].digest, stage="component",
             label=f"{index + 1}/{len(self.chain)} {self.names[index]}", layer=layer,
             parent=self.last, backing=None if self.last else self.base_link,
-            data={"applied": applied},
+            data=data, moved=moved, secret=secret,
         )  # fmt: skip
+        if vm is not None:
+            vm.state.unlink(missing_ok=True)  # moved in, or the save did not happen
         self.last = saved
         if saved is not None:
             self.saved.append(saved.label)
@@ -193,5 +262,5 @@ class Checkpointing:
             "saved": self.saved,
             "tests": self.tests_cached,
             "outputs": self.outputs_cached,
-            "restore": "disk" if self.resumed and self.generalized is None else None,
+            "restore": self.restored,
         }

@@ -6,8 +6,10 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import yaml
 
+from vmbuild.hypervisor import qemu
 from vmbuild.hypervisor.accel import Accel, tcg
 from vmbuild.hypervisor.base import VMSpec
 from vmbuild.hypervisor.guest import overlay_argv
@@ -36,10 +38,36 @@ def test_qemu_argv_tcg_is_exact() -> None:
         "-drive", "file=/w/seed.iso,format=raw,if=virtio,readonly=on",
         "-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22",
         "-device", "virtio-net-pci,netdev=net0",
-        "-device", "virtio-rng-pci",
+        "-device", "virtio-rng-pci", "-device", "vmgenid",
         "-chardev", "file,id=serial0,path=/w/console.log", "-serial", "chardev:serial0",
         "-qmp", f"unix:{tempfile.gettempdir()}/vmbuild-abc123-builder.qmp,server=on,wait=off",
     ]  # fmt: skip
+
+
+def test_a_restored_vm_waits_for_its_state() -> None:
+    argv = qemu_argv(replace(spec(tcg("test")), restore_from=Path("/c/vmstate.zst")))
+    assert argv[-2:] == ["-incoming", "defer"]
+    assert "/c/vmstate.zst" not in " ".join(argv)  # it comes over QMP, not the command line
+
+
+def test_a_state_signature_ignores_names_paths_and_ports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(qemu, "qemu_version", lambda _binary: "QEMU emulator version 7.2.22")
+    one = spec(tcg("test"))
+    other = replace(
+        one, name="vmbuild-def456-builder", disk=Path("/x/builder-2.qcow2"),
+        seed=Path("/x/seed.iso"), ssh_port=50022, console_log=Path("/x/c.log"),
+        workdir=Path("/x"), restore_from=Path("/c/vmstate.zst"),
+    )  # fmt: skip
+    assert qemu.state_signature(one) == qemu.state_signature(other)
+    for changed in (replace(one, memory_mib=4096), replace(one, cpus=1),
+                    replace(one, accel=Accel("kvm", "probed", 1.0)), replace(one, seed=None),
+                    replace(one, firmware="uefi", uefi_vars=Path("/w/v.fd"))):  # fmt: skip
+        assert qemu.state_signature(changed) != qemu.state_signature(one)
+    before = qemu.state_signature(one)
+    monkeypatch.setattr(qemu, "qemu_version", lambda _binary: "QEMU emulator version 8.2.2")
+    assert qemu.state_signature(one) != before
 
 
 def test_qemu_argv_kvm_uses_host_cpu() -> None:
