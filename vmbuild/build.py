@@ -158,15 +158,29 @@ def _open_checkpoints(r: Run) -> None:
     )  # fmt: skip
     if r.ck.generalized is not None:
         r.reporter.status("checkpoints: the generalized disk is cached; no builder VM needed")
-    elif r.ck.resumed:
+        return
+    if r.ck.resumed:
         r.reporter.status(f"checkpoints: resuming after component {r.ck.resumed[-1].label}")
-    if r.ck.generalized is None and which("zstd") is None:
-        r.ck.running_state = False
-        r.reporter.status(
-            "checkpoints: disk layers only (zstd is not installed: the running VM is not kept)"
-        )
     else:
         r.reporter.status("checkpoints: none match; saving one after each component")
+    why_not = _no_running_state(r)
+    if why_not:
+        r.ck.running_state = False
+        r.reporter.status(f"checkpoints: disk layers only ({why_not})")
+
+
+def _no_running_state(r: Run) -> str | None:
+    """Why this build keeps no running VM with its checkpoints, if it keeps none."""
+    recipe = r.plan.loaded.recipe
+    if r.plan.backend != "qemu":
+        return None  # said when it matters: a resume boots from the disk layer
+    if which("zstd") is None:
+        return "zstd is not installed: the running VM is not kept"
+    if recipe.arch != "x86_64":
+        # A resumed guest must learn it was cloned (vmgenid, x86 only here) or
+        # two builds from one state would share their RNG's output.
+        return f"the running VM is kept for x86_64 guests only, not {recipe.arch}"
+    return None
 
 
 def _package_cache(r: Run) -> None:
@@ -214,7 +228,7 @@ def _resumed_builder(r: Run, req: GuestRequest) -> Guest | None:
     label = r.ck.last.label
     restore, why = r.ck.saved_vm() if req.backend == "qemu" else (None, "the libvirt backend")
     if not r.ck.running_state:
-        restore, why = None, "zstd is not installed"
+        restore, why = None, _no_running_state(r) or "no running VM is kept"
     if restore is not None:
         try:
             guest = r.stack.enter_context(
@@ -222,7 +236,8 @@ def _resumed_builder(r: Run, req: GuestRequest) -> Guest | None:
             )
         except RestoreFailed as exc:
             why = f"not resumable here: {exc}"
-            r.ck.drop_saved_vm()
+            if exc.damaged:  # it would fail the same way next time
+                r.ck.drop_saved_vm()
         else:
             r.ck.restored = "ram"
             r.reporter.status(f"checkpoints: {label}: the running VM is back, no boot")
@@ -282,7 +297,7 @@ def _ask_retry(r: Run, exc: StepFailed) -> bool:
 
 def _checkpoint(r: Run, index: int, applied: dict[str, Any]) -> None:
     """Cut the builder's disk below a new top file and keep the cut layer."""
-    if r.ck is None or not r.ck.usable or r.builder is None or r.top is None:
+    if r.ck is None or not r.ck.usable or r.ck.diverged or r.builder is None or r.top is None:
         return
     cut = getattr(r.builder.machine, "cut_layer", None)
     if cut is None:
@@ -291,36 +306,58 @@ def _checkpoint(r: Run, index: int, applied: dict[str, Any]) -> None:
     layer, new_top = r.top, r.work / f"builder-{index + 1}.qcow2"
     save_running = getattr(r.builder.machine, "save_running", None)
     signature = getattr(r.builder.machine, "state_signature", None)
-    if not r.ck.running_state:
-        save_running = None
+    keep_state = r.ck.running_state and save_running is not None and signature is not None
+    secret = [c for c in r.plan.loaded.recipe.components[: index + 1] if c.secret_names()]
+    if keep_state and secret:
+        # The guest's RAM holds what it was given (its tmpfs, freed pages): a
+        # state after a component with secret parameters would keep them on disk.
+        r.ck.running_state = keep_state = False
+        r.reporter.status(
+            f"checkpoints: disk layers only from here ({secret[0].name} has secret parameters: "
+            "the running VM would hold them)"
+        )
     vm: resume.SavedVM | None = None
+    state: Path | None = None
     try:
-        if save_running is None or signature is None:
+        if not keep_state:
             with r.builder.ssh.frozen():
                 cut(layer, new_top)
         else:
+            assert save_running is not None and signature is not None
             # Flushed and clean just before the pause that takes layer and
             # state together (QemuMachine.save_running says why not frozen).
             with r.builder.ssh.frozen():
                 pass
             state = r.ck.store.scratch_path(resume.STATE_FILE)
+            runs.own(state)  # a SIGKILL mid-save: the next vmbuild command removes it
             try:
                 save_running(layer, new_top, state)
-                vm = resume.SavedVM(
-                    state, signature(), r.builder.client_key,
-                    r.builder.host_key,
-                )  # fmt: skip
+                vm = resume.SavedVM(state, signature(), r.builder.client_key, r.builder.host_key)
             except StateNotSaved as exc:
                 r.reporter.status(f"checkpoint: the disk layer only ({exc})")
     except (VmbuildError, OSError) as exc:
         # A checkpoint is an optimisation: the build goes on without them.
         r.ck.store.disable(f"cannot cut a checkpoint layer ({exc}); building on without them")
         return
+    finally:
+        if state is not None and vm is None:
+            state.unlink(missing_ok=True)
+            runs.disown(state)
     r.top = new_top
-    saved = r.ck.save_component(index, layer, applied, vm)
-    if saved is not None:
+    try:
+        saved = r.ck.save_component(index, layer, applied, vm)
+    finally:
+        if state is not None:
+            state.unlink(missing_ok=True)  # moved into the checkpoint, or not kept
+            runs.disown(state)
+    if saved is not None and saved.fresh:
         took = time.monotonic() - start
         r.reporter.status(f"checkpoint saved: {saved.label} ({took:.1f}s)")
+    elif saved is not None:
+        r.reporter.status(
+            f"checkpoints: another build saved {saved.label} first; "
+            "this build saves no more (its layers are diffs against its own copy)"
+        )
 
 
 def _sbom(r: Run) -> None:

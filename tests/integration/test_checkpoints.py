@@ -141,9 +141,65 @@ def test_racing_saves_of_one_key_leave_one_intact_checkpoint(tmp_path: Path, wor
     for t in threads:
         t.join()
     assert all(r is not None and r.key == "k1" * 32 for r in results)
+    assert [r.fresh for r in results if r is not None].count(True) == 1  # one save won
     assert sorted(p.name for p in root.iterdir()) == ["bases", "k1" * 32, "use.lock"]
     with CheckpointStore(root) as store:
         assert store.find("k1" * 32) is not None
+
+
+def test_a_layer_whose_parent_was_replaced_is_never_used(tmp_path: Path, work: Path) -> None:
+    """Same key, other bytes (another build's copy of layer 1): the layer cut
+    on the first copy is a diff against content that is gone."""
+    said: list[str] = []
+    with CheckpointStore(tmp_path / "ck", warn=said.append) as store:
+        one, two = save_chain(store, work)
+        assert (tmp_path / "ck").stat().st_mode & 0o777 == 0o700
+        assert one.path.stat().st_mode & 0o777 == 0o700  # it may hold a VM's RAM
+        store.discard(one)
+        write(work / "l1.qcow2", 0x55, 0)
+        base = store.base_link(work / "base.qcow2", "b" * 64, "qcow2")
+        other = store.save(one.key, stage="component", label="1/2 a", layer=work / "l1.qcow2",
+                           backing=base)  # fmt: skip
+        assert other is not None and other.fresh and other.meta["sha256"] != one.meta["sha256"]
+        assert store.find(two.key) is None
+        assert said == [f"ignoring checkpoint {two.key[:16]} (2/2 b): "
+                        "the layer it is based on was replaced"]  # fmt: skip
+        assert store.find(one.key) == other
+
+
+def test_a_build_that_lost_a_race_saves_no_more_layers(tmp_path: Path, work: Path) -> None:
+    chain = [stage_key("component", n=i) for i in range(2)]
+
+    def checkpointing(store: CheckpointStore) -> resume.Checkpointing:
+        return resume.Checkpointing(
+            store, base_path=work / "base.qcow2", base_sha256="b" * 64, base_format="qcow2",
+            root=stage_key("checkpoint-root", n=0), chain=chain, names=["a", "b"],
+            final_key=stage_key("final", n=0),
+        )  # fmt: skip
+
+    with CheckpointStore(tmp_path / "ck") as store:
+        winner, loser = checkpointing(store), checkpointing(store)
+        first = winner.save_component(0, work / "l1.qcow2", {})
+        assert first is not None and first.fresh and winner.saved == ["1/2 a"]
+        found = loser.save_component(0, work / "l1.qcow2", {})
+        assert found == first and not found.fresh and loser.diverged and loser.saved == []
+        assert loser.save_component(1, work / "l2.qcow2", {}) is None
+        loser.save_generalized(work / "l2.qcow2", {})
+        assert store.find(chain[1].digest) is None and loser.saved == []
+        assert store.find(loser.final_key.digest) is None
+
+
+def test_prune_removes_what_killed_saves_left(tmp_path: Path, work: Path) -> None:
+    root = tmp_path / "ck"
+    with CheckpointStore(root) as store:
+        save_chain(store, work)
+        store.scratch_path(resume.STATE_FILE).write_bytes(b"half a state")
+        (root / ".tmp-0123456789ab").mkdir()
+    pruned = checkpoints.prune(root, max_size=1 << 40, max_age_days=30)
+    assert pruned.removed == [] and pruned.kept == 2
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        ["bases", "use.lock", "k1" * 32, "k2" * 32]
+    )
 
 
 @pytest.fixture
@@ -378,6 +434,7 @@ def test_a_saved_vm_comes_back_with_its_keys_and_never_damaged(tmp_path: Path, w
         assert ck.last is not None
         keys = ck.last.path / resume.KEYS_FILE
         assert keys.stat().st_mode & 0o777 == 0o600
+        assert "PRIVATE" not in repr(client)
         assert "PRIVATE" not in (ck.last.path / "meta.json").read_text()
         restore, why = ck.saved_vm()
         assert restore is not None and why == ""
@@ -394,6 +451,8 @@ def test_a_saved_vm_comes_back_with_its_keys_and_never_damaged(tmp_path: Path, w
             store, base_path=work / "base.qcow2", base_sha256="b" * 64, base_format="qcow2",
             root=ck.root, chain=ck.chain, names=["a"], final_key=ck.final_key,
         ).resumed == [ck.last]  # fmt: skip
+        ck.drop_saved_vm()  # not resumable: the keys it was saved with go too
+        assert sorted(p.name for p in ck.last.path.iterdir()) == ["disk.qcow2", "meta.json"]
 
 
 def test_a_state_not_kept_leaves_nothing_in_the_cache(tiny_disk: Path, work: Path) -> None:

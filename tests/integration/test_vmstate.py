@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_checkpoints import cut_test_vm, qemu_img
-from vmbuild.errors import VMError
 from vmbuild.hypervisor.base import VMSpec, free_port
 from vmbuild.hypervisor.qemu import QemuMachine, qmp_path
 from vmbuild.hypervisor.qmp import QMPClient
+from vmbuild.hypervisor.vmstate import StateNotLoaded
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -57,6 +57,7 @@ def qemu_processes(spec: VMSpec) -> str:
 def test_a_running_vm_is_saved_and_resumed_in_a_new_qemu(tmp_path: Path) -> None:
     spec, state, signature = saved(tmp_path)
     assert state.read_bytes()[:4] == ZSTD_MAGIC
+    assert state.stat().st_mode & 0o777 == 0o600  # the guest's RAM: the owner's only
     again = resumed_spec(spec, tmp_path, state)
     vm = QemuMachine(again)
     assert vm.state_signature() == signature  # the same machine, other paths and port
@@ -74,7 +75,7 @@ def test_a_damaged_state_is_refused_and_leaves_no_qemu(tmp_path: Path) -> None:
     state.write_bytes(bytes(data))
     again = resumed_spec(spec, tmp_path, state)
     vm = QemuMachine(again)
-    with pytest.raises(VMError, match="loading the VM's saved state failed"):
+    with pytest.raises(StateNotLoaded, match="loading the VM's saved state failed"):
         vm.launch()
     assert not vm.is_running() and qemu_processes(again) == ""
     assert not qmp_path(again).exists()
@@ -86,6 +87,6 @@ def test_a_state_cut_short_is_refused(tmp_path: Path) -> None:
         f.truncate(state.stat().st_size // 3)  # a save killed midway
     again = resumed_spec(spec, tmp_path, state)
     vm = QemuMachine(again)
-    with pytest.raises(VMError, match="saved state"):
+    with pytest.raises(StateNotLoaded, match="saved state"):
         vm.launch()
     assert not vm.is_running() and qemu_processes(again) == ""

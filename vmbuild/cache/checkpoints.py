@@ -12,7 +12,11 @@ Safety:
   complete; `meta.json` records the layer's size and sha256, checked before a
   layer is ever booted: a half-written or corrupt one is ignored (and removed).
 - Two builds saving the same key: the first rename wins, the second discards
-  its copy (the content is the same by construction).
+  its copy. Same inputs, yet not the same bytes (logs, timestamps): the loser's
+  next layers are diffs against its own copy, so save() tells it (`fresh`) and
+  it saves no more layers. Each layer records its parent's sha256, so a layer
+  whose parent was replaced is never booted.
+- Checkpoints hold a VM's RAM and SSH keys: the cache's dirs are the owner's only.
 - A full disk (or any I/O error) while saving turns checkpoints off for the
   rest of the build with a warning; the build goes on.
 - Builds hold a shared lock on `use.lock` while they use layers; pruning
@@ -31,7 +35,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,7 +48,7 @@ log = logging.getLogger("vmbuild.checkpoints")
 
 # Bump when what a checkpoint holds, or how it is made, changes: old ones
 # then simply stop matching.
-VERSION = 1
+VERSION = 2  # 2: layers record their parent's sha256
 ENV_MAX_SIZE = "VMBUILD_CACHE_MAX_SIZE"  # bytes, or with K/M/G/T suffix
 ENV_MAX_AGE = "VMBUILD_CACHE_MAX_AGE_DAYS"
 DEFAULT_MAX_SIZE = 20 << 30
@@ -60,6 +64,8 @@ class Checkpoint:
     key: str
     path: Path  # the checkpoint's directory
     meta: dict[str, Any]
+    # Written by the save() that returned it, not found there (not part of its identity).
+    fresh: bool = field(default=False, compare=False)
 
     @property
     def disk(self) -> Path | None:
@@ -124,7 +130,7 @@ class CheckpointStore:
     # -- lifecycle --------------------------------------------------------
     def __enter__(self) -> CheckpointStore:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._use = (self.root / "use.lock").open("a")
             fcntl.flock(self._use, fcntl.LOCK_SH)
         except OSError as exc:
@@ -194,6 +200,8 @@ class CheckpointStore:
             above = self._load(str(parent))
             if above is None:
                 return "the layer it is based on is gone"
+            if above.meta.get("sha256") != cp.meta.get("parent_sha256"):
+                return "the layer it is based on was replaced"
             return self._check(above, depth + 1)
         backing = cp.meta.get("backing")
         if backing and not Path(backing).exists():
@@ -252,11 +260,12 @@ class CheckpointStore:
             return existing  # another build (or an earlier run) saved the same content
         tmp = self.root / f".tmp-{uuid.uuid4().hex[:12]}"
         try:
-            tmp.mkdir(parents=True)
+            tmp.mkdir(mode=0o700, parents=True)
             meta: dict[str, Any] = {
                 "version": VERSION, "key": key, "stage": stage, "label": label,
                 "created": time.time(), "parent": parent.key if parent else None,
                 "backing": str(backing) if backing and not parent else None,
+                "parent_sha256": parent.meta.get("sha256") if parent else None,
                 "disk": layer is not None, "data": data or {},
             }  # fmt: skip
             if layer is not None:
@@ -304,7 +313,7 @@ class CheckpointStore:
             self.disable(f"cannot save a checkpoint ({exc}); building on without checkpoints")
             return None
         log.info("checkpoint %s saved (%s)", key[:16], label)
-        return Checkpoint(key, self.root / key, meta)
+        return Checkpoint(key, self.root / key, meta, fresh=True)
 
     def scratch_path(self, name: str) -> Path:
         """A path inside the cache for a file a later save() moves in (same file
@@ -428,7 +437,11 @@ def prune(
                 if str(base) not in used:
                     base.unlink(missing_ok=True)
         for stale in store_root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)  # saves killed midway
+            # Saves killed midway: dirs, and states made in scratch_path().
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         return Pruned(sorted(gone), freed, len(entries) - len(gone))
 
 

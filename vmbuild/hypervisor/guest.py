@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vmbuild.cache import aptproxy
 from vmbuild.errors import GuestStopped, SSHError, SSHTimeout, VmbuildError, VMError
-from vmbuild.hypervisor import firmware, imds
+from vmbuild.hypervisor import firmware, imds, vmstate
 from vmbuild.hypervisor.accel import Accel
 from vmbuild.hypervisor.arch import Arch
 from vmbuild.hypervisor.base import Ec2Boot, Machine, VMSpec, free_port
@@ -35,6 +35,9 @@ log = logging.getLogger("vmbuild.guest")
 
 # Timeouts in KVM seconds; Accel.timeout() scales them for TCG.
 BOOT_TO_SSH = 45.0
+# A resumed guest's sshd is already listening: only the guest's own network
+# stack has to notice the new QEMU's port forward.
+RESTORED_TO_SSH = 15.0
 CLOUD_INIT = 40.0
 POWEROFF = 12.0
 
@@ -55,7 +58,13 @@ class Restore:
 
 
 class RestoreFailed(VMError):
-    """A saved state could not be resumed here; the VM it started is gone."""
+    """A saved state could not be resumed here; the VM it started is gone.
+    `damaged`: it would fail again anywhere (keep it and the next build tries
+    again in vain); else it may load on another host or run."""
+
+    def __init__(self, message: str, *, damaged: bool) -> None:
+        super().__init__(message)
+        self.damaged = damaged
 
 
 @dataclass(frozen=True)
@@ -274,18 +283,24 @@ def booted_guest(
                 # The backend's own context: launched here; on leaving the stack an
                 # orderly shutdown, or a kill when an error unwinds it.
                 stack.enter_context(machine)
-                ssh = _connect(req, spec, machine, key_path, host_key, service)
+                try:
+                    ssh = _connect(req, spec, machine, key_path, host_key, service)
+                except VMError as exc:
+                    if req.restore is None:
+                        raise
+                    # Loaded, yet no login: that state does not come back usable.
+                    raise RestoreFailed(str(exc), damaged=True) from None
                 stack.callback(ssh.close)
                 if req.restore is not None:
                     restored_fixups(ssh, req)
-            except VMError as exc:
+            except vmstate.StateNotLoaded as exc:
                 if req.restore is None:
                     raise
-                raise RestoreFailed(str(exc)) from None
-            except SSHError as exc:
+                raise RestoreFailed(str(exc), damaged=True) from None
+            except (VMError, OSError) as exc:
                 if req.restore is None:
                     raise
-                raise RestoreFailed(str(exc)) from None
+                raise RestoreFailed(str(exc), damaged=False) from None
             guest = Guest(machine, ssh, spec, client_key, key_path, host_key, req.user, service)
             # No cloud-init wait here: sshd starts after cloud-init's init stage
             # (users, keys, write_files), so a login is all the next step needs.
@@ -307,11 +322,14 @@ def booted_guest(
 def _check_restorable(restore: Restore, machine: Machine) -> None:
     signature = getattr(machine, "state_signature", None)
     if signature is None:
-        raise RestoreFailed(f"the {type(machine).__name__} backend does not resume saved states")
+        raise RestoreFailed(
+            f"the {type(machine).__name__} backend does not resume saved states", damaged=False
+        )
     if signature() != restore.signature:
         raise RestoreFailed(
-            "it was saved by another QEMU or machine (QEMU version, accelerator, "
-            "machine type, CPU model, memory or devices differ)"
+            "it was saved by another QEMU or machine (QEMU version or firmware, accelerator, "
+            "host CPU, machine type, memory or devices differ)",
+            damaged=False,
         )
 
 
@@ -370,7 +388,7 @@ def _connect(
     try:
         return SSHSession.connect(
             "127.0.0.1", spec.ssh_port, req.user, key_path, host_key.public_openssh,
-            timeout=req.accel.timeout(BOOT_TO_SSH),
+            timeout=req.accel.timeout(BOOT_TO_SSH if req.restore is None else RESTORED_TO_SSH),
             alive=Watchdog(machine, spec.console_log, from_start=True).check,
         )  # fmt: skip
     except GuestStopped as exc:

@@ -85,8 +85,49 @@ def state_signature(spec: VMSpec) -> str:
         uefi_vars=Path("vars.fd") if spec.uefi_vars else None, restore_from=None,
     )  # fmt: skip
     argv = qemu_argv(same)
-    data = json.dumps([qemu_version(argv[0]), argv])
+    data = json.dumps([qemu_version(argv[0]), argv, *_loaded_code(spec)])
     return hashlib.sha256(data.encode()).hexdigest()
+
+
+# SeaBIOS, which QEMU loads by name from its data dir for the PC machine.
+SEABIOS = Path("/usr/share/seabios/bios-256k.bin")
+
+
+def _loaded_code(spec: VMSpec) -> list[str]:
+    """What a resumed guest runs that the argv only names: the firmware's code
+    (a restored OVMF's runtime services must be the same build; an updated
+    package keeps its path), and under KVM the host CPU (`-cpu host` is
+    whatever this CPU is) and the kernel that exposes it."""
+    if spec.firmware == "bios":
+        code = SEABIOS
+    else:
+        code = firmware.uefi_files(spec.firmware, spec.arch).code
+    out = [_file_id(code)]
+    if spec.accel.kind == "kvm":
+        out += [_host_cpu(), Path("/proc/sys/kernel/osrelease").read_text().strip()]
+    return out
+
+
+@functools.cache
+def _file_id(path: Path) -> str:
+    """A file's sha256 (cached: firmware does not change under a running vmbuild)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return f"{path}: unreadable"
+
+
+@functools.cache
+def _host_cpu() -> str:
+    """The first CPU's model and flags from /proc/cpuinfo (x86 and arm64 fields)."""
+    wanted = ("vendor_id", "model name", "flags", "CPU implementer", "CPU part", "Features")
+    seen: dict[str, str] = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        name, _, value = line.partition(":")
+        name = name.strip()
+        if name in wanted and name not in seen:
+            seen[name] = value.strip()
+    return json.dumps(seen, sort_keys=True)
 
 
 def smbios_args(spec: VMSpec) -> list[str]:
@@ -99,6 +140,19 @@ def smbios_args(spec: VMSpec) -> list[str]:
         f"type=1,manufacturer=Amazon EC2,product={e.instance_type},serial={e.uuid},uuid={e.uuid}",
         "-smbios", f"type=3,manufacturer=Amazon EC2,asset={e.instance_id}",
     ]  # fmt: skip
+
+
+UNCAPPED = 1 << 40  # bytes a second: a migration's max-bandwidth with no cap in effect
+
+
+def _cancel_migration(qmp: QMPClient) -> None:
+    """Stop a migration still running, so `cont` resumes a VM that migrates nowhere."""
+    try:
+        if (qmp.execute("query-migrate") or {}).get("status") in ("active", "setup", "device"):
+            qmp.execute("migrate_cancel")
+            qmp.wait_migration(30)
+    except (VMError, OSError) as exc:
+        log.warning("could not cancel the state save: %s", exc)
 
 
 def qmp_path(spec: VMSpec) -> Path:
@@ -134,17 +188,22 @@ class QemuMachine(MachineContext):
             self._load_state(self.spec.restore_from)
 
     def _load_state(self, state: Path) -> None:
-        assert self._log is not None
+        assert self._log is not None and self._proc is not None
         try:
+            deadline = time.monotonic() + self.spec.accel.timeout(3)
+            while not qmp_path(self.spec).exists():  # QEMU creates it at start-up
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    raise VMError(f"{self.spec.name}: QEMU never opened its QMP socket")
+                time.sleep(0.05)
             with QMPClient(qmp_path(self.spec), timeout=30) as qmp:
                 vmstate.load(qmp, state, log=self._log, timeout=self.spec.accel.timeout(60))
         except BaseException as exc:
             # launch() raising means no `with` block to stop the VM: do it here.
-            exited = self._proc is not None and self._proc.poll() is not None
+            exited = self._proc.poll() is not None
             self.kill()
             if exited and isinstance(exc, VMError):
                 # QEMU refusing a stream exits, saying why in its log.
-                raise VMError(
+                raise vmstate.StateNotLoaded(
                     f"{exc}: {read_tail(self.spec.qemu_log, 5).strip()}",
                     console_tail=self.console_tail(),
                 ) from None
@@ -244,13 +303,19 @@ class QemuMachine(MachineContext):
         StateNotSaved when only the state failed (the layer is good).
         """
         assert self._log is not None
+        # Written at disk speed: zstd, not a bandwidth cap, sets the pace.
+        timeout = self.spec.accel.timeout(30) + self.spec.memory_mib / 50
         with QMPClient(qmp_path(self.spec), timeout=60) as qmp:
             qmp.execute("stop")
             try:
                 self._cut(qmp, top, new_top)
                 try:
-                    vmstate.save(qmp, state, log=self._log, timeout=self.spec.accel.timeout(60))
+                    # QEMU caps a migration at 128 MiB/s by default, even a paused
+                    # VM's, which would stretch the pause for no reason.
+                    qmp.execute("migrate-set-parameters", **{"max-bandwidth": UNCAPPED})
+                    vmstate.save(qmp, state, log=self._log, timeout=timeout)
                 except (VMError, OSError) as exc:
+                    _cancel_migration(qmp)
                     raise vmstate.StateNotSaved(f"{self.spec.name}: {exc}") from None
             finally:
                 qmp.execute("cont")

@@ -20,6 +20,7 @@ state whose machine differs is never loaded.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import IO, Any
@@ -37,10 +38,16 @@ class StateNotSaved(VMError):
     """The disk layer was cut, but the VM's running state could not be kept."""
 
 
+class StateNotLoaded(VMError):
+    """QEMU could not load a saved state (damaged, cut short, or not its machine's)."""
+
+
 def save(qmp: QMPClient, dest: Path, *, log: IO[Any], timeout: float) -> None:
     """Write the VM's state to `dest` (the VM should be paused: then the state is
     that instant's, and matches its disk). QEMU leaves the VM paused after it."""
-    with dest.open("wb") as out:
+    # The guest's RAM: readable by the owner only, from the first byte.
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
         z = spawn(COMPRESS, stdin=subprocess.PIPE, stdout=out, stderr=log)
         try:
             assert z.stdin is not None
@@ -75,7 +82,9 @@ def load(qmp: QMPClient, src: Path, *, log: IO[Any], timeout: float) -> None:
             _kill(z)
             raise
     if status != "completed" or rc != 0:
-        raise VMError(f"loading the VM's saved state failed (migration {status}, zstd exit {rc})")
+        raise StateNotLoaded(
+            f"loading the VM's saved state failed (migration {status}, zstd exit {rc})"
+        )
     # Saved paused, it comes back paused (the run state travels with it).
     if not (qmp.execute("query-status") or {}).get("running"):
         qmp.execute("cont")

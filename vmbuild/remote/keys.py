@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 @dataclass(frozen=True)
 class KeyPair:
-    private_openssh: str  # "-----BEGIN OPENSSH PRIVATE KEY-----..."
+    private_openssh: str = field(repr=False)  # "-----BEGIN OPENSSH PRIVATE KEY-----..."
     public_openssh: str  # "ssh-ed25519 AAAA... comment"
 
     @property

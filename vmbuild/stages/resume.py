@@ -170,6 +170,9 @@ class Checkpointing:
         self.saved: list[str] = []
         self.restored: str | None = None  # "ram" | "disk" once the builder is up
         self.running_state = True  # keep the running VM with each layer (where the backend can)
+        # Another build saved a layer of this key first: this build's next layers
+        # are diffs against its own copy, not that one, so it saves no more.
+        self.diverged = False
         self.tests_cached = False
         self.outputs_cached = False
 
@@ -206,11 +209,12 @@ class Checkpointing:
         """The state could not be resumed here: keep the layer, forget the state."""
         if self.last is not None:
             (self.last.path / STATE_FILE).unlink(missing_ok=True)
+            (self.last.path / KEYS_FILE).unlink(missing_ok=True)
 
     def save_component(
         self, index: int, layer: Path, applied: dict[str, Any], vm: SavedVM | None = None
     ) -> checkpoints.Checkpoint | None:
-        if not self.usable or (index > 0 and self.last is None):
+        if not self.usable or self.diverged or (index > 0 and self.last is None):
             if vm is not None:
                 vm.state.unlink(missing_ok=True)
             return None
@@ -238,20 +242,22 @@ class Checkpointing:
         if vm is not None:
             vm.state.unlink(missing_ok=True)  # moved in, or the save did not happen
         self.last = saved
-        if saved is not None:
+        if saved is not None and not saved.fresh:
+            self.diverged = True
+        elif saved is not None:
             self.saved.append(saved.label)
         return saved
 
     def save_generalized(self, layer: Path, data: dict[str, Any]) -> None:
         # `layer` is backed by the last component layer when one was resumed or
         # saved, else by the base itself.
-        if not self.usable:
+        if not self.usable or self.diverged:
             return
         saved = self.store.save(
             self.final_key.digest, stage="generalize", label="generalized disk", layer=layer,
             parent=self.last, backing=None if self.last else self.base_link, data=data,
         )  # fmt: skip
-        if saved is not None:
+        if saved is not None and saved.fresh:
             self.saved.append(saved.label)
 
     def to_json(self) -> dict[str, Any]:

@@ -70,6 +70,27 @@ def test_a_state_signature_ignores_names_paths_and_ports(
     assert qemu.state_signature(one) != before
 
 
+def test_a_state_signature_covers_the_firmware_and_a_kvm_hosts_cpu(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What the argv only names: a SeaBIOS update at the same path, another host
+    CPU behind `-cpu host`."""
+    monkeypatch.setattr(qemu, "qemu_version", lambda _binary: "QEMU emulator version 7.2.22")
+    old, new = tmp_path / "old-bios.bin", tmp_path / "new-bios.bin"
+    old.write_bytes(b"seabios 1.16")
+    new.write_bytes(b"seabios 1.17")
+    one = spec(tcg("test"))
+    monkeypatch.setattr(qemu, "SEABIOS", old)
+    before = qemu.state_signature(one)
+    monkeypatch.setattr(qemu, "SEABIOS", new)
+    assert qemu.state_signature(one) != before
+    kvm = replace(one, accel=Accel("kvm", "probed", 1.0))
+    monkeypatch.setattr(qemu, "_host_cpu", lambda: "AMD EPYC 7R13; flags: avx2")
+    on_amd = qemu.state_signature(kvm)
+    monkeypatch.setattr(qemu, "_host_cpu", lambda: "Intel Xeon 8375C; flags: avx512f")
+    assert qemu.state_signature(kvm) != on_amd
+
+
 def test_qemu_argv_kvm_uses_host_cpu() -> None:
     argv = qemu_argv(spec(Accel("kvm", "probed", 1.0)))
     assert argv[3:11] == ["-machine", "pc", "-accel", "kvm", "-cpu", "host", "-smp", "2"]
