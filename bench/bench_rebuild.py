@@ -162,6 +162,9 @@ def vmbuild_same_work(work: Path, n: int, *, tests: bool) -> float:
         if not tests:
             argv.append("--skip-tests")
         took = timed(argv, env, REPO, d / "vmbuild.log")
+    SAME_WORK_STAGES.append(
+        f"{'pipeline' if tests else 'build'} {n + 1}: {stage_times(d / 'store')}"
+    )
     shutil.rmtree(d / "store")
     shutil.rmtree(d / "acng")
     return took
@@ -212,6 +215,7 @@ def rebuilds(work: Path) -> dict[str, tuple[float, Fetched]]:
 
 
 STAGES: dict[str, str] = {}  # per build: where its time went (its manifest's timings)
+SAME_WORK_STAGES: list[str] = []
 
 
 def stage_times(store: Path) -> str:
@@ -222,7 +226,8 @@ def stage_times(store: Path) -> str:
     disk = sum(t.get(k, 0) for k in ("generalize", "convert", "verify"))
     out = (
         f"builder {t.get('builder', 0):.1f}, components {t.get('components', 0):.1f}, "
-        f"generalize+convert+verify {disk:.1f}, test {t.get('test', 0):.1f}"
+        f"generalize+convert+verify {disk:.1f} ({t.get('generalize', 0):.1f}+"
+        f"{t.get('convert', 0):.1f}+{t.get('verify', 0):.1f}), test {t.get('test', 0):.1f}"
     )
     restore = (m.get("checkpoints") or {}).get("restore")
     return out + (f"; builder restore: {restore}" if restore else "")
@@ -280,6 +285,8 @@ def main() -> int:
             results.add_row("2nd build (no checkpoints): .deb bytes from outside", str(debs), "",
                             "0")  # fmt: skip
     console.print(results)
+    for line in SAME_WORK_STAGES:
+        console.print(f"vmbuild same work, {line}", markup=False)
     console.print("load (1/5/15 min): " + "; ".join(loads))
     return 0
 
