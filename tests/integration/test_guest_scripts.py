@@ -3,12 +3,15 @@ architecture: a syntax error would otherwise first show in a VM, minutes in."""
 
 from __future__ import annotations
 
+import shlex
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from vmbuild.hypervisor.arch import Arch
-from vmbuild.stages.generalize import generalize_script
+from vmbuild.stages.generalize import FIND_SESSION, generalize_script
 
 
 @pytest.mark.parametrize("arch", ["x86_64", "arm64"])
@@ -20,3 +23,25 @@ def test_generalize_script_is_valid_bash(arch: Arch) -> None:
     finish = script.split("<<'FINISH'\n", 1)[1].split("\nFINISH\n", 1)[0]
     checked = subprocess.run(["bash", "-n"], input=finish, text=True, capture_output=True)
     assert (checked.returncode, checked.stderr) == (0, "")
+
+
+def test_the_finishing_unit_waits_for_its_own_session_alone(tmp_path: Path) -> None:
+    """FIND_SESSION, run as the generalize script is (a shell under a shell under
+    the session's sshd), names that sshd: not an older session's, not init."""
+    sshd = tmp_path / "sshd"  # a process whose comm is "sshd", as the session's is
+    shutil.copy("/bin/bash", sshd)
+    older = subprocess.Popen([str(sshd), "-c", "sleep 60"])  # a stale session of the user
+    try:
+        probe = f"{FIND_SESSION}echo $session $PPID"
+        inner = f"bash -c {shlex.quote(probe)}; true"
+        out = subprocess.run(
+            # "; true": no shell execs its last command in place of itself here.
+            [str(sshd), "-c", f"echo $$; bash -c {shlex.quote(inner)}; true"],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()  # fmt: skip
+        session_pid, found, parent = int(out[0]), int(out[1]), int(out[2])
+        assert found == session_pid != older.pid
+        assert parent != session_pid  # it walked up more than one level
+    finally:
+        older.kill()
+        older.wait()

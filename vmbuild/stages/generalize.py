@@ -29,6 +29,16 @@ OutputSink = Callable[[str], None]
 FROZEN_MARKER = "vmbuild-generalize: filesystems frozen"
 
 
+# Sets $session to the PID of the first sshd above the shell running it, or 1.
+FIND_SESSION = """\
+session=$$
+while [ "$session" -gt 1 ] && [ "$(cat /proc/"$session"/comm 2>/dev/null)" != sshd ]; do
+  session=$(ps -o ppid= -p "$session" | tr -d ' ')
+  [ -n "$session" ] || session=1
+done
+"""
+
+
 def generalize_script(builder_user: str, arch: Arch = "x86_64") -> str:
     """The guest-side script (pure: unit-tested). The marker goes to `arch`'s serial
     port (the console log the host reads): ttyS0 on a PC, ttyAMA0 on arm64's virt."""
@@ -77,12 +87,24 @@ find /var/log -type f -exec truncate -s 0 {{}} +
 rm -rf /var/tmp/* /root/.bash_history /root/.ssh/authorized_keys
 # The builder's user goes last, from outside this SSH session (which runs as
 # that user): a transient unit kills its processes, deletes it, trims the
-# disk so the image stays small, and stops the VM.
-cat > /run/vmbuild-finish.sh <<'FINISH'
+# disk so the image stays small, and stops the VM. It waits for this
+# session's sshd alone (the first above this script): a builder resumed from
+# a checkpoint still holds the saved build's sessions, whose host side is
+# gone, and waiting for every sshd of the user sat out the whole bound
+# (~100 s under TCG).
+{FIND_SESSION}cat > /run/vmbuild-finish.sh <<'FINISH'
 set -u
+session=${{1:-1}}
 # The host closes its SSH session as soon as this script returns: wait for
 # that (bounded) instead of a fixed sleep, then kill whatever is left.
-for _ in $(seq 300); do pgrep -u {user} -x sshd >/dev/null || break; sleep 0.1; done
+for _ in $(seq 300); do
+  if [ "$session" -gt 1 ]; then
+    kill -0 "$session" 2>/dev/null || break
+  else
+    pgrep -u {user} -x sshd >/dev/null || break
+  fi
+  sleep 0.1
+done
 pkill -KILL -u {user} || true
 userdel --force --remove {user} || true
 rm -f /etc/sudoers.d/90-cloud-init-users
@@ -102,7 +124,7 @@ else
   systemctl poweroff
 fi
 FINISH
-systemd-run --no-block --unit=vmbuild-finish --collect bash /run/vmbuild-finish.sh
+systemd-run --no-block --unit=vmbuild-finish --collect bash /run/vmbuild-finish.sh "$session"
 echo "generalize: finishing and powering off"
 """
 
