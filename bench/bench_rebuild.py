@@ -223,11 +223,11 @@ def stage_times(store: Path) -> str:
     newest = max(store.glob("*/*/*/manifest.json"), key=lambda p: p.stat().st_mtime)
     m = json.loads(newest.read_text())
     t = m["timings"]
-    disk = sum(t.get(k, 0) for k in ("generalize", "convert", "verify"))
+    disk = [t.get(k, 0) for k in ("generalize", "convert", "verify")]
     out = (
         f"builder {t.get('builder', 0):.1f}, components {t.get('components', 0):.1f}, "
-        f"generalize+convert+verify {disk:.1f} ({t.get('generalize', 0):.1f}+"
-        f"{t.get('convert', 0):.1f}+{t.get('verify', 0):.1f}), test {t.get('test', 0):.1f}"
+        f"generalize+convert+verify {sum(disk):.1f} ({'+'.join(f'{x:.1f}' for x in disk)}), "
+        f"test {t.get('test', 0):.1f}"
     )
     restore = (m.get("checkpoints") or {}).get("restore")
     return out + (f"; builder restore: {restore}" if restore else "")
