@@ -152,18 +152,25 @@ def _open_checkpoints(r: Run) -> None:
         "checkpoint-generalize", disk=(chain[-1] if chain else root).digest,
         script=generalize.generalize_script(BUILDER_USER, plan.loaded.recipe.arch),
     )  # fmt: skip
+    why_not = _no_running_state(r)
+    boot = resume.boot_key(
+        root, user=BUILDER_USER, firmware=firmware.builder_firmware(plan.loaded.recipe.boot_mode)
+    )
     r.ck = resume.Checkpointing(
         store, base_path=r.base.path, base_sha256=r.base.sha256, base_format=r.base.format,
         root=root, chain=chain, names=[d.name for d in plan.documents], final_key=final,
+        # Only a running state makes a booted builder worth keeping (resume.py).
+        boot_key=boot if plan.backend == "qemu" and why_not is None else None,
     )  # fmt: skip
     if r.ck.generalized is not None:
         r.reporter.status("checkpoints: the generalized disk is cached; no builder VM needed")
         return
     if r.ck.resumed:
         r.reporter.status(f"checkpoints: resuming after component {r.ck.resumed[-1].label}")
+    elif r.ck.boot is not None:
+        r.reporter.status("checkpoints: no component matches; resuming the booted builder")
     else:
         r.reporter.status("checkpoints: none match; saving one after each component")
-    why_not = _no_running_state(r)
     if why_not:
         r.ck.running_state = False
         r.reporter.status(f"checkpoints: disk layers only ({why_not})")
@@ -215,17 +222,23 @@ def _builder(r: Run) -> None:
     )  # fmt: skip
     if r.ck is not None and start is not None:
         r.builder = _resumed_builder(r, req)
+        if r.builder is None and r.ck.last is None:
+            req = replace(req, base=r.base.path, base_format=r.base.format)
     if r.builder is None:
         r.builder = r.stack.enter_context(booted_guest(req, on_status=r.reporter.status))
-    r.top = r.builder.spec.disk
+        r.top = r.builder.spec.disk
+        if r.ck is not None and r.ck.last is None:
+            _checkpoint_boot(r)
+    r.top = r.builder.spec.disk if r.top is None else r.top
     r.builder_pubkey = r.builder.client_key.public_openssh
 
 
 def _resumed_builder(r: Run, req: GuestRequest) -> Guest | None:
-    """The builder back as it was saved after the last matching component, or None
-    (then it boots from that component's disk layer; the status says why)."""
-    assert r.ck is not None and r.ck.last is not None
-    label = r.ck.last.label
+    """The builder back as it was saved after the last matching component (or as
+    it was booted), or None: then it boots from that component's disk layer (or
+    from the base); the status says why."""
+    assert r.ck is not None and r.ck.resume_from is not None
+    label = r.ck.resume_from.label
     restore, why = r.ck.saved_vm() if req.backend == "qemu" else (None, "the libvirt backend")
     if not r.ck.running_state:
         restore, why = None, _no_running_state(r) or "no running VM is kept"
@@ -242,6 +255,11 @@ def _resumed_builder(r: Run, req: GuestRequest) -> Guest | None:
             r.ck.restored = "ram"
             r.reporter.status(f"checkpoints: {label}: the running VM is back, no boot")
             return guest
+    if r.ck.last is None:
+        # Its disk layer alone would save nothing: a boot is a boot.
+        r.ck.boot_not_resumed()
+        r.reporter.status(f"checkpoints: {label}: booting from the base ({why})")
+        return None
     r.ck.restored = "disk"
     r.reporter.status(f"checkpoints: {label}: booting from its disk layer ({why})")
     return None
@@ -295,18 +313,39 @@ def _ask_retry(r: Run, exc: StepFailed) -> bool:
             input("press Enter when done ")
 
 
-def _checkpoint(r: Run, index: int, applied: dict[str, Any]) -> None:
-    """Cut the builder's disk below a new top file and keep the cut layer."""
-    if r.ck is None or not r.ck.usable or r.ck.diverged or r.builder is None or r.top is None:
-        return
-    cut = getattr(r.builder.machine, "cut_layer", None)
-    if cut is None:
+def _checkpoint_boot(r: Run) -> None:
+    """Keep the builder as it just booted (its first boot's layer and running
+    state): the next build on this base and VM settings resumes it instead of
+    booting, whatever its components."""
+    if r.ck is None or not r.ck.running_state or not r.ck.boot_wanted():
         return
     start = time.monotonic()
-    layer, new_top = r.top, r.work / f"builder-{index + 1}.qcow2"
-    save_running = getattr(r.builder.machine, "save_running", None)
-    signature = getattr(r.builder.machine, "state_signature", None)
-    keep_state = r.ck.running_state and save_running is not None and signature is not None
+    cut = _cut(r, r.work / "builder-0.qcow2", keep_state=True)
+    if cut is None:
+        return
+    layer, vm = cut
+    if vm is None:
+        return  # a layer without its running state is not worth keeping here
+    try:
+        saved = r.ck.save_boot(layer, vm)
+    finally:
+        _release(vm)
+    if saved is not None and saved.fresh:
+        took = time.monotonic() - start
+        r.reporter.status(f"checkpoint saved: {saved.label} ({took:.1f}s)")
+    elif saved is not None:
+        r.reporter.status(
+            f"checkpoints: another build saved {saved.label} first; "
+            "this build saves no more (its layers are diffs against its own copy)"
+        )
+
+
+def _checkpoint(r: Run, index: int, applied: dict[str, Any]) -> None:
+    """Cut the builder's disk below a new top file and keep the cut layer."""
+    if r.ck is None or not r.ck.usable or r.ck.diverged:
+        return
+    start = time.monotonic()
+    keep_state = r.ck.running_state
     secret = [c for c in r.plan.loaded.recipe.components[: index + 1] if c.secret_names()]
     if keep_state and secret:
         # The guest's RAM holds what it was given (its tmpfs, freed pages): a
@@ -316,14 +355,44 @@ def _checkpoint(r: Run, index: int, applied: dict[str, Any]) -> None:
             f"checkpoints: disk layers only from here ({secret[0].name} has secret parameters: "
             "the running VM would hold them)"
         )
+    cut = _cut(r, r.work / f"builder-{index + 1}.qcow2", keep_state=keep_state)
+    if cut is None:
+        return
+    layer, vm = cut
+    try:
+        saved = r.ck.save_component(index, layer, applied, vm)
+    finally:
+        _release(vm)
+    if saved is not None and saved.fresh:
+        took = time.monotonic() - start
+        r.reporter.status(f"checkpoint saved: {saved.label} ({took:.1f}s)")
+    elif saved is not None:
+        r.reporter.status(
+            f"checkpoints: another build saved {saved.label} first; "
+            "this build saves no more (its layers are diffs against its own copy)"
+        )
+
+
+def _cut(r: Run, new_top: Path, *, keep_state: bool) -> tuple[Path, resume.SavedVM | None] | None:
+    """Cut the builder's disk below `new_top` (and, with `keep_state`, save its
+    running state in the same pause): the layer cut and the state, or None when
+    no layer can be cut (checkpoints then stay off for this build)."""
+    assert r.ck is not None
+    if not r.ck.usable or r.builder is None or r.top is None:
+        return None
+    cut = getattr(r.builder.machine, "cut_layer", None)
+    if cut is None:
+        return None
+    layer = r.top
+    save_running = getattr(r.builder.machine, "save_running", None)
+    signature = getattr(r.builder.machine, "state_signature", None)
     vm: resume.SavedVM | None = None
     state: Path | None = None
     try:
-        if not keep_state:
+        if not keep_state or save_running is None or signature is None:
             with r.builder.ssh.frozen():
                 cut(layer, new_top)
         else:
-            assert save_running is not None and signature is not None
             # Flushed and clean just before the pause that takes layer and
             # state together (QemuMachine.save_running says why not frozen).
             with r.builder.ssh.frozen():
@@ -338,26 +407,22 @@ def _checkpoint(r: Run, index: int, applied: dict[str, Any]) -> None:
     except (VmbuildError, OSError) as exc:
         # A checkpoint is an optimisation: the build goes on without them.
         r.ck.store.disable(f"cannot cut a checkpoint layer ({exc}); building on without them")
-        return
-    finally:
-        if state is not None and vm is None:
+        if state is not None:
             state.unlink(missing_ok=True)
             runs.disown(state)
+        return None
+    if state is not None and vm is None:
+        state.unlink(missing_ok=True)
+        runs.disown(state)
     r.top = new_top
-    try:
-        saved = r.ck.save_component(index, layer, applied, vm)
-    finally:
-        if state is not None:
-            state.unlink(missing_ok=True)  # moved into the checkpoint, or not kept
-            runs.disown(state)
-    if saved is not None and saved.fresh:
-        took = time.monotonic() - start
-        r.reporter.status(f"checkpoint saved: {saved.label} ({took:.1f}s)")
-    elif saved is not None:
-        r.reporter.status(
-            f"checkpoints: another build saved {saved.label} first; "
-            "this build saves no more (its layers are diffs against its own copy)"
-        )
+    return layer, vm
+
+
+def _release(vm: resume.SavedVM | None) -> None:
+    """After the save: the state was moved into the checkpoint, or is not kept."""
+    if vm is not None:
+        vm.state.unlink(missing_ok=True)
+        runs.disown(vm.state)
 
 
 def _sbom(r: Run) -> None:

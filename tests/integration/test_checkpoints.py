@@ -472,3 +472,94 @@ def test_a_state_not_kept_leaves_nothing_in_the_cache(tiny_disk: Path, work: Pat
         assert ck.save_component(0, big, {}, resume.SavedVM(state, "s" * 64, *keys)) is None
         assert not store.enabled
         assert sorted(p.name for p in (tiny_disk / "ck").iterdir()) == ["bases", "use.lock"]
+
+
+def _booting(store: CheckpointStore, work: Path, names: list[str]) -> resume.Checkpointing:
+    """A build of `names` on the one base and VM settings (one root, one boot key)."""
+    root = stage_key("checkpoint-root", n=1)
+    chain, disk = [], root
+    for name in names:
+        disk = stage_key("component", disk=disk.digest, name=name)
+        chain.append(disk)
+    return resume.Checkpointing(
+        store, base_path=work / "base.qcow2", base_sha256="b" * 64, base_format="qcow2",
+        root=root, chain=chain, names=names, final_key=stage_key("final", names=names),
+        boot_key=resume.boot_key(root, user="vmbuild", firmware="bios"),
+    )  # fmt: skip
+
+
+def _state(store: CheckpointStore) -> resume.SavedVM:
+    state = store.scratch_path(resume.STATE_FILE)
+    state.write_bytes(b"\x28\xb5\x2f\xfd" + os.urandom(4096))
+    return resume.SavedVM(state, "s" * 64, generate_ed25519("client"), generate_ed25519("host"))
+
+
+def test_another_recipe_resumes_the_booted_builder(tmp_path: Path, work: Path) -> None:
+    """The first build keeps the builder as booted (l1: the first boot's writes); a
+    build of other components on the same base resumes it, and its first
+    component's layer stands on that boot layer, found again whole."""
+    with CheckpointStore(tmp_path / "ck") as store:
+        first = _booting(store, work, ["a"])
+        assert first.boot is None and first.boot_wanted()
+        boot = first.save_boot(work / "l1.qcow2", _state(store))
+        assert boot is not None and boot.fresh and (boot.stage, boot.label) == (
+            "boot", "booted builder"
+        )  # fmt: skip
+        assert first.saved == ["booted builder"] and not first.boot_wanted()
+        assert sorted(p.name for p in boot.path.iterdir()) == [
+            "disk.qcow2", "meta.json", "ssh-keys.json", "vmstate.zst"
+        ]  # fmt: skip
+
+        other = _booting(store, work, ["b", "c"])
+        assert other.resumed == [] and other.boot is not None and other.boot.key == boot.key
+        assert other.start_disk() == boot.disk
+        restore, why = other.saved_vm()
+        assert restore is not None and why == "" and restore.signature == "s" * 64
+        other.restored = "ram"
+        saved = other.save_component(0, work / "l2.qcow2", {})
+        assert saved is not None and saved.meta["parent"] == boot.key
+        assert other.to_json()["boot"] is True and other.to_json()["resumed"] == []
+
+        # Its rebuild resumes "b" through the chain b -> boot layer -> base.
+        again = _booting(store, work, ["b", "c"])
+        assert [cp.key for cp in again.resumed] == [saved.key] and again.boot is None
+        assert again.to_json()["boot"] is False
+        raw = tmp_path / "b.raw"
+        qemu_img("convert", "-O", "raw", again.start_disk() or "", raw)
+        data = raw.read_bytes()
+        assert (data[0], data[65536], data[131072]) == (0x11, 0x22, 0x33)
+
+
+def test_a_booted_builder_that_cannot_come_back_is_not_booted_again(
+    tmp_path: Path, work: Path
+) -> None:
+    """Damaged: the whole boot checkpoint goes (a layer without its state saves
+    no boot), so this build keeps a new one. Another QEMU's: kept for it; this
+    build boots from the base and keeps no boot of its own over it."""
+    with CheckpointStore(tmp_path / "ck", warn=lambda _m: None) as store:
+        first = _booting(store, work, ["a"])
+        assert first.save_boot(work / "l1.qcow2", _state(store)) is not None
+
+        foreign = _booting(store, work, ["b"])
+        assert foreign.boot is not None
+        foreign.boot_not_resumed()  # not resumable here, not damaged
+        assert foreign.start_disk() is None and not foreign.boot_wanted()
+        saved = foreign.save_component(0, work / "l1.qcow2", {})
+        assert saved is not None and saved.meta["parent"] is None and saved.meta["backing"]
+
+        damaged = _booting(store, work, ["c"])
+        assert damaged.boot is not None
+        damaged.drop_saved_vm()
+        damaged.boot_not_resumed()
+        key = damaged.boot_key
+        assert key is not None and store.find(key.digest) is None
+        assert damaged.start_disk() is None and damaged.boot_wanted()
+        assert damaged.save_boot(work / "l1.qcow2", _state(store)) is not None
+
+        # A boot layer whose state was never saved is not a booted builder.
+        (store.root / key.digest / resume.STATE_FILE).unlink()
+        meta = store.root / key.digest / "meta.json"
+        changed = json.loads(meta.read_text())
+        del changed["data"]["vm"]
+        meta.write_text(json.dumps(changed))
+        assert _booting(store, work, ["d"]).boot is None

@@ -1,7 +1,8 @@
-"""Checkpoints end to end: a build saves a layer and the running VM per component;
-an identical rebuild boots no VM; editing the last component resumes the
-builder as it was after the first (no boot), and where its state cannot be
-loaded (another QEMU), boots from the first one's disk layer."""
+"""Checkpoints end to end: a build saves the builder as booted and a layer and the
+running VM per component; an identical rebuild boots no VM; editing the last
+component resumes the builder as it was after the first (no boot), and where its
+state cannot be loaded (another QEMU), boots from the first one's disk layer;
+editing the first resumes the builder as it was booted."""
 
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ CLOCK = """\
 """
 
 
-def write_recipe(d: Path, second_text: str) -> Path:
-    (d / "first.yaml").write_text(COMPONENT.format(name="first", text="one"))
+def write_recipe(d: Path, second_text: str, first_text: str = "one") -> Path:
+    (d / "first.yaml").write_text(COMPONENT.format(name="first", text=first_text))
     # The second one also notes the guest's clock when it ran.
     (d / "second.yaml").write_text(COMPONENT.format(name="second", text=second_text) + CLOCK)
     recipe = d / "recipe.yaml"
@@ -81,7 +82,7 @@ def test_rebuilds_resume_from_the_longest_matching_prefix(
     first, first_dir, _ = build(recipe, cli_env)
     assert first["checkpoints"] == {
         "resumed": [], "generalized": False, "tests": False, "outputs": False, "restore": None,
-        "saved": ["1/2 first", "2/2 second", "generalized disk"],
+        "boot": False, "saved": ["booted builder", "1/2 first", "2/2 second", "generalized disk"],
     }  # fmt: skip
     assert etc_file(first_dir / "disk.qcow2", tmp_path, "second") == b"two\n"
     # Each component's checkpoint holds the running VM; its keys are the owner's alone.
@@ -142,14 +143,31 @@ def test_rebuilds_resume_from_the_longest_matching_prefix(
     assert (first_cp.parent / "ssh-keys.json").exists()
     assert etc_file(other_dir / "disk.qcow2", tmp_path, "second") == b"again\n"
 
+    # The first component edited: nothing matches but the booted builder, which
+    # comes back running; both components run on it.
+    write_recipe(tmp_path, "two", first_text="uno")
+    fresh, fresh_dir, log = build(recipe, cli_env)
+    assert (fresh["checkpoints"]["resumed"], fresh["checkpoints"]["boot"]) == ([], True)
+    assert fresh["checkpoints"]["restore"] == "ram"
+    assert fresh["checkpoints"]["saved"] == ["1/2 first", "2/2 second", "generalized disk"]
+    assert "checkpoints: booted builder: the running VM is back, no boot" in log
+    assert "booting the builder VM" not in log
+    assert etc_file(fresh_dir / "disk.qcow2", tmp_path, "first") == b"uno\n"
+    assert etc_file(fresh_dir / "disk.qcow2", tmp_path, "second") == b"two\n"
+
     listed = vmbuild("cache", "list", "--json", env=cli_env)
     rows = json.loads(listed.stdout)
     labels = sorted(row["label"] for row in rows)
     # Every component's running state is listed, the one another QEMU saved included.
     assert sorted((r["label"], r["running_vm"]) for r in rows if r["stage"] == "component") == [
-        ("1/2 first", True), ("2/2 second", True), ("2/2 second", True), ("2/2 second", True)
+        ("1/2 first", True), ("1/2 first", True),
+        ("2/2 second", True), ("2/2 second", True), ("2/2 second", True), ("2/2 second", True),
     ]  # fmt: skip
+    assert [(r["label"], r["running_vm"]) for r in rows if r["stage"] == "boot"] == [
+        ("booted builder", True)
+    ]
     assert edited["checkpoints"]["outputs"] is False and other["checkpoints"]["outputs"] is False
-    assert labels == ["1/2 first", "2/2 second", "2/2 second", "2/2 second",
-                      "generalized disk", "generalized disk", "generalized disk",
-                      "outputs vmdk", "outputs vmdk", "outputs vmdk"]  # fmt: skip
+    assert labels == ["1/2 first", "1/2 first",
+                      "2/2 second", "2/2 second", "2/2 second", "2/2 second", "booted builder",
+                      "generalized disk", "generalized disk", "generalized disk", "generalized disk",
+                      "outputs vmdk", "outputs vmdk", "outputs vmdk", "outputs vmdk"]  # fmt: skip

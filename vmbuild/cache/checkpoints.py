@@ -164,6 +164,10 @@ class CheckpointStore:
             os.utime(found.path / "meta.json")  # LRU: last used now
         return found
 
+    def has(self, key: str) -> bool:
+        """Whether a checkpoint is kept under `key` (not checked: a save would find it)."""
+        return self.enabled and (self.root / key / "meta.json").exists()
+
     def _load(self, key: str) -> Checkpoint | None:
         path = self.root / key
         try:

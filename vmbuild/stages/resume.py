@@ -100,6 +100,14 @@ def root_key(base: StageKey, *, memory: int, cpus: int, mirror: dict[str, str]) 
     )  # fmt: skip
 
 
+def boot_key(root: StageKey, *, user: str, firmware: str) -> StageKey:
+    """The builder just booted, before any component: its running state is what
+    every build on this base and these VM settings starts from, whatever its
+    components. Its disk is the first boot's (cloud-init's users and keys), which
+    `root` and the builder's user and firmware decide."""
+    return stage_key("checkpoint-boot", disk=root.digest, user=user, firmware=firmware)
+
+
 def chain(root: StageKey, docs: Sequence[toe.Document]) -> list[StageKey]:
     """The key of the disk after each document's build (+validate) phases."""
     out = []
@@ -136,6 +144,13 @@ class Checkpointing:
     found damaged), boots a new instance from that component's disk layer
     (cloud-init installs this build's keys, pinned as always). `restored`
     records which happened.
+
+    No component matching, the builder may still come back running as it was
+    just after its first boot (`boot`, saved by the first build on this base
+    and these VM settings): its components then all run, on that VM, and the
+    boot (~45 s under TCG) is skipped. Only a running state is worth keeping
+    there: booting its disk layer instead would cost a boot all the same, so
+    where the state cannot be loaded the builder boots from the base.
     """
 
     def __init__(
@@ -149,9 +164,11 @@ class Checkpointing:
         chain: list[StageKey],
         names: Sequence[str],
         final_key: StageKey,
+        boot_key: StageKey | None = None,
     ) -> None:
         self.store = store
         self.root = root
+        self.boot_key = boot_key
         self.chain = chain
         self.names = list(names)
         self.final_key = final_key
@@ -163,6 +180,13 @@ class Checkpointing:
                 break
             self.resumed.append(found)
         self.last = self.resumed[-1] if self.resumed else None
+        # The booted builder's checkpoint, when no component matches: the parent
+        # of the first component's layer if the builder resumes from it.
+        self.boot: checkpoints.Checkpoint | None = None
+        if self.last is None and boot_key is not None:
+            found = store.find(boot_key.digest)
+            if found is not None and found.disk is not None and _has_state(found):
+                self.boot = found
         # The final key already covers every component: its checkpoint stands on
         # its own (find() checks its whole backing chain), whether or not the
         # component layers below it were cut or are still cached.
@@ -180,24 +204,32 @@ class Checkpointing:
     def usable(self) -> bool:
         return self.store.enabled and self.base_link is not None
 
+    @property
+    def resume_from(self) -> checkpoints.Checkpoint | None:
+        """The checkpoint the builder resumes from: the last matching component's,
+        else the booted builder's."""
+        return self.last if self.last is not None else self.boot
+
     def start_disk(self) -> Path | None:
         """The layer the builder boots from, or None for the base."""
-        return self.last.disk if self.last is not None else None
+        cp = self.resume_from
+        return cp.disk if cp is not None else None
 
     def saved_vm(self) -> tuple[Restore | None, str]:
         """The running state saved with the checkpoint the build resumes after, or
         None and why not (said to the user when the builder boots instead)."""
-        if self.last is None:
+        cp = self.resume_from
+        if cp is None:
             return None, "nothing to resume"
-        if not isinstance(self.last.meta.get("data", {}).get("vm"), dict):
+        if not _has_state(cp):
             return None, "its running state was not saved"
-        state = self.store.checked_file(self.last, STATE_FILE, "vm")
+        state = self.store.checked_file(cp, STATE_FILE, "vm")
         if state is None:
             return None, "its saved running state is gone or damaged"
         try:
-            keys = json.loads((self.last.path / KEYS_FILE).read_text())
+            keys = json.loads((cp.path / KEYS_FILE).read_text())
             restore = Restore(
-                state=state, signature=str(self.last.meta["data"]["vm"]["signature"]),
+                state=state, signature=str(cp.meta["data"]["vm"]["signature"]),
                 client_key=KeyPair(keys["client_private"], keys["client_public"]),
                 host_key=KeyPair(keys["host_private"], keys["host_public"]),
             )  # fmt: skip
@@ -206,10 +238,49 @@ class Checkpointing:
         return restore, ""
 
     def drop_saved_vm(self) -> None:
-        """The state could not be resumed here: keep the layer, forget the state."""
-        if self.last is not None:
-            (self.last.path / STATE_FILE).unlink(missing_ok=True)
-            (self.last.path / KEYS_FILE).unlink(missing_ok=True)
+        """The state could not be resumed here: keep the layer, forget the state.
+        The booted builder's checkpoint is nothing without its state: it goes
+        whole, so this build can save a new one."""
+        cp = self.resume_from
+        if cp is not None and cp is self.boot:
+            self.store.discard(cp)
+        elif cp is not None:
+            (cp.path / STATE_FILE).unlink(missing_ok=True)
+            (cp.path / KEYS_FILE).unlink(missing_ok=True)
+
+    def boot_wanted(self) -> bool:
+        """Whether to keep the builder just booted: none is kept for this key yet
+        (one another QEMU saved stays; this build's layers then stand on the base)."""
+        return (
+            self.usable and self.boot_key is not None and self.last is None
+            and not self.store.has(self.boot_key.digest)
+        )  # fmt: skip
+
+    def boot_not_resumed(self) -> None:
+        """The booted builder's state did not load: the builder boots from the base,
+        so the first component's layer will not stand on that checkpoint."""
+        self.boot = None
+
+    def save_boot(self, layer: Path, vm: SavedVM) -> checkpoints.Checkpoint | None:
+        """Keep the just-booted builder (its first boot's disk layer and running state)."""
+        if not self.usable or self.boot_key is None or self.last is not None:
+            vm.state.unlink(missing_ok=True)
+            return None
+        saved = self.store.save(
+            self.boot_key.digest, stage="boot", label="booted builder", layer=layer,
+            backing=self.base_link, data={"vm": _vm_meta(vm)},
+            moved={STATE_FILE: vm.state}, secret={KEYS_FILE: _keys_json(vm)},
+        )  # fmt: skip
+        vm.state.unlink(missing_ok=True)  # moved in, or the save did not happen
+        if saved is not None and not saved.fresh:
+            # Another build booted its builder first: this one's disk is another
+            # first boot's, so what it saves next would stand on nothing cached.
+            self.diverged = True
+            return saved
+        self.boot = saved
+        if saved is not None:
+            self.saved.append(saved.label)
+        return saved
 
     def save_component(
         self, index: int, layer: Path, applied: dict[str, Any], vm: SavedVM | None = None
@@ -222,21 +293,14 @@ class Checkpointing:
         moved: dict[str, Path] = {}
         secret: dict[str, str] = {}
         if vm is not None:
-            data["vm"] = {
-                "signature": vm.signature, "size": vm.state.stat().st_size,
-                "sha256": sha256_file(vm.state),
-            }  # fmt: skip
+            data["vm"] = _vm_meta(vm)
             moved[STATE_FILE] = vm.state
-            secret[KEYS_FILE] = json.dumps({
-                "client_private": vm.client_key.private_openssh,
-                "client_public": vm.client_key.public_openssh,
-                "host_private": vm.host_key.private_openssh,
-                "host_public": vm.host_key.public_openssh,
-            })  # fmt: skip
+            secret[KEYS_FILE] = _keys_json(vm)
+        parent = self.resume_from
         saved = self.store.save(
             self.chain[index].digest, stage="component",
             label=f"{index + 1}/{len(self.chain)} {self.names[index]}", layer=layer,
-            parent=self.last, backing=None if self.last else self.base_link,
+            parent=parent, backing=None if parent else self.base_link,
             data=data, moved=moved, secret=secret,
         )  # fmt: skip
         if vm is not None:
@@ -250,12 +314,13 @@ class Checkpointing:
 
     def save_generalized(self, layer: Path, data: dict[str, Any]) -> None:
         # `layer` is backed by the last component layer when one was resumed or
-        # saved, else by the base itself.
+        # saved, else by the booted builder's layer it resumed from, else by the base.
         if not self.usable or self.diverged:
             return
+        parent = self.resume_from
         saved = self.store.save(
             self.final_key.digest, stage="generalize", label="generalized disk", layer=layer,
-            parent=self.last, backing=None if self.last else self.base_link, data=data,
+            parent=parent, backing=None if parent else self.base_link, data=data,
         )  # fmt: skip
         if saved is not None and saved.fresh:
             self.saved.append(saved.label)
@@ -269,4 +334,24 @@ class Checkpointing:
             "tests": self.tests_cached,
             "outputs": self.outputs_cached,
             "restore": self.restored,
+            # The builder came back running as it was booted, before any component.
+            "boot": self.restored == "ram" and not self.resumed,
         }
+
+
+def _has_state(cp: checkpoints.Checkpoint) -> bool:
+    return isinstance(cp.meta.get("data", {}).get("vm"), dict)
+
+
+def _vm_meta(vm: SavedVM) -> dict[str, Any]:
+    return {"signature": vm.signature, "size": vm.state.stat().st_size,
+            "sha256": sha256_file(vm.state)}  # fmt: skip
+
+
+def _keys_json(vm: SavedVM) -> str:
+    return json.dumps({
+        "client_private": vm.client_key.private_openssh,
+        "client_public": vm.client_key.public_openssh,
+        "host_private": vm.host_key.private_openssh,
+        "host_public": vm.host_key.public_openssh,
+    })  # fmt: skip
