@@ -32,7 +32,15 @@ from vmbuild.diskfs.scrub import Needle
 from vmbuild.errors import StepFailed, VmbuildError
 from vmbuild.hypervisor import accel as accel_mod
 from vmbuild.hypervisor import firmware
-from vmbuild.hypervisor.guest import Guest, GuestRequest, RestoreFailed, booted_guest, copy_console
+from vmbuild.hypervisor.guest import (
+    CLOUD_INIT,
+    Guest,
+    GuestRequest,
+    RestoreFailed,
+    booted_guest,
+    copy_console,
+    wait_cloud_init,
+)
 from vmbuild.hypervisor.vmstate import StateNotSaved
 from vmbuild.log import run_log
 from vmbuild.manifest import BaseRecord, Manifest, Package, RecipeRecord
@@ -319,7 +327,12 @@ def _checkpoint_boot(r: Run) -> None:
     booting, whatever its components."""
     if r.ck is None or not r.ck.running_state or not r.ck.boot_wanted():
         return
+    assert r.builder is not None and r.accel is not None
     start = time.monotonic()
+    # Kept once cloud-init is done with it: a resumed builder then never runs
+    # cloud-init's last stages (two Python start-ups, ~7 s each under TCG)
+    # beside its components, nor makes generalize wait for them.
+    wait_cloud_init(r.builder.ssh, r.accel.timeout(CLOUD_INIT), r.builder.machine)
     cut = _cut(r, r.work / "builder-0.qcow2", keep_state=True)
     if cut is None:
         return

@@ -30,11 +30,17 @@ FROZEN_MARKER = "vmbuild-generalize: filesystems frozen"
 
 
 # Sets $session to the PID of the first sshd above the shell running it, or 1.
+# Read from /proc/PID/stat ("PID (comm) S PPID ...") with shell builtins: a
+# `ps` and a `cat` per level cost ~0.3 s under TCG, 2.2 s for a build's 7 levels.
 FIND_SESSION = """\
 session=$$
-while [ "$session" -gt 1 ] && [ "$(cat /proc/"$session"/comm 2>/dev/null)" != sshd ]; do
-  session=$(ps -o ppid= -p "$session" | tr -d ' ')
-  [ -n "$session" ] || session=1
+while [ "$session" -gt 1 ]; do
+  stat=
+  read -r stat 2>/dev/null </proc/"$session"/stat || true
+  comm=${stat#*(}
+  [ "${comm%)*}" != sshd ] || break
+  set -- ${stat##*) }
+  session=${2:-1}
 done
 """
 
@@ -53,14 +59,15 @@ export DEBIAN_FRONTEND=noninteractive
 # ext file systems afterwards as well; this also covers any other file system.
 # (cloud-init clean deletes all of /var/lib/cloud anyway.)
 find /var/lib/cloud -xdev -type f -exec shred -n 1 -z -u -- {{}} + 2>/dev/null || true
+# cloud-init runs again on first boot as a new instance. It runs beside the
+# steps below (its Python start-up alone is ~6 s under TCG, the longest step
+# here); they touch nothing it removes, and the logs are emptied only once it
+# is done.
+cloud-init clean --logs --seed &
+clean=$!
 for f in /etc/ssh/ssh_host_* /home/{user}/.ssh/authorized_keys /root/.ssh/authorized_keys; do
   if [ -f "$f" ] && [ ! -L "$f" ]; then shred -n 1 -z -u -- "$f" || rm -f -- "$f"; fi
 done
-# cloud-init runs again on first boot as a new instance. It runs beside the
-# steps below (its Python start-up alone is ~3 s under TCG); they touch
-# nothing it removes, and the logs are emptied only once it is done.
-cloud-init clean --logs --seed &
-clean=$!
 # Empty, not absent: systemd then treats the next boot as a first boot and
 # generates a fresh machine-id (an absent file would break read-only roots).
 truncate -s 0 /etc/machine-id
