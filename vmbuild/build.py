@@ -338,7 +338,11 @@ def _checkpoint_boot(r: Run) -> None:
         return
     layer, vm = cut
     if vm is None:
-        return  # a layer without its running state is not worth keeping here
+        # The disk was cut all the same: the next layers are diffs against this
+        # unsaved one, so none of them may be kept (they would stand on the base).
+        r.ck.diverged = True
+        r.reporter.status("checkpoints: the booted builder was not kept; this build saves none")
+        return
     try:
         saved = r.ck.save_boot(layer, vm)
     finally:

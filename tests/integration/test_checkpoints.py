@@ -533,12 +533,15 @@ def test_another_recipe_resumes_the_booted_builder(tmp_path: Path, work: Path) -
 def test_a_booted_builder_that_cannot_come_back_is_not_booted_again(
     tmp_path: Path, work: Path
 ) -> None:
-    """Damaged: the whole boot checkpoint goes (a layer without its state saves
-    no boot), so this build keeps a new one. Another QEMU's: kept for it; this
-    build boots from the base and keeps no boot of its own over it."""
-    with CheckpointStore(tmp_path / "ck", warn=lambda _m: None) as store:
+    """Another QEMU's state: kept for it; this build boots from the base and cuts
+    no boot layer of its own. A damaged state (or unreadable keys): dropped,
+    the layer kept for what stands on it, and no longer looked up (it ages out)."""
+    said: list[str] = []
+    with CheckpointStore(tmp_path / "ck", warn=said.append) as store:
         first = _booting(store, work, ["a"])
         assert first.save_boot(work / "l1.qcow2", _state(store)) is not None
+        key = first.boot_key
+        assert key is not None
 
         foreign = _booting(store, work, ["b"])
         assert foreign.boot is not None
@@ -546,20 +549,31 @@ def test_a_booted_builder_that_cannot_come_back_is_not_booted_again(
         assert foreign.start_disk() is None and not foreign.boot_wanted()
         saved = foreign.save_component(0, work / "l1.qcow2", {})
         assert saved is not None and saved.meta["parent"] is None and saved.meta["backing"]
+        assert (store.root / key.digest / resume.STATE_FILE).exists()
 
         damaged = _booting(store, work, ["c"])
         assert damaged.boot is not None
         damaged.drop_saved_vm()
         damaged.boot_not_resumed()
-        key = damaged.boot_key
-        assert key is not None and store.find(key.digest) is None
-        assert damaged.start_disk() is None and damaged.boot_wanted()
-        assert damaged.save_boot(work / "l1.qcow2", _state(store)) is not None
+        assert sorted(p.name for p in (store.root / key.digest).iterdir()) == [
+            "disk.qcow2", "meta.json"
+        ]  # fmt: skip
+        assert damaged.start_disk() is None and not damaged.boot_wanted()
+        used = (store.root / key.digest / "meta.json").stat().st_mtime
+        os.utime(store.root / key.digest / "meta.json", (used - 3600, used - 3600))
+        later = _booting(store, work, ["d"])
+        assert later.boot is None and later.start_disk() is None and not later.boot_wanted()
+        # Not counted as used: it ages out.
+        assert (store.root / key.digest / "meta.json").stat().st_mtime == used - 3600
 
-        # A boot layer whose state was never saved is not a booted builder.
-        (store.root / key.digest / resume.STATE_FILE).unlink()
-        meta = store.root / key.digest / "meta.json"
-        changed = json.loads(meta.read_text())
-        del changed["data"]["vm"]
-        meta.write_text(json.dumps(changed))
-        assert _booting(store, work, ["d"]).boot is None
+    with CheckpointStore(tmp_path / "ck2", warn=said.append) as store:
+        first = _booting(store, work, ["a"])
+        boot = first.save_boot(work / "l1.qcow2", _state(store))
+        assert boot is not None
+        (boot.path / resume.KEYS_FILE).write_text("{")
+        unreadable = _booting(store, work, ["b"])
+        assert unreadable.saved_vm() == (
+            None, "the SSH keys saved with its running state are unreadable"
+        )  # fmt: skip
+        assert not (boot.path / resume.STATE_FILE).exists()
+        assert _booting(store, work, ["c"]).boot is None

@@ -25,15 +25,17 @@ def test_generalize_script_is_valid_bash(arch: Arch) -> None:
     assert (checked.returncode, checked.stderr) == (0, "")
 
 
-def test_the_finishing_unit_waits_for_its_own_session_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shell", ["bash", "dash"])
+def test_the_finishing_unit_waits_for_its_own_session_alone(tmp_path: Path, shell: str) -> None:
     """FIND_SESSION, run as the generalize script is (a shell under a shell under
-    the session's sshd), names that sshd: not an older session's, not init."""
+    the session's sshd, with `set -eu`), names that sshd: not an older session's,
+    not init."""
     sshd = tmp_path / "sshd"  # a process whose comm is "sshd", as the session's is
     shutil.copy("/bin/bash", sshd)
     older = subprocess.Popen([str(sshd), "-c", "sleep 60"])  # a stale session of the user
     try:
-        probe = f"{FIND_SESSION}echo $session $PPID"
-        inner = f"bash -c {shlex.quote(probe)}; true"
+        probe = f"set -eu\n{FIND_SESSION}echo $session $PPID"
+        inner = f"{shell} -c {shlex.quote(probe)}; true"
         out = subprocess.run(
             # "; true": no shell execs its last command in place of itself here.
             [str(sshd), "-c", f"echo $$; bash -c {shlex.quote(inner)}; true"],
@@ -45,3 +47,12 @@ def test_the_finishing_unit_waits_for_its_own_session_alone(tmp_path: Path) -> N
     finally:
         older.kill()
         older.wait()
+
+
+@pytest.mark.parametrize("shell", ["bash", "dash"])
+def test_without_an_sshd_above_it_the_finder_ends_at_one(shell: str) -> None:
+    """No session found (run outside SSH): $session is 1, and the finishing unit
+    then waits for the user's sshd processes as before."""
+    probe = f"set -eu\n{FIND_SESSION}echo $session"
+    out = subprocess.run([shell, "-c", probe], capture_output=True, text=True, check=True)
+    assert (out.stdout, out.stderr) == ("1\n", "")

@@ -29,7 +29,8 @@ OutputSink = Callable[[str], None]
 FROZEN_MARKER = "vmbuild-generalize: filesystems frozen"
 
 
-# Sets $session to the PID of the first sshd above the shell running it, or 1.
+# Sets $session to the PID of the first sshd above the shell running it, or to
+# 1 (0 where the walk ends at a process without a parent): none found.
 # Read from /proc/PID/stat ("PID (comm) S PPID ...") with shell builtins: a
 # `ps` and a `cat` per level cost ~0.3 s under TCG, 2.2 s for a build's 7 levels.
 FIND_SESSION = """\

@@ -183,7 +183,10 @@ class Checkpointing:
         # The booted builder's checkpoint, when no component matches: the parent
         # of the first component's layer if the builder resumes from it.
         self.boot: checkpoints.Checkpoint | None = None
-        if self.last is None and boot_key is not None:
+        # One whose state was dropped (found damaged) is not looked up: find()
+        # would count it as used, and it must age out of the cache.
+        kept = boot_key is not None and (store.root / boot_key.digest / STATE_FILE).exists()
+        if self.last is None and boot_key is not None and store.enabled and kept:
             found = store.find(boot_key.digest)
             if found is not None and found.disk is not None and _has_state(found):
                 self.boot = found
@@ -234,23 +237,26 @@ class Checkpointing:
                 host_key=KeyPair(keys["host_private"], keys["host_public"]),
             )  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError):
+            self.drop_saved_vm()  # useless without them, next time as well
             return None, "the SSH keys saved with its running state are unreadable"
         return restore, ""
 
     def drop_saved_vm(self) -> None:
         """The state could not be resumed here: keep the layer, forget the state.
-        The booted builder's checkpoint is nothing without its state: it goes
-        whole, so this build can save a new one."""
+
+        The booted builder's layer stays too, though nothing boots it: other
+        recipes' component layers may stand on it, and a build may be using
+        them right now. It is no longer looked up, so it ages out of the cache
+        (`vmbuild cache prune`); until then builds on that base boot."""
         cp = self.resume_from
-        if cp is not None and cp is self.boot:
-            self.store.discard(cp)
-        elif cp is not None:
+        if cp is not None:
             (cp.path / STATE_FILE).unlink(missing_ok=True)
             (cp.path / KEYS_FILE).unlink(missing_ok=True)
 
     def boot_wanted(self) -> bool:
         """Whether to keep the builder just booted: none is kept for this key yet
-        (one another QEMU saved stays; this build's layers then stand on the base)."""
+        (one another QEMU saved, or one whose state was found damaged, stays;
+        this build's layers then stand on the base)."""
         return (
             self.usable and self.boot_key is not None and self.last is None
             and not self.store.has(self.boot_key.digest)
