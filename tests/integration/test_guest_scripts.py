@@ -25,12 +25,17 @@ def test_generalize_script_is_valid_bash(arch: Arch) -> None:
     assert (checked.returncode, checked.stderr) == (0, "")
 
 
-@pytest.mark.parametrize("shell", ["bash", "dash"])
-def test_the_finishing_unit_waits_for_its_own_session_alone(tmp_path: Path, shell: str) -> None:
+@pytest.mark.parametrize(
+    ("shell", "name"), [("bash", "sshd"), ("dash", "sshd"), ("bash", "sshd-session")]
+)
+def test_the_finishing_unit_waits_for_its_own_session_alone(
+    tmp_path: Path, shell: str, name: str
+) -> None:
     """FIND_SESSION, run as the generalize script is (a shell under a shell under
     the session's sshd, with `set -eu`), names that sshd: not an older session's,
     not init."""
-    sshd = tmp_path / "sshd"  # a process whose comm is "sshd", as the session's is
+    # A process named as the session's is (OpenSSH 9.8+ runs it as sshd-session).
+    sshd = tmp_path / name
     shutil.copy("/bin/bash", sshd)
     older = subprocess.Popen([str(sshd), "-c", "sleep 60"])  # a stale session of the user
     try:

@@ -29,7 +29,8 @@ OutputSink = Callable[[str], None]
 FROZEN_MARKER = "vmbuild-generalize: filesystems frozen"
 
 
-# Sets $session to the PID of the first sshd above the shell running it, or to
+# Sets $session to the PID of the first sshd above the shell running it (named
+# sshd-session since OpenSSH 9.8: the listener above it stays sshd), or to
 # 1 (0 where the walk ends at a process without a parent): none found.
 # Read from /proc/PID/stat ("PID (comm) S PPID ...") with shell builtins: a
 # `ps` and a `cat` per level cost ~0.3 s under TCG, 2.2 s for a build's 7 levels.
@@ -39,7 +40,7 @@ while [ "$session" -gt 1 ]; do
   stat=
   read -r stat 2>/dev/null </proc/"$session"/stat || true
   comm=${stat#*(}
-  [ "${comm%)*}" != sshd ] || break
+  case "${comm%)*}" in sshd | sshd-session) break ;; esac
   set -- ${stat##*) }
   session=${2:-1}
 done
