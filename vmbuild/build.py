@@ -232,12 +232,12 @@ def _builder(r: Run) -> None:
         r.builder = _resumed_builder(r, req)
         if r.builder is None and r.ck.last is None:
             req = replace(req, base=r.base.path, base_format=r.base.format)
+    booted = r.builder is None
     if r.builder is None:
         r.builder = r.stack.enter_context(booted_guest(req, on_status=r.reporter.status))
-        r.top = r.builder.spec.disk
-        if r.ck is not None and r.ck.last is None:
-            _checkpoint_boot(r)
-    r.top = r.builder.spec.disk if r.top is None else r.top
+    r.top = r.builder.spec.disk
+    if booted and r.ck is not None and r.ck.last is None:
+        _checkpoint_boot(r)
     r.builder_pubkey = r.builder.client_key.public_openssh
 
 
@@ -343,18 +343,8 @@ def _checkpoint_boot(r: Run) -> None:
         r.ck.diverged = True
         r.reporter.status("checkpoints: the booted builder was not kept; this build saves none")
         return
-    try:
-        saved = r.ck.save_boot(layer, vm)
-    finally:
-        _release(vm)
-    if saved is not None and saved.fresh:
-        took = time.monotonic() - start
-        r.reporter.status(f"checkpoint saved: {saved.label} ({took:.1f}s)")
-    elif saved is not None:
-        r.reporter.status(
-            f"checkpoints: another build saved {saved.label} first; "
-            "this build saves no more (its layers are diffs against its own copy)"
-        )
+    ck = r.ck
+    _keep(r, start, vm, lambda: ck.save_boot(layer, vm))
 
 
 def _checkpoint(r: Run, index: int, applied: dict[str, Any]) -> None:
@@ -376,18 +366,8 @@ def _checkpoint(r: Run, index: int, applied: dict[str, Any]) -> None:
     if cut is None:
         return
     layer, vm = cut
-    try:
-        saved = r.ck.save_component(index, layer, applied, vm)
-    finally:
-        _release(vm)
-    if saved is not None and saved.fresh:
-        took = time.monotonic() - start
-        r.reporter.status(f"checkpoint saved: {saved.label} ({took:.1f}s)")
-    elif saved is not None:
-        r.reporter.status(
-            f"checkpoints: another build saved {saved.label} first; "
-            "this build saves no more (its layers are diffs against its own copy)"
-        )
+    ck = r.ck
+    _keep(r, start, vm, lambda: ck.save_component(index, layer, applied, vm))
 
 
 def _cut(r: Run, new_top: Path, *, keep_state: bool) -> tuple[Path, resume.SavedVM | None] | None:
@@ -424,22 +404,37 @@ def _cut(r: Run, new_top: Path, *, keep_state: bool) -> tuple[Path, resume.Saved
     except (VmbuildError, OSError) as exc:
         # A checkpoint is an optimisation: the build goes on without them.
         r.ck.store.disable(f"cannot cut a checkpoint layer ({exc}); building on without them")
-        if state is not None:
+        return None
+    finally:
+        if state is not None and vm is None:
             state.unlink(missing_ok=True)
             runs.disown(state)
-        return None
-    if state is not None and vm is None:
-        state.unlink(missing_ok=True)
-        runs.disown(state)
     r.top = new_top
     return layer, vm
 
 
-def _release(vm: resume.SavedVM | None) -> None:
-    """After the save: the state was moved into the checkpoint, or is not kept."""
-    if vm is not None:
-        vm.state.unlink(missing_ok=True)
-        runs.disown(vm.state)
+def _keep(
+    r: Run,
+    start: float,
+    vm: resume.SavedVM | None,
+    save: Callable[[], checkpoints.Checkpoint | None],
+) -> None:
+    """Run `save` (the cut layer and `vm` into the cache), then say what happened.
+    The state file is gone afterwards: moved into the checkpoint, or not kept."""
+    try:
+        saved = save()
+    finally:
+        if vm is not None:
+            vm.state.unlink(missing_ok=True)
+            runs.disown(vm.state)
+    if saved is not None and saved.fresh:
+        took = time.monotonic() - start
+        r.reporter.status(f"checkpoint saved: {saved.label} ({took:.1f}s)")
+    elif saved is not None:
+        r.reporter.status(
+            f"checkpoints: another build saved {saved.label} first; "
+            "this build saves no more (its layers are diffs against its own copy)"
+        )
 
 
 def _sbom(r: Run) -> None:
