@@ -33,20 +33,16 @@ from vmbuild.errors import StepFailed, VmbuildError
 from vmbuild.hypervisor import accel as accel_mod
 from vmbuild.hypervisor import firmware
 from vmbuild.hypervisor.guest import (
-    CLOUD_INIT,
     Guest,
     GuestRequest,
     RestoreFailed,
     booted_guest,
     copy_console,
-    wait_cloud_init,
 )
-from vmbuild.hypervisor.vmstate import StateNotSaved
 from vmbuild.log import run_log
 from vmbuild.manifest import BaseRecord, Manifest, Package, RecipeRecord
 from vmbuild.plan import BUILDER_USER, TEST_USER, BuildOptions, BuildPlan, OfflineSource
 from vmbuild.progress import Reporter
-from vmbuild.run import which
 from vmbuild.stages import (
     base_image,
     components,
@@ -189,13 +185,7 @@ def _no_running_state(r: Run) -> str | None:
     recipe = r.plan.loaded.recipe
     if r.plan.backend != "qemu":
         return None  # said when it matters: a resume boots from the disk layer
-    if which("zstd") is None:
-        return "zstd is not installed: the running VM is not kept"
-    if recipe.arch != "x86_64":
-        # A resumed guest must learn it was cloned (vmgenid, x86 only here) or
-        # two builds from one state would share their RNG's output.
-        return f"the running VM is kept for x86_64 guests only, not {recipe.arch}"
-    return None
+    return resume.no_running_state(recipe.arch)
 
 
 def _package_cache(r: Run) -> None:
@@ -322,29 +312,13 @@ def _ask_retry(r: Run, exc: StepFailed) -> bool:
 
 
 def _checkpoint_boot(r: Run) -> None:
-    """Keep the builder as it just booted (its first boot's layer and running
-    state): the next build on this base and VM settings resumes it instead of
-    booting, whatever its components."""
-    if r.ck is None or not r.ck.running_state or not r.ck.boot_wanted():
-        return
-    assert r.builder is not None and r.accel is not None
-    start = time.monotonic()
-    # Kept once cloud-init is done with it: a resumed builder then never runs
-    # cloud-init's last stages (two Python start-ups, ~7 s each under TCG)
-    # beside its components, nor makes generalize wait for them.
-    wait_cloud_init(r.builder.ssh, r.accel.timeout(CLOUD_INIT), r.builder.machine)
-    cut = _cut(r, r.work / "builder-0.qcow2", keep_state=True)
-    if cut is None:
-        return
-    layer, vm = cut
-    if vm is None:
-        # The disk was cut all the same: the next layers are diffs against this
-        # unsaved one, so none of them may be kept (they would stand on the base).
-        r.ck.diverged = True
-        r.reporter.status("checkpoints: the booted builder was not kept; this build saves none")
-        return
-    ck = r.ck
-    _keep(r, start, vm, lambda: ck.save_boot(layer, vm))
+    """Keep the builder as it just booted: the next build on this base and VM
+    settings resumes it instead of booting, whatever its components."""
+    assert r.ck is not None and r.builder is not None
+    if r.ck.usable:
+        new_top = r.work / "builder-0.qcow2"
+        if resume.keep_booted(r.ck, r.builder, new_top, status=r.reporter.status):
+            r.top = new_top
 
 
 def _checkpoint(r: Run, index: int, applied: dict[str, Any]) -> None:
@@ -367,7 +341,7 @@ def _checkpoint(r: Run, index: int, applied: dict[str, Any]) -> None:
         return
     layer, vm = cut
     ck = r.ck
-    _keep(r, start, vm, lambda: ck.save_component(index, layer, applied, vm))
+    resume.keep(r.reporter.status, start, vm, lambda: ck.save_component(index, layer, applied, vm))
 
 
 def _cut(r: Run, new_top: Path, *, keep_state: bool) -> tuple[Path, resume.SavedVM | None] | None:
@@ -375,66 +349,19 @@ def _cut(r: Run, new_top: Path, *, keep_state: bool) -> tuple[Path, resume.Saved
     running state in the same pause): the layer cut and the state, or None when
     no layer can be cut (checkpoints then stay off for this build)."""
     assert r.ck is not None
-    if not r.ck.usable or r.builder is None or r.top is None:
-        return None
-    cut = getattr(r.builder.machine, "cut_layer", None)
-    if cut is None:
+    if not r.ck.usable or r.builder is None or r.top is None or not resume.can_cut(r.builder):
         return None
     layer = r.top
-    save_running = getattr(r.builder.machine, "save_running", None)
-    signature = getattr(r.builder.machine, "state_signature", None)
-    vm: resume.SavedVM | None = None
-    state: Path | None = None
     try:
-        if not keep_state or save_running is None or signature is None:
-            with r.builder.ssh.frozen():
-                cut(layer, new_top)
-        else:
-            # Flushed and clean just before the pause that takes layer and
-            # state together (QemuMachine.save_running says why not frozen).
-            with r.builder.ssh.frozen():
-                pass
-            state = r.ck.store.scratch_path(resume.STATE_FILE)
-            runs.own(state)  # a SIGKILL mid-save: the next vmbuild command removes it
-            try:
-                save_running(layer, new_top, state)
-                vm = resume.SavedVM(state, signature(), r.builder.client_key, r.builder.host_key)
-            except StateNotSaved as exc:
-                r.reporter.status(f"checkpoint: the disk layer only ({exc})")
+        vm = resume.cut(
+            r.builder, layer, new_top, r.ck.store, keep_state=keep_state, status=r.reporter.status
+        )
     except (VmbuildError, OSError) as exc:
         # A checkpoint is an optimisation: the build goes on without them.
         r.ck.store.disable(f"cannot cut a checkpoint layer ({exc}); building on without them")
         return None
-    finally:
-        if state is not None and vm is None:
-            state.unlink(missing_ok=True)
-            runs.disown(state)
     r.top = new_top
     return layer, vm
-
-
-def _keep(
-    r: Run,
-    start: float,
-    vm: resume.SavedVM | None,
-    save: Callable[[], checkpoints.Checkpoint | None],
-) -> None:
-    """Run `save` (the cut layer and `vm` into the cache), then say what happened.
-    The state file is gone afterwards: moved into the checkpoint, or not kept."""
-    try:
-        saved = save()
-    finally:
-        if vm is not None:
-            vm.state.unlink(missing_ok=True)
-            runs.disown(vm.state)
-    if saved is not None and saved.fresh:
-        took = time.monotonic() - start
-        r.reporter.status(f"checkpoint saved: {saved.label} ({took:.1f}s)")
-    elif saved is not None:
-        r.reporter.status(
-            f"checkpoints: another build saved {saved.label} first; "
-            "this build saves no more (its layers are diffs against its own copy)"
-        )
 
 
 def _sbom(r: Run) -> None:
@@ -550,7 +477,7 @@ def _test(r: Run) -> None:
     )
     r.keyed("test", inputs.key(r.keys["convert"]))
     cached_key = None
-    if r.ck is not None:
+    if r.ck is not None and r.ck.final_key is not None:
         # The same image (by its full checkpoint key) and the same tests: the
         # same result. Kept with its JUnit file and log.
         cached_key = stage_key(

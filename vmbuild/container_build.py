@@ -186,7 +186,7 @@ def build_container(
             summary = _in_builder(
                 loaded, layout, parent_blobs, work, logs, reporter, clock,
                 accel=opts.accelerator or "auto", memory=memory, cpus=cpus, apt_proxy=apt_proxy,
-                builder=builder, run_tests=not opts.skip_tests,
+                builder=builder, run_tests=not opts.skip_tests, keep_boot=not opts.no_cache,
             )  # fmt: skip
             with clock.stage(reporter, "image", "labels, tags, docker-archive"):
                 # An OCI parent's config is the image's (Cmd, WorkingDir, …): the
@@ -337,9 +337,10 @@ def _push_ecr(
 def _in_builder(
     loaded: LoadedContainerRecipe, layout: Path, parent_blobs: list[str], work: Path, logs: Path,
     reporter: Reporter, clock: _Clock, *, accel: str, memory: int, cpus: int, apt_proxy: str,
-    builder: Remote | None, run_tests: bool,
+    builder: Remote | None, run_tests: bool, keep_boot: bool,
 ) -> dict[str, Any]:  # fmt: skip
-    """Boot the builder, run the components into layers, test; the VM is gone after."""
+    """Boot the builder (or resume the booted builder kept on the base: its disk
+    is not the image's), run the components into layers, test; the VM is gone after."""
     from vmbuild.cli.scratch import scratch_guest
 
     recipe = loaded.recipe
@@ -351,6 +352,7 @@ def _in_builder(
                     scratch_guest(
                         "debian-12", base_dir=loaded.dir, accel=accel, memory_mib=memory >> 20,
                         cpus=cpus, on_status=reporter.status, apt_proxy=apt_proxy,
+                        keep_boot=keep_boot,
                     )
                 ).ssh  # fmt: skip
             blobs = [(d, (layout / "blobs" / d.replace(":", "/")).read_bytes) for d in parent_blobs]

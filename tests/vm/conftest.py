@@ -117,9 +117,19 @@ def debian_base() -> base_image.BaseImage:
 
 
 @pytest.fixture(scope="session")
-def guest_vm(debian_base: base_image.BaseImage) -> Iterator[Guest]:
-    """One booted VM shared by every test that does not need a fresh one."""
-    with scratch_guest("debian-12", base_dir=REPO) as guest:
+def guest_vm_status(debian_base: base_image.BaseImage) -> list[str]:
+    """What the shared guest's start said (test_guest checks how it came up)."""
+    return []
+
+
+@pytest.fixture(scope="session")
+def guest_vm(debian_base: base_image.BaseImage, guest_vm_status: list[str]) -> Iterator[Guest]:
+    """One VM shared by every test that does not need a fresh one: the booted
+    builder a build kept in this session, resumed, or booted and kept (later
+    scratch VMs resume it, as `component run` does)."""
+    with scratch_guest(
+        "debian-12", base_dir=REPO, keep_boot=True, on_status=guest_vm_status.append
+    ) as guest:
         yield guest
 
 

@@ -3,7 +3,8 @@ once, with nothing left behind.
 
 Cases that leave the guest usable (full disk, step timeout, a frozen guest)
 share the session's booted VM; each destructive case (panic, poweroff, QEMU
-killed) boots its own scratch VM. The time from fault to clean failure is
+killed) gets its own scratch VM, resumed from the booted builder kept in the
+session (as `component run` does). The time from fault to clean failure is
 printed and, when VMBUILD_FAULT_TIMES names a file, appended to it as JSON
 lines (the closing note quotes them).
 """
@@ -148,9 +149,15 @@ DESTRUCTIVE = {
 
 
 @pytest.mark.parametrize("case", list(DESTRUCTIVE))
-def test_a_dying_guest_ends_the_step_at_once(case: str) -> None:
+def test_a_dying_guest_ends_the_step_at_once(case: str, guest_vm: Guest) -> None:
+    # guest_vm: once it is up, a booted builder is kept in this session.
     command, host_signal, cause = DESTRUCTIVE[case]
-    with pytest.raises(GuestStopped) as info, scratch_guest("debian-12", base_dir=REPO) as guest:
+    said: list[str] = []
+    with (
+        pytest.raises(GuestStopped) as info,
+        scratch_guest("debian-12", base_dir=REPO, keep_boot=True, on_status=said.append) as guest,
+    ):
+        assert "checkpoints: the booted builder is back, no boot" in said
         work = guest.spec.workdir
         pid = qemu_pid(guest)
 

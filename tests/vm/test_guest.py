@@ -16,6 +16,19 @@ from vmbuild.remote.ssh import SSHSession, StdinStalled, _send_within
 pytestmark = pytest.mark.vm
 
 
+def test_the_shared_guest_resumed_or_kept_the_booted_builder(
+    guest_vm: Guest, guest_vm_status: list[str]
+) -> None:
+    """keep_boot: a booted builder was kept in this session (by a build) and
+    came back, or none was and this VM was booted and kept as one."""
+    resumed = "checkpoints: the booted builder is back, no boot" in guest_vm_status
+    kept = any(s.startswith("checkpoint saved: booted builder (") for s in guest_vm_status)
+    assert (resumed, kept) in ((True, False), (False, True)), guest_vm_status
+    # Either way it runs on a disk layer above the kept one, its own to write.
+    top = guest_vm.ssh.run("echo scratch > /var/tmp/scratch-write && cat /var/tmp/scratch-write")
+    assert top.stdout == "scratch\n"
+
+
 def test_commands_run_as_root_and_stream(guest_vm: Guest) -> None:
     lines: list[tuple[str, str]] = []
     result = guest_vm.ssh.run(

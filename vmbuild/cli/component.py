@@ -88,6 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     target.add_argument("--base", help="boot a throwaway VM from this base (debian-12 or a file)")
     run.add_argument("--identity", type=Path, help="SSH private key for --host")
     settings.add_flag(run, "accelerator", default="auto")
+    settings.add_flag(run, "no_cache")
     run.add_argument("--output", type=Path, help="write the detailed output (JSON) to this file")
     run.add_argument(
         "--working-directory",
@@ -199,9 +200,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _remote(args: argparse.Namespace) -> Iterator[Remote]:
     if args.base:
+        from vmbuild import console
         from vmbuild.cli.scratch import scratch_vm  # boots QEMU: only when asked
 
-        with scratch_vm(args.base, base_dir=Path.cwd(), accel=args.accelerator) as session:
+        err = console.stderr()
+        with scratch_vm(
+            args.base, base_dir=Path.cwd(), accel=args.accelerator, keep_boot=not args.no_cache,
+            on_status=lambda text: err.print(f"  {text}"),
+        ) as session:  # fmt: skip
             yield session
         return
     if args.identity is None:

@@ -1,6 +1,11 @@
 """The throwaway VM of `vmbuild component run --base BASE`: iterate on one component
 without a full build. It lives with the command; the build's own VMs are booted by
-the stages (build.py) through the same hypervisor.guest.booted_guest."""
+the stages (build.py) through the same hypervisor.guest.booted_guest.
+
+With `keep_boot`, it comes back as the booted builder a build (or an earlier
+scratch VM) kept on this base and these VM settings (stages/resume.py): the same
+first boot, user and keys a build's components start from, resumed in seconds
+instead of booted; where none is kept yet, it keeps its own once booted."""
 
 from __future__ import annotations
 
@@ -8,16 +13,20 @@ import contextlib
 import secrets
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from vmbuild import paths, runs
-from vmbuild.cache import aptproxy
+from vmbuild.cache import aptproxy, checkpoints
+from vmbuild.config.recipe import DEFAULT_DISK
+from vmbuild.config.settings import SETTINGS
 from vmbuild.hypervisor import accel as accel_mod
-from vmbuild.hypervisor.guest import Guest, GuestRequest, booted_guest
+from vmbuild.hypervisor.guest import Guest, GuestRequest, RestoreFailed, booted_guest
+from vmbuild.plan import BUILDER_USER
 from vmbuild.remote.ssh import SSHSession
-from vmbuild.stages import base_image
+from vmbuild.stages import base_image, convert, resume
 
-SCRATCH_USER = "vmbuild-builder"
+SCRATCH_USER = BUILDER_USER  # the builder's user: a kept booted builder serves both
 
 
 @contextlib.contextmanager
@@ -26,37 +35,106 @@ def scratch_guest(
     *,
     base_dir: Path,
     accel: str = "auto",
-    memory_mib: int = 2048,
-    cpus: int = 2,
+    memory_mib: int | None = None,
+    cpus: int | None = None,
     on_status: Callable[[str], None] | None = None,
     apt_proxy: str | None = None,
     user: str = SCRATCH_USER,
     first_boot: str = "minimal",
+    keep_boot: bool = False,
 ) -> Iterator[Guest]:
+    status = on_status or (lambda _msg: None)
     # debian-12, a cached URL base, or a local qcow2/raw file.
     image = base_image.resolve_base(base, recipe_dir=base_dir)
     cache = paths.cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    with (
-        tempfile.TemporaryDirectory(prefix="scratch-", dir=cache) as tmp,
-        runs.owning(Path(tmp)),  # removed by the next vmbuild command if this one is killed
-        aptproxy.host_package_cache(apt_proxy, on_status=on_status) as proxy,
-    ):
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="scratch-", dir=cache))
         work = Path(tmp)
+        stack.enter_context(runs.owning(work))  # removed by the next command if this one is killed
+        proxy = stack.enter_context(aptproxy.host_package_cache(apt_proxy, on_status=on_status))
         chosen = accel_mod.choose(accel, (image.path, image.format), work)  # type: ignore[arg-type]
+        # A builder's disk as a recipe's default gives it, so the booted builder
+        # kept is the one builds resume (a bigger base keeps its own size).
+        fits = keep_boot and convert.virtual_size(image.path, image.format) <= DEFAULT_DISK
         req = GuestRequest(
             run_id=secrets.token_hex(3), role="scratch", base=image.path,
-            base_format=image.format, disk_size=None, memory_mib=memory_mib, cpus=cpus,
-            accel=chosen, workdir=work, user=user, first_boot=first_boot,
-            apt_proxy=proxy.guest_url if proxy else None,
+            base_format=image.format, disk_size=DEFAULT_DISK if fits else None,
+            memory_mib=memory_mib or SETTINGS["memory"].default >> 20,
+            cpus=cpus or SETTINGS["cpus"].default, accel=chosen, workdir=work, user=user,
+            first_boot=first_boot, apt_proxy=proxy.guest_url if proxy else None,
             dispose="kill",  # a throwaway VM: nothing on its disk is kept
         )  # fmt: skip
-        with booted_guest(req, on_status=on_status) as guest:
-            yield guest
+        ck = _boot_checkpoint(stack, req, image, base, status) if keep_boot else None
+        yield _booted(stack, req, ck, status)
+
+
+def _boot_checkpoint(
+    stack: contextlib.ExitStack,
+    req: GuestRequest,
+    image: base_image.BaseImage,
+    base: str,
+    status: Callable[[str], None],
+) -> resume.Checkpointing | None:
+    """The checkpoint cache's view for a booted builder on `image` and `req`'s
+    settings: keyed as a build's (resume.boot_key), so either kind of run
+    resumes what the other kept. None where no running VM can be kept."""
+    why_not = resume.no_running_state(req.arch)
+    if req.user != BUILDER_USER or req.first_boot != "minimal" or why_not is not None:
+        return None
+    store = stack.enter_context(checkpoints.CheckpointStore(warn=status))
+    root = resume.root_key(
+        base_image.key(image, req.disk_size), memory=req.memory_mib << 20, cpus=req.cpus,
+        mirror=resume.mirror_state(None, base_image.RELEASES.get(base)),
+    )  # fmt: skip
+    ck = resume.Checkpointing(
+        store, base_path=image.path, base_sha256=image.sha256, base_format=image.format,
+        root=root, chain=[], names=[], final_key=None,
+        boot_key=resume.boot_key(root, user=req.user, firmware=req.firmware),
+    )  # fmt: skip
+    return ck if ck.usable else None
+
+
+def _booted(
+    stack: contextlib.ExitStack,
+    req: GuestRequest,
+    ck: resume.Checkpointing | None,
+    status: Callable[[str], None],
+) -> Guest:
+    """The VM up: resumed from the kept booted builder, else booted (and then
+    kept, where none is yet)."""
+    if ck is not None and ck.boot is not None and ck.boot.disk is not None:
+        restore, why = ck.saved_vm()
+        if restore is not None:
+            resumed = replace(req, base=ck.boot.disk, base_format="qcow2", restore=restore)
+            try:
+                guest = stack.enter_context(booted_guest(resumed, on_status=status))
+            except RestoreFailed as exc:
+                why = f"not resumable here: {exc}"
+                if exc.damaged:  # it would fail the same way next time
+                    ck.drop_saved_vm()
+            else:
+                status("checkpoints: the booted builder is back, no boot")
+                return guest
+        ck.boot_not_resumed()
+        status(f"checkpoints: booting from the base ({why})")
+    guest = stack.enter_context(booted_guest(req, on_status=status))
+    if ck is not None:
+        resume.keep_booted(ck, guest, req.workdir / f"{req.role}-0.qcow2", status=status)
+    return guest
 
 
 @contextlib.contextmanager
-def scratch_vm(base: str, *, base_dir: Path, accel: str = "auto") -> Iterator[SSHSession]:
-    """Yield a connected `Remote` (an SSHSession) on a fresh VM; all removed after."""
-    with scratch_guest(base, base_dir=base_dir, accel=accel) as guest:
+def scratch_vm(
+    base: str,
+    *,
+    base_dir: Path,
+    accel: str = "auto",
+    keep_boot: bool = True,
+    on_status: Callable[[str], None] | None = None,
+) -> Iterator[SSHSession]:
+    """Yield a connected `Remote` (an SSHSession) on a throwaway VM; all removed after."""
+    with scratch_guest(
+        base, base_dir=base_dir, accel=accel, keep_boot=keep_boot, on_status=on_status
+    ) as guest:
         yield guest.ssh

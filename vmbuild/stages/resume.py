@@ -13,20 +13,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from vmbuild import toe
+from vmbuild import runs, toe
 from vmbuild.cache import checkpoints
 from vmbuild.debian import index, sources
 from vmbuild.digest import sha256_file
 from vmbuild.errors import VmbuildError
-from vmbuild.hypervisor.guest import Restore
+from vmbuild.hypervisor.guest import CLOUD_INIT, Guest, Restore, wait_cloud_init
+from vmbuild.hypervisor.vmstate import StateNotSaved
 from vmbuild.remote.keys import KeyPair
+from vmbuild.run import which
 from vmbuild.stages.key import StageKey, stage_key
 
 log = logging.getLogger("vmbuild.resume")
@@ -163,7 +166,7 @@ class Checkpointing:
         root: StageKey,
         chain: list[StageKey],
         names: Sequence[str],
-        final_key: StageKey,
+        final_key: StageKey | None,
         boot_key: StageKey | None = None,
     ) -> None:
         self.store = store
@@ -193,7 +196,7 @@ class Checkpointing:
         # The final key already covers every component: its checkpoint stands on
         # its own (find() checks its whole backing chain), whether or not the
         # component layers below it were cut or are still cached.
-        self.generalized = store.find(final_key.digest)
+        self.generalized = store.find(final_key.digest) if final_key is not None else None
         self.saved: list[str] = []
         self.restored: str | None = None  # "ram" | "disk" once the builder is up
         self.running_state = True  # keep the running VM with each layer (where the backend can)
@@ -321,7 +324,7 @@ class Checkpointing:
     def save_generalized(self, layer: Path, data: dict[str, Any]) -> None:
         # `layer` is backed by the last component layer when one was resumed or
         # saved, else by the booted builder's layer it resumed from, else by the base.
-        if not self.usable or self.diverged:
+        if not self.usable or self.diverged or self.final_key is None:
             return
         parent = self.resume_from
         saved = self.store.save(
@@ -343,6 +346,115 @@ class Checkpointing:
             # The builder came back running as it was booted, before any component.
             "boot": self.restored == "ram" and not self.resumed,
         }
+
+
+Status = Callable[[str], None]
+
+
+def no_running_state(arch: str) -> str | None:
+    """Why no running VM can be kept with checkpoints here, if none can."""
+    if which("zstd") is None:
+        return "zstd is not installed: the running VM is not kept"
+    if arch != "x86_64":
+        # A resumed guest must learn it was cloned (vmgenid, x86 only here) or
+        # two builds from one state would share their RNG's output.
+        return f"the running VM is kept for x86_64 guests only, not {arch}"
+    return None
+
+
+def cut(
+    guest: Guest, layer: Path, new_top: Path, store: checkpoints.CheckpointStore,
+    *, keep_state: bool, status: Status,
+) -> SavedVM | None:  # fmt: skip
+    """Cut `guest`'s disk: `layer`, its top file until now, stays below `new_top`,
+    read-only, for the cache to copy; with `keep_state` its running state is saved
+    in the same pause. The state, or None when it was not kept (`status` says
+    why). The machine must be able to (can_cut); raises VmbuildError or OSError
+    when the layer could not be cut."""
+    machine = guest.machine
+    cut_layer = getattr(machine, "cut_layer", None)
+    if cut_layer is None:
+        raise VmbuildError(f"the {type(machine).__name__} backend cannot cut disk layers")
+    save_running = getattr(machine, "save_running", None)
+    signature = getattr(machine, "state_signature", None)
+    if not keep_state or save_running is None or signature is None:
+        with guest.ssh.frozen():
+            cut_layer(layer, new_top)
+        return None
+    # Flushed and clean just before the pause that takes layer and state
+    # together (QemuMachine.save_running says why not frozen).
+    with guest.ssh.frozen():
+        pass
+    state = store.scratch_path(STATE_FILE)
+    runs.own(state)  # a SIGKILL mid-save: the next vmbuild command removes it
+    vm: SavedVM | None = None
+    try:
+        save_running(layer, new_top, state)
+        vm = SavedVM(state, signature(), guest.client_key, guest.host_key)
+    except StateNotSaved as exc:
+        status(f"checkpoint: the disk layer only ({exc})")
+    finally:
+        if vm is None:
+            state.unlink(missing_ok=True)
+            runs.disown(state)
+    return vm
+
+
+def can_cut(guest: Guest) -> bool:
+    """Whether the guest's backend can cut its disk into layers while it runs."""
+    return getattr(guest.machine, "cut_layer", None) is not None
+
+
+def keep(
+    status: Status,
+    start: float,
+    vm: SavedVM | None,
+    save: Callable[[], checkpoints.Checkpoint | None],
+) -> None:
+    """Run `save` (a cut layer and `vm` into the cache), then say what happened.
+    The state file is gone afterwards: moved into the checkpoint, or not kept."""
+    try:
+        saved = save()
+    finally:
+        if vm is not None:
+            vm.state.unlink(missing_ok=True)
+            runs.disown(vm.state)
+    if saved is not None and saved.fresh:
+        status(f"checkpoint saved: {saved.label} ({time.monotonic() - start:.1f}s)")
+    elif saved is not None:
+        status(
+            f"checkpoints: another build saved {saved.label} first; "
+            "this build saves no more (its layers are diffs against its own copy)"
+        )
+
+
+def keep_booted(ck: Checkpointing, guest: Guest, new_top: Path, *, status: Status) -> bool:
+    """Keep `guest` as it just booted (its first boot's layer and running state),
+    when none is kept for `ck`'s boot key yet: later builds and scratch VMs on
+    this base and VM settings resume it instead of booting. True when its disk
+    was cut (it now runs on `new_top`)."""
+    if not ck.running_state or not ck.boot_wanted() or not can_cut(guest):
+        return False
+    start = time.monotonic()
+    # Kept once cloud-init is done with it: a resumed guest then never runs
+    # cloud-init's last stages (two Python start-ups, ~7 s each under TCG)
+    # beside its components, nor makes generalize wait for them.
+    wait_cloud_init(guest.ssh, guest.spec.accel.timeout(CLOUD_INIT), guest.machine)
+    layer = guest.spec.disk
+    try:
+        vm = cut(guest, layer, new_top, ck.store, keep_state=True, status=status)
+    except (VmbuildError, OSError) as exc:
+        # A checkpoint is an optimisation: the build goes on without them.
+        ck.store.disable(f"cannot cut a checkpoint layer ({exc}); building on without them")
+        return False
+    if vm is None:
+        # The disk was cut all the same: the next layers are diffs against this
+        # unsaved one, so none of them may be kept (they would stand on the base).
+        ck.diverged = True
+        status("checkpoints: the booted builder was not kept; this build saves none")
+        return True
+    keep(status, start, vm, lambda: ck.save_boot(layer, vm))
+    return True
 
 
 def _has_state(cp: checkpoints.Checkpoint) -> bool:
