@@ -10,6 +10,7 @@ from tests.support.pipeline import write_pipeline, write_recipe
 from vmbuild.config.pipeline import load_pipeline
 from vmbuild.config.recipe import load_recipe
 from vmbuild.errors import VmbuildError
+from vmbuild.hypervisor.guest import GuestRequest
 from vmbuild.plan import BuildOptions, BuildPlan, pipeline_options
 
 
@@ -87,3 +88,45 @@ def test_apt_proxy_setting_is_validated_by_the_plan(
     assert str(err.value) == (
         "apt proxy 'http://10.0.0.1:1': expected auto, off or http://127.0.0.1:PORT"
     )
+
+
+def test_a_scratch_vm_is_a_default_recipes_builder_to_the_boot_key(tmp_path: Path) -> None:
+    """component run and a default recipe's build resume each other's booted
+    builder: every field the boot key covers is the same (resume.boot_key)."""
+    from dataclasses import replace
+
+    from vmbuild.cli.scratch import request
+    from vmbuild.hypervisor.accel import Accel
+    from vmbuild.stages import base_image, resume
+
+    loaded = load_recipe(write_recipe(tmp_path))
+    plan = BuildPlan.create(loaded, BuildOptions(store=tmp_path))
+    accel = Accel("tcg", "test", 10.0)
+    image = base_image.BaseImage(
+        "i", tmp_path / "b.qcow2", "qcow2", "ab" * 32, "debian-12", 2 << 30
+    )
+    builder = plan.guest("builder", image.path, "qcow2", loaded.recipe.disk_size, accel, tmp_path)
+    scratch = request(
+        image, tmp_path, accel, memory_mib=None, cpus=None, user="vmbuild-builder",
+        first_boot="minimal", apt_proxy=None, keep_boot=True,
+    )  # fmt: skip
+
+    def keyed(req: GuestRequest) -> str:
+        root = resume.root_key(
+            base_image.key(image, req.disk_size), memory=req.memory_mib << 20, cpus=req.cpus,
+            mirror={},
+        )  # fmt: skip
+        return resume.boot_key(root, user=req.user, firmware=req.firmware).digest
+
+    fields = ("disk_size", "memory_mib", "cpus", "user", "firmware", "first_boot", "arch")
+    assert [getattr(scratch, f) for f in fields] == [getattr(builder, f) for f in fields]
+    assert keyed(scratch) == keyed(builder)
+    # The build keys its root on the plan's values, the same ones.
+    assert (plan.memory, plan.cpus) == (builder.memory_mib << 20, builder.cpus)
+    # A base bigger than a default recipe's disk keeps its own size, and so its own key.
+    big = replace(image, virtual_size=8 << 30)
+    kept_size = request(
+        big, tmp_path, accel, memory_mib=None, cpus=None, user="vmbuild-builder",
+        first_boot="minimal", apt_proxy=None, keep_boot=True,
+    )  # fmt: skip
+    assert kept_size.disk_size is None

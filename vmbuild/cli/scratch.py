@@ -24,7 +24,7 @@ from vmbuild.hypervisor import accel as accel_mod
 from vmbuild.hypervisor.guest import Guest, GuestRequest, RestoreFailed, booted_guest
 from vmbuild.plan import BUILDER_USER
 from vmbuild.remote.ssh import SSHSession
-from vmbuild.stages import base_image, convert, resume
+from vmbuild.stages import base_image, resume
 
 SCRATCH_USER = BUILDER_USER  # the builder's user: a kept booted builder serves both
 
@@ -54,19 +54,40 @@ def scratch_guest(
         stack.enter_context(runs.owning(work))  # removed by the next command if this one is killed
         proxy = stack.enter_context(aptproxy.host_package_cache(apt_proxy, on_status=on_status))
         chosen = accel_mod.choose(accel, (image.path, image.format), work)  # type: ignore[arg-type]
-        # A builder's disk as a recipe's default gives it, so the booted builder
-        # kept is the one builds resume (a bigger base keeps its own size).
-        fits = keep_boot and convert.virtual_size(image.path, image.format) <= DEFAULT_DISK
-        req = GuestRequest(
-            run_id=secrets.token_hex(3), role="scratch", base=image.path,
-            base_format=image.format, disk_size=DEFAULT_DISK if fits else None,
-            memory_mib=memory_mib or SETTINGS["memory"].default >> 20,
-            cpus=cpus or SETTINGS["cpus"].default, accel=chosen, workdir=work, user=user,
+        req = request(
+            image, work, chosen, memory_mib=memory_mib, cpus=cpus, user=user,
             first_boot=first_boot, apt_proxy=proxy.guest_url if proxy else None,
-            dispose="kill",  # a throwaway VM: nothing on its disk is kept
+            keep_boot=keep_boot,
         )  # fmt: skip
         ck = _boot_checkpoint(stack, req, image, base, status) if keep_boot else None
         yield _booted(stack, req, ck, status)
+
+
+def request(
+    image: base_image.BaseImage,
+    work: Path,
+    accel: accel_mod.Accel,
+    *,
+    memory_mib: int | None,
+    cpus: int | None,
+    user: str,
+    first_boot: str,
+    apt_proxy: str | None,
+    keep_boot: bool,
+) -> GuestRequest:
+    """The scratch VM's request. With `keep_boot`, and the defaults, it is a
+    default recipe's builder in all a booted builder's key covers (disk size,
+    memory, CPUs, user, firmware, first boot), so either resumes the other's."""
+    # A builder's disk as a recipe's default gives it (a bigger base keeps its size).
+    fits = keep_boot and image.virtual_size <= DEFAULT_DISK
+    return GuestRequest(
+        run_id=secrets.token_hex(3), role="scratch", base=image.path, base_format=image.format,
+        disk_size=DEFAULT_DISK if fits else None,
+        memory_mib=memory_mib or SETTINGS["memory"].default >> 20,
+        cpus=cpus or SETTINGS["cpus"].default, accel=accel, workdir=work, user=user,
+        first_boot=first_boot, apt_proxy=apt_proxy,
+        dispose="kill",  # a throwaway VM: nothing on its disk is kept
+    )  # fmt: skip
 
 
 def _boot_checkpoint(
