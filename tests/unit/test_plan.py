@@ -108,7 +108,7 @@ def test_a_scratch_vm_is_a_default_recipes_builder_to_the_boot_key(tmp_path: Pat
     builder = plan.guest("builder", image.path, "qcow2", loaded.recipe.disk_size, accel, tmp_path)
     scratch = request(
         image, tmp_path, accel, memory_mib=None, cpus=None, user="vmbuild-builder",
-        first_boot="minimal", apt_proxy=None, keep_boot=True,
+        first_boot="minimal", apt_proxy=None,
     )  # fmt: skip
 
     def keyed(req: GuestRequest) -> str:
@@ -123,10 +123,17 @@ def test_a_scratch_vm_is_a_default_recipes_builder_to_the_boot_key(tmp_path: Pat
     assert keyed(scratch) == keyed(builder)
     # The build keys its root on the plan's values, the same ones.
     assert (plan.memory, plan.cpus) == (builder.memory_mib << 20, builder.cpus)
+    assert plan.mirror is None  # as the scratch VM's key reads it: the default mirror
     # A base bigger than a default recipe's disk keeps its own size, and so its own key.
     big = replace(image, virtual_size=8 << 30)
     kept_size = request(
         big, tmp_path, accel, memory_mib=None, cpus=None, user="vmbuild-builder",
-        first_boot="minimal", apt_proxy=None, keep_boot=True,
+        first_boot="minimal", apt_proxy=None,
     )  # fmt: skip
     assert kept_size.disk_size is None
+    # `images run`: a stored image, booted in full as it is.
+    stored = request(
+        image, tmp_path, accel, memory_mib=None, cpus=None, user="admin", first_boot="full",
+        apt_proxy=None,
+    )  # fmt: skip
+    assert stored.disk_size is None

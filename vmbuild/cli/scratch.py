@@ -57,10 +57,11 @@ def scratch_guest(
         req = request(
             image, work, chosen, memory_mib=memory_mib, cpus=cpus, user=user,
             first_boot=first_boot, apt_proxy=proxy.guest_url if proxy else None,
-            keep_boot=keep_boot,
         )  # fmt: skip
-        ck = _boot_checkpoint(stack, req, image, base, status) if keep_boot else None
-        yield _booted(stack, req, ck, status)
+        if keep_boot:
+            yield _resumed_or_booted(stack, req, image, base, status)
+        else:
+            yield stack.enter_context(booted_guest(req, on_status=status))
 
 
 def request(
@@ -73,13 +74,15 @@ def request(
     user: str,
     first_boot: str,
     apt_proxy: str | None,
-    keep_boot: bool,
 ) -> GuestRequest:
-    """The scratch VM's request. With `keep_boot`, and the defaults, it is a
-    default recipe's builder in all a booted builder's key covers (disk size,
-    memory, CPUs, user, firmware, first boot), so either resumes the other's."""
-    # A builder's disk as a recipe's default gives it (a bigger base keeps its size).
-    fits = keep_boot and image.virtual_size <= DEFAULT_DISK
+    """The scratch VM's request. As a builder (its user, a minimal first boot)
+    with the default settings, it is a default recipe's builder in all a booted
+    builder's key covers (disk size, memory, CPUs, user, firmware, first boot),
+    so either resumes the other's."""
+    # A builder's disk as a recipe's default gives it (a bigger base keeps its
+    # size); `images run` boots a stored image as it is.
+    builder = user == BUILDER_USER and first_boot == "minimal"
+    fits = builder and image.virtual_size <= DEFAULT_DISK
     return GuestRequest(
         run_id=secrets.token_hex(3), role="scratch", base=image.path, base_format=image.format,
         disk_size=DEFAULT_DISK if fits else None,
@@ -90,12 +93,26 @@ def request(
     )  # fmt: skip
 
 
-def _boot_checkpoint(
+def _resumed_or_booted(
     stack: contextlib.ExitStack,
     req: GuestRequest,
     image: base_image.BaseImage,
     base: str,
     status: Callable[[str], None],
+) -> Guest:
+    """The VM up, through the checkpoint cache. Its lock is held only while the
+    VM starts from a kept layer or is cut into one: the VM then holds its
+    files open (the overlay's base is a hard link), so a prune may go on."""
+    with checkpoints.CheckpointStore(warn=status) as store:
+        ck = _boot_checkpoint(store, req, image, base)
+        guest = _booted(stack, req, ck, status)
+    if ck is not None and ck.saved:
+        checkpoints.prune_after_build(store.root, status)
+    return guest
+
+
+def _boot_checkpoint(
+    store: checkpoints.CheckpointStore, req: GuestRequest, image: base_image.BaseImage, base: str
 ) -> resume.Checkpointing | None:
     """The checkpoint cache's view for a booted builder on `image` and `req`'s
     settings: keyed as a build's (resume.boot_key), so either kind of run
@@ -103,7 +120,6 @@ def _boot_checkpoint(
     why_not = resume.no_running_state(req.arch)
     if req.user != BUILDER_USER or req.first_boot != "minimal" or why_not is not None:
         return None
-    store = stack.enter_context(checkpoints.CheckpointStore(warn=status))
     root = resume.root_key(
         base_image.key(image, req.disk_size), memory=req.memory_mib << 20, cpus=req.cpus,
         mirror=resume.mirror_state(None, base_image.RELEASES.get(base)),

@@ -25,7 +25,7 @@ from vmbuild import runs, toe
 from vmbuild.cache import checkpoints
 from vmbuild.debian import index, sources
 from vmbuild.digest import sha256_file
-from vmbuild.errors import VmbuildError
+from vmbuild.errors import GuestStopped, VmbuildError, VMError
 from vmbuild.hypervisor.guest import CLOUD_INIT, Guest, Restore, wait_cloud_init
 from vmbuild.hypervisor.vmstate import StateNotSaved
 from vmbuild.remote.keys import KeyPair
@@ -423,8 +423,8 @@ def keep(
         status(f"checkpoint saved: {saved.label} ({time.monotonic() - start:.1f}s)")
     elif saved is not None:
         status(
-            f"checkpoints: another build saved {saved.label} first; "
-            "this build saves no more (its layers are diffs against its own copy)"
+            f"checkpoints: another run saved {saved.label} first; "
+            "this one saves no more (its layers are diffs against its own copy)"
         )
 
 
@@ -439,7 +439,15 @@ def keep_booted(ck: Checkpointing, guest: Guest, new_top: Path, *, status: Statu
     # Kept once cloud-init is done with it: a resumed guest then never runs
     # cloud-init's last stages (two Python start-ups, ~7 s each under TCG)
     # beside its components, nor makes generalize wait for them.
-    wait_cloud_init(guest.ssh, guest.spec.accel.timeout(CLOUD_INIT), guest.machine)
+    try:
+        wait_cloud_init(guest.ssh, guest.spec.accel.timeout(CLOUD_INIT), guest.machine)
+    except GuestStopped:
+        raise
+    except VMError as exc:
+        # Not a first boot worth keeping; the VM itself may still serve (a
+        # build's generalize then waits, and fails, as it would have anyway).
+        status(f"checkpoints: the booted builder is not kept ({exc})")
+        return False
     layer = guest.spec.disk
     try:
         vm = cut(guest, layer, new_top, ck.store, keep_state=True, status=status)
