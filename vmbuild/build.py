@@ -157,14 +157,15 @@ def _open_checkpoints(r: Run) -> None:
         script=generalize.generalize_script(BUILDER_USER, plan.loaded.recipe.arch),
     )  # fmt: skip
     why_not = _no_running_state(r)
-    boot = resume.boot_key(
-        root, user=BUILDER_USER, firmware=firmware.builder_firmware(plan.loaded.recipe.boot_mode)
+    assert r.accel is not None
+    builder = plan.guest(
+        "builder", r.base.path, r.base.format, plan.loaded.recipe.disk_size, r.accel, r.work
     )
     r.ck = resume.Checkpointing(
         store, base_path=r.base.path, base_sha256=r.base.sha256, base_format=r.base.format,
         root=root, chain=chain, names=[d.name for d in plan.documents], final_key=final,
         # Only a running state makes a booted builder worth keeping (resume.py).
-        boot_key=boot if plan.backend == "qemu" and why_not is None else None,
+        boot_key=resume.builder_boot_key(root, builder) if why_not is None else None,
     )  # fmt: skip
     if r.ck.generalized is not None:
         r.reporter.status("checkpoints: the generalized disk is cached; no builder VM needed")

@@ -484,7 +484,7 @@ def _booting(store: CheckpointStore, work: Path, names: list[str]) -> resume.Che
     return resume.Checkpointing(
         store, base_path=work / "base.qcow2", base_sha256="b" * 64, base_format="qcow2",
         root=root, chain=chain, names=names, final_key=stage_key("final", names=names),
-        boot_key=resume.boot_key(root, user="vmbuild", firmware="bios"),
+        boot_key=resume.boot_key(root, user="vmbuild", firmware="bios", signature="s" * 64),
     )  # fmt: skip
 
 
@@ -577,3 +577,37 @@ def test_a_booted_builder_that_cannot_come_back_is_not_booted_again(
         )  # fmt: skip
         assert not (boot.path / resume.STATE_FILE).exists()
         assert _booting(store, work, ["c"]).boot is None
+
+
+def test_a_booted_builder_is_keyed_on_the_machine_it_loads_into(tmp_path: Path) -> None:
+    """The signature a builder's saved state will carry is known before it starts
+    (guest.state_signature: QEMU's real version): equal to the one its running
+    machine reports whatever its files and port, and another for other memory,
+    another accelerator or firmware; none for libvirt or the ec2 boot mode."""
+    from dataclasses import replace
+
+    from vmbuild.hypervisor import guest, imds
+    from vmbuild.hypervisor.guest import GuestRequest
+
+    req = GuestRequest(
+        run_id="r1", role="builder", base=tmp_path / "base.qcow2", base_format="qcow2",
+        disk_size=None, memory_mib=2048, cpus=2, accel=accel.tcg("test"),
+        workdir=tmp_path / "w", user="vmbuild-builder",
+    )  # fmt: skip
+    before = guest.state_signature(req)
+    running = guest._spec(
+        req, name="vmbuild-r1-builder", disk=tmp_path / "w" / "builder.qcow2",
+        seed=tmp_path / "w" / "builder-seed.iso", ssh_port=free_port(),
+        console_log=tmp_path / "w" / "builder-console.log", ec2=None, uefi_vars=None,
+    )  # fmt: skip
+    assert before is not None and before == QemuMachine(running).state_signature()
+    other_run = replace(req, run_id="r2", workdir=tmp_path / "other", role="scratch")
+    assert guest.state_signature(other_run) == before
+    for changed in (
+        replace(req, memory_mib=1024),
+        replace(req, accel=accel.Accel("kvm", "test", 1.0)),
+        replace(req, firmware="uefi"),
+    ):
+        assert guest.state_signature(changed) not in (None, before)
+    assert guest.state_signature(replace(req, backend="libvirt")) is None
+    assert guest.state_signature(replace(req, ec2=imds.Ec2Settings())) is None

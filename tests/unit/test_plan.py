@@ -116,9 +116,14 @@ def test_a_scratch_vm_is_a_default_recipes_builder_to_the_boot_key(tmp_path: Pat
             base_image.key(image, req.disk_size), memory=req.memory_mib << 20, cpus=req.cpus,
             mirror={},
         )  # fmt: skip
-        return resume.boot_key(root, user=req.user, firmware=req.firmware).digest
+        # The signature (guest.state_signature) is read from the same fields below.
+        boot = resume.boot_key(root, user=req.user, firmware=req.firmware, signature="s")
+        return boot.digest
 
-    fields = ("disk_size", "memory_mib", "cpus", "user", "firmware", "first_boot", "arch")
+    fields = (
+        "disk_size", "memory_mib", "cpus", "user", "firmware", "first_boot", "arch", "accel",
+        "backend", "ec2", "offline_mirror_port",
+    )  # fmt: skip
     assert [getattr(scratch, f) for f in fields] == [getattr(builder, f) for f in fields]
     assert keyed(scratch) == keyed(builder)
     # The build keys its root on the plan's values, the same ones.

@@ -124,10 +124,12 @@ def _boot_checkpoint(
         base_image.key(image, req.disk_size), memory=req.memory_mib << 20, cpus=req.cpus,
         mirror=resume.mirror_state(None, base_image.RELEASES.get(base)),
     )  # fmt: skip
+    boot = resume.builder_boot_key(root, req)
+    if boot is None:
+        return None
     ck = resume.Checkpointing(
         store, base_path=image.path, base_sha256=image.sha256, base_format=image.format,
-        root=root, chain=[], names=[], final_key=None,
-        boot_key=resume.boot_key(root, user=req.user, firmware=req.firmware),
+        root=root, chain=[], names=[], final_key=None, boot_key=boot,
     )  # fmt: skip
     return ck if ck.usable else None
 

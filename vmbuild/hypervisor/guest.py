@@ -253,23 +253,11 @@ def booted_guest(
         create_overlay(pin_base(req.base, pinned), req.base_format, overlay, req.disk_size)
         if uefi_vars is not None:
             firmware.vars_copy(req.firmware, uefi_vars, req.arch)
-        spec = VMSpec(
-            name=name,
-            disk=overlay,
-            seed=seed if ec2 is None else None,
-            memory_mib=req.memory_mib,
-            cpus=req.cpus,
-            accel=req.accel,
-            ssh_port=free_port(),
-            console_log=req.workdir / f"{req.role}-console.log",
-            workdir=req.workdir,
-            ec2=ec2,
-            firmware=req.firmware,
+        spec = _spec(
+            req, name=name, disk=overlay, seed=seed if ec2 is None else None,
+            ssh_port=free_port(), console_log=req.workdir / f"{req.role}-console.log", ec2=ec2,
             uefi_vars=uefi_vars,
-            arch=req.arch,
-            offline_mirror_port=req.offline_mirror_port,
-            restore_from=req.restore.state if req.restore is not None else None,
-        )
+        )  # fmt: skip
         machine = make_machine(req, spec)
         machine.shutdown_timeout = req.accel.timeout(POWEROFF)
         if req.restore is not None:
@@ -317,6 +305,45 @@ def booted_guest(
                 if destroy:
                     log.error("remove it afterwards with: %s", destroy)
             raise
+
+
+def _spec(
+    req: GuestRequest,
+    *,
+    name: str,
+    disk: Path,
+    seed: Path | None,
+    ssh_port: int,
+    console_log: Path,
+    ec2: Ec2Boot | None,
+    uefi_vars: Path | None,
+) -> VMSpec:
+    """The VM `req` asks for, with this run's files and port."""
+    return VMSpec(
+        name=name, disk=disk, seed=seed, memory_mib=req.memory_mib, cpus=req.cpus,
+        accel=req.accel, ssh_port=ssh_port, console_log=console_log, workdir=req.workdir,
+        ec2=ec2, firmware=req.firmware, uefi_vars=uefi_vars, arch=req.arch,
+        offline_mirror_port=req.offline_mirror_port,
+        restore_from=req.restore.state if req.restore is not None else None,
+    )  # fmt: skip
+
+
+def state_signature(req: GuestRequest) -> str | None:
+    """What a running state saved by the VM `req` starts carries, before it starts
+    (qemu.state_signature: QEMU's version, the accelerator, machine, memory and
+    every device); None for a VM whose state is never kept (another backend, the
+    ec2 boot mode). Checkpoints key the booted builder on it, so a QEMU upgrade
+    or a switch between KVM and TCG keeps a state of its own."""
+    if req.backend != "qemu" or req.ec2 is not None:
+        return None
+    from vmbuild.hypervisor import qemu
+
+    placeholder = Path("unused")  # every path is left out of the signature
+    return qemu.state_signature(_spec(
+        req, name="vm", disk=placeholder, seed=placeholder, ssh_port=22,
+        console_log=placeholder, ec2=None,
+        uefi_vars=placeholder if req.firmware != "bios" else None,
+    ))  # fmt: skip
 
 
 def _check_restorable(restore: Restore, machine: Machine) -> None:

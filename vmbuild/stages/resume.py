@@ -26,7 +26,14 @@ from vmbuild.cache import checkpoints
 from vmbuild.debian import index, sources
 from vmbuild.digest import sha256_file
 from vmbuild.errors import GuestStopped, VmbuildError, VMError
-from vmbuild.hypervisor.guest import CLOUD_INIT, Guest, Restore, wait_cloud_init
+from vmbuild.hypervisor.guest import (
+    CLOUD_INIT,
+    Guest,
+    GuestRequest,
+    Restore,
+    state_signature,
+    wait_cloud_init,
+)
 from vmbuild.hypervisor.vmstate import StateNotSaved
 from vmbuild.remote.keys import KeyPair
 from vmbuild.run import which
@@ -103,12 +110,23 @@ def root_key(base: StageKey, *, memory: int, cpus: int, mirror: dict[str, str]) 
     )  # fmt: skip
 
 
-def boot_key(root: StageKey, *, user: str, firmware: str) -> StageKey:
+def boot_key(root: StageKey, *, user: str, firmware: str, signature: str) -> StageKey:
     """The builder just booted, before any component: its running state is what
     every build on this base and these VM settings starts from, whatever its
     components. Its disk is the first boot's (cloud-init's users and keys), which
-    `root` and the builder's user and firmware decide."""
-    return stage_key("checkpoint-boot", disk=root.digest, user=user, firmware=firmware)
+    `root` and the builder's user and firmware decide; its state loads only into
+    the machine of its `signature` (another QEMU, KVM or TCG keeps its own)."""
+    return stage_key(
+        "checkpoint-boot", disk=root.digest, user=user, firmware=firmware, signature=signature
+    )
+
+
+def builder_boot_key(root: StageKey, req: GuestRequest) -> StageKey | None:
+    """boot_key for the builder `req` starts; None where no running state is kept."""
+    signature = state_signature(req)
+    if signature is None:
+        return None
+    return boot_key(root, user=req.user, firmware=req.firmware, signature=signature)
 
 
 def chain(root: StageKey, docs: Sequence[toe.Document]) -> list[StageKey]:
