@@ -341,7 +341,7 @@ def _in_builder(
 ) -> dict[str, Any]:  # fmt: skip
     """Boot the builder (or resume the booted builder kept on the base: its disk
     is not the image's), run the components into layers, test; the VM is gone after."""
-    from vmbuild.cli.scratch import scratch_guest
+    from vmbuild.scratch import scratch_guest
 
     recipe = loaded.recipe
     docs = loaded.documents

@@ -95,8 +95,8 @@ def test_a_scratch_vm_is_a_default_recipes_builder_to_the_boot_key(tmp_path: Pat
     builder: every field the boot key covers is the same (resume.boot_key)."""
     from dataclasses import replace
 
-    from vmbuild.cli.scratch import request
     from vmbuild.hypervisor.accel import Accel
+    from vmbuild.scratch import request
     from vmbuild.stages import base_image, resume
 
     loaded = load_recipe(write_recipe(tmp_path))

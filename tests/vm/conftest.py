@@ -20,9 +20,9 @@ import pytest
 from tests.support.libvirtd import Libvirtd, running_libvirtd
 from vmbuild import paths
 from vmbuild.cache import aptproxy, checkpoints
-from vmbuild.cli.scratch import scratch_guest
 from vmbuild.hypervisor.guest import Guest
 from vmbuild.remote.ssh import SSHSession
+from vmbuild.scratch import scratch_guest
 from vmbuild.stages import base_image
 
 REPO = Path(__file__).resolve().parents[2]

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from tests.vm.conftest import REPO, VMBUILD, qemu_pids, vmbuild
-from vmbuild.cli.scratch import scratch_guest
 from vmbuild.errors import GuestStopped, TransferError
 from vmbuild.hypervisor.guest import Guest
 from vmbuild.remote import ssh as ssh_mod
+from vmbuild.scratch import scratch_guest
 
 pytestmark = pytest.mark.vm
 

@@ -201,7 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _remote(args: argparse.Namespace) -> Iterator[Remote]:
     if args.base:
         from vmbuild import console
-        from vmbuild.cli.scratch import scratch_vm  # boots QEMU: only when asked
+        from vmbuild.scratch import scratch_vm  # boots QEMU: only when asked
 
         err = console.stderr()
         with scratch_vm(

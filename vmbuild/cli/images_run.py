@@ -4,7 +4,7 @@ The stored disk is only ever the read-only backing file of a throwaway qcow2
 overlay: the guest's writes land in the overlay, which goes with the command.
 A fresh client key, a fresh host key and a NoCloud seed give the login; the
 image's own first boot runs in full, as on a new instance. Built on the
-scratch VM of `component run --base` (cli/scratch.py, hypervisor.guest), so VM,
+scratch VM of `component run --base` (scratch.py, hypervisor.guest), so VM,
 overlay, seed and keys are removed on every way out: the SSH session ending
 (--ssh), Ctrl-C, SIGTERM; a killed vmbuild's VM dies with it (PDEATHSIG) and
 its directory is removed by the next vmbuild command.
@@ -68,8 +68,8 @@ def ssh_argv(key: Path, port: int, known_hosts: Path, user: str) -> list[str]:
 
 def cmd_images_run(args: argparse.Namespace) -> int:
     from vmbuild import console
-    from vmbuild.cli.scratch import scratch_guest
     from vmbuild.run import interactive
+    from vmbuild.scratch import scratch_guest
 
     chosen = plan(paths.store_dir(args.store), args.ref)
     if args.ssh and shutil.which("ssh") is None:

@@ -65,7 +65,7 @@ def test_parse_host() -> None:
 
 @pytest.fixture
 def no_vm(monkeypatch: pytest.MonkeyPatch) -> None:
-    import vmbuild.cli.scratch as builder
+    import vmbuild.scratch as builder
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a VM was started for a run that could not succeed")

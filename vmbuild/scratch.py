@@ -1,6 +1,7 @@
-"""The throwaway VM of `vmbuild component run --base BASE`: iterate on one component
-without a full build. It lives with the command; the build's own VMs are booted by
-the stages (build.py) through the same hypervisor.guest.booted_guest.
+"""The throwaway VM: `vmbuild component run --base BASE` (iterate on one component
+without a full build), a container build's builder, `vmbuild images run`. It lives
+with the command; an image build's own VMs are booted by its stages (build.py)
+through the same hypervisor.guest.booted_guest.
 
 With `keep_boot`, it comes back as the booted builder a build (or an earlier
 scratch VM) kept on this base and these VM settings (stages/resume.py): the same
