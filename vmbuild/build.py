@@ -35,7 +35,6 @@ from vmbuild.hypervisor import firmware
 from vmbuild.hypervisor.guest import (
     Guest,
     GuestRequest,
-    RestoreFailed,
     booted_guest,
     copy_console,
 )
@@ -238,20 +237,13 @@ def _resumed_builder(r: Run, req: GuestRequest) -> Guest | None:
     from the base); the status says why."""
     assert r.ck is not None and r.ck.resume_from is not None
     label = r.ck.resume_from.label
-    restore, why = r.ck.saved_vm() if req.backend == "qemu" else (None, "the libvirt backend")
-    if not r.ck.running_state:
-        restore, why = None, _no_running_state(r) or "no running VM is kept"
-    if restore is not None:
-        try:
-            guest = r.stack.enter_context(
-                booted_guest(replace(req, restore=restore), on_status=r.reporter.status)
-            )
-        except RestoreFailed as exc:
-            why = f"not resumable here: {exc}"
-            if exc.damaged:  # it would fail the same way next time
-                r.ck.drop_saved_vm()
-        else:
-            r.ck.restored = "ram"
+    if req.backend != "qemu":
+        why = "the libvirt backend"
+    elif not r.ck.running_state:
+        why = _no_running_state(r) or "no running VM is kept"
+    else:
+        guest, why = resume.resumed(r.ck, req, r.stack, r.reporter.status)
+        if guest is not None:
             r.reporter.status(f"checkpoints: {label}: the running VM is back, no boot")
             return guest
     if r.ck.last is None:
@@ -316,10 +308,9 @@ def _checkpoint_boot(r: Run) -> None:
     """Keep the builder as it just booted: the next build on this base and VM
     settings resumes it instead of booting, whatever its components."""
     assert r.ck is not None and r.builder is not None
-    if r.ck.usable:
-        new_top = r.work / "builder-0.qcow2"
-        if resume.keep_booted(r.ck, r.builder, new_top, status=r.reporter.status):
-            r.top = new_top
+    new_top = r.work / "builder-0.qcow2"
+    if resume.keep_booted(r.ck, r.builder, new_top, status=r.reporter.status):
+        r.top = new_top
 
 
 def _checkpoint(r: Run, index: int, applied: dict[str, Any]) -> None:

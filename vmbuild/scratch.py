@@ -14,7 +14,6 @@ import contextlib
 import secrets
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 from vmbuild import paths, runs
@@ -22,7 +21,7 @@ from vmbuild.cache import aptproxy, checkpoints
 from vmbuild.config.recipe import DEFAULT_DISK
 from vmbuild.config.settings import SETTINGS
 from vmbuild.hypervisor import accel as accel_mod
-from vmbuild.hypervisor.guest import Guest, GuestRequest, RestoreFailed, booted_guest
+from vmbuild.hypervisor.guest import Guest, GuestRequest, booted_guest
 from vmbuild.plan import BUILDER_USER
 from vmbuild.remote.ssh import SSHSession
 from vmbuild.stages import base_image, resume
@@ -82,8 +81,7 @@ def request(
     so either resumes the other's."""
     # A builder's disk as a recipe's default gives it (a bigger base keeps its
     # size); `images run` boots a stored image as it is.
-    builder = user == BUILDER_USER and first_boot == "minimal"
-    fits = builder and image.virtual_size <= DEFAULT_DISK
+    fits = _builder_like(user, first_boot) and image.virtual_size <= DEFAULT_DISK
     return GuestRequest(
         run_id=secrets.token_hex(3), role="scratch", base=image.path, base_format=image.format,
         disk_size=DEFAULT_DISK if fits else None,
@@ -92,6 +90,11 @@ def request(
         first_boot=first_boot, apt_proxy=apt_proxy,
         dispose="kill",  # a throwaway VM: nothing on its disk is kept
     )  # fmt: skip
+
+
+def _builder_like(user: str, first_boot: str) -> bool:
+    """A VM a booted builder can stand in for (not `images run`'s stored image)."""
+    return user == BUILDER_USER and first_boot == "minimal"
 
 
 def _resumed_or_booted(
@@ -119,7 +122,7 @@ def _boot_checkpoint(
     settings: keyed as a build's (resume.boot_key), so either kind of run
     resumes what the other kept. None where no running VM can be kept."""
     why_not = resume.no_running_state(req.arch)
-    if req.user != BUILDER_USER or req.first_boot != "minimal" or why_not is not None:
+    if not _builder_like(req.user, req.first_boot) or why_not is not None:
         return None
     root = resume.root_key(
         base_image.key(image, req.disk_size), memory=req.memory_mib << 20, cpus=req.cpus,
@@ -143,19 +146,11 @@ def _booted(
 ) -> Guest:
     """The VM up: resumed from the kept booted builder, else booted (and then
     kept, where none is yet)."""
-    if ck is not None and ck.boot is not None and ck.boot.disk is not None:
-        restore, why = ck.saved_vm()
-        if restore is not None:
-            resumed = replace(req, base=ck.boot.disk, base_format="qcow2", restore=restore)
-            try:
-                guest = stack.enter_context(booted_guest(resumed, on_status=status))
-            except RestoreFailed as exc:
-                why = f"not resumable here: {exc}"
-                if exc.damaged:  # it would fail the same way next time
-                    ck.drop_saved_vm()
-            else:
-                status("checkpoints: the booted builder is back, no boot")
-                return guest
+    if ck is not None and ck.boot is not None:
+        guest, why = resume.resumed(ck, req, stack, status)
+        if guest is not None:
+            status("checkpoints: the booted builder is back, no boot")
+            return guest
         ck.boot_not_resumed()
         status(f"checkpoints: booting from the base ({why})")
     guest = stack.enter_context(booted_guest(req, on_status=status))

@@ -10,12 +10,13 @@ parameters and the phases run, in order.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from vmbuild.hypervisor.guest import (
     Guest,
     GuestRequest,
     Restore,
+    RestoreFailed,
+    booted_guest,
     state_signature,
     wait_cloud_init,
 )
@@ -444,6 +447,27 @@ def keep(
             f"checkpoints: another run saved {saved.label} first; "
             "this one saves no more (its layers are diffs against its own copy)"
         )
+
+
+def resumed(
+    ck: Checkpointing, req: GuestRequest, stack: contextlib.ExitStack, status: Status
+) -> tuple[Guest | None, str]:
+    """`req`'s VM back running from the state kept with ck.resume_from (its disk
+    layer below it), entered into `stack`; or None and why not. A state that
+    would fail the same way anywhere is dropped."""
+    restore, why = ck.saved_vm()
+    disk = ck.start_disk()
+    if restore is None or disk is None:
+        return None, why
+    again = replace(req, base=disk, base_format="qcow2", restore=restore)
+    try:
+        guest = stack.enter_context(booted_guest(again, on_status=status))
+    except RestoreFailed as exc:
+        if exc.damaged:
+            ck.drop_saved_vm()
+        return None, f"not resumable here: {exc}"
+    ck.restored = "ram"
+    return guest, ""
 
 
 def keep_booted(ck: Checkpointing, guest: Guest, new_top: Path, *, status: Status) -> bool:
