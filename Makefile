@@ -25,7 +25,7 @@ image: setup
 # The whole suite: lint, fast unit tests, then the real VM/AWS tests (TCG when
 # KVM is unusable; they never skip).
 test: setup lint
-	$(BIN)/pytest tests -v --durations=15 -m "not arm64_base"
+	$(BIN)/pytest tests -v --durations=40 -m "not arm64_base"
 
 # The arm64 image end to end: its base takes ~22 min to build under qemu-user here.
 test-arm64: setup

@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vmbuild.diskfs.scrub import Needle, key_needles, scan_for_secrets, zero_free_space
 from vmbuild.remote.keys import generate_ed25519
@@ -152,3 +154,34 @@ def test_short_values_are_found_as_whole_words_in_text_files(tmp_path: Path) -> 
         ("Pin", "/var/lib/cloud/instance/user-data.txt"),
     ]
     assert list(work.iterdir()) == []  # the copy of the guest's files is gone
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    layout=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 300)), max_size=8),
+    chunk=st.integers(16, 96),
+)
+def test_the_scan_reports_the_first_offset_of_every_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: list[tuple[int, int]], chunk: int
+) -> None:
+    """Against a plain search of the whole file: values placed anywhere (across
+    chunk boundaries, overlapping, one inside another, repeated), small chunks."""
+    from vmbuild.diskfs import scrub
+
+    monkeypatch.setattr(scrub, "CHUNK", chunk)
+    values = [b"secret-value-one", b"value-one", b"another-secret!", b"0123456789abcdefghij"]
+    data = bytearray(b"\x01" * 400)
+    for which, at in layout:
+        data[at : at + len(values[which])] = values[which]
+    raw = tmp_path / "x.raw"
+    raw.write_bytes(bytes(data))
+    needles = [Needle(f"v{i}", v) for i, v in enumerate(values)]
+    expected = sorted(
+        (scrub.Hit(f"v{i}", bytes(data).find(v)) for i, v in enumerate(values) if v in data),
+        key=lambda h: h.offset,
+    )
+    assert sorted(scan_for_secrets(raw, needles), key=lambda h: (h.offset, h.label)) == sorted(
+        expected, key=lambda h: (h.offset, h.label)
+    )

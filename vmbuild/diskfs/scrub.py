@@ -145,14 +145,20 @@ def key_needles(label: str, openssh_text: str) -> list[Needle]:
 
 
 def scan_for_secrets(raw: Path, needles: Iterable[Needle]) -> list[Hit]:
-    """Every needle found anywhere in the raw disk (first offset of each); holes are skipped."""
-    wanted = [n for n in needles if len(n.value) >= MIN_NEEDLE]
-    if not wanted:
-        return []
+    """Every needle found anywhere in the raw disk (first offset of each); holes are skipped.
+
+    One `bytes.find` per value and chunk, not one regex alternation of them all:
+    find is a vectorized substring search, measured 0.48 s against 3.0 s for a
+    533 MiB Debian disk and the builder's 11 key lines. A value is no longer
+    searched for once found (only its first offset is reported), and the scan
+    ends when every value was found.
+    """
     by_value: dict[bytes, str] = {}
-    for n in wanted:
-        by_value.setdefault(n.value, n.label)
-    pattern = re.compile(b"|".join(re.escape(v) for v in sorted(by_value, key=len, reverse=True)))
+    for n in needles:
+        if len(n.value) >= MIN_NEEDLE:
+            by_value.setdefault(n.value, n.label)
+    if not by_value:
+        return []
     overlap = max(len(v) for v in by_value) - 1
     found: dict[bytes, int] = {}
     fd = os.open(raw, os.O_RDONLY)
@@ -161,14 +167,18 @@ def scan_for_secrets(raw: Path, needles: Iterable[Needle]) -> list[Hit]:
         for start, end in data_extents(fd, size):
             pos = start
             carry = b""
-            while pos < end:
+            while pos < end and len(found) < len(by_value):
                 chunk = os.pread(fd, min(CHUNK, end - pos), pos)
                 if not chunk:
                     break
+                # The carry (the previous chunk's tail) holds no whole match not
+                # already found there: a match found now starts at its offset.
                 data = carry + chunk
                 base = pos - len(carry)
-                for match in pattern.finditer(data):
-                    found.setdefault(match.group(), base + match.start())
+                for value in by_value.keys() - found.keys():
+                    at = data.find(value)
+                    if at >= 0:
+                        found[value] = base + at
                 carry = data[-overlap:] if overlap else b""
                 pos += len(chunk)
     finally:

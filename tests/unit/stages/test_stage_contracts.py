@@ -22,27 +22,21 @@ def test_stage_keys_depend_on_every_input_and_nothing_else() -> None:
     assert str(a) == f"base:{a.digest[:16]}" and len(a.digest) == 64
 
 
-def test_sbom_collects_packages_and_the_machine_id() -> None:
-    lists = (
+def test_sbom_collects_packages_the_machine_id_and_the_apt_indexes_in_one_command() -> None:
+    out = (
+        "bash\t5.2\tamd64\nnginx\t1.22\tamd64\n"
+        f"{sbom.MACHINE_ID_MARK}\nabc123\n{sbom.APT_INDEXES_MARK}\n"
         f"{'a' * 64}  deb.debian.org_debian_dists_bookworm_InRelease\n"
         f"{'b' * 64}  deb.debian.org_debian-security_dists_bookworm-security_InRelease\n"
-        "sha256sum: x_InRelease: Permission denied\n"
     )
-    remote = ScriptedRemote(
-        lambda s: (
-            (0, "bash\t5.2\tamd64\nnginx\t1.22\tamd64\n", "")
-            if s == sbom.SBOM_SCRIPT
-            else (0, lists, "")
-        )
-    )
-    remote.files["/etc/machine-id"] = b"abc123\n"
+    remote = ScriptedRemote(lambda s: (0, out, "sha256sum: x_InRelease: Permission denied\n"))
     result = sbom.collect(remote, timeout=60)
     assert result == sbom.Sbom(
         (Package("bash", "5.2", "amd64"), Package("nginx", "1.22", "amd64")), "abc123",
         {"deb.debian.org_debian_dists_bookworm_InRelease": "a" * 64,
          "deb.debian.org_debian-security_dists_bookworm-security_InRelease": "b" * 64},
     )  # fmt: skip
-    assert remote.calls == [(sbom.SBOM_SCRIPT, 60), (sbom.APT_INDEXES_SCRIPT, 60)]
+    assert remote.calls == [(sbom.SBOM_SCRIPT, 60)]
 
 
 def test_sbom_failure_is_an_error_not_an_empty_list() -> None:
@@ -51,6 +45,17 @@ def test_sbom_failure_is_an_error_not_an_empty_list() -> None:
         sbom.collect(remote, timeout=60)
     assert str(err.value) == (
         "listing the guest's packages failed (exit 2):\ndpkg-query: error: database locked"
+    )
+
+
+def test_a_missing_machine_id_is_an_error_naming_it() -> None:
+    out = f"bash\t5.2\tamd64\n{sbom.MACHINE_ID_MARK}\n"
+    remote = ScriptedRemote(lambda s: (1, out, "cat: /etc/machine-id: No such file or directory\n"))
+    with pytest.raises(VmbuildError) as err:
+        sbom.collect(remote, timeout=60)
+    assert str(err.value) == (
+        "reading the guest's /etc/machine-id failed (exit 1):\n"
+        "cat: /etc/machine-id: No such file or directory"
     )
 
 
