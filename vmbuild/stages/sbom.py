@@ -71,7 +71,9 @@ def collect(remote: Remote, timeout: float) -> Sbom:
     machine_id, _, lists = rest.partition(f"{APT_INDEXES_MARK}\n")
     if result.exit_code != 0:
         what = "timed out" if result.timed_out else f"exit {result.exit_code}"
-        tail = result.stderr[-2000:].rstrip()
+        # Without stderr, the output of the part that failed, as before the
+        # three reads were one command.
+        tail = (result.stderr or (machine_id if found else packages))[-2000:].rstrip()
         doing = "reading the guest's /etc/machine-id" if found else "listing the guest's packages"
         raise VmbuildError(f"{doing} failed ({what})" + (f":\n{tail}" if tail else ""))
     return Sbom(

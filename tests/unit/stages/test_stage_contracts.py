@@ -48,6 +48,13 @@ def test_sbom_failure_is_an_error_not_an_empty_list() -> None:
     )
 
 
+def test_a_failure_without_stderr_shows_the_failed_part_s_output() -> None:
+    remote = ScriptedRemote(lambda s: (3, "rpmdb: partial listing\n", ""))
+    with pytest.raises(VmbuildError) as err:
+        sbom.collect(remote, timeout=60)
+    assert str(err.value) == "listing the guest's packages failed (exit 3):\nrpmdb: partial listing"
+
+
 def test_a_missing_machine_id_is_an_error_naming_it() -> None:
     out = f"bash\t5.2\tamd64\n{sbom.MACHINE_ID_MARK}\n"
     remote = ScriptedRemote(lambda s: (1, out, "cat: /etc/machine-id: No such file or directory\n"))
