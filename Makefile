@@ -22,10 +22,17 @@ $(BIN)/.installed: pyproject.toml
 image: setup
 	$(BIN)/vmbuild build $(RECIPE)
 
-# The whole suite: lint, fast unit tests, then the real VM/AWS tests (TCG when
-# KVM is unusable; they never skip).
+# Parallel test workers. A test VM under TCG keeps about one core busy (the
+# checkpoints test alone: 115 % CPU of 2 cores), so one worker per core, at
+# most 4: each worker's VMs take ~3 GiB, and the tests that share one guest run
+# in one worker, in order (~25 min under TCG on 2 cores), which bounds the run.
+TEST_WORKERS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
+
+# The whole suite: lint, then every test, unit and real VM/AWS ones (TCG when
+# KVM is unusable; they never skip), spread over $(TEST_WORKERS) workers. Tests
+# that change a shared guest or libvirtd run in one worker (tests/conftest.py).
 test: setup lint
-	$(BIN)/pytest tests -v --durations=40 -m "not arm64_base"
+	$(BIN)/pytest tests -v --durations=40 -m "not arm64_base" -n $(TEST_WORKERS) --dist loadgroup
 
 # The arm64 image end to end: its base takes ~22 min to build under qemu-user here.
 test-arm64: setup

@@ -6,10 +6,13 @@ tests/integration (qemu-img, debugfs, sfdisk on small files).
 
 from __future__ import annotations
 
+import os
 import subprocess
 from typing import Any
 
 import pytest
+
+from vmbuild import runs
 
 
 class SpawnForbidden(AssertionError):
@@ -22,7 +25,23 @@ def _no_processes(monkeypatch: pytest.MonkeyPatch) -> None:
         raise SpawnForbidden(f"unit tests must not spawn processes: {args[:1]}")
 
     monkeypatch.setattr(subprocess.Popen, "__init__", forbidden)
-    import os
-
     monkeypatch.setattr(os, "posix_spawn", forbidden)
     monkeypatch.setattr(os, "fork", forbidden)
+
+
+# Set for every test by tests/conftest.py: the session's own state dir and an
+# empty component library.
+_SESSION_ENVIRONMENT = {"VMBUILD_STATE_DIR", "VMBUILD_COMPONENT_LIBRARY"}
+
+
+@pytest.fixture(autouse=True)
+def _no_outside_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unit test's inputs are its own. Not the developer's VMBUILD_* settings,
+    nor what the VM tier set up earlier in this process: a parallel run's worker
+    may run unit tests after VM tests, while their session fixtures still hold
+    the package cache in the environment and the shared guest's run registration."""
+    for name in [n for n in os.environ if n.startswith("VMBUILD_")]:
+        if name not in _SESSION_ENVIRONMENT:
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(runs, "_current", None)
+    monkeypatch.setattr(runs, "_depth", 0)

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.vm.conftest import build_stored, lint_stored
+
+pytestmark = pytest.mark.vm
 
 COMPONENT = """\
 name: hello

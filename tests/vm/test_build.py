@@ -129,9 +129,12 @@ def assert_images_run_boots_it_untouched(build_dir: Path, cli_env: dict[str, str
     it and removes what it wrote, and the stored disk is byte for byte unchanged."""
     disk = build_dir / "disk.qcow2"
     before = hashlib.sha256(disk.read_bytes()).hexdigest()
-    scratch_before = set(paths.cache_dir().glob("scratch-*"))
+    # A cache dir of its own: what it leaves there is its own (another test
+    # worker's scratch VMs come and go in the shared one).
+    cache = Path(cli_env["VMBUILD_STORE"]).with_name("run-cache")
+    env = {**cli_env, "VMBUILD_CACHE_DIR": str(cache)}
     proc = subprocess.Popen(
-        [*VMBUILD, "images", "run", "example-nginx/1.0.0"], env=cli_env, cwd=REPO,
+        [*VMBUILD, "images", "run", "example-nginx/1.0.0"], env=env, cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -155,7 +158,7 @@ def assert_images_run_boots_it_untouched(build_dir: Path, cli_env: dict[str, str
             proc.kill()
             proc.wait()
     assert hashlib.sha256(disk.read_bytes()).hexdigest() == before
-    assert set(paths.cache_dir().glob("scratch-*")) == scratch_before
+    assert list(cache.glob("scratch-*")) == []
 
 
 def assert_signed_provenance_and_sboms(
@@ -234,7 +237,12 @@ def test_failing_component_fails_cleanly(
     tmp_path: Path,
     no_leftover_qemu: None,
 ) -> None:
-    cache_before = set(paths.cache_dir().iterdir())
+    # A cache dir of its own, the shared bases in it: all it holds after the
+    # build is the build's doing (another test worker writes to the shared one).
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "bases").symlink_to(paths.cache_dir() / "bases")
+    cli_env["VMBUILD_CACHE_DIR"] = str(cache)
     (tmp_path / "breaks.yaml").write_text(FAILING_COMPONENT)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
@@ -248,7 +256,7 @@ def test_failing_component_fails_cleanly(
     store = Path(cli_env["VMBUILD_STORE"])
     assert not store.exists() or list(store.rglob("*")) == []
     # The one thing a failed build leaves is its run log (state, not cache), by design.
-    new = {p.name for p in set(paths.cache_dir().iterdir()) - cache_before}
+    new = {p.name for p in cache.iterdir()} - {"bases"}
     assert new <= {"accel-probe.json"}  # the accelerator probe's result, if this came first
     [run_log] = (Path(cli_env["VMBUILD_STATE_DIR"]) / "logs").glob("broken-*/build.log")
     assert f"run log: {run_log}" in proc.stderr

@@ -22,7 +22,9 @@ from tests.support.schemas import event_lines
 from tests.vm.conftest import REPO, VMBUILD, vmbuild
 from vmbuild.stages import base_image
 
-pytestmark = pytest.mark.vm
+# One xdist worker runs every test here and the other libvirtd users, in order:
+# they count the QEMUs libvirt runs, host-wide.
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("libvirtd")]
 
 # One quick component and one testinfra file: the example's packages are proved
 # by the QEMU backend's build; this proves both VMs run as libvirt domains.

@@ -14,8 +14,12 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pytest
+
 from tests.vm.conftest import vmbuild
 from vmbuild.cache import aptproxy
+
+pytestmark = pytest.mark.vm
 
 COMPONENT = """\
 name: hello-pkg
