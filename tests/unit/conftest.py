@@ -29,19 +29,22 @@ def _no_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "fork", forbidden)
 
 
-# Set for every test by tests/conftest.py: the session's own state dir and an
-# empty component library.
-_SESSION_ENVIRONMENT = {"VMBUILD_STATE_DIR", "VMBUILD_COMPONENT_LIBRARY"}
-
-
 @pytest.fixture(autouse=True)
-def _no_outside_state(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_outside_state(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """A unit test's inputs are its own. Not the developer's VMBUILD_* settings,
     nor what the VM tier set up earlier in this process: a parallel run's worker
     may run unit tests after VM tests, while their session fixtures still hold
-    the package cache in the environment and the shared guest's run registration."""
+    the package cache in the environment and the shared guest's run registration.
+
+    That registration is set aside, and the test gets a state dir of its own: a
+    registration is named after the process, so one the test opened in the
+    session's state dir would be the session's, and closing it would delete it."""
     for name in [n for n in os.environ if n.startswith("VMBUILD_")]:
-        if name not in _SESSION_ENVIRONMENT:
+        if name != "VMBUILD_COMPONENT_LIBRARY":  # tests/conftest.py's, per test
             monkeypatch.delenv(name)
+    # Beside the test's tmp_path, not in it: tests list what they left there.
+    monkeypatch.setenv("VMBUILD_STATE_DIR", str(tmp_path_factory.mktemp("vmbuild-state")))
     monkeypatch.setattr(runs, "_current", None)
     monkeypatch.setattr(runs, "_depth", 0)
