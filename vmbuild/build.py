@@ -506,6 +506,8 @@ def _attest(r: Run) -> None:
         {"memory_mib": recipe.vm.memory >> 20, "cpus": recipe.vm.cpus},
         scan_settings=recipe.scan,
         recipe_dir=r.plan.loaded.dir,
+        # Hashed by the convert stage as each was written, not read again.
+        hashed={o.file: (o.sha256, o.size) for o in r.converted.outputs} if r.converted else None,
     )
     # A summary for `images show`; outside the signed digest (publish.artifact.MUTABLE_KEYS).
     r.manifest["provenance"] = attestation.to_json()

@@ -43,11 +43,13 @@ def attest(
     signed_by: str,
     vm_settings: Mapping[str, Any] | None = None,
     write_sboms: bool = True,
+    hashed: Mapping[str, tuple[str, int]] | None = None,
 ) -> Attestation:
-    """Write sbom.spdx.json, sbom.cdx.json and provenance.intoto.jsonl into `build_dir`."""
+    """Write sbom.spdx.json, sbom.cdx.json and provenance.intoto.jsonl into `build_dir`
+    (`hashed`: digests the caller took as it wrote those files; see provenance.subjects)."""
     if write_sboms:
         sbom.write_sboms(build_dir, manifest)
-    digests = provenance.subjects(build_dir, manifest)
+    digests = provenance.subjects(build_dir, manifest, hashed)
     payload = provenance.statement(manifest, digests, vm_settings=vm_settings)
     envelope = signing.sign(payload, signer)
     text = json.dumps(envelope.to_dict(), sort_keys=True) + "\n"

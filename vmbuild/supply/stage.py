@@ -25,6 +25,7 @@ def attest_stage(
     *,
     scan_settings: Any = None,  # config.recipe.ScanSettings | None
     recipe_dir: Path | None = None,
+    hashed: Mapping[str, tuple[str, int]] | None = None,
 ) -> Attestation:
     """Write both SBOMs, scan them if asked (results into `manifest["scan"]`, ScanFailed
     above the threshold), then the signed provenance.intoto.jsonl."""
@@ -46,5 +47,5 @@ def attest_stage(
         signer, label = signing.default_signer()
     return attest(
         build_dir, manifest, signer=signer, signed_by=label, vm_settings=vm_settings,
-        write_sboms=False,
+        write_sboms=False, hashed=hashed,
     )  # fmt: skip

@@ -12,7 +12,7 @@ import pytest
 from tests.support.supply import PACKAGES, fake_artifact, flip_byte
 from vmbuild.publish.artifact import manifest_digest
 from vmbuild.supply import CYCLONEDX, PROVENANCE, SPDX, signing
-from vmbuild.supply.provenance import packages_digest
+from vmbuild.supply.provenance import packages_digest, subjects
 from vmbuild.supply.signing import KeyPaths, VerificationFailed
 from vmbuild.supply.verify import verify_build
 
@@ -145,3 +145,24 @@ def test_no_provenance_at_all(local_key: KeyPaths, store: Path) -> None:
     with pytest.raises(VerificationFailed, match="no provenance"):
         verify_build(build_dir, None)
     assert not verify_build(build_dir, None, allow_unsigned=True).signed
+
+
+def test_subjects_take_the_builds_own_digests_of_files_it_just_wrote(
+    local_key: KeyPaths, store: Path
+) -> None:
+    """The build passes the digests its convert stage took as it wrote each disk:
+    those are not read again; a file whose size changed since is, and so is
+    every file the caller did not hash (SBOMs)."""
+    build_dir = fake_artifact(store)
+    manifest = json.loads((build_dir / "manifest.json").read_text())
+    disk = build_dir / "disk.qcow2"
+    size = disk.stat().st_size
+    # A digest that is not the file's: it shows the file was not read.
+    taken = subjects(build_dir, manifest, {"disk.qcow2": ("0f" * 32, size)})
+    assert taken["disk.qcow2"] == "0f" * 32
+    assert taken[SPDX] == sha(build_dir / SPDX)
+    with disk.open("ab") as fh:
+        fh.write(b"more")
+    grown = subjects(build_dir, manifest, {"disk.qcow2": ("0f" * 32, size)})
+    assert grown["disk.qcow2"] == sha(disk)
+    assert subjects(build_dir, manifest)["disk.qcow2"] == sha(disk)
