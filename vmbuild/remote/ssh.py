@@ -357,11 +357,15 @@ class SSHSession:
         # Detach the reboot so the command returns before sshd goes away. A
         # timer's default AccuracySec is a minute: systemd may fire it anywhere
         # in 1-61 s to coalesce wake-ups (18 s measured, 30 s on average).
-        self._exec(
+        scheduled = self._exec(
             "sudo -n systemd-run --no-block --on-active=1 "
             "--timer-property=AccuracySec=100ms systemctl reboot",
             timeout=60,
         )
+        if not scheduled.lost and scheduled.rc > 0:
+            # Otherwise the wait below would sit out the whole boot timeout.
+            why = (scheduled.err or scheduled.out).strip() or "no reason given"
+            raise SSHError(f"the guest refused to schedule its reboot (exit {scheduled.rc}): {why}")
         self._client.close()
         deadline = time.monotonic() + self.boot_timeout
         while True:
