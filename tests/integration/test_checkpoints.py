@@ -104,6 +104,33 @@ def test_a_corrupt_layer_is_ignored_and_removed(tmp_path: Path, work: Path) -> N
         assert not (tmp_path / "ck" / one.key).exists()
 
 
+def test_a_build_reads_each_layer_once_unless_it_changed(
+    tmp_path: Path, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with CheckpointStore(tmp_path / "ck") as store:
+        one, two = save_chain(store, work)
+    read: list[str] = []
+
+    def counted(path: Path) -> str:
+        read.append(path.parent.name)
+        return sha256_file(path)
+
+    monkeypatch.setattr(checkpoints, "sha256_file", counted)
+    said: list[str] = []
+    with CheckpointStore(tmp_path / "ck", warn=said.append) as store:
+        # A build looks up each component's key in turn; each lookup checks the
+        # chain below it, and a layer already checked is not read again.
+        assert store.find(one.key) is not None and store.find(two.key) is not None
+        assert read == [one.key, two.key]
+        # ... unless it changed since (a write moves its mtime).
+        assert one.disk is not None
+        write(one.disk, 0x55, 65536)
+        assert store.find(two.key) is None
+        assert read[2:] == [one.key]
+        assert said == [f"ignoring checkpoint {two.key[:16]} (2/2 b): "
+                        "its disk layer does not match its checksum"]  # fmt: skip
+
+
 def test_half_written_and_foreign_checkpoints_are_never_used(tmp_path: Path, work: Path) -> None:
     said: list[str] = []
     root = tmp_path / "ck"
@@ -239,7 +266,22 @@ def test_prune_by_age_then_least_recently_used(tmp_path: Path, work: Path) -> No
         assert lone is not None
     old = 1_000_000_000
     os.utime(root / one.key / "meta.json", (old, old))
-    # Older than 30 days: the first layer goes, and the layer built on it too.
+    # The first layer was last found long ago, but the one built on it was used
+    # since (a rebuild finds only the layer it resumes from): both are in use.
+    pruned = checkpoints.prune(root, max_size=1 << 40, max_age_days=30)
+    assert pruned.removed == [] and pruned.kept == 3
+    # ... also under a size cap: the entry used least is the test result, used
+    # after the first layer was found but before the second was.
+    earlier = (root / two.key / "meta.json").stat().st_mtime - 100
+    os.utime(root / lone.key / "meta.json", (earlier, earlier))
+    total = sum(cp.size for cp in (one, two, lone))
+    pruned = checkpoints.prune(root, max_size=total - 1, max_age_days=30)
+    assert pruned.removed == [lone.key] and pruned.kept == 2
+    with CheckpointStore(root) as store:
+        lone = store.save("k3" * 32, stage="test", label="test result", data={"x": 1})
+        assert lone is not None
+    # Both older than 30 days: the first layer goes, and the layer built on it too.
+    os.utime(root / two.key / "meta.json", (old, old))
     pruned = checkpoints.prune(root, max_size=1 << 40, max_age_days=30)
     assert pruned.removed == sorted([one.key, two.key]) and pruned.kept == 1
     assert list((root / "bases").iterdir()) == []  # the base no layer is built on
@@ -256,7 +298,8 @@ def test_a_finished_build_prunes_to_the_caps_from_the_environment(
     root = tmp_path / "ck"
     with CheckpointStore(root) as store:
         one, two = save_chain(store, work)
-    os.utime(root / one.key / "meta.json", (1_000_000_000, 1_000_000_000))  # used long ago
+    for cp in (one, two):  # used long ago
+        os.utime(root / cp.key / "meta.json", (1_000_000_000, 1_000_000_000))
     said: list[str] = []
     monkeypatch.setenv(checkpoints.ENV_MAX_SIZE, "1T")
     with CheckpointStore(root):  # another build still at work: nothing is removed now

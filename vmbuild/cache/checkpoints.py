@@ -126,6 +126,11 @@ class CheckpointStore:
         self.enabled = True
         self._warn = warn or (lambda msg: log.warning("%s", msg))
         self._use: IO[str] | None = None
+        # Layers this store already hashed, by key: (size, mtime_ns, inode) as
+        # they were then. A build looks up each component's key in turn, and each
+        # lookup checks the whole chain below it: without this, the first layers
+        # were read once per component after them.
+        self._hashed: dict[str, tuple[int, int, int]] = {}
 
     # -- lifecycle --------------------------------------------------------
     def __enter__(self) -> CheckpointStore:
@@ -190,13 +195,16 @@ class CheckpointStore:
         disk = cp.disk
         if disk is not None:
             try:
-                size = disk.stat().st_size
+                st = disk.stat()
             except FileNotFoundError:
                 return "its disk layer is missing"
-            if size != cp.meta.get("size"):
-                return f"its disk layer is {size} bytes, {cp.meta.get('size')} expected"
-            if sha256_file(disk) != cp.meta.get("sha256"):
-                return "its disk layer does not match its checksum"
+            if st.st_size != cp.meta.get("size"):
+                return f"its disk layer is {st.st_size} bytes, {cp.meta.get('size')} expected"
+            seen = (st.st_size, st.st_mtime_ns, st.st_ino)
+            if self._hashed.get(cp.key) != seen:
+                if sha256_file(disk) != cp.meta.get("sha256"):
+                    return "its disk layer does not match its checksum"
+                self._hashed[cp.key] = seen
         parent = cp.meta.get("parent")
         if parent:
             if depth > 256:
@@ -413,6 +421,18 @@ def prune(
         by_key = {cp.key: cp for cp in entries}
         sizes = {cp.key: cp.size for cp in entries}
         gone: set[str] = set()
+        # A layer is used whenever one built on it is: a rebuild finds (and so
+        # touches) only the last layer it resumes from, and its parents, the
+        # booted builder first, must not age out from under it.
+        recency: dict[str, float] = {}
+
+        def last_used(key: str) -> float:
+            if key not in recency:
+                recency[key] = by_key[key].last_used  # set first: a looping chain ends here
+                for child in children.get(key, []):
+                    if child in by_key:
+                        recency[key] = max(recency[key], last_used(child))
+            return recency[key]
 
         def drop(key: str) -> None:
             if key in gone or key not in by_key:
@@ -423,9 +443,9 @@ def prune(
 
         now = time.time()
         for cp in entries:
-            if everything or now - cp.last_used > age_cap * 86400:
+            if everything or now - last_used(cp.key) > age_cap * 86400:
                 drop(cp.key)
-        for cp in sorted(entries, key=lambda c: c.last_used):
+        for cp in sorted(entries, key=lambda c: last_used(c.key)):
             if sum(s for k, s in sizes.items() if k not in gone) <= size_cap:
                 break
             drop(cp.key)
