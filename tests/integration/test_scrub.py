@@ -5,12 +5,14 @@ found in free space, zeroed by the scrub, and live files are untouched."""
 from __future__ import annotations
 
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vmbuild.diskfs.rootfs import Kind
 from vmbuild.diskfs.scrub import Needle, key_needles, scan_for_secrets, zero_free_space
 from vmbuild.remote.keys import generate_ed25519
 
@@ -185,3 +187,62 @@ def test_the_scan_reports_the_first_offset_of_every_value(
     assert sorted(scan_for_secrets(raw, needles), key=lambda h: (h.offset, h.label)) == sorted(
         expected, key=lambda h: (h.offset, h.label)
     )
+
+
+def test_a_tree_is_read_in_one_debugfs_run_as_file_by_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """read_tree on a real ext4 image: the one-run copy (a 0555 dir holding a 0000
+    file, a symlink not followed, a missing dir) reads what file-by-file reads."""
+    from vmbuild.diskfs.rootfs import FilesystemView, read_tree, root_view
+
+    root = tmp_path / "root"
+    files = {
+        "etc/apt/apt.conf.d/90proxy": b'Acquire::http::Proxy "http://10.0.2.2:3142";\n',
+        "etc/apt/sources.list.d/debian.sources": b"URIs: http://deb.debian.org/debian\n",
+        "etc/apt/sources.list": b"",
+        "etc/apt/big": b"x" * 4096,
+    }
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    (root / "etc/apt/trusted.gpg.d").symlink_to("/usr/share/keyrings")
+    (root / "etc/apt/apt.conf.d/90proxy").chmod(0o000)
+    (root / "etc/apt/apt.conf.d").chmod(0o555)
+    disk = tmp_path / "disk.raw"
+    subprocess.run(["truncate", "-s", str(16 << 20), disk], check=True)
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", root, disk], check=True)
+    (root / "etc/apt/apt.conf.d").chmod(0o755)
+
+    private = tmp_path / "tmp"  # where the copy is made: nothing is left there
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    view = root_view(disk)
+    calls: list[str] = []
+    debugfs = view._debugfs
+
+    def counted(request: str) -> str:
+        calls.append(request.split()[0])
+        return debugfs(request)
+
+    view._debugfs = counted  # type: ignore[method-assign]
+    expected = {f"/{name}": data for name, data in files.items() if name != "etc/apt/big"}
+    assert read_tree(view, "/etc/apt", max_file=1024) == expected
+    assert calls == ["rdump"]
+
+    class FileByFile:  # the same file system, through the protocol alone
+        def __init__(self, inner: FilesystemView) -> None:
+            self.inner = inner
+
+        def listdir(self, path: str) -> dict[str, Kind] | None:
+            return self.inner.listdir(path)
+
+        def read(self, path: str) -> bytes | None:
+            return self.inner.read(path)
+
+        def readlink(self, path: str) -> str | None:
+            return self.inner.readlink(path)
+
+    assert read_tree(FileByFile(root_view(disk)), "/etc/apt", max_file=1024) == expected
+    assert read_tree(view, "/no/such/dir") == {}
+    assert list(private.iterdir()) == []

@@ -7,7 +7,9 @@ No root, loop devices or NBD are needed: e2fsprogs' unix I/O manager opens
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import struct
 import tempfile
 import uuid
@@ -243,6 +245,24 @@ def exists(fs: FilesystemView, path: str) -> bool:
     return resolve(fs, path) is not None
 
 
+def read_tree(fs: FilesystemView, top: str, max_file: int = 1 << 20) -> dict[str, bytes]:
+    """Every regular file under the directory `top` up to `max_file` bytes, by
+    guest path (symlinks not followed). A DebugfsView copies the tree out in one
+    debugfs run; file by file, it would start a process for each file."""
+    if isinstance(fs, DebugfsView):
+        return fs.tree(top, max_file)
+    out: dict[str, bytes] = {}
+    for name, kind in sorted((fs.listdir(top) or {}).items()):
+        path = f"{top.rstrip('/')}/{name}"
+        if kind == "dir":
+            out.update(read_tree(fs, path, max_file))
+        elif kind == "file":
+            data = fs.read(path)
+            if data is not None and len(data) <= max_file:
+                out[path] = data
+    return out
+
+
 _LS_LINE = re.compile(r"^/(\d+)/(\d+)/\d+/\d+/(.*)/\d*/$")
 _FAST_LINK = re.compile(r'Fast link dest: "(.*)"')
 
@@ -305,6 +325,27 @@ class DebugfsView:
         """Copy the trees `paths` into `dest` in one debugfs run (a missing one is skipped)."""
         quoted = " ".join(self._quote(p) for p in (*paths, str(dest)))
         self._debugfs(f"rdump {quoted}")
+
+    def tree(self, top: str, max_file: int) -> dict[str, bytes]:
+        """read_tree's one-run copy: rdump into a private temp dir, read, removed."""
+        out: dict[str, bytes] = {}
+        with tempfile.TemporaryDirectory(prefix="vmbuild-debugfs-") as tmp:
+            self.rdump([top], Path(tmp))  # a missing dir copies nothing
+            for dirpath, dirs, files in os.walk(tmp):
+                here = Path(dirpath)
+                for name in dirs:  # the guest's modes came along: 0000 blocks reading
+                    if not (here / name).is_symlink():
+                        os.chmod(here / name, 0o700)
+                for name in files:
+                    path = here / name
+                    st = path.lstat()
+                    if not stat.S_ISREG(st.st_mode) or st.st_size > max_file:
+                        continue
+                    os.chmod(path, 0o600)
+                    # rdump puts /etc/apt at tmp/apt: its last component.
+                    rel = path.relative_to(tmp).parts[1:]
+                    out["/".join((top.rstrip("/"), *rel))] = path.read_bytes()
+        return out
 
     def read(self, path: str) -> bytes | None:
         if kind_of(self, path) != "file":

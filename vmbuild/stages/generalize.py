@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from shlex import quote
 
 from vmbuild.cache import aptproxy
-from vmbuild.diskfs.rootfs import FilesystemView, exists, read_file
+from vmbuild.diskfs.rootfs import FilesystemView, exists, read_file, read_tree
 from vmbuild.errors import GuestStopped, VmbuildError
 from vmbuild.hypervisor.arch import SERIAL_CONSOLE, Arch
 from vmbuild.hypervisor.base import Machine, read_tail
@@ -225,6 +225,14 @@ def verify(fs: FilesystemView, builder_user: str, builder_pubkey: str) -> list[F
         found.append(Finding("/var/lib/cloud/instance", "cloud-init state not cleaned"))
     if exists(fs, aptproxy.GUEST_CONF):
         found.append(Finding(aptproxy.GUEST_CONF, "the build's apt settings left"))
+    # The host package cache as the builder reached it, wherever a component may
+    # have written it (apt's own configuration, sources rewritten to go through
+    # it, the environment): an instance cannot reach it, so apt would fail there.
+    cache_url = f"//{aptproxy.GUEST_GATEWAY}:"
+    read = {**read_tree(fs, "/etc/apt"), "/etc/environment": text("/etc/environment").encode()}
+    for path, data in sorted(read.items()):
+        if path != aptproxy.GUEST_CONF and cache_url.encode() in data:
+            found.append(Finding(path, f"the build's package cache (http:{cache_url}...) left"))
     lists = [n for n in (fs.listdir("/var/lib/apt/lists") or {}) if n.endswith("_Packages")]
     if lists:
         found.append(Finding("/var/lib/apt/lists", f"{len(lists)} package lists left"))
