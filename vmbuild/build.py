@@ -146,20 +146,21 @@ def _open_checkpoints(r: Run) -> None:
     store = r.stack.enter_context(checkpoints.CheckpointStore(warn=r.reporter.status))
     spec = plan.loaded.recipe.base
     release = base_image.RELEASES.get(spec) if isinstance(spec, str) else None
+    if release is None:
+        r.reporter.status(resume.UNKNOWN_MIRROR_NOTE)
+    assert r.accel is not None
+    builder = plan.guest(
+        "builder", r.base.path, r.base.format, plan.loaded.recipe.disk_size, r.accel, r.work
+    )
     root = resume.root_key(
-        r.keys["base"], memory=plan.memory, cpus=plan.cpus,
-        mirror=resume.mirror_state(plan.mirror, release),
-    )  # fmt: skip
-    chain = resume.chain(root, plan.documents)
+        r.keys["base"], builder, mirror=resume.mirror_state(plan.mirror, release)
+    )
+    chain = resume.chain(root, plan.documents, plan.loaded.recipe.working_directory)
     final = stage_key(
         "checkpoint-generalize", disk=(chain[-1] if chain else root).digest,
         script=generalize.generalize_script(BUILDER_USER, plan.loaded.recipe.arch),
     )  # fmt: skip
     why_not = _no_running_state(r)
-    assert r.accel is not None
-    builder = plan.guest(
-        "builder", r.base.path, r.base.format, plan.loaded.recipe.disk_size, r.accel, r.work
-    )
     r.ck = resume.Checkpointing(
         store, base_path=r.base.path, base_sha256=r.base.sha256, base_format=r.base.format,
         root=root, chain=chain, names=[d.name for d in plan.documents], final_key=final,
@@ -274,7 +275,7 @@ def _components(r: Run) -> None:
                     )  # fmt: skip
                     break
                 except StepFailed as exc:
-                    if r.plan.on_error != "ask" or not _ask_retry(r, exc):
+                    if r.plan.on_error != "ask" or not _ask_retry(r, exc, doc.name):
                         raise
             r.applied.extend(applied)
             _checkpoint(r, index, applied[0].to_json() if applied else {})
@@ -282,11 +283,15 @@ def _components(r: Run) -> None:
     r.keyed("components", chain[-1] if chain else r.keys["base"])
 
 
-def _ask_retry(r: Run, exc: StepFailed) -> bool:
+def _ask_retry(r: Run, exc: StepFailed, component: str) -> bool:
     """--on-error=ask: True to run the failed component again, False to abort.
 
     The checkpoints saved so far stay either way: a rebuild after fixing the
-    component starts from the last good one.
+    component starts from the last good one. A retried build saves no more and
+    reuses nothing more: what the failed attempt (or the user, in a shell) left
+    in the builder is no input any key covers, so a layer, state, image or test
+    result kept from here on would be found by later builds of the same inputs,
+    hand edits and all.
     """
     assert r.builder is not None
     if not sys.stdin.isatty():
@@ -296,6 +301,11 @@ def _ask_retry(r: Run, exc: StepFailed) -> bool:
         r.reporter.status(f"failed: {exc}")
         answer = input("[r]etry the component, open a [s]hell, or [a]bort? ").strip().lower()
         if answer.startswith("r"):
+            if r.ck is not None:
+                r.ck.store.disable(
+                    f"checkpoints: off for the rest of this build ({component} runs again on "
+                    "a builder its failed attempt or a shell may have changed)"
+                )
             return True
         if answer.startswith("a") or not answer:
             return False

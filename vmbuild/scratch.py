@@ -125,7 +125,7 @@ def _boot_checkpoint(
     if not _builder_like(req.user, req.first_boot) or why_not is not None:
         return None
     root = resume.root_key(
-        base_image.key(image, req.disk_size), memory=req.memory_mib << 20, cpus=req.cpus,
+        base_image.key(image, req.disk_size), req,
         mirror=resume.mirror_state(None, base_image.RELEASES.get(base)),
     )  # fmt: skip
     boot = resume.builder_boot_key(root, req)

@@ -112,10 +112,7 @@ def test_a_scratch_vm_is_a_default_recipes_builder_to_the_boot_key(tmp_path: Pat
     )  # fmt: skip
 
     def keyed(req: GuestRequest) -> str:
-        root = resume.root_key(
-            base_image.key(image, req.disk_size), memory=req.memory_mib << 20, cpus=req.cpus,
-            mirror={},
-        )  # fmt: skip
+        root = resume.root_key(base_image.key(image, req.disk_size), req, mirror={})
         # The signature (guest.state_signature) is read from the same fields below.
         boot = resume.boot_key(root, user=req.user, firmware=req.firmware, signature="s")
         return boot.digest
@@ -126,8 +123,17 @@ def test_a_scratch_vm_is_a_default_recipes_builder_to_the_boot_key(tmp_path: Pat
     )  # fmt: skip
     assert [getattr(scratch, f) for f in fields] == [getattr(builder, f) for f in fields]
     assert keyed(scratch) == keyed(builder)
-    # The build keys its root on the plan's values, the same ones.
+    # Both key their root on the request they boot: the plan's memory and CPUs.
     assert (plan.memory, plan.cpus) == (builder.memory_mib << 20, builder.cpus)
+    # What a component sees of its machine is in the root key; where it runs, in
+    # each component's.
+    base = base_image.key(image, builder.disk_size)
+    root = resume.root_key(base, builder, mirror={})
+    for other in (replace(builder, firmware="uefi"), replace(builder, accel=Accel("kvm", "", 1.0)),
+                  replace(builder, memory_mib=4096), replace(builder, cpus=4)):  # fmt: skip
+        assert resume.root_key(base, other, mirror={}) != root
+    assert resume.root_key(base, builder, mirror={"a": "1"}) != root
+    assert resume.chain(root, [], "/tmp") == []
     assert plan.mirror is None  # as the scratch VM's key reads it: the default mirror
     # A base bigger than a default recipe's disk keeps its own size, and so its own key.
     big = replace(image, virtual_size=8 << 30)

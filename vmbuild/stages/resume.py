@@ -14,9 +14,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from vmbuild.hypervisor.vmstate import StateNotSaved
 from vmbuild.remote.keys import KeyPair
 from vmbuild.run import which
 from vmbuild.stages.key import StageKey, stage_key
+from vmbuild.toe.library import find_component
 
 log = logging.getLogger("vmbuild.resume")
 
@@ -73,7 +76,22 @@ def _children(path: Path, h: Any, depth: int) -> None:
                 for sibling in sorted(path.parent.rglob("*.y*ml")):
                     h.update(f"{sibling}:".encode() + _file_digest(sibling).encode())
                 continue
-            child = Path(target) if Path(target).is_absolute() else path.parent / target
+            if target.startswith("s3://"):
+                # An S3 object can change under the same URI, and planning a build
+                # does not fetch it: no kept layer can stand for it, so this
+                # document is keyed anew each build (never resumed).
+                h.update(f"{target}:{secrets.token_hex(16)}".encode())
+                continue
+            if target.startswith("arn:"):
+                # Resolved as the step will resolve it: the library's file, or the
+                # built-in that stands for an AWS-managed component.
+                try:
+                    child = find_component(target, path.parent)
+                except VmbuildError:
+                    h.update(f"{target}:missing".encode())
+                    continue
+            else:
+                child = Path(target) if Path(target).is_absolute() else path.parent / target
             h.update(f"{target}:".encode() + _file_digest(child).encode())
             _children(child, h, depth + 1)
 
@@ -87,9 +105,15 @@ def _file_digest(path: Path) -> str:
 
 def mirror_state(mirror: str | None, release: str | None) -> dict[str, str]:
     """The configured mirror's Release digests per suite (what `apt-get update`
-    in the guest would see). Unreachable mirrors are recorded as such."""
+    in the guest would see). Unreachable mirrors are recorded as such.
+
+    `release` None: a base from a URL or a file, whose package sources are the
+    image's own and unknown here. Its checkpoints then hold for the UTC day they
+    were made (UNKNOWN_MIRROR_NOTE): a package published since is picked up by
+    the next day's build at the latest, instead of going unseen until the
+    checkpoint ages out."""
     if release is None:
-        return {}
+        return {"unknown sources, valid through": datetime.now(UTC).date().isoformat()}
     try:
         mirrors = sources.mirrors_for(mirror, release)
     except VmbuildError as exc:
@@ -105,11 +129,22 @@ def mirror_state(mirror: str | None, release: str | None) -> dict[str, str]:
     return state
 
 
-def root_key(base: StageKey, *, memory: int, cpus: int, mirror: dict[str, str]) -> StageKey:
-    """The disk before the first component: the base plus everything a component sees."""
+UNKNOWN_MIRROR_NOTE = (
+    "checkpoints: this base's package sources are its own, so a newer package index "
+    "cannot be detected: its checkpoints are reused only on the UTC day they were made "
+    "(--no-cache builds afresh)"
+)
+
+
+def root_key(base: StageKey, req: GuestRequest, *, mirror: dict[str, str]) -> StageKey:
+    """The disk before the first component: the base plus everything a component
+    sees of the builder `req` starts (memory, CPUs, firmware, and the accelerator,
+    which decides the CPU model: `-cpu host` under KVM), whatever runs it (a
+    build or a scratch VM: both key it here, on the request they boot)."""
     return stage_key(
-        "checkpoint-root", base=base.digest, memory=memory, cpus=cpus,
-        version=checkpoints.VERSION, mirror=mirror,
+        "checkpoint-root", base=base.digest, memory=req.memory_mib << 20, cpus=req.cpus,
+        firmware=req.firmware, accelerator=req.accel.kind, version=checkpoints.VERSION,
+        mirror=mirror,
     )  # fmt: skip
 
 
@@ -132,14 +167,18 @@ def builder_boot_key(root: StageKey, req: GuestRequest) -> StageKey | None:
     return boot_key(root, user=req.user, firmware=req.firmware, signature=signature)
 
 
-def chain(root: StageKey, docs: Sequence[toe.Document]) -> list[StageKey]:
-    """The key of the disk after each document's build (+validate) phases."""
+def chain(
+    root: StageKey, docs: Sequence[toe.Document], working_directory: str | None = None
+) -> list[StageKey]:
+    """The key of the disk after each document's build (+validate) phases, run
+    in `working_directory` (the recipe's: where AWSTOE's steps start)."""
     out = []
     disk = root
     for doc in docs:
         disk = stage_key(
             "component", disk=disk.digest, document=document_digest(doc),
             parameters=dict(doc.parameters), phases=[p for p in BUILD_PHASES if p in doc.phases],
+            working_directory=working_directory,
         )  # fmt: skip
         out.append(disk)
     return out
