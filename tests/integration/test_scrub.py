@@ -52,6 +52,27 @@ def read_file(disk: Path, name: str, *, partitioned: bool) -> bytes:
     ).stdout
 
 
+def locked_image(
+    tmp_path: Path, files: dict[str, bytes], locked: str, links: dict[str, str] | None = None
+) -> Path:
+    """An ext4 image of `files` (and `links`) whose file `locked` is mode 0000 in
+    a 0555 dir, as a guest may keep its secrets: a copy made as the owner must
+    fix the modes before it can read or remove it."""
+    root = tmp_path / "root"
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    for name, target in (links or {}).items():
+        (root / name).symlink_to(target)
+    (root / locked).chmod(0o000)
+    (root / locked).parent.chmod(0o555)
+    disk = tmp_path / "disk.raw"
+    subprocess.run(["truncate", "-s", str(16 << 20), disk], check=True)
+    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", root, disk], check=True)
+    (root / locked).parent.chmod(0o755)
+    return disk
+
+
 @pytest.mark.parametrize("partitioned", [True, False], ids=["mbr-partition", "whole-disk"])
 def test_deleted_secrets_are_found_then_scrubbed(tmp_path: Path, partitioned: bool) -> None:
     host_key = generate_ed25519("vmbuild-host@test")
@@ -119,7 +140,6 @@ def test_short_values_are_found_as_whole_words_in_text_files(tmp_path: Path) -> 
     from vmbuild.diskfs.rootfs import root_view
     from vmbuild.diskfs.scrub import scan_text_files
 
-    root = tmp_path / "root"
     files = {
         "etc/app/db.conf": b"[db]\npassword = hunt3r\n",
         "etc/app/other.conf": b"user=hunt3rs\nx_hunt3r\n",  # inside longer words
@@ -128,15 +148,7 @@ def test_short_values_are_found_as_whole_words_in_text_files(tmp_path: Path) -> 
         "usr/share/doc/readme": b"hunt3r 4711x\n",  # outside the scanned dirs
         "etc/motd": b"on\n",
     }
-    for name, data in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-    (root / "etc/app/db.conf").chmod(0o000)
-    (root / "etc/app").chmod(0o555)
-    disk = tmp_path / "disk.raw"
-    subprocess.run(["truncate", "-s", str(16 << 20), disk], check=True)
-    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", root, disk], check=True)
-    (root / "etc/app").chmod(0o755)
+    disk = locked_image(tmp_path, files, "etc/app/db.conf")
     work = tmp_path / "work"
     work.mkdir()
 
@@ -196,23 +208,16 @@ def test_a_tree_is_read_in_one_debugfs_run_as_file_by_file(
     file, a symlink not followed, a missing dir) reads what file-by-file reads."""
     from vmbuild.diskfs.rootfs import FilesystemView, read_tree, root_view
 
-    root = tmp_path / "root"
     files = {
         "etc/apt/apt.conf.d/90proxy": b'Acquire::http::Proxy "http://10.0.2.2:3142";\n',
         "etc/apt/sources.list.d/debian.sources": b"URIs: http://deb.debian.org/debian\n",
         "etc/apt/sources.list": b"",
         "etc/apt/big": b"x" * 4096,
     }
-    for name, data in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-    (root / "etc/apt/trusted.gpg.d").symlink_to("/usr/share/keyrings")
-    (root / "etc/apt/apt.conf.d/90proxy").chmod(0o000)
-    (root / "etc/apt/apt.conf.d").chmod(0o555)
-    disk = tmp_path / "disk.raw"
-    subprocess.run(["truncate", "-s", str(16 << 20), disk], check=True)
-    subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", root, disk], check=True)
-    (root / "etc/apt/apt.conf.d").chmod(0o755)
+    disk = locked_image(
+        tmp_path, files, "etc/apt/apt.conf.d/90proxy",
+        links={"etc/apt/trusted.gpg.d": "/usr/share/keyrings"},
+    )  # fmt: skip
 
     private = tmp_path / "tmp"  # where the copy is made: nothing is left there
     private.mkdir()

@@ -263,6 +263,16 @@ def read_tree(fs: FilesystemView, top: str, max_file: int = 1 << 20) -> dict[str
     return out
 
 
+def make_removable(top: Path) -> None:
+    """Give every copied dir its owner's rwx back (a guest's 0555 dir blocks removal,
+    a 0000 one reading); top-down, so each is opened after its mode is fixed."""
+    for dirpath, dirs, _files in os.walk(top):
+        for name in dirs:
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                os.chmod(path, 0o700)
+
+
 _LS_LINE = re.compile(r"^/(\d+)/(\d+)/\d+/\d+/(.*)/\d*/$")
 _FAST_LINK = re.compile(r'Fast link dest: "(.*)"')
 
@@ -331,11 +341,9 @@ class DebugfsView:
         out: dict[str, bytes] = {}
         with tempfile.TemporaryDirectory(prefix="vmbuild-debugfs-") as tmp:
             self.rdump([top], Path(tmp))  # a missing dir copies nothing
-            for dirpath, dirs, files in os.walk(tmp):
+            make_removable(Path(tmp))  # the guest's modes came along: 0000 blocks reading
+            for dirpath, _dirs, files in os.walk(tmp):
                 here = Path(dirpath)
-                for name in dirs:  # the guest's modes came along: 0000 blocks reading
-                    if not (here / name).is_symlink():
-                        os.chmod(here / name, 0o700)
                 for name in files:
                     path = here / name
                     st = path.lstat()

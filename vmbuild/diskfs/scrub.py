@@ -28,7 +28,12 @@ from pathlib import Path
 
 from vmbuild.diskfs.allocation import EXT_KINDS, ext_allocation
 from vmbuild.diskfs.partitions import data_extents
-from vmbuild.diskfs.rootfs import DebugfsView, detect_filesystem, read_partition_table
+from vmbuild.diskfs.rootfs import (
+    DebugfsView,
+    detect_filesystem,
+    make_removable,
+    read_partition_table,
+)
 from vmbuild.run import run
 
 log = logging.getLogger("vmbuild.diskfs.scrub")
@@ -225,13 +230,13 @@ def scan_text_files(
                         if pattern.search(data):
                             hits.setdefault((wanted[value], guest), None)
         finally:
-            _make_removable(Path(tmp))
+            make_removable(Path(tmp))
     return sorted((FileHit(label, path) for label, path in hits), key=lambda h: (h.path, h.label))
 
 
 def _text_files(top: Path) -> Iterable[Path]:
     """Regular files under `top` that look like text (no NUL in their first 8 KiB)."""
-    _make_removable(top)  # rdump keeps the guest's modes; a 0700 or 0000 dir is unreadable
+    make_removable(top)  # rdump keeps the guest's modes; a 0700 or 0000 dir is unreadable
     for dirpath, _dirs, files in os.walk(top):
         for name in files:
             path = Path(dirpath) / name
@@ -245,13 +250,3 @@ def _text_files(top: Path) -> Iterable[Path]:
                 if b"\0" in fh.read(8192):
                     continue
             yield path
-
-
-def _make_removable(top: Path) -> None:
-    """Give every copied dir its owner's rwx back (a guest's 0555 dir blocks removal,
-    a 0000 one reading); top-down, so each is opened after its mode is fixed."""
-    for dirpath, dirs, _files in os.walk(top):
-        for name in dirs:
-            path = Path(dirpath) / name
-            if not path.is_symlink():
-                os.chmod(path, 0o700)

@@ -229,7 +229,8 @@ def verify(fs: FilesystemView, builder_user: str, builder_pubkey: str) -> list[F
     # have written it (apt's own configuration, sources rewritten to go through
     # it, the environment): an instance cannot reach it, so apt would fail there.
     cache_url = f"//{aptproxy.GUEST_GATEWAY}:"
-    read = {**read_tree(fs, "/etc/apt"), "/etc/environment": text("/etc/environment").encode()}
+    read = read_tree(fs, "/etc/apt")
+    read["/etc/environment"] = read_file(fs, "/etc/environment") or b""
     for path, data in sorted(read.items()):
         if path != aptproxy.GUEST_CONF and cache_url.encode() in data:
             found.append(Finding(path, f"the build's package cache (http:{cache_url}...) left"))
